@@ -1,0 +1,358 @@
+"""GPT-2 as pure functions of a parameter pytree, with the blocks stacked on a leading layer axis.
+
+Params layout (every leaf under "blocks" has a leading axis of size n_layer)::
+
+    {"wte": (V, d), "wpe": (P, d),
+     "blocks": {"ln_1": {"scale", "bias"},
+                "attn": {"c_attn": {"kernel": (d, 3d), "bias"}, "c_proj": {"kernel": (d, d), "bias"}},
+                "ln_2": {"scale", "bias"},
+                "mlp": {"c_fc": {"kernel": (d, m), "bias"}, "c_proj": {"kernel": (m, d), "bias"}}},
+     "ln_f": {"scale", "bias"}}
+
+Kernels are (in, out) and compute `x @ kernel + bias`, the layout of Hugging Face's `Conv1D`, so
+weights move between the two without transposes. Because the blocks are one stacked tree, an
+emulator, an adapter or the full model is an index operation on it (`select_blocks`), and the
+forward runs any stack with `lax.scan`, so compile time does not grow with depth.
+
+PEFT enters in two ways. Selective kinds ("bitfit", "full") overwrite leaves of the blocks they
+live in before the scan; additive kinds ("lora", "adapter") are passed into the scanned block
+function; "prompt" prepends soft tokens at the embedding. The stack is cut into contiguous
+segments with and without PEFT (`peft_segments`), one scan per segment.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from fedpeat_jax import peft as peft_lib
+from fedpeat_jax.config import GPT2Config, PeftConfig
+from fedpeat_jax.tree import overwrite
+
+Params = Any
+
+
+# --------------------------------------------------------------------------------------------
+# Init
+# --------------------------------------------------------------------------------------------
+def init(rng: jax.Array, config: GPT2Config) -> Params:
+    """Random GPT-2 parameters initialized as transformers does (normal(0.02), scaled residual
+    projections, zero biases, unit LayerNorm scales)."""
+    config.validate()
+    d, m, n, std = config.n_embd, config.d_mlp, config.n_layer, config.initializer_range
+    proj_std = std / math.sqrt(2 * n)  # GPT-2 scales the residual projections by 1/sqrt(2 n_layer)
+    keys = iter(jax.random.split(rng, 6))
+
+    def normal(key, shape, s):
+        return s * jax.random.normal(key, shape, jnp.float32)
+
+    def layer_norm(*lead):
+        return {"scale": jnp.ones(lead + (d,), jnp.float32), "bias": jnp.zeros(lead + (d,), jnp.float32)}
+
+    def dense(key, d_in, d_out, s):
+        return {"kernel": normal(key, (n, d_in, d_out), s), "bias": jnp.zeros((n, d_out), jnp.float32)}
+
+    return {
+        "wte": normal(next(keys), (config.vocab_size, d), std),
+        "wpe": normal(next(keys), (config.n_positions, d), 0.01),
+        "blocks": {
+            "ln_1": layer_norm(n),
+            "attn": {"c_attn": dense(next(keys), d, 3 * d, std), "c_proj": dense(next(keys), d, d, proj_std)},
+            "ln_2": layer_norm(n),
+            "mlp": {"c_fc": dense(next(keys), d, m, std), "c_proj": dense(next(keys), m, d, proj_std)},
+        },
+        "ln_f": layer_norm(),
+    }
+
+
+def check_params(params: Params, config: GPT2Config) -> None:
+    """Raise a ValueError naming the first leaf whose shape does not match `config`."""
+    expected = jax.eval_shape(lambda: init(jax.random.key(0), config))
+    got = jax.tree_util.tree_flatten_with_path(params)[0]
+    want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    if set(jax.tree_util.keystr(p) for p, _ in got) != set(jax.tree_util.keystr(p) for p in want):
+        missing = sorted(set(jax.tree_util.keystr(p) for p in want) - set(jax.tree_util.keystr(p) for p, _ in got))
+        extra = sorted(set(jax.tree_util.keystr(p) for p, _ in got) - set(jax.tree_util.keystr(p) for p in want))
+        raise ValueError(f"GPT-2 parameters do not match the config: missing {missing}, unexpected {extra}")
+    for path, leaf in got:
+        shape = want[path].shape
+        if tuple(leaf.shape) != tuple(shape):
+            raise ValueError(
+                f"GPT-2 parameter {jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}, "
+                f"but the config (n_layer={config.n_layer}, n_embd={config.n_embd}, vocab_size={config.vocab_size}, "
+                f"n_positions={config.n_positions}) needs {tuple(shape)}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+    return y.astype(x.dtype)
+
+
+def dense(p: Params, x: jax.Array, lora: Optional[Params] = None, lora_ctx=None) -> jax.Array:
+    y = x @ p["kernel"].astype(x.dtype) + p["bias"].astype(x.dtype)
+    if lora is not None:
+        y = y + peft_lib.lora.delta(lora, x, *lora_ctx)
+    return y
+
+
+def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every block for incremental decoding: (n_layer, B, S_max, H, hd)."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class Ctx(NamedTuple):
+    """Per-call, non-parameter inputs of a block (kept together so `scan` carries them once)."""
+
+    config: GPT2Config
+    peft_config: Optional[PeftConfig]
+    bias: jax.Array  # additive attention bias, (B, 1, Tq, Tk)
+    train: bool
+
+
+def _split_rng(rng, n):
+    return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
+
+
+def block(p: Params, h: jax.Array, ctx: Ctx, peft_p: Optional[Params], rng, kv=None, index=None):
+    """One pre-LN transformer block. `kv` = (k, v) cache for this block, written at `index`."""
+    cfg = ctx.config
+    r_attn, r_resid1, r_resid2, r_lora = _split_rng(rng if ctx.train else None, 4)
+    lora = peft_p.get("lora") if peft_p else None
+    adapter = peft_p.get("adapter") if peft_p else None
+    lora_ctx = None if lora is None else (ctx.peft_config, r_lora)
+
+    def maybe_lora(group, name):
+        return None if lora is None else lora.get(group, {}).get(name)
+
+    # Attention.
+    x = layer_norm(p["ln_1"], h, cfg.layer_norm_epsilon)
+    qkv = dense(p["attn"]["c_attn"], x, maybe_lora("attn", "c_attn"), lora_ctx)
+    B, T, _ = qkv.shape
+    q, k, v = jnp.split(qkv.reshape(B, T, 3, cfg.n_head, cfg.head_dim), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, T, H, hd)
+    if kv is not None:
+        k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+        kv = (k, v)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype)).astype(jnp.float32)
+    scores = scores / math.sqrt(cfg.head_dim) + ctx.bias
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = dropout(probs, cfg.attn_pdrop, r_attn).astype(q.dtype)
+    a = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(q.dtype)).reshape(B, T, cfg.n_embd)
+    a = dense(p["attn"]["c_proj"], a, maybe_lora("attn", "c_proj"), lora_ctx)
+    if adapter is not None:
+        a = peft_lib.adapters.apply(adapter["attn"], a)
+    h = h + dropout(a, cfg.resid_pdrop, r_resid1)
+
+    # MLP.
+    x = layer_norm(p["ln_2"], h, cfg.layer_norm_epsilon)
+    x = jax.nn.gelu(dense(p["mlp"]["c_fc"], x, maybe_lora("mlp", "c_fc"), lora_ctx), approximate=True)
+    x = dense(p["mlp"]["c_proj"], x, maybe_lora("mlp", "c_proj"), lora_ctx)
+    if adapter is not None:
+        x = peft_lib.adapters.apply(adapter["mlp"], x)
+    h = h + dropout(x, cfg.resid_pdrop, r_resid2)
+    return h, kv
+
+
+# --------------------------------------------------------------------------------------------
+# Stacks of blocks
+# --------------------------------------------------------------------------------------------
+def peft_segments(n_layer: int, peft_config: Optional[PeftConfig]):
+    """Cut blocks 0..n_layer-1 into maximal runs that do or do not carry PEFT.
+
+    Returns a tuple of (start, stop, peft_start) with peft_start the row of the PEFT stack that
+    block `start` uses, or None for a run without PEFT. All static: segments are Python ints.
+    """
+    if peft_config is None or peft_config.kind in ("none", "prompt"):
+        return ((0, n_layer, None),)
+    ids = peft_config.block_ids(n_layer)
+    bad = [i for i in ids if not 0 <= i < n_layer]
+    if bad:
+        raise ValueError(f"PEFT layers {bad} out of range for a stack of {n_layer} blocks")
+    row_of = {b: i for i, b in enumerate(ids)}
+    segments, start = [], 0
+    for i in range(1, n_layer + 1):
+        if i == n_layer or (i in row_of) != (start in row_of) or (i in row_of and row_of[i] != row_of[i - 1] + 1):
+            segments.append((start, i, row_of.get(start)))
+            start = i
+    return tuple(segments)
+
+
+def run_blocks(
+    blocks: Params,
+    h: jax.Array,
+    ctx: Ctx,
+    peft_blocks: Optional[Params] = None,
+    rng: Optional[jax.Array] = None,
+    cache: Optional[KVCache] = None,
+    index=None,
+):
+    """Run a stack of blocks over hidden states `h` with `lax.scan`, one scan per PEFT segment.
+
+    `peft_blocks` is the per-block part of a PEFT state (leading axis over the PEFT's blocks,
+    listed by `ctx.peft_config.layers` as indices into *this* stack). Returns (h, cache).
+    """
+    n = blocks["ln_1"]["scale"].shape[0]
+    kind = None if ctx.peft_config is None else ctx.peft_config.kind
+    rngs = None if rng is None else jax.random.split(rng, n)
+    new_k, new_v = [], []
+    for start, stop, row in peft_segments(n, ctx.peft_config if peft_blocks is not None else None):
+        seg = jax.tree.map(lambda x: x[start:stop], blocks)
+        seg_peft = None
+        if row is not None:
+            seg_peft = jax.tree.map(lambda x: x[row : row + stop - start], peft_blocks)
+            if kind in ("bitfit", "full"):  # selective: trained leaves replace the frozen ones
+                seg = overwrite(seg, seg_peft)
+                seg_peft = None
+        xs = {
+            "p": seg,
+            "peft": seg_peft,
+            "rng": None if rngs is None else rngs[start:stop],
+            "kv": None if cache is None else (cache.k[start:stop], cache.v[start:stop]),
+        }
+
+        def step(h, x):
+            h, kv = block(x["p"], h, ctx, x["peft"], x["rng"], x["kv"], index)
+            return h, kv
+
+        h, kv = jax.lax.scan(step, h, xs)
+        if cache is not None:
+            new_k.append(kv[0])
+            new_v.append(kv[1])
+    new_cache = None if cache is None else KVCache(jnp.concatenate(new_k), jnp.concatenate(new_v))
+    return h, new_cache
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding, head, full forward
+# --------------------------------------------------------------------------------------------
+def attention_bias(attention_mask: Optional[jax.Array], q_len: int, k_len: int, q_offset=0) -> jax.Array:
+    """Additive bias (B or 1, 1, q_len, k_len): causal, plus padding of the keys.
+
+    Query i sits at absolute position q_offset + i; key j at position j.
+    """
+    q_pos = q_offset + jnp.arange(q_len)[:, None]
+    allowed = jnp.arange(k_len)[None, :] <= q_pos
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & (attention_mask[:, None, None, :k_len] > 0)
+    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def embed(params: Params, input_ids: jax.Array, config: GPT2Config, prompt=None, positions=None, rng=None):
+    """Token + position embeddings (with soft prompt tokens prepended when `prompt` is given)."""
+    dtype = jnp.dtype(config.dtype)
+    h = jnp.take(params["wte"], input_ids, axis=0)
+    if prompt is not None:
+        h = peft_lib.prompt.prepend(prompt, h)
+    if positions is None:
+        positions = jnp.arange(h.shape[1])
+    h = h + jnp.take(params["wpe"], positions, axis=0)
+    return dropout(h.astype(dtype), config.embd_pdrop, rng)
+
+
+def head(params: Params, h: jax.Array, config: GPT2Config) -> jax.Array:
+    """Final LayerNorm and the LM head tied to wte; logits in float32."""
+    h = layer_norm(params["ln_f"], h, config.layer_norm_epsilon)
+    return (h @ params["wte"].astype(h.dtype).T).astype(jnp.float32)
+
+
+def check_inputs(input_ids, config: GPT2Config, peft_config: Optional[PeftConfig] = None) -> None:
+    """Shape checks that must fail before tracing (sequence longer than n_positions...)."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    extra = peft_config.n_prompt_tokens if peft_config is not None and peft_config.kind == "prompt" else 0
+    if input_ids.shape[1] + extra > config.n_positions:
+        raise ValueError(
+            f"sequence length {input_ids.shape[1]}"
+            + (f" + {extra} prompt tokens" if extra else "")
+            + f" exceeds the model's n_positions ({config.n_positions})"
+        )
+
+
+def hidden_states(
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: Optional[jax.Array] = None,
+    *,
+    config: GPT2Config,
+    peft: Optional[Params] = None,
+    peft_config: Optional[PeftConfig] = None,
+    rng: Optional[jax.Array] = None,
+) -> jax.Array:
+    """Hidden states before ln_f, (B, T, d). `rng` given means train mode (dropout on)."""
+    check_inputs(input_ids, config, peft_config)
+    if peft is not None and peft_config is None:
+        raise ValueError("a PEFT state was given without its PeftConfig")
+    r_embd, r_blocks = _split_rng(rng, 2)
+    prompt = peft.get("prompt") if peft is not None and peft_config.kind == "prompt" else None
+    h = embed(params, input_ids, config, prompt, rng=r_embd)
+    n_prompt = h.shape[1] - input_ids.shape[1]
+    if attention_mask is not None and n_prompt:
+        attention_mask = jnp.concatenate(
+            [jnp.ones((attention_mask.shape[0], n_prompt), attention_mask.dtype), attention_mask], axis=1
+        )
+    ctx = Ctx(config, peft_config, attention_bias(attention_mask, h.shape[1], h.shape[1]), rng is not None)
+    peft_blocks = peft.get("blocks") if peft is not None else None
+    h, _ = run_blocks(params["blocks"], h, ctx, peft_blocks, r_blocks)
+    return h[:, n_prompt:]
+
+
+def apply(
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: Optional[jax.Array] = None,
+    *,
+    config: GPT2Config,
+    peft: Optional[Params] = None,
+    peft_config: Optional[PeftConfig] = None,
+    rng: Optional[jax.Array] = None,
+) -> jax.Array:
+    """Logits (B, T, V) in float32. Pass `rng` to train with dropout; omit it to evaluate."""
+    h = hidden_states(params, input_ids, attention_mask, config=config, peft=peft, peft_config=peft_config, rng=rng)
+    return head(params, h, config)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+def token_nll(logits: jax.Array, input_ids: jax.Array, mask: Optional[jax.Array] = None):
+    """Summed next-token negative log-likelihood and the number of predicted tokens.
+
+    Position t predicts token t+1; a target counts when it is a real token (mask 1). Returning
+    (sum, count) lets callers average exactly across batches, clients and devices.
+    """
+    logits, targets = logits[:, :-1], input_ids[:, 1:]
+    weight = jnp.ones(targets.shape, jnp.float32) if mask is None else mask[:, 1:].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return (nll * weight).sum(), weight.sum()
+
+
+def lm_loss(logits: jax.Array, input_ids: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    """Mean next-token cross-entropy over real targets."""
+    total, count = token_nll(logits, input_ids, mask)
+    return total / jnp.maximum(count, 1.0)
+
+
+def perplexity(total_nll, count) -> jax.Array:
+    return jnp.exp(total_nll / jnp.maximum(count, 1.0))

@@ -1,0 +1,65 @@
+"""LoRA (Hu et al. 2021) on GPT-2's dense layers: W x + (alpha / r) B A x.
+
+Kernels here are (in, out), so the low-rank factors are `a: (in, r)` and `b: (r, out)` and the
+update of the kernel is `a @ b * scale` (peft's `lora_A.weight` is `a.T`, `lora_B.weight` is
+`b.T`). A is Kaiming-uniform as in peft (bound 1/sqrt(in)), B is zero, so a fresh LoRA leaves
+the model unchanged. FFA-LoRA (Sun et al. 2024) keeps A at its shared random init: the forward
+stops its gradient and `trainable_mask` marks it frozen.
+
+State layout, every leaf with a leading axis over the PEFT's blocks::
+
+    {"attn": {"c_attn": {"a": (n, d, r), "b": (n, r, 3d)}, "c_proj": ...}, "mlp": {"c_fc": ..., "c_proj": ...}}
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fedpeat_jax.config import GPT2Config, PeftConfig
+
+
+def target_shapes(model: GPT2Config) -> dict:
+    d, m = model.n_embd, model.d_mlp
+    return {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, m), "mlp.c_proj": (m, d)}
+
+
+def init(rng: jax.Array, model: GPT2Config, peft: PeftConfig, n_blocks: int) -> dict:
+    shapes = target_shapes(model)
+    state: dict = {}
+    for key, target in zip(jax.random.split(rng, len(peft.lora_targets)), peft.lora_targets):
+        d_in, d_out = shapes[target]
+        bound = 1.0 / jnp.sqrt(d_in)
+        group, name = target.split(".")
+        state.setdefault(group, {})[name] = {
+            "a": jax.random.uniform(key, (n_blocks, d_in, peft.lora_rank), jnp.float32, -bound, bound),
+            "b": jnp.zeros((n_blocks, peft.lora_rank, d_out), jnp.float32),
+        }
+    return state
+
+
+def delta(p: dict, x: jax.Array, peft: PeftConfig, rng) -> jax.Array:
+    """The LoRA branch (alpha / r) * dropout(x) @ a @ b for one block's dense layer."""
+    a = jax.lax.stop_gradient(p["a"]) if peft.lora_freeze_a else p["a"]
+    if rng is not None and peft.lora_dropout > 0:
+        keep = jax.random.bernoulli(rng, 1.0 - peft.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - peft.lora_dropout), 0).astype(x.dtype)
+    return ((x @ a.astype(x.dtype)) @ p["b"].astype(x.dtype)) * jnp.asarray(peft.lora_scale, x.dtype)
+
+
+def merge(blocks: dict, state: dict, peft: PeftConfig, ids) -> dict:
+    """Blocks with each LoRA product added into its kernel: W + scale * a @ b."""
+    index = jnp.asarray(ids, jnp.int32)
+    out = jax.tree.map(lambda x: x, blocks)
+    for group, layers in state.items():
+        for name, p in layers.items():
+            update = jnp.einsum("nir,nro->nio", p["a"], p["b"]) * peft.lora_scale
+            kernel = out[group][name]["kernel"]
+            out[group][name] = dict(out[group][name], kernel=kernel.at[index].add(update.astype(kernel.dtype)))
+    return out
+
+
+def trainable_mask(state: dict, peft: PeftConfig) -> dict:
+    return jax.tree.map(lambda _: True, state) if not peft.lora_freeze_a else {
+        g: {n: {"a": False, "b": True} for n in layers} for g, layers in state.items()
+    }
