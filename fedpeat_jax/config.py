@@ -205,6 +205,107 @@ class PeftConfig:
         return dataclasses.replace(self, **changes)
 
 
+CLIENT_OPTIMIZERS = ("sgd", "adam")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
+ALGORITHMS = ("fedavg", "fedprox", "scaffold")
+AGGREGATIONS = ("mean", "median", "trimmed_mean", "norm_bound")
+LORA_AGGREGATIONS = ("mean", "exact")
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """One federated tuning run: sampling, local training, aggregation, privacy, emulators.
+
+    Emulators: every client trains on an `l-k-r` emulator with k from `emulator_levels`; which
+    level each client holds is given per client (`ClientData`-side or by the controller). Each
+    round has `level_slots[j]` client slots on level j (default: all `clients_per_round` slots on
+    the first level), so a round pays for each client's own emulator, never the largest on all.
+    """
+
+    clients_per_round: int = 8
+    rounds: int = 20
+    local_steps: int = 4
+    local_batch: int = 2
+    client_optimizer: str = "adam"
+    client_lr: float = 1e-3
+    algorithm: str = "fedavg"
+    prox_mu: float = 0.01
+    server_optimizer: str = "fedavg"
+    server_lr: float = 1.0
+    aggregation: str = "mean"
+    trim_fraction: float = 0.1
+    norm_bound: float = 1.0
+    lora_aggregation: str = "mean"
+    log_lora_gap: bool = True  # costs a dense product per client and target each round
+    dp_clip: Optional[float] = None  # client-level DP-FedAvg when set
+    dp_noise: float = 0.0  # noise multiplier sigma (std = sigma * dp_clip on the sum)
+    dp_delta: float = 1e-6
+    secure_aggregation: bool = False
+    server_participation: bool = False
+    server_batch: int = 2
+    adapter_l: int = 2
+    adapter_r: int = 2
+    emulator_levels: tuple = (2,)  # k values (middle blocks kept) devices may hold
+    level_slots: Optional[tuple] = None
+    rounds_per_chunk: int = 5
+    eval_batch: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "emulator_levels", tuple(int(k) for k in self.emulator_levels))
+        if self.level_slots is not None:
+            object.__setattr__(self, "level_slots", tuple(int(s) for s in self.level_slots))
+        self.validate()
+
+    @property
+    def slots(self) -> tuple:
+        """Client slots per emulator level in each round."""
+        if self.level_slots is not None:
+            return self.level_slots
+        return (self.clients_per_round,) + (0,) * (len(self.emulator_levels) - 1)
+
+    def validate(self, n_clients: Optional[int] = None, model: Optional[GPT2Config] = None) -> None:
+        """Check the config alone, and against the data (`n_clients`) and `model` when given."""
+        for name in ("clients_per_round", "rounds", "local_steps", "local_batch", "rounds_per_chunk", "eval_batch"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"FedConfig.{name} must be an integer >= 1, got {value!r}")
+        _require(self.client_optimizer in CLIENT_OPTIMIZERS, f"FedConfig.client_optimizer must be one of {CLIENT_OPTIMIZERS}, got {self.client_optimizer!r}")
+        _require(self.server_optimizer in SERVER_OPTIMIZERS, f"FedConfig.server_optimizer must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
+        _require(self.algorithm in ALGORITHMS, f"FedConfig.algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        _require(self.aggregation in AGGREGATIONS, f"FedConfig.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        _require(self.lora_aggregation in LORA_AGGREGATIONS, f"FedConfig.lora_aggregation must be one of {LORA_AGGREGATIONS}, got {self.lora_aggregation!r}")
+        _require(self.client_lr > 0, f"FedConfig.client_lr must be > 0, got {self.client_lr}")
+        _require(self.server_lr > 0, f"FedConfig.server_lr must be > 0, got {self.server_lr}")
+        _require(self.prox_mu >= 0, f"FedConfig.prox_mu must be >= 0, got {self.prox_mu}")
+        _require(0 <= self.trim_fraction < 0.5, f"FedConfig.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        _require(self.norm_bound > 0, f"FedConfig.norm_bound must be > 0, got {self.norm_bound}")
+        _require(self.dp_clip is None or self.dp_clip > 0, f"FedConfig.dp_clip must be None or > 0, got {self.dp_clip}")
+        _require(self.dp_noise >= 0, f"FedConfig.dp_noise must be >= 0, got {self.dp_noise}")
+        _require(self.dp_noise == 0 or self.dp_clip is not None, "FedConfig.dp_noise needs dp_clip (noise is scaled by the clipping norm)")
+        _require(0 < self.dp_delta < 1, f"FedConfig.dp_delta must be in (0, 1), got {self.dp_delta}")
+        _require(len(self.emulator_levels) >= 1, "FedConfig.emulator_levels must name at least one emulator size k")
+        _require(len(set(self.emulator_levels)) == len(self.emulator_levels), f"FedConfig.emulator_levels has duplicates: {self.emulator_levels}")
+        _require(all(k >= 0 for k in self.emulator_levels), f"FedConfig.emulator_levels must be >= 0, got {self.emulator_levels}")
+        slots = self.slots
+        _require(len(slots) == len(self.emulator_levels), f"FedConfig.level_slots {slots} must have one entry per emulator level {self.emulator_levels}")
+        _require(all(s >= 0 for s in slots) and sum(slots) == self.clients_per_round,
+                 f"FedConfig.level_slots {slots} must be >= 0 and sum to clients_per_round ({self.clients_per_round})")
+        if n_clients is not None:
+            _require(
+                self.clients_per_round <= n_clients,
+                f"FedConfig.clients_per_round ({self.clients_per_round}) is more than the {n_clients} clients that exist",
+            )
+        if model is not None:
+            n_middle = model.n_layer - self.adapter_l - self.adapter_r
+            _require(self.adapter_l >= 0 and self.adapter_r >= 0 and n_middle >= 1,
+                     f"FedConfig adapter l={self.adapter_l}, r={self.adapter_r} leaves no middle in a {model.n_layer}-block model")
+            too_big = [k for k in self.emulator_levels if k > n_middle]
+            _require(not too_big, f"FedConfig.emulator_levels {too_big} larger than the model's middle ({n_middle} blocks)")
+
+    def replace(self, **changes) -> "FedConfig":
+        return dataclasses.replace(self, **changes)
+
+
 def adapter_layers(n_layer: int, l: int = 2, r: int = 2) -> tuple:
     """Offsite tuning's adapter: the bottom `l` and top `r` blocks of an `n_layer` model."""
     _require(l >= 0 and r >= 0, f"adapter sizes must be >= 0, got l={l}, r={r}")

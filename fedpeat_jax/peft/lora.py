@@ -47,16 +47,27 @@ def delta(p: dict, x: jax.Array, peft: PeftConfig, rng) -> jax.Array:
     return ((x @ a.astype(x.dtype)) @ p["b"].astype(x.dtype)) * jnp.asarray(peft.lora_scale, x.dtype)
 
 
-def merge(blocks: dict, state: dict, peft: PeftConfig, ids) -> dict:
-    """Blocks with each LoRA product added into its kernel: W + scale * a @ b."""
-    index = jnp.asarray(ids, jnp.int32)
-    out = jax.tree.map(lambda x: x, blocks)
-    for group, layers in state.items():
-        for name, p in layers.items():
-            update = jnp.einsum("nir,nro->nio", p["a"], p["b"]) * peft.lora_scale
+def products(state: dict, scale: float) -> dict:
+    """Dense kernel updates scale * a @ b, {group: {name: (n, in, out)}}."""
+    return {g: {n: jnp.einsum("nir,nro->nio", p["a"], p["b"]) * scale for n, p in layers.items()} for g, layers in state.items()}
+
+
+def add_to_kernels(blocks: dict, updates: dict, ids) -> dict:
+    """Blocks with dense `updates` ({group: {name: (len(ids), in, out)}}) added to the kernels of
+    blocks `ids`."""
+    index = jnp.asarray(tuple(ids), jnp.int32)
+    out = dict(blocks)
+    for group, layers in updates.items():
+        out[group] = dict(out[group])
+        for name, update in layers.items():
             kernel = out[group][name]["kernel"]
             out[group][name] = dict(out[group][name], kernel=kernel.at[index].add(update.astype(kernel.dtype)))
     return out
+
+
+def merge(blocks: dict, state: dict, peft: PeftConfig, ids) -> dict:
+    """Blocks with each LoRA product added into its kernel: W + scale * a @ b."""
+    return add_to_kernels(blocks, products(state, peft.lora_scale), ids)
 
 
 def trainable_mask(state: dict, peft: PeftConfig) -> dict:

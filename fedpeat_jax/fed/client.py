@@ -1,0 +1,95 @@
+"""A client's local update: a `lax.scan` over local steps on its own data, vmapped over clients.
+
+The frozen base (an emulator, or the full model for the server) is shared by every client and
+enters with `in_axes=None`; only the PEFT state, the client's data and its key carry the client
+axis. Ragged data: a client's examples are padded to a common count N; each local step draws
+`local_batch` of the client's `count` real examples, and padded tokens are masked out of the loss.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig
+from fedpeat_jax.fed import aggregate
+from fedpeat_jax.model import gpt2
+
+
+class Hyper(NamedTuple):
+    """Numeric hyperparameters that a study may vmap over (traced, not static)."""
+
+    client_lr: jax.Array
+    server_lr: jax.Array
+    prox_mu: jax.Array
+    dp_noise: jax.Array
+
+    @classmethod
+    def from_config(cls, fed: FedConfig) -> "Hyper":
+        f = lambda x: jnp.asarray(x, jnp.float32)
+        return cls(f(fed.client_lr), f(fed.server_lr), f(fed.prox_mu), f(fed.dp_noise))
+
+
+def client_optimizer(fed: FedConfig, lr) -> optax.GradientTransformation:
+    if fed.client_optimizer == "sgd":
+        return optax.sgd(lr)
+    return optax.adam(lr)
+
+
+def batch_loss(base, peft_state, tokens, mask, rng, model: GPT2Config, peft: PeftConfig):
+    """Mean next-token loss of a batch. Training windows are right-padded, so causal attention
+    never lets a real token see a pad: only the loss needs the mask, not the attention."""
+    logits = gpt2.apply(base, tokens, config=model, peft=peft_state, peft_config=peft, rng=rng)
+    return gpt2.lm_loss(logits, tokens, mask)
+
+
+class LocalResult(NamedTuple):
+    peft: object  # the client's PEFT state after local training
+    loss: jax.Array  # mean training loss over its local steps
+    control: object  # SCAFFOLD's new client control variate (None otherwise)
+
+
+def local_train(
+    base,
+    global_peft,
+    tokens: jax.Array,  # (N, T) this client's examples, padded
+    mask: jax.Array,  # (N, T)
+    count: jax.Array,  # () real examples
+    rng: jax.Array,
+    hyper: Hyper,
+    *,
+    model: GPT2Config,
+    peft: PeftConfig,
+    fed: FedConfig,
+    n_steps: int,
+    batch: int,
+    control: Optional[tuple] = None,  # SCAFFOLD (c, c_i)
+) -> LocalResult:
+    """`n_steps` optimizer steps from the global PEFT state on this client's data."""
+    tx = client_optimizer(fed, hyper.client_lr)
+    use_prox = fed.algorithm == "fedprox"
+
+    def loss_fn(state, tok, msk, key):
+        loss = batch_loss(base, state, tok, msk, key, model, peft)
+        if use_prox:
+            loss = loss + aggregate.prox_penalty(state, global_peft, hyper.prox_mu)
+        return loss
+
+    def step(carry, key):
+        state, opt_state = carry
+        k_batch, k_drop = jax.random.split(key)
+        idx = jax.random.randint(k_batch, (batch,), 0, jnp.maximum(count, 1))
+        loss, grads = jax.value_and_grad(loss_fn)(state, tokens[idx], mask[idx], k_drop)
+        if control is not None:
+            grads = aggregate.scaffold_correct_grads(grads, control[1], control[0])
+        updates, opt_state = tx.update(grads, opt_state, state)
+        return (optax.apply_updates(state, updates), opt_state), loss
+
+    (state, _), losses = jax.lax.scan(step, (global_peft, tx.init(global_peft)), jax.random.split(rng, n_steps))
+    new_control = None
+    if control is not None:
+        new_control = aggregate.scaffold_client_control(control[1], control[0], global_peft, state, n_steps, hyper.client_lr)
+    return LocalResult(state, losses.mean(), new_control)
