@@ -29,6 +29,7 @@ from fedpeat_jax import peft as peft_lib
 from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig
 from fedpeat_jax.fed import aggregate, privacy
 from fedpeat_jax.fed.client import Hyper, local_train
+from fedpeat_jax.fed.sharding import constrain_clients
 from fedpeat_jax.model import gpt2
 from fedpeat_jax.peat.emulator import EmulatorSpec, build as build_emulator
 
@@ -80,7 +81,7 @@ class FedPEAT:
     >>> state, metrics = sim.run_rounds(state, data, n_rounds=5)
     """
 
-    def __init__(self, params, model: GPT2Config, peft: PeftConfig, fed: FedConfig, n_clients: Optional[int] = None):
+    def __init__(self, params, model: GPT2Config, peft: PeftConfig, fed: FedConfig, n_clients: Optional[int] = None, mesh=None):
         # Validate everything before anything is traced or compiled.
         model.validate()
         peft.validate(model.replace(n_layer=fed.adapter_l + fed.adapter_r + 1))
@@ -100,7 +101,7 @@ class FedPEAT:
         self.peft_full = self.specs[0].full_peft(peft)  # PEFT on the full model's adapter blocks (plug-in)
         self.peft_emulators = tuple(spec.emulator_peft(peft) for spec in self.specs)
         self.n_clients = n_clients
-        self.server_tx = aggregate.server_optimizer(fed.server_optimizer, fed.server_lr)
+        self.mesh = mesh  # a `sharding.client_mesh()` to split each round's clients over devices
 
     # ----------------------------------------------------------------------------------------
     # State
@@ -185,8 +186,9 @@ class FedPEAT:
             base = self.base_params(state, j)
             # Frozen base and global state shared (None); data, keys and control variates per client.
             in_axes = (None, None, 0, 0, 0, 0, None, None if control is None else (None, 0))
+            per_client = constrain_clients((data.tokens[ids], data.mask[ids], data.counts[ids], keys), self.mesh)
             res = jax.vmap(lambda *a: train(*a[:-1], control=a[-1]), in_axes=in_axes)(
-                base, state.peft, data.tokens[ids], data.mask[ids], data.counts[ids], keys, hyper, control
+                base, state.peft, *per_client, hyper, control
             )
             states.append(res.peft)
             counts.append(data.counts[ids].astype(jnp.float32))
