@@ -2,8 +2,9 @@
 
 The frozen base (an emulator, or the full model for the server) is shared by every client and
 enters with `in_axes=None`; only the PEFT state, the client's data and its key carry the client
-axis. Ragged data: a client's examples are padded to a common count N; each local step draws
-`local_batch` of the client's `count` real examples, and padded tokens are masked out of the loss.
+axis. Ragged data: a client's examples are padded to a common count N; local steps read the client's
+`count` real examples in a random order, `local_batch` at a time, and padded tokens are masked
+out of the loss.
 """
 
 from __future__ import annotations
@@ -78,17 +79,24 @@ def local_train(
             loss = loss + aggregate.prox_penalty(state, global_peft, hyper.prox_mu)
         return loss
 
-    def step(carry, key):
+    # Sampling without replacement: the client's real examples in one random order (pads last),
+    # read `batch` at a time and wrapped around, so `count` examples are all seen before repeats.
+    k_order, k_steps = jax.random.split(rng)
+    is_pad = jnp.arange(tokens.shape[0]) >= count
+    order = jnp.argsort(jax.random.uniform(k_order, (tokens.shape[0],)) + is_pad)
+
+    def step(carry, xs):
         state, opt_state = carry
-        k_batch, k_drop = jax.random.split(key)
-        idx = jax.random.randint(k_batch, (batch,), 0, jnp.maximum(count, 1))
+        i, k_drop = xs
+        idx = order[(i * batch + jnp.arange(batch)) % jnp.maximum(count, 1)]
         loss, grads = jax.value_and_grad(loss_fn)(state, tokens[idx], mask[idx], k_drop)
         if control is not None:
             grads = aggregate.scaffold_correct_grads(grads, control[1], control[0])
         updates, opt_state = tx.update(grads, opt_state, state)
         return (optax.apply_updates(state, updates), opt_state), loss
 
-    (state, _), losses = jax.lax.scan(step, (global_peft, tx.init(global_peft)), jax.random.split(rng, n_steps))
+    steps = (jnp.arange(n_steps), jax.random.split(k_steps, n_steps))
+    (state, _), losses = jax.lax.scan(step, (global_peft, tx.init(global_peft)), steps)
     new_control = None
     if control is not None:
         new_control = aggregate.scaffold_client_control(control[1], control[0], global_peft, state, n_steps, hyper.client_lr)

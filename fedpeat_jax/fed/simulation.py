@@ -160,11 +160,21 @@ class FedPEAT:
     # ----------------------------------------------------------------------------------------
     # One round
     # ----------------------------------------------------------------------------------------
+    @staticmethod
+    def round_keys(state: ServerState):
+        """(sample, train, server, aggregate) keys of the round `state.round`: every random draw
+        of a run derives from (seed, round), which makes resume exact."""
+        return jax.random.split(jax.random.fold_in(state.key, state.round), 4)
+
+    @staticmethod
+    def client_keys(k_train, level: int, n: int):
+        """Keys of the `n` client slots of emulator level `level`."""
+        return jax.random.split(jax.random.fold_in(k_train, level), n)
+
     def round(self, state: ServerState, data: FedData, hyper: Hyper, server_data=None, available=None):
         """One federated round (pure; jit it or scan it)."""
         fed = self.fed
-        key = jax.random.fold_in(state.key, state.round)
-        k_sample, k_train, k_server, k_agg = jax.random.split(key, 4)
+        k_sample, k_train, k_server, k_agg = self.round_keys(state)
         groups = self.sample(k_sample, data.levels, available)
 
         states, counts, valid, losses, ids_all, controls = [], [], [], [], [], []
@@ -182,7 +192,7 @@ class FedPEAT:
             control = None
             if state.scaffold is not None:
                 control = (state.scaffold.c, aggregate.scaffold_cohort_controls(state.scaffold, ids))
-            keys = jax.random.split(jax.random.fold_in(k_train, j), ids.shape[0])
+            keys = self.client_keys(k_train, j, ids.shape[0])
             base = self.base_params(state, j)
             # Frozen base and global state shared (None); data, keys and control variates per client.
             in_axes = (None, None, 0, 0, 0, 0, None, None if control is None else (None, 0))
