@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fedpeat_jax import peft as peft_lib
-from fedpeat_jax.config import GPT2Config, PeftConfig
+from fedpeat_jax.config import LORA_TARGETS, GPT2Config, PeftConfig
 from fedpeat_jax.tree import overwrite
 
 Params = Any
@@ -138,14 +138,15 @@ def block(p: Params, h: jax.Array, ctx: Ctx, peft_p: Optional[Params], rng, kv=N
     r_attn, r_resid1, r_resid2, r_lora = _split_rng(rng if ctx.train else None, 4)
     lora = peft_p.get("lora") if peft_p else None
     adapter = peft_p.get("adapter") if peft_p else None
-    lora_ctx = None if lora is None else (ctx.peft_config, r_lora)
-
     def maybe_lora(group, name):
-        return None if lora is None else lora.get(group, {}).get(name)
+        if lora is None or name not in lora.get(group, {}):
+            return None, None
+        key = None if r_lora is None else jax.random.fold_in(r_lora, LORA_TARGETS.index(f"{group}.{name}"))
+        return lora[group][name], (ctx.peft_config, key)  # each target its own dropout mask
 
     # Attention.
     x = layer_norm(p["ln_1"], h, cfg.layer_norm_epsilon)
-    qkv = dense(p["attn"]["c_attn"], x, maybe_lora("attn", "c_attn"), lora_ctx)
+    qkv = dense(p["attn"]["c_attn"], x, *maybe_lora("attn", "c_attn"))
     B, T, _ = qkv.shape
     q, k, v = jnp.split(qkv.reshape(B, T, 3, cfg.n_head, cfg.head_dim), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, T, H, hd)
@@ -158,15 +159,15 @@ def block(p: Params, h: jax.Array, ctx: Ctx, peft_p: Optional[Params], rng, kv=N
     probs = jax.nn.softmax(scores, axis=-1)
     probs = dropout(probs, cfg.attn_pdrop, r_attn).astype(q.dtype)
     a = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(q.dtype)).reshape(B, T, cfg.n_embd)
-    a = dense(p["attn"]["c_proj"], a, maybe_lora("attn", "c_proj"), lora_ctx)
+    a = dense(p["attn"]["c_proj"], a, *maybe_lora("attn", "c_proj"))
     if adapter is not None:
         a = peft_lib.adapters.apply(adapter["attn"], a)
     h = h + dropout(a, cfg.resid_pdrop, r_resid1)
 
     # MLP.
     x = layer_norm(p["ln_2"], h, cfg.layer_norm_epsilon)
-    x = jax.nn.gelu(dense(p["mlp"]["c_fc"], x, maybe_lora("mlp", "c_fc"), lora_ctx), approximate=True)
-    x = dense(p["mlp"]["c_proj"], x, maybe_lora("mlp", "c_proj"), lora_ctx)
+    x = jax.nn.gelu(dense(p["mlp"]["c_fc"], x, *maybe_lora("mlp", "c_fc")), approximate=True)
+    x = dense(p["mlp"]["c_proj"], x, *maybe_lora("mlp", "c_proj"))
     if adapter is not None:
         x = peft_lib.adapters.apply(adapter["mlp"], x)
     h = h + dropout(x, cfg.resid_pdrop, r_resid2)
@@ -276,10 +277,15 @@ def head(params: Params, h: jax.Array, config: GPT2Config) -> jax.Array:
     return (h @ params["wte"].astype(h.dtype).T).astype(jnp.float32)
 
 
-def check_inputs(input_ids, config: GPT2Config, peft_config: Optional[PeftConfig] = None) -> None:
-    """Shape checks that must fail before tracing (sequence longer than n_positions...)."""
+def check_inputs(input_ids, config: GPT2Config, peft_config: Optional[PeftConfig] = None, n_layer: Optional[int] = None) -> None:
+    """Checks that must fail before anything runs or compiles (sequence longer than n_positions,
+    PEFT blocks outside the stack...)."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if peft_config is not None and n_layer is not None:
+        peft_segments(n_layer, peft_config)  # raises on PEFT layers outside the stack
     extra = peft_config.n_prompt_tokens if peft_config is not None and peft_config.kind == "prompt" else 0
     if input_ids.shape[1] + extra > config.n_positions:
         raise ValueError(
@@ -300,7 +306,7 @@ def hidden_states(
     rng: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Hidden states before ln_f, (B, T, d). `rng` given means train mode (dropout on)."""
-    check_inputs(input_ids, config, peft_config)
+    check_inputs(input_ids, config, peft_config, params["blocks"]["ln_1"]["scale"].shape[0])
     if peft is not None and peft_config is None:
         raise ValueError("a PEFT state was given without its PeftConfig")
     r_embd, r_blocks = _split_rng(rng, 2)
