@@ -1,0 +1,119 @@
+"""The federated downstream task: Folio-spelling Shakespeare, one client per (play, role).
+
+The foundation model is pretrained on modern spelling; the federated clients tune it on the
+First Folio's original spelling, a natural domain shift. Whole held-out plays measure plug-in
+perplexity; the roles too small to be clients (fewer than `min_speeches` speeches) are the
+server's own data when it takes part. A folder of the user's own text files works the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from fedpeat_jax import data as data_lib
+from fedpeat_jax.fed.simulation import FedData
+
+PARTITIONS = ("natural", "iid", "dirichlet")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Which text the clients hold and how it is cut into token windows."""
+
+    corpus: str = "shakespeare"  # "shakespeare" or a folder of .txt files
+    spelling: str = "folio"  # Shakespeare only: "folio" (downstream default) or "modern"
+    partition: str = "natural"
+    n_clients: int = 100  # iid / dirichlet only
+    dirichlet_alpha: float = 0.5
+    seq_len: int = 64
+    min_speeches: int = 8
+    test_fraction: float = 0.2
+    max_examples: Optional[int] = 32  # windows kept per client (bounds the padded client axis)
+    max_clients: Optional[int] = None  # keep only the largest clients
+    max_eval_windows: Optional[int] = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"TaskConfig.partition must be one of {PARTITIONS}, got {self.partition!r}")
+        if self.spelling not in ("folio", "modern"):
+            raise ValueError(f"TaskConfig.spelling must be 'folio' or 'modern', got {self.spelling!r}")
+        for name in ("n_clients", "seq_len", "min_speeches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TaskConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError(f"TaskConfig.seq_len must be >= 2, got {self.seq_len}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"TaskConfig.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.dirichlet_alpha <= 0:
+            raise ValueError(f"TaskConfig.dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
+        for name in ("max_examples", "max_clients", "max_eval_windows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"TaskConfig.{name} must be None or >= 1, got {value}")
+
+    def replace(self, **changes) -> "TaskConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class Task(NamedTuple):
+    train: FedData  # the clients' training windows
+    names: tuple  # client names ("play/role")
+    client_test: tuple  # (tokens, mask): every client's test split, pooled
+    heldout: tuple  # (tokens, mask): the held-out plays (plug-in perplexity)
+    server: tuple  # (tokens, mask): the server's own data
+    n_tokens: int  # real training tokens over all clients
+
+
+def _windows(texts, tokenizer, seq_len: int, cap: Optional[int], seed: int) -> tuple:
+    tokens, mask = data_lib.eval_windows(texts, tokenizer, seq_len)
+    if cap is not None and len(tokens) > cap:
+        keep = np.sort(np.random.default_rng(seed).permutation(len(tokens))[:cap])
+        tokens, mask = tokens[keep], mask[keep]
+    return tokens, mask.astype(np.float32)
+
+
+def _load_corpus(cfg: TaskConfig, cache_dir=None):
+    if cfg.corpus == "shakespeare":
+        return data_lib.load_shakespeare(cfg.spelling, cache_dir=cache_dir)
+    return data_lib.load_text_folder(cfg.corpus)
+
+
+def build_task(cfg: TaskConfig, tokenizer, cache_dir=None) -> Task:
+    corpus = _load_corpus(cfg, cache_dir)
+    train_corpus, held_corpus = data_lib.split_heldout(corpus)
+    if cfg.partition == "natural":
+        clients = data_lib.natural_clients(corpus, min_speeches=cfg.min_speeches)
+        big = set(clients.names)
+        server_texts = [t for (play, role), texts in train_corpus.clients().items() if f"{play}/{role}" not in big for t in texts]
+    else:
+        speeches = [s for s in train_corpus.speeches]
+        texts = [s.text for s in speeches]
+        if cfg.partition == "iid":
+            clients = data_lib.iid_clients(texts, cfg.n_clients, seed=cfg.seed)
+        else:
+            labels = [s.play for s in speeches]
+            clients = data_lib.dirichlet_clients(texts, labels, cfg.n_clients, cfg.dirichlet_alpha, seed=cfg.seed)
+        server_texts = []
+    if cfg.max_clients is not None and len(clients) > cfg.max_clients:
+        order = np.argsort([-n for n in clients.sizes], kind="stable")[: cfg.max_clients]
+        clients = data_lib.TextClients(tuple(clients.names[i] for i in order), tuple(clients.examples[i] for i in order))
+    train, test = data_lib.train_test_split(clients, cfg.test_fraction, seed=cfg.seed)
+    client_data = data_lib.tokenize_clients(train, tokenizer, cfg.seq_len, max_examples=cfg.max_examples)
+    fed_data = FedData.from_arrays(client_data.tokens, client_data.mask, client_data.counts)
+    test_texts = [t for ex in test.examples for t in ex]
+    held_texts = [s.text for s in held_corpus.speeches] or test_texts  # a user's corpus may have no held-out plays
+    if not server_texts:  # no natural leftovers: the server holds a sample of the clients' text
+        server_texts = [t for ex in train.examples[:: max(1, len(train) // 20)] for t in ex]
+    return Task(
+        train=fed_data,
+        names=client_data.names,
+        client_test=_windows(test_texts, tokenizer, cfg.seq_len, cfg.max_eval_windows, cfg.seed),
+        heldout=_windows(held_texts, tokenizer, cfg.seq_len, cfg.max_eval_windows, cfg.seed),
+        server=_windows(server_texts, tokenizer, cfg.seq_len, cfg.max_eval_windows, cfg.seed),
+        n_tokens=int(np.asarray(client_data.mask).sum()),
+    )
