@@ -1,0 +1,198 @@
+"""Shared helpers for the benchmark scripts: machine description, timing, matmul peak, result files.
+
+Timing follows the project's benchmark hygiene: compile time is measured on its own (`compile_jax`),
+every timed call is synchronized before the clock stops (`block_until_ready` for JAX; torch on CPU
+is synchronous), and the reported figure is the median of several runs after warm-up. Results are
+written as benchmarks/results/NAME.json (everything) and NAME.md (a table for humans).
+
+    from benchmarks.common import compile_jax, machine_info, matmul_peak, median_time, write_json
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# --------------------------------------------------------------------------------------------
+# Machine
+# --------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or no __version__
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on. `loadavg` matters: other work on the machine slows us."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    return {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "jax": jax.__version__,
+        "jaxlib": _version("jaxlib"),
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "git_commit": _git_commit(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+def compile_jax(fn: Callable, *args, **kwargs):
+    """(compiled, seconds): ahead-of-time lower + compile of a `jax.jit`-ed fn for these args."""
+    start = time.perf_counter()
+    compiled = fn.lower(*args, **kwargs).compile()
+    return compiled, time.perf_counter() - start
+
+
+def median_time(
+    fn: Callable,
+    *args,
+    runs: int = 5,
+    warmup: int = 1,
+    sync: Callable[[Any], Any] = jax.block_until_ready,
+) -> dict:
+    """Median wall time of `sync(fn(*args))` over `runs` calls after `warmup` untimed ones.
+
+    `sync` waits for the result (JAX dispatches asynchronously); pass `lambda out: out` for code
+    that is already synchronous, such as torch on CPU.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    for _ in range(warmup):
+        sync(fn(*args))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sync(fn(*args))
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs_s": times}
+
+
+# --------------------------------------------------------------------------------------------
+# Dense matmul peak
+# --------------------------------------------------------------------------------------------
+def matmul_peak(dtype: str = "float32", n: int = 2048, runs: int = 5) -> dict:
+    """Achieved FLOP/s of a jitted (n x n) @ (n x n) matmul in `dtype` (2 n^3 FLOPs per call).
+
+    The reference for model FLOP utilization: what this machine's XLA backend reaches on the
+    friendliest dense kernel, measured in the same run as the model.
+    """
+    rs = np.random.RandomState(0)
+    a = jnp.asarray(rs.standard_normal((n, n)), dtype)
+    b = jnp.asarray(rs.standard_normal((n, n)), dtype)
+    matmul, compile_s = compile_jax(jax.jit(jnp.matmul), a, b)
+    timing = median_time(matmul, a, b, runs=runs, warmup=1)
+    flops = 2.0 * n**3
+    return {"dtype": dtype, "n": n, "flops_per_call": flops, "flops_per_s": flops / timing["median_s"],
+            "compile_s": compile_s, **timing}
+
+
+def torch_matmul_peak(n: int = 2048, runs: int = 5) -> dict:
+    """The same float32 measurement for torch (its CPU kernels are not XLA's)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    timing = median_time(torch.matmul, a, b, runs=runs, warmup=1, sync=lambda out: out)
+    flops = 2.0 * n**3
+    return {"dtype": "float32", "n": n, "flops_per_call": flops, "flops_per_s": flops / timing["median_s"], **timing}
+
+
+# --------------------------------------------------------------------------------------------
+# Result files
+# --------------------------------------------------------------------------------------------
+def write_json(name: str, data: dict) -> Path:
+    """benchmarks/results/NAME.json (written to a temp file, then renamed: never half-written)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, (np.generic, jax.Array)):
+        return np.asarray(x).tolist()
+    raise TypeError(f"cannot write {type(x).__name__} to JSON")
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(name: str, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                   notes: Sequence[str] = ()) -> Path:
+    """benchmarks/results/NAME.md: a title, one table, and notes (formulas, machine, caveats)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.md"
+    text = f"# {title}\n\n{markdown_table(columns, rows)}\n"
+    if notes:
+        text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    path.write_text(text)
+    return path
+
+
+__all__ = [
+    "RESULTS_DIR",
+    "machine_info",
+    "compile_jax",
+    "median_time",
+    "matmul_peak",
+    "torch_matmul_peak",
+    "write_json",
+    "write_markdown",
+    "markdown_table",
+]
