@@ -64,6 +64,7 @@ class ServerState(NamedTuple):
 class RoundMetrics(NamedTuple):
     loss: jax.Array  # mean local training loss of the clients that took part
     participants: jax.Array  # clients whose update entered the aggregate
+    examples: jax.Array  # training examples those clients hold (the round's data)
     dropped: jax.Array  # clients dropped for a non-finite update
     update_norm: jax.Array  # norm of the applied mean delta
     lora_gap: jax.Array  # relative ||mean(a) mean(b) - mean(a b)|| (0 when not LoRA)
@@ -233,6 +234,7 @@ class FedPEAT:
         metrics = RoundMetrics(
             loss=jnp.where(n_used > 0, jnp.sum(jnp.where(used, losses, 0.0)) / jnp.maximum(n_used, 1), jnp.nan),
             participants=n_used.astype(jnp.int32),
+            examples=jnp.sum(jnp.where(used, counts, 0.0)),
             dropped=agg.dropped.sum().astype(jnp.int32),
             update_norm=_tree_norm(jax.tree.map(lambda a, b: a - b, new_peft, state.peft)),
             lora_gap=self._lora_gap(clients, counts, mask),
