@@ -1,0 +1,46 @@
+"""Copy the committed benchmark tables into README.md between their markers.
+
+    python scripts/update_readme.py
+
+Every figure in the README comes from a results file written by a script in benchmarks/ or
+scripts/; this copies `benchmarks/results/NAME.md` (its table and notes, not its title) between
+`<!-- results:NAME -->` and `<!-- /results:NAME -->`. A marker whose file does not exist yet is
+filled with a line saying so, never with numbers.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(.*?)(<!-- /results:(?P=name) -->)", re.S)
+
+
+def section(name: str) -> str:
+    path = RESULTS / f"{name}.md"
+    if not path.is_file():
+        return f"_Not measured yet: run the script that writes `benchmarks/results/{name}.md`._\n"
+    lines = path.read_text().splitlines()
+    body = [line for line in lines if not line.startswith("# ")]
+    while body and not body[0].strip():
+        body.pop(0)
+    return "\n".join(body).rstrip() + f"\n\n_From [`benchmarks/results/{name}.md`](benchmarks/results/{name}.md)._\n"
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    new = MARKER.sub(lambda m: m.group(1) + section(m.group("name")) + m.group(4), text)
+    if new != text:
+        readme.write_text(new)
+        print("README.md updated")
+    else:
+        print("README.md already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
