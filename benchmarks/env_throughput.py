@@ -1,0 +1,352 @@
+"""Environment throughput: FedPEAT-MEC steps per second with a random policy.
+
+Measured in one run, on the same machine, for N devices (default 10):
+
+* ``jax vmap``   — the gymnax way: ``jax.vmap(env.step)`` over E environments inside a jitted
+                   ``lax.scan``, a fresh key per env and step (``jax.random.split``), random
+                   actions from ``env.action_space().sample`` (vmapped);
+* ``jax batch``  — the environment's native batched layout: ``env.step_batch`` (env axis last,
+                   one key per step for the whole batch) with ``action_space().sample_batch``;
+* ``numpy batch``— the numpy twin (``NumpyFedPEAT``) vectorized over the same E environments
+                   (numpy arrays with a trailing env axis, auto-reset, numpy random draws);
+* ``sb3 DummyVecEnv`` — the gymnasium twin (``FedPEATTwin``) in stable-baselines3's
+                   ``DummyVecEnv``, stepped the usual way (``vec_env.step(actions)`` with
+                   ``action_space.sample()`` per env);
+* ``gymnax CartPole-v1`` — a reference environment stepped like ``jax vmap`` at the largest E,
+                   to show how loaded the machine was during the run.
+
+JAX timings exclude compilation (reported separately); every figure is the median of several
+timed calls, each ending with ``block_until_ready``. The observation and reward of every step
+are consumed (summed into the scan carry) so no work is dead code. The perplexity table is a
+SYNTHETIC placeholder: throughput does not depend on its values.
+
+Usage: python benchmarks/env_throughput.py [--quick] [--devices 10] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import gymnax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedpeat_jax.config import GPT2Config
+from fedpeat_jax.mec import FedPEATMEC, FedPEATTwin, NumpyFedPEAT, synthetic_table
+
+TARGET_STEPS = 2_000_000  # env steps per timed JAX call (fewer for tiny batches)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _time_jax(fn, arg, repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(arg))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(jax.random.fold_in(arg, i + 1)))
+        times.append(time.perf_counter() - t0)
+    return compile_s, times
+
+
+def jax_vmap_runner(env, params, n_envs, n_steps):
+    space = env.action_space(params)
+
+    @jax.jit
+    def run(rng):
+        rng, k = jax.random.split(rng)
+        obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k, n_envs), params)
+
+        def body(carry, _):
+            state, obs, acc, rng = carry
+            rng, k = jax.random.split(rng)
+            keys = jax.random.split(k, (2, n_envs))
+            action = jax.vmap(space.sample)(keys[0])
+            obs, state, reward, term, trunc, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(keys[1], state, action, params)
+            return (state, obs, acc + reward, rng), None
+
+        (state, obs, acc, _), _ = jax.lax.scan(body, (state, obs, jnp.zeros(n_envs), rng), None, length=n_steps)
+        return acc.sum() + obs.sum()
+
+    return run
+
+
+def jax_batch_runner(env, params, n_envs, n_steps):
+    space = env.action_space(params)
+
+    @jax.jit
+    def run(rng):
+        rng, k = jax.random.split(rng)
+        obs, state = env.reset_batch(k, n_envs, params)
+
+        def body(carry, _):
+            state, obs, acc, rng = carry
+            rng, ka, ks = jax.random.split(rng, 3)
+            action = space.sample_batch(ka, n_envs)
+            obs, state, reward, term, trunc, info = env.step_batch(ks, state, action, params)
+            return (state, obs, acc + reward, rng), None
+
+        (state, obs, acc, _), _ = jax.lax.scan(body, (state, obs, jnp.zeros(n_envs), rng), None, length=n_steps)
+        return acc.sum() + obs.sum()
+
+    return run
+
+
+def cartpole_runner(n_envs, n_steps):
+    env, params = gymnax.make("CartPole-v1")
+    space = env.action_space(params)
+
+    @jax.jit
+    def run(rng):
+        rng, k = jax.random.split(rng)
+        obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k, n_envs), params)
+
+        def body(carry, _):
+            state, obs, acc, rng = carry
+            rng, k = jax.random.split(rng)
+            keys = jax.random.split(k, (2, n_envs))
+            action = jax.vmap(space.sample)(keys[0])
+            obs, state, reward, term, trunc, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(keys[1], state, action, params)
+            return (state, obs, acc + reward, rng), None
+
+        (state, obs, acc, _), _ = jax.lax.scan(body, (state, obs, jnp.zeros(n_envs), rng), None, length=n_steps)
+        return acc.sum() + obs.sum()
+
+    return run
+
+
+def bench_jax(kind, env, params, sizes, repeats):
+    rows = []
+    for n_envs in sizes:
+        n_steps = int(min(4000, max(20, TARGET_STEPS // n_envs)))
+        runner = {"jax vmap": jax_vmap_runner, "jax batch": jax_batch_runner}[kind](env, params, n_envs, n_steps)
+        compile_s, times = _time_jax(runner, jax.random.key(0), repeats)
+        med = statistics.median(times)
+        rows.append(dict(impl=kind, n_envs=n_envs, steps_per_call=n_envs * n_steps, compile_s=round(compile_s, 3),
+                         median_s=med, steps_per_s=n_envs * n_steps / med,
+                         best_steps_per_s=n_envs * n_steps / min(times)))
+        print(f"  {kind:10s} E={n_envs:5d}: {rows[-1]['steps_per_s'] / 1e6:7.3f} M steps/s "
+              f"(best {rows[-1]['best_steps_per_s'] / 1e6:.3f}, compile {compile_s:.1f}s)", flush=True)
+    return rows
+
+
+def bench_numpy(params, sizes, repeats, seconds=1.0):
+    rows = []
+    for n_envs in sizes:
+        sim = NumpyFedPEAT(params)
+        rng = np.random.default_rng(0)
+        obs, state = sim.reset_from_draws(sim.draw(rng, (n_envs,)))
+        acc = np.zeros(n_envs)
+
+        def run(n_steps):
+            nonlocal state, acc
+            for _ in range(n_steps):
+                action = sim.sample_actions(rng, (n_envs,))
+                obs, state, reward, term, trunc, info = sim.step_from_draws(state, action, sim.draw(rng, (n_envs,)))
+                acc += reward + obs.sum(axis=0)
+
+        t0 = time.perf_counter()
+        run(3)
+        per_step = (time.perf_counter() - t0) / 3
+        n_steps = max(3, int(seconds / max(per_step, 1e-9)))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(n_steps)
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        rows.append(dict(impl="numpy batch", n_envs=n_envs, steps_per_call=n_envs * n_steps, median_s=med,
+                         steps_per_s=n_envs * n_steps / med, best_steps_per_s=n_envs * n_steps / min(times)))
+        print(f"  numpy batch E={n_envs:5d}: {rows[-1]['steps_per_s'] / 1e6:7.3f} M steps/s", flush=True)
+    return rows
+
+
+def bench_sb3(table, params_overrides, n_envs_list, repeats, seconds=1.5):
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    rows = []
+    for n_envs in n_envs_list:
+        vec = DummyVecEnv([lambda: FedPEATTwin(preset="default", calibration=table, **params_overrides)] * n_envs)
+        vec.seed(0)
+        vec.action_space.seed(0)
+        vec.reset()
+
+        def run(n_steps):
+            for _ in range(n_steps):
+                actions = np.stack([vec.action_space.sample() for _ in range(n_envs)])
+                vec.step(actions)
+
+        t0 = time.perf_counter()
+        run(20)
+        per_step = (time.perf_counter() - t0) / 20
+        n_steps = max(20, int(seconds / per_step))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(n_steps)
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        rows.append(dict(impl="sb3 DummyVecEnv", n_envs=n_envs, steps_per_call=n_envs * n_steps, median_s=med,
+                         steps_per_s=n_envs * n_steps / med, best_steps_per_s=n_envs * n_steps / min(times)))
+        print(f"  sb3 DummyVecEnv E={n_envs:3d}: {rows[-1]['steps_per_s']:9.0f} steps/s", flush=True)
+    return rows
+
+
+def _markdown(result) -> str:
+    m = result["machine"]
+    lines = [
+        "# FedPEAT-MEC environment throughput",
+        "",
+        f"{result['n_devices']} devices, model preset `{result['preset']}`, random policy, "
+        f"synthetic perplexity table (throughput does not depend on it). "
+        f"Machine: {m['cpu_model']}, {m['cpu_count']} CPUs, {m['platform']}, jax {m['jax']}, numpy {m['numpy']}; "
+        f"load average {m['loadavg_start']} at the start, {m['loadavg_end']} at the end "
+        "(other jobs shared the machine).",
+        "",
+        "Env steps per second (median of the timed calls; JAX compile time excluded):",
+        "",
+        "| envs | jax vmap | jax batch | numpy batch | jax vmap / numpy | jax batch / numpy |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    by = {(r["impl"], r["n_envs"]): r for r in result["rows"]}
+    for n in result["sizes"]:
+        v, b, npb = by.get(("jax vmap", n)), by.get(("jax batch", n)), by.get(("numpy batch", n))
+        f = lambda r: f"{r['steps_per_s']:,.0f}" if r else "-"  # noqa: E731
+        ratio = lambda a, c: f"{a['steps_per_s'] / c['steps_per_s']:.1f}x" if a and c else "-"  # noqa: E731
+        lines.append(f"| {n} | {f(v)} | {f(b)} | {f(npb)} | {ratio(v, npb)} | {ratio(b, npb)} |")
+    lines += ["", "JAX compile time (s): " + ", ".join(
+        f"{r['impl']} E={r['n_envs']}: {r['compile_s']}" for r in result["rows"] if "compile_s" in r), ""]
+    s = result["summary"]
+    lines += [
+        "Summary:",
+        "",
+        f"- stable-baselines3 DummyVecEnv of the gymnasium twin: {s['sb3_steps_per_s']:,.0f} steps/s "
+        f"(best over {result['sb3_envs']} envs)",
+        f"- jax vmap at {s['max_envs']} envs: {s['jax_vmap_steps_per_s']:,.0f} steps/s = "
+        f"{s['jax_vmap_over_sb3']:.0f}x SB3, {s['jax_vmap_over_numpy']:.1f}x the numpy batch",
+        f"- jax batch at {s['max_envs']} envs: {s['jax_batch_steps_per_s']:,.0f} steps/s = "
+        f"{s['jax_batch_over_sb3']:.0f}x SB3, {s['jax_batch_over_numpy']:.1f}x the numpy batch",
+        f"- reference gymnax CartPole-v1 (vmap, {s['max_envs']} envs, same run): {s['cartpole_steps_per_s']:,.0f} steps/s; "
+        f"FedPEAT-MEC (10 devices) jax vmap runs at {s['jax_vmap_over_cartpole']:.2f}x and jax batch at "
+        f"{s['jax_batch_over_cartpole']:.2f}x its speed",
+        f"- done criterion (>= 2,000,000 steps/s and >= 100x SB3): jax vmap "
+        f"{'met' if s['jax_vmap_meets_target'] else 'NOT met'}, jax batch {'met' if s['jax_batch_meets_target'] else 'NOT met'} in this run",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats (smoke run)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args(argv)
+
+    sizes = [1, 64, 1024, 8192] if args.quick else [1, 8, 64, 512, 2048, 8192]
+    repeats = 3 if args.quick else args.repeats
+    table = synthetic_table(GPT2Config.preset("default"))  # SYNTHETIC placeholder numbers
+    overrides = dict(n_devices=args.devices)
+    env = FedPEATMEC(preset="default", calibration=table, **overrides)
+    params = env.default_params
+    load_start = _loadavg()
+    print(f"FedPEAT-MEC throughput, {args.devices} devices, load average {load_start}", flush=True)
+
+    rows = []
+    print("jax (vmap of env.step):", flush=True)
+    rows += bench_jax("jax vmap", env, params, sizes, repeats)
+    print("jax (env.step_batch):", flush=True)
+    rows += bench_jax("jax batch", env, params, sizes, repeats)
+    print("numpy twin, vectorized:", flush=True)
+    rows += bench_numpy(params, sizes, repeats)
+    sb3_envs = [1, 8] if args.quick else [1, 8, 64]
+    print("stable-baselines3 DummyVecEnv of the gymnasium twin:", flush=True)
+    rows += bench_sb3(table, overrides, sb3_envs, repeats)
+    print("reference: gymnax CartPole-v1", flush=True)
+    max_envs = max(sizes)
+    cp_steps = max(20, TARGET_STEPS // max_envs)
+    cp_compile, cp_times = _time_jax(cartpole_runner(max_envs, cp_steps), jax.random.key(0), repeats)
+    cartpole = max_envs * cp_steps / statistics.median(cp_times)
+    rows.append(dict(impl="gymnax CartPole-v1 (vmap)", n_envs=max_envs, steps_per_call=max_envs * cp_steps,
+                     compile_s=round(cp_compile, 3), median_s=statistics.median(cp_times), steps_per_s=cartpole,
+                     best_steps_per_s=max_envs * cp_steps / min(cp_times)))
+    print(f"  CartPole E={max_envs}: {cartpole / 1e6:.3f} M steps/s", flush=True)
+
+    by = {(r["impl"], r["n_envs"]): r for r in rows}
+    sb3 = max(r["steps_per_s"] for r in rows if r["impl"] == "sb3 DummyVecEnv")
+    vm, bt, npb = (by[(k, max_envs)]["steps_per_s"] for k in ("jax vmap", "jax batch", "numpy batch"))
+    summary = dict(
+        max_envs=max_envs,
+        sb3_steps_per_s=sb3,
+        jax_vmap_steps_per_s=vm,
+        jax_batch_steps_per_s=bt,
+        numpy_batch_steps_per_s=npb,
+        cartpole_steps_per_s=cartpole,
+        jax_vmap_over_sb3=vm / sb3,
+        jax_batch_over_sb3=bt / sb3,
+        jax_vmap_over_numpy=vm / npb,
+        jax_batch_over_numpy=bt / npb,
+        jax_vmap_over_cartpole=vm / cartpole,
+        jax_batch_over_cartpole=bt / cartpole,
+        jax_vmap_meets_target=bool(vm >= 2e6 and vm / sb3 >= 100),
+        jax_batch_meets_target=bool(bt >= 2e6 and bt / sb3 >= 100),
+    )
+    result = dict(
+        benchmark="env_throughput",
+        n_devices=args.devices,
+        preset="default",
+        policy="uniform random over every action branch",
+        calibration="synthetic placeholder table (fedpeat_jax.mec.calibration.synthetic_table)",
+        sizes=sizes,
+        sb3_envs=sb3_envs,
+        repeats=repeats,
+        machine=dict(
+            platform=platform.platform(),
+            python=sys.version.split()[0],
+            cpu_model=_cpu_model(),
+            cpu_count=os.cpu_count(),
+            jax=jax.__version__,
+            jax_devices=[str(d) for d in jax.devices()],
+            numpy=np.__version__,
+            gymnax=getattr(gymnax, "__version__", "1.x"),
+            loadavg_start=load_start,
+            loadavg_end=_loadavg(),
+        ),
+        rows=rows,
+        summary=summary,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "env_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "env_throughput.md").write_text(_markdown(result))
+    print(_markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

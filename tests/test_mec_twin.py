@@ -1,0 +1,139 @@
+"""The numpy/gymnasium twin: step-by-step agreement with the JAX environment, gymnasium/SB3 use.
+
+The JAX environment and the numpy twin are fed the same uniform draws and must agree on
+observations, rewards and infos within 1e-5 (relative to max(1, |value|); counts and flags
+exactly) over many random episodes. Tables are SYNTHETIC placeholders.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedpeat_jax.config import GPT2Config
+from fedpeat_jax.mec import FedPEATMEC, FedPEATTwin, NumpyFedPEAT, synthetic_table
+
+TOL = 1e-5
+EXACT = ("violations", "n_participants", "exchanges", "empty_round", "terminated", "truncated", "memory_peak_bytes")
+
+
+def _close(name, got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    err = np.abs(got - want) / np.maximum(1.0, np.abs(want))
+    assert err.max() <= TOL, f"{name}: max scaled error {err.max():.2e} > {TOL}"
+
+
+CASES = {
+    # preset, model, overrides, episodes (batch), rounds
+    "default": ("default", "default", {}, 48, 130),
+    "gpt2-small mobile, short episodes": ("gpt2-small", "gpt2", dict(mobility_step=40.0, max_steps_in_episode=9), 32, 40),
+    "gpt2-xl no server, 3 devices": ("gpt2-xl", "gpt2-xl", dict(server_enabled=0.0, n_devices=3, bw_levels=3, max_steps_in_episode=15), 32, 40),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_jax_env_and_numpy_twin_agree_step_by_step(case):
+    preset, model, overrides, n_env, rounds = CASES[case]
+    env = FedPEATMEC(preset=preset, calibration=synthetic_table(GPT2Config.preset(model)), **overrides)
+    p = env.default_params
+    twin = NumpyFedPEAT(p)
+    n = env.n_devices
+    step = jax.jit(env.step_with_draws)
+    draw = jax.jit(env.draw)  # the environment's own generator; the twin gets the same numbers
+
+    u = np.asarray(draw(jax.random.split(jax.random.key(0), n_env)))  # (5, N, E)
+    obs_j, s_j = jax.jit(env.reset_with_draws)(jnp.asarray(u), p)
+    obs_t, s_t = twin.reset_from_draws(u)
+    _close("reset obs", obs_j, obs_t)
+
+    rng = np.random.default_rng(1)
+    seen_violation = seen_empty = seen_trunc = 0
+    for t in range(rounds):
+        u = np.asarray(draw(jax.random.split(jax.random.key(t + 1), n_env)))
+        a = twin.sample_actions(rng, (n_env,))
+        a[: n + 1, rng.random(n_env) < 0.1] = 0  # some empty rounds
+        a[n + 1 : 2 * n + 1, rng.random(n_env) < 0.3] = env.n_levels - 1  # repeated levels: no exchange
+        oj, s_j, rj, tej, trj, ij = step(jnp.asarray(u), s_j, jnp.asarray(a, jnp.int32), p)
+        ot, s_t, rt, tet, trt, it = twin.step_from_draws(s_t, a, u)
+        _close(f"obs t={t}", oj, ot)
+        _close(f"reward t={t}", rj, rt)
+        for key in ij:
+            if key in EXACT:
+                np.testing.assert_allclose(np.asarray(ij[key], np.float64), np.asarray(it[key], np.float64),
+                                           rtol=1e-6, err_msg=f"{key} t={t}")
+            else:
+                _close(f"{key} t={t}", ij[key], it[key])
+        np.testing.assert_array_equal(np.asarray(s_j.stored_level), s_t.stored_level)
+        seen_violation += int(np.sum(it["violations"]))
+        seen_empty += int(np.sum(it["empty_round"]))
+        seen_trunc += int(np.sum(it["truncated"]))
+    assert seen_empty > 0 and seen_trunc > 0  # the episodes exercised both penalties and auto-resets
+    if preset != "default":
+        assert seen_violation > 0
+
+
+def test_gymnasium_twin_matches_the_vectorized_core():
+    table = synthetic_table(GPT2Config.preset("default"))
+    twin = FedPEATTwin(preset="default", calibration=table, max_steps_in_episode=6)
+    core = NumpyFedPEAT(twin.params)
+    rng = np.random.default_rng(0)
+    u = core.draw(rng)
+    obs, info = twin.reset_from_draws(u)
+    obs_c, s_c = core.reset_from_draws(u)
+    np.testing.assert_array_equal(obs, obs_c)
+    for t in range(6):
+        u, a = core.draw(rng), core.sample_actions(rng)
+        obs, r, term, trunc, info = twin.step_from_draws(a, u)
+        obs_c, s_c, r_c, _, trunc_c, info_c = core.step_from_draws(s_c, a, u, autoreset=False)
+        np.testing.assert_array_equal(obs, obs_c)
+        assert r == pytest.approx(float(r_c)) and trunc == bool(trunc_c) and info["latency"] == pytest.approx(float(info_c["latency"]))
+    assert trunc and not term  # gymnasium semantics: truncated after T rounds, no auto-reset
+
+
+def test_twin_passes_the_stable_baselines3_checker_and_vec_env():
+    from stable_baselines3.common.env_checker import check_env
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    table = synthetic_table(GPT2Config.preset("default"))
+    twin = FedPEATTwin(preset="default", calibration=table)
+    check_env(twin, warn=False)
+    vec = DummyVecEnv([lambda: FedPEATTwin(preset="default", calibration=table, max_steps_in_episode=5)] * 3)
+    vec.seed(0)
+    obs = vec.reset()
+    assert obs.shape == (3, twin.observation_space.shape[0])
+    dones = []
+    for _ in range(12):
+        obs, rew, done, infos = vec.step(np.stack([vec.action_space.sample() for _ in range(3)]))
+        dones.append(done)
+        assert np.all(np.isfinite(rew))
+    dones = np.asarray(dones)
+    assert dones.sum() == 6 and np.all(dones[[4, 9]])  # every env truncated after rounds 5 and 10
+
+
+def test_twin_rejects_bad_actions_and_seeds_reproducibly():
+    table = synthetic_table(GPT2Config.preset("default"))
+    twin = FedPEATTwin(preset="default", calibration=table)
+    with pytest.raises(RuntimeError, match="reset"):
+        twin.step(twin.action_space.sample())
+    obs1, _ = twin.reset(seed=3)
+    a = twin.action_space.sample()
+    step1 = twin.step(a)
+    obs2, _ = twin.reset(seed=3)
+    step2 = twin.step(a)
+    np.testing.assert_array_equal(obs1, obs2)
+    np.testing.assert_array_equal(step1[0], step2[0])
+    bad = np.array(a)
+    bad[-1] = 99
+    with pytest.raises(ValueError, match="out of range"):
+        twin.step(bad)
+    with pytest.raises(ValueError, match="entries"):
+        twin.step(np.zeros(5, int))
+
+
+def test_gymnasium_make():
+    import gymnasium
+
+    table = synthetic_table(GPT2Config.preset("default"))
+    env = gymnasium.make("FedPEAT-MEC-v0", calibration=table, disable_env_checker=True)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (74,)
