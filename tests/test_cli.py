@@ -1,0 +1,66 @@
+"""The `fedpeat` command line: help for every subcommand, clear errors for bad values."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedpeat_jax import cli
+
+
+def fedpeat(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fedpeat_jax.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_top_level_help_lists_every_subcommand():
+    out = fedpeat("--help")
+    assert out.returncode == 0
+    for name in cli.SUBCOMMANDS:
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("name", sorted(cli.SUBCOMMANDS))
+def test_help_of_every_subcommand(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.SUBCOMMANDS[name][0](["--help"])
+    assert exit_info.value.code == 0
+    assert "usage: fedpeat " + name in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["tune", "--client-lr", "-1"], "--client-lr (FedConfig.client_lr) must be > 0"),
+        (["tune", "--emulator-levels", "9", "--preset", "tiny"], "--emulator-levels (FedConfig.emulator_levels) [9] larger than the model's middle"),
+        (["tune", "--kind", "nonsense"], "--kind (PeftConfig.kind) must be one of"),
+        (["tune", "--partition", "random"], "--partition (TaskConfig.partition) must be one of"),
+        (["tune", "--model-dir", "/nonexistent/gpt2"], "/nonexistent/gpt2/config.json not found"),
+        (["calibrate", "--levels", "3,1"], "--levels (CalibrateConfig.levels) must be strictly increasing"),
+        (["tune", "--config", "/nonexistent.json"], "--config: no such file"),
+    ],
+)
+def test_bad_values_name_the_option(args, message):
+    out = fedpeat(*args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_option_and_subcommand_are_refused():
+    assert fedpeat("tune", "--no-such-option", "1").returncode == 2
+    assert fedpeat("no-such-command").returncode == 2
+
+
+def test_config_file_sections_and_overrides(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"fed": {"rounds": 7, "client_lr": 0.5}, "peft": {"lora_rank": 2}}))
+    parser = __import__("argparse").ArgumentParser()
+    parser.add_argument("--config")
+    groups = cli._groups_tune()
+    table = cli.add_groups(parser, groups)
+    configs = cli.build_configs(parser.parse_args(["--config", str(path), "--client-lr", "0.25"]), table, groups)
+    assert configs["fed"].rounds == 7 and configs["fed"].client_lr == 0.25 and configs["peft"].lora_rank == 2
+    path.write_text(json.dumps({"fed": {"no_such_field": 1}}))
+    with pytest.raises(ValueError, match="unknown field"):
+        cli.build_configs(parser.parse_args(["--config", str(path)]), table, groups)
