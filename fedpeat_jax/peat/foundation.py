@@ -1,0 +1,287 @@
+"""The project's own foundation model: a small GPT-2 pretrained on the modern-spelling plays.
+
+    fm = load_foundation()                 # cached after the first call
+    fm.params, fm.config, fm.tokenizer, fm.path, fm.info["heldout_ppl"]
+
+Pretraining (`pretrain`): train a byte-level BPE on the training plays (held-out plays excluded),
+cut the eos-separated speech stream into windows, train with `peat.train.fit` (progress bar,
+TensorBoard + metrics.jsonl, an orbax checkpoint per chunk so an interrupted run resumes), measure
+held-out perplexity, and export Hugging Face format (config.json + model.safetensors + tokenizer
+files) to `<cache>/foundation/<preset>-<fingerprint>`. The fingerprint hashes everything that
+changes the result (model shape, pretraining settings, held-out plays, corpus checksum), so a
+changed setting never silently reuses a stale model. `foundation.json` is written last and marks
+the directory complete; a lock file keeps two processes from pretraining the same model at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import jax
+import numpy as np
+
+from fedpeat_jax import data as data_lib
+from fedpeat_jax.config import GPT2Config
+from fedpeat_jax.data.shakespeare import SDIST_SHA256
+from fedpeat_jax.io.checkpoint import CheckpointManager
+from fedpeat_jax.io.logging import RunLogger
+from fedpeat_jax.model import gpt2, hf
+from fedpeat_jax.peat.train import TrainConfig, evaluate_perplexity, fit, lm_objective, machine_info
+
+FORMAT_VERSION = 1  # bump when pretraining code changes its result for the same settings
+INFO_FILE = "foundation.json"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """How a foundation model is pretrained (the model's shape is its GPT2Config preset)."""
+
+    seq_len: int = 256  # the default model's n_positions: every position embedding gets trained
+    steps: int = 300
+    batch: int = 8
+    lr: float = 2e-3
+    warmup: int = 30
+    final_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    dropout: bool = False  # well under two epochs: dropout would only slow learning
+    heldout_plays: tuple = data_lib.DEFAULT_HELDOUT_PLAYS
+    eval_batch: int = 16
+    chunk: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "heldout_plays", tuple(self.heldout_plays))
+        if self.seq_len < 2:
+            raise ValueError(f"PretrainConfig.seq_len must be >= 2, got {self.seq_len}")
+        self.train_config()  # validates steps, batch, lr, warmup...
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps, batch=self.batch, lr=self.lr, warmup=self.warmup, final_lr_ratio=self.final_lr_ratio,
+            weight_decay=self.weight_decay, chunk=self.chunk, seed=self.seed,
+        )
+
+    def replace(self, **changes) -> "PretrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Pretraining settings per GPT2Config preset. "default" sees 0.61 M tokens (about 0.56 epoch of
+# the 1.09 M-token training stream), sized for ~10 minutes on an idle 2-core CPU (the measured
+# time is in the model's foundation.json). "base" is for accelerators (~33 M tokens).
+PRETRAIN_PRESETS = {
+    "tiny": PretrainConfig(seq_len=64, steps=60, batch=8, lr=3e-3, warmup=6, chunk=20),
+    "default": PretrainConfig(),
+    "base": PretrainConfig(seq_len=256, steps=8000, batch=16, lr=1e-3, warmup=400, chunk=200, eval_batch=32),
+}
+
+
+class Foundation(NamedTuple):
+    params: Any
+    config: GPT2Config
+    tokenizer: Any  # transformers PreTrainedTokenizerFast
+    path: Path
+    info: dict  # the contents of foundation.json (held-out perplexity, timings, settings)
+
+
+def fingerprint(model: GPT2Config, pretrain: PretrainConfig) -> str:
+    """Short hash of everything that determines the pretrained weights."""
+    blob = json.dumps(
+        {"format": FORMAT_VERSION, "model": dataclasses.asdict(model), "pretrain": dataclasses.asdict(pretrain), "corpus": SDIST_SHA256},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def resolve_settings(preset: str, model: Optional[GPT2Config] = None, pretrain_config: Optional[PretrainConfig] = None) -> tuple:
+    """(model config, pretraining config) of a preset, either overridable."""
+    if model is None:
+        model = GPT2Config.preset(preset)
+    pretrain = pretrain_config
+    if pretrain is None:
+        if preset not in PRETRAIN_PRESETS:
+            raise ValueError(
+                f"no pretraining settings for preset {preset!r} (have {sorted(PRETRAIN_PRESETS)}); pass pretrain_config=PretrainConfig(...), "
+                "or load real GPT-2 weights with fedpeat_jax.model.hf.load_pretrained"
+            )
+        pretrain = PRETRAIN_PRESETS[preset]
+    if pretrain.seq_len > model.n_positions:
+        raise ValueError(f"pretraining seq_len {pretrain.seq_len} exceeds the model's n_positions {model.n_positions}")
+    return model, pretrain
+
+
+def foundation_dir(preset: str = "default", *, cache_dir=None, model: Optional[GPT2Config] = None, pretrain_config: Optional[PretrainConfig] = None) -> Path:
+    """`<cache>/foundation/<preset>-<fingerprint>` (cache: `cache_dir`, $FEDPEAT_CACHE, ~/.cache/fedpeat_jax)."""
+    model, pcfg = resolve_settings(preset, model, pretrain_config)
+    return data_lib.resolve_cache_dir(cache_dir) / "foundation" / f"{preset}-{fingerprint(model, pcfg)}"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock (released when the process dies, so never stale)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def pretraining_texts(heldout_plays=data_lib.DEFAULT_HELDOUT_PLAYS, *, cache_dir=None) -> tuple:
+    """(training speeches, held-out speeches) of the modern-spelling plays: the foundation model's
+    text, also the "general corpus" that emulator distillation uses."""
+    corpus = data_lib.load_shakespeare("modern", cache_dir=cache_dir)
+    return (
+        data_lib.pretraining_texts(corpus, exclude_plays=heldout_plays),
+        data_lib.heldout_texts(corpus, exclude_plays=heldout_plays),
+    )
+
+
+def pretraining_data(model: GPT2Config, pretrain_config: PretrainConfig, tokenizer_dir: Path, *, cache_dir=None) -> tuple:
+    """(tokenizer, training windows int32[N, T], held-out (tokens, mask)) from the modern plays.
+
+    The tokenizer is trained once and saved in `tokenizer_dir`, so a resumed run sees exactly
+    the token ids of the interrupted one.
+    """
+    train_texts, held_texts = pretraining_texts(pretrain_config.heldout_plays, cache_dir=cache_dir)
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        tokenizer = data_lib.load_tokenizer(tokenizer_dir)
+    else:
+        tokenizer = data_lib.train_bpe_tokenizer(train_texts, model.vocab_size, save_dir=tokenizer_dir)
+    if len(tokenizer) > model.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size {model.vocab_size}")
+    windows = data_lib.pretraining_windows(train_texts, tokenizer, pretrain_config.seq_len)
+    if len(windows) == 0:
+        raise ValueError(f"the pretraining text gives no full window of {pretrain_config.seq_len} tokens")
+    heldout = data_lib.eval_windows(held_texts, tokenizer, pretrain_config.seq_len)
+    return tokenizer, windows, heldout
+
+
+def pretrain(
+    preset: str = "default",
+    *,
+    out_dir=None,
+    cache_dir=None,
+    model: Optional[GPT2Config] = None,
+    pretrain_config: Optional[PretrainConfig] = None,
+    show_progress: bool = True,
+    overwrite: bool = False,
+) -> Foundation:
+    """Pretrain a foundation model and export it (default: into its cache directory).
+
+    Work files live in `<out_dir>.run/`: the tokenizer, TensorBoard logs (kept) and checkpoints
+    (deleted once the export is complete). Re-running after an interruption resumes.
+    """
+    model, pcfg = resolve_settings(preset, model, pretrain_config)
+    out = Path(out_dir) if out_dir is not None else foundation_dir(preset, cache_dir=cache_dir, model=model, pretrain_config=pcfg)
+    if (out / INFO_FILE).is_file() and not overwrite:
+        raise FileExistsError(f"a foundation model already exists in {out}; use load_foundation, or overwrite=True")
+    run_dir = out.with_name(out.name + ".run")
+    tokenizer, windows, (held_tokens, held_mask) = pretraining_data(model, pcfg, run_dir / "tokenizer", cache_dir=cache_dir)
+
+    ckpt = CheckpointManager(run_dir / "ckpt", max_to_keep=1)
+    resume = ckpt.latest_step()
+    train_model = model if pcfg.dropout else model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    params = gpt2.init(jax.random.PRNGKey(pcfg.seed), model)
+    with RunLogger(run_dir / "logs", resume_step=resume) as logger:
+        result = fit(
+            lm_objective(train_model, dropout=pcfg.dropout), params, None, {"tokens": windows}, pcfg.train_config(),
+            logger=logger, checkpoints=ckpt, desc=f"pretrain {preset}", log_prefix="pretrain/", show_progress=show_progress,
+        )
+        held = evaluate_perplexity(result.params, held_tokens, held_mask, model, batch=pcfg.eval_batch)
+        logger.scalars(pcfg.steps, {"heldout_ppl": held["ppl"], "heldout_nll": held["nll"]}, prefix="pretrain/")
+    ckpt.close()
+
+    tokens_per_step = pcfg.batch * pcfg.seq_len
+    info = {
+        "preset": preset,
+        "fingerprint": fingerprint(model, pcfg),
+        "model": dataclasses.asdict(model),
+        "pretrain": dataclasses.asdict(pcfg),
+        "param_count": model.param_count(),
+        "heldout_plays": list(pcfg.heldout_plays),
+        "heldout_ppl": held["ppl"],
+        "heldout_nll": held["nll"],
+        "heldout_tokens": held["tokens"],
+        "train_windows": int(len(windows)),
+        "train_tokens_seen": pcfg.steps * tokens_per_step,
+        "epochs": pcfg.steps * pcfg.batch / len(windows),
+        "final_train_loss": result.history[-1]["loss"] if result.history else None,  # None: resumed a finished run
+        "train_seconds": result.seconds,  # this call only (a resumed run counts its last part)
+        "resumed_from_step": result.resumed_from,
+        "train_tokens_per_s": result.steps_per_s * tokens_per_step,
+        "machine": machine_info(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    hf.save_pretrained(result.params, model, out, tokenizer=tokenizer, overwrite=True)
+    write_json_atomic(out / INFO_FILE, info)  # last: marks the directory complete
+    shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
+    return Foundation(result.params, model, tokenizer, out, info)
+
+
+def load_foundation(
+    preset: str = "default",
+    *,
+    cache_dir=None,
+    model: Optional[GPT2Config] = None,
+    pretrain_config: Optional[PretrainConfig] = None,
+    allow_pretrain: bool = True,
+    show_progress: bool = True,
+) -> Foundation:
+    """The cached foundation model of `preset`, pretraining it first if it is not cached yet."""
+    model, pcfg = resolve_settings(preset, model, pretrain_config)
+    path = foundation_dir(preset, cache_dir=cache_dir, model=model, pretrain_config=pcfg)
+    with file_lock(path.with_name(path.name + ".lock")):
+        if not (path / INFO_FILE).is_file():
+            if not allow_pretrain:
+                raise FileNotFoundError(
+                    f"no foundation model for preset {preset!r} in {path}; run `python scripts/pretrain.py --preset {preset}` "
+                    "(or call load_foundation with allow_pretrain=True)"
+                )
+            return pretrain(
+                preset, out_dir=path, cache_dir=cache_dir, model=model, pretrain_config=pcfg, show_progress=show_progress, overwrite=True
+            )
+    return open_foundation(path)
+
+
+def open_foundation(path) -> Foundation:
+    """A foundation model from an exported directory (ours, written by `pretrain`)."""
+    path = Path(path)
+    info_file = path / INFO_FILE
+    if not info_file.is_file():
+        raise FileNotFoundError(f"{path} is not a complete foundation model directory (no {INFO_FILE})")
+    params, config = hf.load_pretrained(path)
+    return Foundation(params, config, hf.load_tokenizer(path), path, json.loads(info_file.read_text()))
+
+
+__all__ = [
+    "PretrainConfig",
+    "PRETRAIN_PRESETS",
+    "Foundation",
+    "fingerprint",
+    "resolve_settings",
+    "foundation_dir",
+    "pretraining_texts",
+    "pretraining_data",
+    "pretrain",
+    "load_foundation",
+    "open_foundation",
+    "file_lock",
+    "write_json_atomic",
+]
