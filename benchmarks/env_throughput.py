@@ -13,7 +13,8 @@ Measured in one run, on the same machine, for N devices (default 10):
                    ``DummyVecEnv``, stepped the usual way (``vec_env.step(actions)`` with
                    ``action_space.sample()`` per env);
 * ``gymnax CartPole-v1`` — a reference environment stepped like ``jax vmap`` at the largest E,
-                   to show how loaded the machine was during the run.
+                   to show how loaded the machine was during the run (timed interleaved with the
+                   two JAX variants of that size, so all three see the same conditions).
 
 JAX timings exclude compilation (reported separately); every figure is the median of several
 timed calls, each ending with ``block_until_ready``. The observation and reward of every step
@@ -60,18 +61,6 @@ def _loadavg():
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def _time_jax(fn, arg, repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(arg))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(jax.random.fold_in(arg, i + 1)))
-        times.append(time.perf_counter() - t0)
-    return compile_s, times
 
 
 def jax_vmap_runner(env, params, n_envs, n_steps):
@@ -140,18 +129,36 @@ def cartpole_runner(n_envs, n_steps):
     return run
 
 
-def bench_jax(kind, env, params, sizes, repeats):
+def bench_jax(env, params, sizes, repeats):
+    """jax vmap and jax batch (plus CartPole at the largest size), timed interleaved per size.
+
+    Other processes may share the machine; interleaving the timed calls of the variants of one
+    size (A B C A B C ...) exposes them to the same conditions, so their ratios stay meaningful.
+    """
     rows = []
     for n_envs in sizes:
         n_steps = int(min(4000, max(20, TARGET_STEPS // n_envs)))
-        runner = {"jax vmap": jax_vmap_runner, "jax batch": jax_batch_runner}[kind](env, params, n_envs, n_steps)
-        compile_s, times = _time_jax(runner, jax.random.key(0), repeats)
-        med = statistics.median(times)
-        rows.append(dict(impl=kind, n_envs=n_envs, steps_per_call=n_envs * n_steps, compile_s=round(compile_s, 3),
-                         median_s=med, steps_per_s=n_envs * n_steps / med,
-                         best_steps_per_s=n_envs * n_steps / min(times)))
-        print(f"  {kind:10s} E={n_envs:5d}: {rows[-1]['steps_per_s'] / 1e6:7.3f} M steps/s "
-              f"(best {rows[-1]['best_steps_per_s'] / 1e6:.3f}, compile {compile_s:.1f}s)", flush=True)
+        runners = {"jax vmap": jax_vmap_runner(env, params, n_envs, n_steps),
+                   "jax batch": jax_batch_runner(env, params, n_envs, n_steps)}
+        if n_envs == max(sizes):
+            runners["gymnax CartPole-v1 (vmap)"] = cartpole_runner(n_envs, n_steps)
+        compile_s, times = {}, {k: [] for k in runners}
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(jax.random.key(0)))
+            compile_s[name] = time.perf_counter() - t0
+        for i in range(repeats):
+            for name, fn in runners.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(jax.random.key(i + 1)))
+                times[name].append(time.perf_counter() - t0)
+        for name in runners:
+            med = statistics.median(times[name])
+            rows.append(dict(impl=name, n_envs=n_envs, steps_per_call=n_envs * n_steps, compile_s=round(compile_s[name], 3),
+                             median_s=med, steps_per_s=n_envs * n_steps / med,
+                             best_steps_per_s=n_envs * n_steps / min(times[name])))
+            print(f"  {name:10s} E={n_envs:5d}: {rows[-1]['steps_per_s'] / 1e6:7.3f} M steps/s "
+                  f"(best {rows[-1]['best_steps_per_s'] / 1e6:.3f}, compile {compile_s[name]:.1f}s)", flush=True)
     return rows
 
 
@@ -225,8 +232,11 @@ def _markdown(result) -> str:
         f"{result['n_devices']} devices, model preset `{result['preset']}`, random policy, "
         f"synthetic perplexity table (throughput does not depend on it). "
         f"Machine: {m['cpu_model']}, {m['cpu_count']} CPUs, {m['platform']}, jax {m['jax']}, numpy {m['numpy']}; "
-        f"load average {m['loadavg_start']} at the start, {m['loadavg_end']} at the end "
-        "(other jobs shared the machine).",
+        f"load average {m['loadavg_start']} at the start, {m['loadavg_end']} at the end"
+        + (" (other jobs shared the machine: absolute numbers are lower than on an idle one; "
+           "the CartPole reference below, measured in the same run, shows by how much)."
+           if m["loadavg_start"] and m["loadavg_start"][0] > 0.5 * m["cpu_count"] else ".")
+        + f" Benchmark wall time {result['wall_s']:.0f} s.",
         "",
         "Env steps per second (median of the timed calls; JAX compile time excluded):",
         "",
@@ -247,6 +257,8 @@ def _markdown(result) -> str:
         "",
         f"- stable-baselines3 DummyVecEnv of the gymnasium twin: {s['sb3_steps_per_s']:,.0f} steps/s "
         f"(best over {result['sb3_envs']} envs)",
+        f"- best over batch sizes: jax vmap {s['jax_vmap_best_steps_per_s']:,.0f} steps/s "
+        f"(E={s['jax_vmap_best_envs']}), jax batch {s['jax_batch_best_steps_per_s']:,.0f} steps/s (E={s['jax_batch_best_envs']})",
         f"- jax vmap at {s['max_envs']} envs: {s['jax_vmap_steps_per_s']:,.0f} steps/s = "
         f"{s['jax_vmap_over_sb3']:.0f}x SB3, {s['jax_vmap_over_numpy']:.1f}x the numpy batch",
         f"- jax batch at {s['max_envs']} envs: {s['jax_batch_steps_per_s']:,.0f} steps/s = "
@@ -254,7 +266,7 @@ def _markdown(result) -> str:
         f"- reference gymnax CartPole-v1 (vmap, {s['max_envs']} envs, same run): {s['cartpole_steps_per_s']:,.0f} steps/s; "
         f"FedPEAT-MEC (10 devices) jax vmap runs at {s['jax_vmap_over_cartpole']:.2f}x and jax batch at "
         f"{s['jax_batch_over_cartpole']:.2f}x its speed",
-        f"- done criterion (>= 2,000,000 steps/s and >= 100x SB3): jax vmap "
+        f"- done criterion (>= 2,000,000 steps/s and >= 100x SB3, at {s['max_envs']} envs): jax vmap "
         f"{'met' if s['jax_vmap_meets_target'] else 'NOT met'}, jax batch {'met' if s['jax_batch_meets_target'] else 'NOT met'} in this run",
         "",
     ]
@@ -265,7 +277,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats (smoke run)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
 
@@ -276,29 +288,22 @@ def main(argv=None):
     env = FedPEATMEC(preset="default", calibration=table, **overrides)
     params = env.default_params
     load_start = _loadavg()
+    started = time.perf_counter()
     print(f"FedPEAT-MEC throughput, {args.devices} devices, load average {load_start}", flush=True)
 
     rows = []
-    print("jax (vmap of env.step):", flush=True)
-    rows += bench_jax("jax vmap", env, params, sizes, repeats)
-    print("jax (env.step_batch):", flush=True)
-    rows += bench_jax("jax batch", env, params, sizes, repeats)
+    print("jax: vmap of env.step / env.step_batch (interleaved), CartPole reference at the largest size:", flush=True)
+    rows += bench_jax(env, params, sizes, repeats)
     print("numpy twin, vectorized:", flush=True)
     rows += bench_numpy(params, sizes, repeats)
     sb3_envs = [1, 8] if args.quick else [1, 8, 64]
     print("stable-baselines3 DummyVecEnv of the gymnasium twin:", flush=True)
     rows += bench_sb3(table, overrides, sb3_envs, repeats)
-    print("reference: gymnax CartPole-v1", flush=True)
     max_envs = max(sizes)
-    cp_steps = max(20, TARGET_STEPS // max_envs)
-    cp_compile, cp_times = _time_jax(cartpole_runner(max_envs, cp_steps), jax.random.key(0), repeats)
-    cartpole = max_envs * cp_steps / statistics.median(cp_times)
-    rows.append(dict(impl="gymnax CartPole-v1 (vmap)", n_envs=max_envs, steps_per_call=max_envs * cp_steps,
-                     compile_s=round(cp_compile, 3), median_s=statistics.median(cp_times), steps_per_s=cartpole,
-                     best_steps_per_s=max_envs * cp_steps / min(cp_times)))
-    print(f"  CartPole E={max_envs}: {cartpole / 1e6:.3f} M steps/s", flush=True)
+    cartpole = next(r["steps_per_s"] for r in rows if r["impl"].startswith("gymnax CartPole"))
 
     by = {(r["impl"], r["n_envs"]): r for r in rows}
+    best = {k: max((r for r in rows if r["impl"] == k), key=lambda r: r["steps_per_s"]) for k in ("jax vmap", "jax batch")}
     sb3 = max(r["steps_per_s"] for r in rows if r["impl"] == "sb3 DummyVecEnv")
     vm, bt, npb = (by[(k, max_envs)]["steps_per_s"] for k in ("jax vmap", "jax batch", "numpy batch"))
     summary = dict(
@@ -314,6 +319,10 @@ def main(argv=None):
         jax_batch_over_numpy=bt / npb,
         jax_vmap_over_cartpole=vm / cartpole,
         jax_batch_over_cartpole=bt / cartpole,
+        jax_vmap_best_steps_per_s=best["jax vmap"]["steps_per_s"],
+        jax_vmap_best_envs=best["jax vmap"]["n_envs"],
+        jax_batch_best_steps_per_s=best["jax batch"]["steps_per_s"],
+        jax_batch_best_envs=best["jax batch"]["n_envs"],
         jax_vmap_meets_target=bool(vm >= 2e6 and vm / sb3 >= 100),
         jax_batch_meets_target=bool(bt >= 2e6 and bt / sb3 >= 100),
     )
@@ -340,6 +349,7 @@ def main(argv=None):
         ),
         rows=rows,
         summary=summary,
+        wall_s=round(time.perf_counter() - started, 1),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "env_throughput.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -83,6 +83,10 @@ def test_gymnax_registration():
 
 
 def test_sample_is_uniform_per_branch(env):
+    keys = jax.random.split(jax.random.key(1), 3)
+    batched = jax.vmap(env.action_space().sample)(keys)  # custom vmap rule: native batch
+    for i in range(3):
+        np.testing.assert_array_equal(batched[i], env.action_space().sample(keys[i]))
     a = np.asarray(env.action_space().sample_batch(jax.random.key(0), 20000))
     assert a.shape == (3 * N + 1, 20000)
     for branch, n in zip(a, env.nvec):

@@ -4,15 +4,31 @@
 * :mod:`.calibration` the perplexity response table (``CalibrationTable``, ``load_calibration``)
 * :mod:`.env`         ``FedPEATMEC``, the jitted gymnax environment (registered as ``FedPEAT-MEC-v0``)
 * :mod:`.twin`        ``FedPEATTwin``, the same environment in numpy as a ``gymnasium.Env``,
-                      and ``NumpyFedPEAT``, its vectorized numpy core
+                      and ``NumpyFedPEAT``, its vectorized numpy core (the test oracle)
+* :mod:`.calibrate`   ``fedpeat calibrate``: real FedPEAT runs -> the calibration table
 
 Quick start::
 
-    from fedpeat_jax.mec import FedPEATMEC, synthetic_table
-    from fedpeat_jax.config import GPT2Config
-    table = synthetic_table(GPT2Config.preset("default"))   # placeholder numbers, not calibrated
-    env = FedPEATMEC(preset="default", calibration=table)
-    obs, state = env.reset(jax.random.key(0))
+    import jax
+    from fedpeat_jax.mec import FedPEATMEC
+
+    env = FedPEATMEC()                      # 'default' model, the table `fedpeat calibrate` wrote
+    params = env.default_params
+    obs, state = env.reset(jax.random.key(0), params)
+    action = env.action_space(params).sample(jax.random.key(1))
+    obs, state, reward, terminated, truncated, info = env.step(jax.random.key(2), state, action, params)
+
+    # many environments: the gymnax way ...
+    keys = jax.random.split(jax.random.key(3), 1024)
+    obs, states = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+    # ... or the native batched layout (env axis last), one key per step
+    obs, states = env.reset_batch(jax.random.key(4), 1024, params)
+
+    # other models: presets 'default', 'gpt2-small', 'gpt2-xl' need a table fitted for them
+    # (``FedPEATMEC(preset=..., calibration=path_or_table)``); ``synthetic_table(model)`` gives a
+    # clearly marked placeholder for tests and throughput runs.
+
+    # PyTorch / stable-baselines3 users: FedPEATTwin(...) is the same environment as a gymnasium.Env
 """
 
 import gymnax

@@ -48,18 +48,40 @@ Reward
 The memory mean runs over participating devices. A device whose memory need exceeds its capacity
 fails: it counts as a violation and its data does not reach the model (it still spent the round's
 radio time). The perplexity uses the data-weighted mean emulator size kbar of the successful
-participants (server: k_full) and data_fraction = their data / all data (devices + server).
+participants (server: k_full) and data_fraction = their data / all data (devices + server);
+ppl_inf and eta are interpolated linearly in k between the calibrated levels and held constant
+beyond them (a server with k_full above the table's largest k counts as that level).
 
 Episodes are truncated after ``max_steps_in_episode`` rounds (T = 50); there is no natural
 termination. ``step`` auto-resets like every gymnax environment.
 
-Speed: ``step`` is fused. One uniform draw ``u`` of shape (5, N) per step feeds both the
-stepped state and the reset state (they are alternatives, never both used), and the channel of
-the next round is computed once, after the auto-reset selection. ``draw``, ``step_with_draws``
-and ``reset_with_draws`` expose this so the numpy twin can be fed the very same draws.
+Random numbers
+--------------
+Each step draws U[0, 1) numbers ``u`` of shape (5, N) from its key (``draw``: a counter-based
+hash of the key bits, see :func:`hash_bits`). Rows: 0 fading | 1 random-walk x, or a fresh
+device's distance | 2 walk y, or its speed | 3 its memory capacity | 4 its data size. The stepped
+state and the auto-reset state are alternatives, so they share the draws; the next round's
+distance and channel are computed once, after the auto-reset selection. ``step_with_draws`` and
+``reset_with_draws`` take the draws explicitly: the numpy twin is fed the very same numbers.
 
-Live mode (planned): the perplexity update is isolated in :meth:`FedPEATMEC.perplexity_update`,
-which a live environment overrides with a real jitted FedPEAT round.
+Batches (layout)
+----------------
+Every function of the step is written for arrays whose own axes lead and whose batch axes
+TRAIL: device arrays (N, *B), actions (3N + 1, *B), observations (7N + 4, *B), table params
+(m, *B). Single environments are the case B = (). This "structure of arrays" keeps the
+environment axis contiguous, which vectorizes on a CPU (about 3x faster than vmap's default of
+batching every primitive with the env axis leading). Two ways to batch:
+
+* ``jax.vmap(env.step)`` — the usual gymnax way (state leaves (E, N), obs (E, 7N + 4)); a
+  custom vmap rule moves the batch axis to the end, runs the native batched step once and moves
+  it back. Params may be vmapped too (``in_axes=(0, 0, 0, 0)``).
+* ``env.reset_batch(key, E)`` / ``env.step_batch(key, state, action)`` — the native layout
+  directly (state leaves (N, E), action (3N + 1, E), obs (7N + 4, E)), one key per step for
+  the whole batch: no transposes, the fastest path.
+
+Live mode (planned): the perplexity update is isolated in :meth:`FedPEATMEC.perplexity_update`
+(state, params, kbar, data_fraction) -> perplexity, which a live environment overrides with a
+real jitted FedPEAT round of the chosen devices and emulator sizes.
 """
 
 from __future__ import annotations
@@ -79,7 +101,7 @@ from fedpeat_jax.mec import system
 from fedpeat_jax.mec.calibration import CalibrationTable, resolve_table
 
 ENV_ID = "FedPEAT-MEC-v0"
-N_DRAWS = 5  # rows of the per-step uniform draw: fading, walk-x | distance, walk-y | speed, memory, data
+N_DRAWS = 5  # rows of the per-step draw: fading, walk-x | distance, walk-y | speed, memory, data
 N_DEVICE_FEATURES = 7
 N_GLOBAL_FEATURES = 4
 GB = 1e9
@@ -90,7 +112,8 @@ GB = 1e9
 # ---------------------------------------------------------------------------------------------
 @struct.dataclass
 class EnvState(environment.EnvState):
-    """Per-episode state; device arrays have shape (N,), the server's entry leads ``took_part``."""
+    """Per-episode state; device arrays have shape (N, *B), ``took_part`` (N + 1, *B) with the
+    server first, scalars (*B); B = () for one environment (see "Batches" in the module doc)."""
 
     distance: jax.Array      # (N,) m from the base station
     gain: jax.Array          # (N,) linear channel gain of the coming round
@@ -216,9 +239,9 @@ def hash_bits(key: jax.Array, shape) -> jax.Array:
     pass a fresh key per call as with ``jax.random``.
 
     A batch of keys (shape B) gives words of shape ``shape + B`` (batch axes trailing). The two
-    mixing rounds run as a two-iteration loop on purpose: XLA then materializes the words once;
-    written inline, it fused the hash into every consumer and recomputed it there, which made a
-    batched step about twice as slow.
+    mixing rounds run as a two-iteration loop on purpose: XLA then materializes the words once
+    instead of fusing the hash into (and recomputing it in) every consumer, which in earlier
+    versions of the step cost up to half of the step time.
     """
     s0, s1 = _key_seeds(key)
     shape = tuple(shape)
@@ -396,7 +419,10 @@ def reference_latency(params: EnvParams) -> float:
 
 
 def validate_params(params: EnvParams) -> None:
-    """Raise ValueError naming the first invalid field (works on batched parameters too)."""
+    """Raise ValueError naming the first invalid field.
+
+    Works on one parameter set and on a stack built for ``jax.vmap`` (batch axes leading).
+    """
 
     def arr(name):
         return np.asarray(getattr(params, name), dtype=np.float64)
@@ -475,13 +501,19 @@ class MultiDiscrete(spaces.Space):
         self.nvec = np.asarray(nvec, dtype=np.int32)
         self.shape = self.nvec.shape
         self.dtype = jnp.int32
+        # vmapped over keys, sample natively (batch axis trailing) and transpose once
+        self._sample = _with_trailing_batch_vmap(lambda key: self._from_bits(hash_bits(key, (self._words,))), per_env=(True,))
+
+    @property
+    def _words(self) -> int:
+        return (self.shape[0] + 1) // 2
 
     def __repr__(self) -> str:
         return f"MultiDiscrete({self.nvec.tolist()})"
 
     def sample(self, key: jax.Array) -> jax.Array:
-        """Uniform over every branch: floor(u * n) with u from :func:`uniforms`."""
-        return self.sample_batch(key, ())
+        """One uniformly random action (see ``sample_batch``); ``jax.vmap`` over keys batches natively."""
+        return self._sample(typed_key(key))
 
     def sample_batch(self, key: jax.Array, batch_shape=()) -> jax.Array:
         """Samples of shape ``nvec.shape + batch_shape`` (batch axes trailing) from one key.
@@ -490,8 +522,12 @@ class MultiDiscrete(spaces.Space):
         power of two, otherwise within n / 65536 of uniform.
         """
         batch_shape = tuple(int(b) for b in np.atleast_1d(batch_shape)) if np.ndim(batch_shape) or batch_shape else ()
+        return self._from_bits(hash_bits(key, (self._words,) + batch_shape))
+
+    def _from_bits(self, h: jax.Array) -> jax.Array:
+        """(words, *B) uint32 -> (len(nvec), *B) actions from 16-bit halves."""
         (a,) = self.shape
-        v = _halves(hash_bits(key, ((a + 1) // 2,) + batch_shape), a)
+        v = _halves(h, a)
         n = jnp.asarray(self.nvec, jnp.uint32).reshape((a,) + (1,) * (v.ndim - 1))
         return ((v * n) >> 16).astype(jnp.int32)
 
@@ -533,7 +569,7 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
         self.n_bw_levels = int(np.shape(params.bw_weights)[-1])
         self.n_mem_choices = int(np.shape(params.mem_choices)[-1])
         self.obs_shape = (N_DEVICE_FEATURES * self.n_devices + N_GLOBAL_FEATURES,)
-        self._step_vmappable = _with_trailing_batch_vmap(self._step_native)
+        self._step_vmappable = _with_trailing_batch_vmap(self._step_native, per_env=(True, True, True, False))
 
     # -- gymnax API -----------------------------------------------------------------------------
     @property
@@ -779,37 +815,40 @@ def _draws_from_bits(h: jax.Array) -> jax.Array:
     return jnp.concatenate([fading[None], rest])
 
 
-def _with_trailing_batch_vmap(native):
-    """Wrap ``native(key, state, action, params)`` so that ``jax.vmap`` runs it natively batched.
+def _with_trailing_batch_vmap(native, per_env):
+    """Wrap ``native(*args)`` so that ``jax.vmap`` runs it once, natively batched.
 
     ``native`` treats trailing axes as batch axes. Under ``jax.vmap`` (batch axis 0) the rule
     moves each batched input's batch axis to the end, runs ``native`` once on the whole batch and
     moves the outputs' batch axis back to the front, instead of letting vmap batch every
-    primitive with the environment axis leading (about 3x slower on a CPU).
+    primitive with the environment axis leading (about 2-3x slower on a CPU). ``per_env[i]``
+    says whether argument i is per environment (key, state, action: an unbatched one is shared
+    by the whole batch and broadcast) or may stay unbatched (params: scalars and tables
+    broadcast by themselves).
     """
 
     @jax.custom_batching.custom_vmap
-    def fn(key, state, action, params):
-        return native(key, state, action, params)
+    def fn(*args):
+        return native(*args)
 
     @fn.def_vmap
-    def rule(axis_size, in_batched, key, state, action, params):
-        args = (key, state, action, params)
+    def rule(axis_size, in_batched, *args):
         in_batched = tuple(in_batched)
-        per_env = jax.tree.map(
+        one_env = jax.tree.map(
             lambda x, b: jax.ShapeDtypeStruct(x.shape[1:] if b else x.shape, x.dtype), args, in_batched
         )
-        out_struct = jax.eval_shape(native, *per_env)
-        def to_trailing(x, b, per_env_input):
+        out_struct = jax.eval_shape(native, *one_env)
+
+        def to_trailing(x, b, shared):
             if b:
                 return jnp.moveaxis(x, 0, -1) if x.ndim > 1 else x
-            if per_env_input:  # an unbatched key/state/action is shared by every env of the batch
+            if shared:
                 return jnp.broadcast_to(x[..., None], x.shape + (axis_size,)) if x.ndim else jnp.broadcast_to(x, (axis_size,))
-            return x  # unbatched params broadcast by themselves
+            return x
 
         moved = tuple(
-            jax.tree.map(lambda x, b, i=i: to_trailing(x, b, i < 3), arg, batched)
-            for i, (arg, batched) in enumerate(zip(args, in_batched))
+            jax.tree.map(lambda x, b, s=shared: to_trailing(x, b, s), arg, batched)
+            for arg, batched, shared in zip(args, in_batched, per_env)
         )
         out = native(*moved)
         out = jax.tree.map(
