@@ -1,0 +1,676 @@
+"""SABPPO: single-agent action-branching PPO for the FedPEAT MEC environment, PureJaxRL style.
+
+The whole training run is one pure function of a PRNG key and a hyperparameter pytree, so it can
+be ``jax.jit``-ed whole and ``jax.vmap``-ed over seeds *and* hyperparameters in one compile:
+
+    trainer = make_trainer(SABPPOConfig(), env, env_params)
+    state, metrics = jax.jit(trainer.train)(jax.random.key(0))            # one run
+    hps = stack_hparams([trainer.default_hparams().replace(lr=lr) for lr in (1e-4, 3e-4)])
+    keys = jax.random.split(jax.random.key(0), 2)
+    states, metrics = jax.jit(jax.vmap(trainer.train))(keys, hps)         # a sweep, one compile
+
+``train`` is ``init`` followed by ``run_updates(state, num_updates)``; a host loop can call
+``run_updates`` in chunks and checkpoint the :class:`TrainState` between them (see
+:mod:`fedpeat_jax.rl.controller`), and the chunked run equals the unchunked one.
+
+The agent (mec_model.md, "SABPPO")
+----------------------------------
+* A shared MLP trunk; one categorical head per action branch (all branch logits come from one
+  Dense layer, split by ``nvec``); one value head.
+* log pi(a|s) = sum of the branch log-probs; entropy = sum of the branch entropies.
+* PPO clipping on the joint ratio pi(a|s)/pi_old(a|s) (``clip_mode="joint"``) or on each
+  branch's ratio with the branch surrogates averaged (``clip_mode="branch"``, the action-branching
+  variant); the two agree when there is a single branch.
+* GAE by a reverse ``lax.scan``; ``update_epochs`` passes over the rollout, each in
+  ``num_minibatches`` shuffled minibatches; Adam with global-norm clipping and linear LR annealing.
+* Optional running observation normalization and return-based reward scaling, both kept inside the
+  scanned training state (so they are checkpointed and resumed with it).
+
+Episodes and bootstrapping: the MEC environment truncates every episode after T rounds and the
+observation contains t/T, so the task is a finite-horizon one and the episode end is treated as
+terminal in GAE (no bootstrap across it). Returns reported in the metrics are the raw
+(unnormalized) episodic returns of the episodes that finished during the update.
+
+Sweepable hyperparameters (:class:`HParams`, traced, vmappable): lr, ent_coef, clip_eps, vf_coef,
+max_grad_norm, gamma, gae_lambda and the whole ``EnvParams`` (reward weights w_ppl, w_latency,
+w_memory, w_violation, w_empty and every physical parameter). Everything that fixes an array
+shape or a loop length (number of envs, rollout length, network sizes, epochs, minibatches, the
+options) is in the static :class:`SABPPOConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+PyTree = Any
+
+CLIP_MODES = ("joint", "branch")
+ACTIVATIONS = ("tanh", "relu")
+
+
+# =============================================================================================
+# Configuration
+# =============================================================================================
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class SABPPOConfig:
+    """Static settings of an SABPPO run (shapes, loop lengths, options) and hyperparameter defaults.
+
+    ``lr``, ``ent_coef``, ``clip_eps``, ``vf_coef``, ``max_grad_norm``, ``gamma`` and
+    ``gae_lambda`` here are only the defaults of :class:`HParams`; a sweep overrides them per run.
+    One update collects ``num_envs * num_steps`` environment steps.
+    """
+
+    num_envs: int = 64
+    num_steps: int = 50  # rollout length per update (env steps per environment)
+    total_timesteps: int = 1_000_000
+    update_epochs: int = 4
+    num_minibatches: int = 16  # minibatches of 200 at the default sizes: learned faster than 4 on the MEC env
+    lr: float = 3e-4
+    anneal_lr: bool = True
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.2
+    clip_mode: str = "joint"  # "joint": clip pi/pi_old of the whole action; "branch": per branch
+    clip_value: bool = True  # PPO-style clipping of the value update
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    adam_eps: float = 1e-5
+    hidden_sizes: tuple = (64, 64)
+    activation: str = "tanh"
+    normalize_obs: bool = True
+    # Off by default: the MEC latency term is heavy-tailed (Rayleigh deep fades), the running return
+    # std is dominated by rare huge rounds and scaled rewards learned much slower in our runs.
+    normalize_reward: bool = False
+    normalize_advantages: bool = True
+    obs_clip: float = 10.0
+    reward_clip: float = 10.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in np.atleast_1d(self.hidden_sizes)))
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("num_envs", "num_steps", "total_timesteps", "update_epochs", "num_minibatches"):
+            v = getattr(self, name)
+            _require(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1,
+                     f"SABPPOConfig.{name} must be an integer >= 1, got {v!r}")
+        _require(self.total_timesteps >= self.batch_size,
+                 f"SABPPOConfig.total_timesteps ({self.total_timesteps}) must be at least one update of "
+                 f"num_envs * num_steps = {self.batch_size} env steps")
+        _require(self.batch_size % self.num_minibatches == 0,
+                 f"SABPPOConfig.num_minibatches ({self.num_minibatches}) must divide num_envs * num_steps "
+                 f"({self.batch_size})")
+        _require(self.lr > 0 and math.isfinite(self.lr), f"SABPPOConfig.lr must be finite and > 0, got {self.lr}")
+        _require(0 <= self.gamma <= 1, f"SABPPOConfig.gamma must be in [0, 1], got {self.gamma}")
+        _require(0 <= self.gae_lambda <= 1, f"SABPPOConfig.gae_lambda must be in [0, 1], got {self.gae_lambda}")
+        _require(self.clip_eps > 0, f"SABPPOConfig.clip_eps must be > 0, got {self.clip_eps}")
+        _require(self.clip_mode in CLIP_MODES, f"SABPPOConfig.clip_mode must be one of {CLIP_MODES}, got {self.clip_mode!r}")
+        _require(self.ent_coef >= 0, f"SABPPOConfig.ent_coef must be >= 0, got {self.ent_coef}")
+        _require(self.vf_coef >= 0, f"SABPPOConfig.vf_coef must be >= 0, got {self.vf_coef}")
+        _require(self.max_grad_norm > 0, f"SABPPOConfig.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        _require(self.adam_eps > 0, f"SABPPOConfig.adam_eps must be > 0, got {self.adam_eps}")
+        _require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
+                 f"SABPPOConfig.hidden_sizes must be one or more layer widths >= 1, got {self.hidden_sizes}")
+        _require(self.activation in ACTIVATIONS,
+                 f"SABPPOConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        _require(self.obs_clip > 0, f"SABPPOConfig.obs_clip must be > 0, got {self.obs_clip}")
+        _require(self.reward_clip > 0, f"SABPPOConfig.reward_clip must be > 0, got {self.reward_clip}")
+
+    @property
+    def batch_size(self) -> int:
+        """Environment steps per update (num_envs * num_steps)."""
+        return self.num_envs * self.num_steps
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+    @property
+    def num_updates(self) -> int:
+        """PPO updates in a full run: total_timesteps // (num_envs * num_steps)."""
+        return self.total_timesteps // self.batch_size
+
+
+@struct.dataclass
+class HParams:
+    """Traced hyperparameters of one run; a batch of them (leading axis) is vmapped in a sweep."""
+
+    lr: jax.Array
+    ent_coef: jax.Array
+    clip_eps: jax.Array
+    vf_coef: jax.Array
+    max_grad_norm: jax.Array
+    gamma: jax.Array
+    gae_lambda: jax.Array
+    env_params: Any  # fedpeat_jax.mec.EnvParams (reward weights, physics), or any gymnax params
+
+
+def default_hparams(config: SABPPOConfig, env_params) -> HParams:
+    """The config's hyperparameter defaults together with ``env_params``."""
+    f = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    return HParams(lr=f(config.lr), ent_coef=f(config.ent_coef), clip_eps=f(config.clip_eps),
+                   vf_coef=f(config.vf_coef), max_grad_norm=f(config.max_grad_norm), gamma=f(config.gamma),
+                   gae_lambda=f(config.gae_lambda), env_params=env_params)
+
+
+def stack_hparams(hparams: Sequence[HParams]) -> HParams:
+    """Stack runs' hyperparameters along a new leading axis (for ``jax.vmap(train)``).
+
+    Every leaf is converted to an array first, so Python-number fields of ``EnvParams`` stack too.
+    """
+    if not hparams:
+        raise ValueError("stack_hparams needs at least one HParams")
+    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *hparams)
+
+
+# =============================================================================================
+# Action branches: one categorical per entry of the multi-discrete action
+# =============================================================================================
+def branch_groups(nvec) -> tuple:
+    """Runs of consecutive branches of equal size: ((first_branch, n_branches, size, logit_offset), ...).
+
+    The logits of a run are one contiguous (n_branches * size) slice, so each run is handled
+    with a single reshape + log-softmax instead of one op per branch.
+    """
+    nvec = [int(n) for n in np.asarray(nvec).ravel()]
+    if not nvec or min(nvec) < 1:
+        raise ValueError(f"every action branch needs at least one choice, got nvec={nvec}")
+    groups, start, offset = [], 0, 0
+    while start < len(nvec):
+        end = start
+        while end < len(nvec) and nvec[end] == nvec[start]:
+            end += 1
+        groups.append((start, end - start, nvec[start], offset))
+        offset += (end - start) * nvec[start]
+        start = end
+    return tuple(groups)
+
+
+def _group_log_softmax(logits: jax.Array, groups) -> list:
+    """Per group: log-probabilities of shape (..., n_branches, size)."""
+    out = []
+    for _, nb, size, off in groups:
+        lg = logits[..., off: off + nb * size].reshape(logits.shape[:-1] + (nb, size))
+        out.append(jax.nn.log_softmax(lg, axis=-1))
+    return out
+
+
+def branch_log_probs(logits: jax.Array, actions: jax.Array, nvec) -> jax.Array:
+    """log pi_b(a_b | s) of every branch: logits (..., sum nvec), actions (..., n_branches) -> (..., n_branches)."""
+    groups = branch_groups(nvec)
+    parts = []
+    for (first, nb, size, _), logp in zip(groups, _group_log_softmax(logits, groups)):
+        # a one-hot product rather than a gather: its gradient is a multiply, not a scatter
+        onehot = jax.nn.one_hot(actions[..., first: first + nb], size, dtype=logp.dtype)
+        parts.append(jnp.sum(logp * onehot, axis=-1))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def joint_log_prob(logits: jax.Array, actions: jax.Array, nvec) -> jax.Array:
+    """log pi(a | s) = sum over branches of log pi_b(a_b | s)."""
+    return jnp.sum(branch_log_probs(logits, actions, nvec), axis=-1)
+
+
+def branch_entropies(logits: jax.Array, nvec) -> jax.Array:
+    """Entropy of every branch's categorical, shape (..., n_branches)."""
+    groups = branch_groups(nvec)
+    return jnp.concatenate([-jnp.sum(jnp.exp(lp) * lp, axis=-1) for lp in _group_log_softmax(logits, groups)], axis=-1)
+
+
+def sample_branches(key: jax.Array, logits: jax.Array, nvec) -> jax.Array:
+    """One sample per branch by inversion (one uniform per branch): (..., n_branches) int32."""
+    groups = branch_groups(nvec)
+    u = jax.random.uniform(key, logits.shape[:-1] + (len(np.asarray(nvec).ravel()),))
+    parts = []
+    for (first, nb, size, _), logp in zip(groups, _group_log_softmax(logits, groups)):
+        cdf = jnp.cumsum(jnp.exp(logp), axis=-1)
+        below = (cdf[..., :-1] < u[..., first: first + nb, None]).astype(jnp.int32)
+        parts.append(jnp.sum(below, axis=-1))
+    return jnp.concatenate(parts, axis=-1).astype(jnp.int32)
+
+
+def mode_branches(logits: jax.Array, nvec) -> jax.Array:
+    """The most likely choice of every branch (the deterministic policy)."""
+    groups = branch_groups(nvec)
+    return jnp.concatenate([jnp.argmax(lp, axis=-1) for lp in _group_log_softmax(logits, groups)], axis=-1).astype(jnp.int32)
+
+
+# =============================================================================================
+# Network: shared trunk, one logit block per branch (one Dense split by nvec), one value head
+# =============================================================================================
+class ActorCritic(nn.Module):
+    """Shared MLP trunk -> (branch logits (..., sum nvec), value (...))."""
+
+    nvec: tuple
+    hidden_sizes: tuple = (64, 64)
+    activation: str = "tanh"
+
+    @nn.compact
+    def __call__(self, obs: jax.Array):
+        act = nn.tanh if self.activation == "tanh" else nn.relu
+        x = obs
+        for width in self.hidden_sizes:
+            x = act(nn.Dense(width, kernel_init=nn.initializers.orthogonal(math.sqrt(2.0)),
+                             bias_init=nn.initializers.zeros)(x))
+        logits = nn.Dense(int(sum(self.nvec)), kernel_init=nn.initializers.orthogonal(0.01),
+                          bias_init=nn.initializers.zeros, name="branch_logits")(x)
+        value = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0), bias_init=nn.initializers.zeros,
+                         name="value")(x)
+        return logits, value[..., 0]
+
+
+# =============================================================================================
+# Running normalizers (kept in the training state)
+# =============================================================================================
+class RunningMeanStd(NamedTuple):
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
+
+
+def rms_init(shape=()) -> RunningMeanStd:
+    return RunningMeanStd(jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32), jnp.asarray(1e-4, jnp.float32))
+
+
+def rms_update(rms: RunningMeanStd, batch: jax.Array) -> RunningMeanStd:
+    """Merge the moments of ``batch`` (leading batch axis) into ``rms`` (parallel-variance formula)."""
+    b_mean, b_var, b_count = jnp.mean(batch, axis=0), jnp.var(batch, axis=0), batch.shape[0]
+    delta = b_mean - rms.mean
+    total = rms.count + b_count
+    mean = rms.mean + delta * b_count / total
+    m2 = rms.var * rms.count + b_var * b_count + jnp.square(delta) * rms.count * b_count / total
+    return RunningMeanStd(mean, m2 / total, total)
+
+
+def normalize_obs(obs: jax.Array, rms: Optional[RunningMeanStd], clip: float) -> jax.Array:
+    """(obs - mean) / sqrt(var + 1e-8), clipped to [-clip, clip]; identity when ``rms`` is None."""
+    if rms is None:
+        return obs
+    return jnp.clip((obs - rms.mean) / jnp.sqrt(rms.var + 1e-8), -clip, clip)
+
+
+# =============================================================================================
+# Losses and advantages
+# =============================================================================================
+def compute_gae(rewards, values, dones, last_value, gamma, gae_lambda):
+    """Generalized advantage estimates by a reverse scan over time (time-major arrays (T, ...)).
+
+    ``dones[t]`` says the episode ended with step t, so neither the value nor the advantage of
+    the following (reset) observation flows back into step t. Returns (advantages, returns).
+    """
+
+    def step(carry, xs):
+        gae, next_value = carry
+        reward, value, done = xs
+        not_done = 1.0 - done
+        delta = reward + gamma * next_value * not_done - value
+        gae = delta + gamma * gae_lambda * not_done * gae
+        return (gae, value), gae
+
+    _, adv = jax.lax.scan(step, (jnp.zeros_like(last_value), last_value), (rewards, values, dones.astype(values.dtype)),
+                          reverse=True)
+    return adv, adv + values
+
+
+def clipped_policy_loss(logp_b, old_logp_b, advantages, clip_eps, mode: str = "joint"):
+    """PPO clipped surrogate (to minimize) from branch log-probs (..., n_branches).
+
+    joint:  -E[min(r A, clip(r, 1-eps, 1+eps) A)] with r = exp(sum_b logp_b - sum_b old_logp_b)
+    branch: the same per branch with r_b = exp(logp_b - old_logp_b), averaged over branches.
+    Returns (loss, clip_fraction).
+    """
+    if mode == "joint":
+        ratio = jnp.exp(jnp.sum(logp_b, -1) - jnp.sum(old_logp_b, -1))
+        adv = advantages
+    elif mode == "branch":
+        ratio = jnp.exp(logp_b - old_logp_b)
+        adv = advantages[..., None]
+    else:
+        raise ValueError(f"clip mode must be one of {CLIP_MODES}, got {mode!r}")
+    unclipped = ratio * adv
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+    loss = -jnp.mean(jnp.minimum(unclipped, clipped))
+    clip_frac = jnp.mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32))
+    return loss, clip_frac
+
+
+# =============================================================================================
+# Batched environment: batch axis LEADING for the network, native layout for FedPEATMEC
+# =============================================================================================
+class _VecEnv(NamedTuple):
+    reset: Callable  # (key, params) -> obs (E, D), state
+    step: Callable  # (key, state, action (E, A), params) -> obs, state, reward (E,), done (E,), info
+
+
+def _vec_env(env, num_envs: int) -> _VecEnv:
+    """FedPEATMEC's fused ``reset_batch``/``step_batch`` (env axis trailing) where available,
+    else ``jax.vmap`` of the gymnax six-value ``reset``/``step`` with one key per environment."""
+    if hasattr(env, "step_batch") and hasattr(env, "reset_batch"):
+
+        def reset(key, params):
+            obs, state = env.reset_batch(key, num_envs, params)
+            return obs.T, state
+
+        def step(key, state, action, params):
+            obs, state, reward, terminated, truncated, info = env.step_batch(key, state, action.T, params)
+            return obs.T, state, reward, jnp.logical_or(terminated, truncated), info
+
+        return _VecEnv(reset, step)
+
+    def reset(key, params):
+        return jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key, num_envs), params)
+
+    def step(key, state, action, params):
+        obs, state, reward, terminated, truncated, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+            jax.random.split(key, num_envs), state, action, params)
+        return obs, state, reward, jnp.logical_or(terminated, truncated), info
+
+    return _VecEnv(reset, step)
+
+
+def _env_nvec(env, env_params) -> tuple:
+    if hasattr(env, "nvec"):
+        return tuple(int(n) for n in np.asarray(env.nvec))
+    space = env.action_space(env_params)
+    if hasattr(space, "nvec"):
+        return tuple(int(n) for n in np.asarray(space.nvec))
+    if hasattr(space, "n"):
+        return (int(space.n),)
+    raise ValueError(f"cannot read the action branches of {type(env).__name__}: its action space "
+                     f"{space!r} has neither nvec nor n")
+
+
+# =============================================================================================
+# Training state
+# =============================================================================================
+@struct.dataclass
+class TrainState:
+    """Everything a run carries from one update to the next (a pytree: checkpoint it as is)."""
+
+    params: PyTree  # network parameters
+    opt_state: PyTree
+    env_state: PyTree  # batched environment state (FedPEATMEC: env axis trailing)
+    obs: jax.Array  # (E, D) raw observations of the coming step
+    obs_rms: RunningMeanStd
+    ret_rms: RunningMeanStd  # running variance of the discounted return (reward scaling)
+    disc_return: jax.Array  # (E,) discounted return accumulator for reward scaling
+    ep_return: jax.Array  # (E,) raw return of the running episodes
+    ep_length: jax.Array  # (E,) int32
+    rng: jax.Array  # typed PRNG key
+    update: jax.Array  # () int32 updates done
+    hparams: HParams
+
+
+class Transition(NamedTuple):
+    obs: jax.Array  # normalized observation fed to the network
+    action: jax.Array
+    logp_b: jax.Array  # per-branch log-probs under the behaviour policy
+    value: jax.Array
+    reward: jax.Array  # scaled reward used for learning
+    done: jax.Array
+
+
+class Trainer(NamedTuple):
+    """The pure functions of one SABPPO setup (all jittable, all vmappable over seeds/hparams)."""
+
+    config: SABPPOConfig
+    network: ActorCritic
+    nvec: tuple
+    default_hparams: Callable  # () -> HParams
+    init: Callable  # (rng, hparams=None) -> TrainState
+    run_updates: Callable  # (state, num_updates: static int) -> (state, metrics of shape (num_updates,))
+    train: Callable  # (rng, hparams=None) -> (state, metrics)
+    policy_logits: Callable  # (state, obs (..., D)) -> (logits, value) with the state's normalizer
+
+
+# =============================================================================================
+# make_trainer / make_train
+# =============================================================================================
+def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
+    """Build the pure SABPPO functions for ``env`` (a gymnax env; FedPEATMEC uses its fused batch API).
+
+    ``env_params`` are the default environment parameters of :class:`HParams` (default:
+    ``env.default_params``); ``train`` can be given others, batched, in its ``hparams``.
+    """
+    if not isinstance(config, SABPPOConfig):
+        raise TypeError(f"config must be an SABPPOConfig, got {type(config).__name__}")
+    env_params = env.default_params if env_params is None else env_params
+    nvec = _env_nvec(env, env_params)
+    n_branches = len(nvec)
+    network = ActorCritic(nvec=nvec, hidden_sizes=config.hidden_sizes, activation=config.activation)
+    venv = _vec_env(env, config.num_envs)
+    num_updates_total = config.num_updates
+    E, T = config.num_envs, config.num_steps
+
+    def default():
+        return default_hparams(config, env_params)
+
+    def optimizer(hp: HParams):
+        steps_per_update = config.update_epochs * config.num_minibatches
+
+        def schedule(count):
+            if not config.anneal_lr:
+                return hp.lr
+            frac = 1.0 - (count // steps_per_update).astype(jnp.float32) / num_updates_total
+            return hp.lr * jnp.maximum(frac, 0.0)
+
+        return optax.chain(optax.clip_by_global_norm(hp.max_grad_norm),
+                           optax.adam(learning_rate=schedule, eps=config.adam_eps))
+
+    def obs_normalizer(state: TrainState):
+        return state.obs_rms if config.normalize_obs else None
+
+    def policy_logits(state: TrainState, obs):
+        return network.apply(state.params, normalize_obs(obs, obs_normalizer(state), config.obs_clip))
+
+    # ----------------------------------------------------------------------------------- INIT
+    def init(rng, hparams: Optional[HParams] = None) -> TrainState:
+        hp = default() if hparams is None else hparams
+        if isinstance(rng, (int, np.integer)):
+            rng = jax.random.key(int(rng))
+        rng, k_net, k_env = jax.random.split(rng, 3)
+        obs, env_state = venv.reset(k_env, hp.env_params)
+        obs = obs.astype(jnp.float32)
+        params = network.init(k_net, jnp.zeros(obs.shape[1:], jnp.float32))
+        obs_rms = rms_init(obs.shape[1:])
+        if config.normalize_obs:
+            obs_rms = rms_update(obs_rms, obs)
+        return TrainState(
+            params=params,
+            opt_state=optimizer(hp).init(params),
+            env_state=env_state,
+            obs=obs,
+            obs_rms=obs_rms,
+            ret_rms=rms_init(),
+            disc_return=jnp.zeros((E,), jnp.float32),
+            ep_return=jnp.zeros((E,), jnp.float32),
+            ep_length=jnp.zeros((E,), jnp.int32),
+            rng=rng,
+            update=jnp.zeros((), jnp.int32),
+            hparams=hp,
+        )
+
+    # ------------------------------------------------------------------------------ ROLLOUT
+    def env_step(carry, _):
+        state, stats = carry
+        hp = state.hparams
+        rng, k_act, k_env = jax.random.split(state.rng, 3)
+        obs_n = normalize_obs(state.obs, obs_normalizer(state), config.obs_clip)
+        logits, value = network.apply(state.params, obs_n)
+        action = sample_branches(k_act, logits, nvec)
+        logp_b = branch_log_probs(logits, action, nvec)
+
+        obs, env_state, reward, done, info = venv.step(k_env, state.env_state, action, hp.env_params)
+        obs = obs.astype(jnp.float32)
+        reward = reward.astype(jnp.float32)
+        done = done.astype(bool)
+
+        # reward scaling by the running std of the discounted return (SB3 VecNormalize style)
+        disc_return, ret_rms, learn_reward = state.disc_return, state.ret_rms, reward
+        if config.normalize_reward:
+            disc_return = disc_return * hp.gamma + reward
+            ret_rms = rms_update(ret_rms, disc_return)
+            learn_reward = jnp.clip(reward / jnp.sqrt(ret_rms.var + 1e-8), -config.reward_clip, config.reward_clip)
+            disc_return = jnp.where(done, 0.0, disc_return)
+        obs_rms = rms_update(state.obs_rms, obs) if config.normalize_obs else state.obs_rms
+
+        # episode bookkeeping, reduced on the fly (no per-step info is kept)
+        ep_return = state.ep_return + reward
+        ep_length = state.ep_length + 1
+        d = done.astype(jnp.float32)
+        info_means = {k: jnp.mean(v.astype(jnp.float32)) for k, v in info.items()
+                      if jnp.shape(v) == (E,) and k not in ("terminated", "truncated")}
+        stats = {
+            "episodes": stats["episodes"] + jnp.sum(d),
+            "episode_return_sum": stats["episode_return_sum"] + jnp.sum(d * ep_return),
+            "episode_length_sum": stats["episode_length_sum"] + jnp.sum(d * ep_length),
+            "reward_sum": stats["reward_sum"] + jnp.mean(reward),
+            "info_sum": jax.tree.map(jnp.add, stats["info_sum"], info_means),
+        }
+        state = state.replace(
+            env_state=env_state, obs=obs, obs_rms=obs_rms, ret_rms=ret_rms, disc_return=disc_return,
+            ep_return=jnp.where(done, 0.0, ep_return), ep_length=jnp.where(done, 0, ep_length), rng=rng)
+        return (state, stats), Transition(obs_n, action, logp_b, value, learn_reward, done)
+
+    def info_template(state: TrainState):
+        """Zeros for the per-update means of the env's (E,)-shaped info entries."""
+        action = jnp.zeros((E, n_branches), jnp.int32)
+        out = jax.eval_shape(venv.step, state.rng, state.env_state, action, state.hparams.env_params)
+        info = out[4]
+        return {k: jnp.zeros((), jnp.float32) for k, v in info.items()
+                if v.shape == (E,) and k not in ("terminated", "truncated")}
+
+    # ------------------------------------------------------------------------------- UPDATE
+    def loss_fn(params, batch, adv, targets, hp: HParams):
+        obs, action, old_logp_b, old_value = batch
+        logits, value = network.apply(params, obs)
+        logp_b = branch_log_probs(logits, action, nvec)
+        entropy = jnp.mean(jnp.sum(branch_entropies(logits, nvec), axis=-1))
+        if config.normalize_advantages:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        pg_loss, clip_frac = clipped_policy_loss(logp_b, old_logp_b, adv, hp.clip_eps, config.clip_mode)
+        if config.clip_value:
+            v_clipped = old_value + jnp.clip(value - old_value, -hp.clip_eps, hp.clip_eps)
+            v_loss = 0.5 * jnp.mean(jnp.maximum(jnp.square(value - targets), jnp.square(v_clipped - targets)))
+        else:
+            v_loss = 0.5 * jnp.mean(jnp.square(value - targets))
+        total = pg_loss + hp.vf_coef * v_loss - hp.ent_coef * entropy
+        log_ratio = jnp.sum(logp_b - old_logp_b, axis=-1)
+        approx_kl = jnp.mean(jnp.exp(log_ratio) - 1.0 - log_ratio)
+        return total, {"loss": total, "policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy,
+                       "approx_kl": approx_kl, "clip_frac": clip_frac}
+
+    def update_epoch(carry, key):
+        params, opt_state, traj, adv, targets, hp = carry
+        opt = optimizer(hp)
+        flat = lambda x: x.reshape((config.batch_size,) + x.shape[2:])  # noqa: E731
+        data = jax.tree.map(flat, ((traj.obs, traj.action, traj.logp_b, traj.value), adv, targets))
+        perm = jax.random.permutation(key, config.batch_size)
+        mbs = jax.tree.map(lambda x: x[perm].reshape((config.num_minibatches, config.minibatch_size) + x.shape[1:]), data)
+
+        def minibatch(carry, mb):
+            params, opt_state = carry
+            batch, mb_adv, mb_targets = mb
+            grads, aux = jax.grad(loss_fn, has_aux=True)(params, batch, mb_adv, mb_targets, hp)
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), aux
+
+        (params, opt_state), aux = jax.lax.scan(minibatch, (params, opt_state), mbs)
+        return (params, opt_state, traj, adv, targets, hp), aux
+
+    def one_update(state: TrainState, _):
+        hp = state.hparams
+        zero = jnp.zeros((), jnp.float32)
+        stats0 = {"episodes": zero, "episode_return_sum": zero, "episode_length_sum": zero, "reward_sum": zero,
+                  "info_sum": info_template(state)}
+        (state, stats), traj = jax.lax.scan(env_step, (state, stats0), None, length=T)
+
+        # ----- advantages (reverse scan)
+        _, last_value = policy_logits(state, state.obs)
+        adv, targets = compute_gae(traj.reward, traj.value, traj.done, last_value, hp.gamma, hp.gae_lambda)
+
+        # ----- epochs x minibatches
+        rng, k_epochs = jax.random.split(state.rng)
+        lr_now = optimizer_lr(state, hp)
+        (params, opt_state, *_), aux = jax.lax.scan(
+            update_epoch, (state.params, state.opt_state, traj, adv, targets, hp),
+            jax.random.split(k_epochs, config.update_epochs))
+        state = state.replace(params=params, opt_state=opt_state, rng=rng, update=state.update + 1)
+
+        # ----- metrics of this update (scalars)
+        n_ep = stats["episodes"]
+        metrics = {
+            "update": state.update,
+            "env_steps": state.update * config.batch_size,
+            "episodes": n_ep,
+            "episode_return": jnp.where(n_ep > 0, stats["episode_return_sum"] / jnp.maximum(n_ep, 1.0), jnp.nan),
+            "episode_length": jnp.where(n_ep > 0, stats["episode_length_sum"] / jnp.maximum(n_ep, 1.0), jnp.nan),
+            "reward": stats["reward_sum"] / T,
+            "value_mean": jnp.mean(traj.value),
+            "lr": lr_now,
+            **{k: jnp.mean(v) for k, v in aux.items()},
+            **{f"env/{k}": v / T for k, v in stats["info_sum"].items()},
+        }
+        return state, metrics
+
+    def optimizer_lr(state: TrainState, hp: HParams):
+        if not config.anneal_lr:
+            return hp.lr
+        return hp.lr * jnp.maximum(1.0 - state.update.astype(jnp.float32) / num_updates_total, 0.0)
+
+    def run_updates(state: TrainState, num_updates: int):
+        """``num_updates`` PPO updates (a static int): (state, metrics with a leading update axis)."""
+        return jax.lax.scan(one_update, state, None, length=int(num_updates))
+
+    def train(rng, hparams: Optional[HParams] = None):
+        """A whole run: ``init`` then ``config.num_updates`` updates."""
+        return run_updates(init(rng, hparams), num_updates_total)
+
+    return Trainer(config=config, network=network, nvec=nvec, default_hparams=default, init=init,
+                   run_updates=run_updates, train=train, policy_logits=policy_logits)
+
+
+def make_train(config: SABPPOConfig, env, env_params=None) -> Callable:
+    """PureJaxRL entry point: a pure ``train(rng, hparams=None) -> (TrainState, metrics)``."""
+    return make_trainer(config, env, env_params).train
+
+
+__all__ = [
+    "ActorCritic",
+    "HParams",
+    "RunningMeanStd",
+    "SABPPOConfig",
+    "TrainState",
+    "Trainer",
+    "branch_entropies",
+    "branch_groups",
+    "branch_log_probs",
+    "clipped_policy_loss",
+    "compute_gae",
+    "default_hparams",
+    "joint_log_prob",
+    "make_train",
+    "make_trainer",
+    "mode_branches",
+    "normalize_obs",
+    "rms_init",
+    "rms_update",
+    "sample_branches",
+    "stack_hparams",
+]
