@@ -328,6 +328,94 @@ def cmd_calibrate(argv):
         print(f"  k={k}: ppl_inf={p:.2f} eta={e:.3f} (max rel. error {result.meta['fit'][str(k)]['max_rel_error']:.3f})")
 
 
+@subcommand("distill", "distill an emulator's middle blocks from the full middle (LM + 30 x KD)")
+def cmd_distill(argv):
+    from fedpeat_jax.peat.distill import DistillConfig, load_distilled
+    from fedpeat_jax.peat.emulator import EmulatorSpec
+    from fedpeat_jax.peat.foundation import load_foundation
+
+    parser = argparse.ArgumentParser(prog="fedpeat distill", description="Train the emulator's middle blocks (adapter frozen) against the full model's middle; cached next to the foundation model.")
+    parser.add_argument("--preset", default="default", help="foundation model preset")
+    parser.add_argument("--k", type=int, default=2, help="middle blocks the emulator keeps (an l-k-r emulator)")
+    parser.add_argument("--l", type=int, default=2)
+    parser.add_argument("--r", type=int, default=2)
+    parser.add_argument("--config", default=None, help="JSON file with a 'distill' section")
+    groups = [Group("distill", DistillConfig, DistillConfig())]
+    table = add_groups(parser, groups)
+    args = parser.parse_args(argv)
+    cfg = build_configs(args, table, groups)["distill"]
+    model = model_config(args.preset, None)
+    spec = EmulatorSpec(model.n_layer, args.l, args.r, args.k)  # validates before any work
+    _, info = load_distilled(load_foundation(args.preset), spec, cfg)
+    print(json.dumps({k: info[k] for k in ("before", "after", "seconds") if k in info}, indent=2, default=str))
+
+
+@subcommand("offsite-table", "the offsite-tuning table on our data (Full ZS ... OT Plug-in)")
+def cmd_offsite_table(argv):
+    from fedpeat_jax.peat.distill import DistillConfig
+    from fedpeat_jax.peat.offsite import OffsiteConfig, run_table, to_markdown
+
+    parser = argparse.ArgumentParser(prog="fedpeat offsite-table", description="Fine-tune on Folio-spelling text and report held-out perplexity of Full ZS, Emulator ZS, FT, OT Emulator and OT Plug-in; exits 1 if the published pattern does not hold.")
+    parser.add_argument("--out", default="benchmarks/results/offsite_table", help="output path without extension (.json and .md are written)")
+    parser.add_argument("--logdir", default=None, help="TensorBoard/JSONL logs of every training run")
+    parser.add_argument("--config", default=None, help="JSON file with 'offsite' and 'distill' sections")
+    groups = [Group("offsite", OffsiteConfig, OffsiteConfig(), skip=("distill",)), Group("distill", DistillConfig, DistillConfig())]
+    table = add_groups(parser, groups)
+    args = parser.parse_args(argv)
+    configs = build_configs(args, table, groups)
+    result = run_table(configs["offsite"].replace(distill=configs["distill"]), logdir=args.logdir)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    markdown = to_markdown(result)
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    if not result["pattern_holds"]:
+        raise SystemExit(1)
+
+
+@subcommand("train-controller", "train the SABPPO controller in the MEC environment and compare it with the baselines")
+def cmd_train_controller(argv):
+    from fedpeat_jax.mec import PRESETS, load_calibration, preset_params
+    from fedpeat_jax.rl.controller import ControllerConfig, train_controller
+    from fedpeat_jax.rl.sabppo import SABPPOConfig
+
+    parser = argparse.ArgumentParser(prog="fedpeat train-controller", description="SABPPO (shared trunk, one head per action branch) trained end to end in the jitted FedPEAT MEC environment; checkpoints, TensorBoard logs, baseline comparison and plots in --out.")
+    parser.add_argument("--env-preset", default="default", choices=sorted(PRESETS), help="MEC environment preset")
+    parser.add_argument("--calibration", default=None, help="calibration table JSON (default: the table shipped with the package)")
+    parser.add_argument("--out", default="runs/controller")
+    parser.add_argument("--fresh", action="store_true", help="refuse to resume when --out holds checkpoints")
+    parser.add_argument("--config", default=None, help="JSON file with 'sabppo' and 'controller' sections")
+    groups = [Group("sabppo", SABPPOConfig, SABPPOConfig()), Group("controller", ControllerConfig, ControllerConfig())]
+    table = add_groups(parser, groups)
+    args = parser.parse_args(argv)
+    configs = build_configs(args, table, groups)
+    calibration = load_calibration(args.calibration) if args.calibration else None
+    env_params = preset_params(args.env_preset, calibration=calibration)
+    summary = train_controller(configs["sabppo"], env_params, args.out, resume=not args.fresh, controller=configs["controller"])
+    print(f"SABPPO: {summary['sabppo']['return_mean']:.3f}")
+    for name, b in summary["baselines"].items():
+        print(f"{name:>14s}: {b['return_mean']:.3f}")
+    print(f"beats every baseline: {summary['beats_every_baseline']}; results in {summary['run_dir']}")
+
+
+@subcommand("bench", "run a benchmark script from benchmarks/ (in a source checkout)")
+def cmd_bench(argv):
+    import runpy
+
+    root = Path(__file__).resolve().parents[1]
+    names = sorted(p.stem for p in (root / "benchmarks").glob("*.py") if p.stem != "common") if (root / "benchmarks").is_dir() else []
+    parser = argparse.ArgumentParser(prog="fedpeat bench", description="Run benchmarks/NAME.py; its own options follow the name. Results go to benchmarks/results/.")
+    parser.add_argument("name", choices=names or None, help="one of: " + ", ".join(names) if names else "benchmark name (needs a source checkout)")
+    args, rest = parser.parse_known_args(argv)
+    if not names:
+        raise FileNotFoundError("fedpeat bench needs a source checkout with benchmarks/ (pip install -e . from the repository)")
+    sys.path.insert(0, str(root))
+    sys.argv = [f"benchmarks/{args.name}.py", *rest]
+    runpy.run_module(f"benchmarks.{args.name}", run_name="__main__")
+
+
 @subcommand("quickstart", "the whole of FedPEAT on the embedded default, with a report (resumable)")
 def cmd_quickstart(argv):
     from fedpeat_jax.quickstart import QuickstartConfig, run

@@ -136,7 +136,7 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
     def offsite():
         from fedpeat_jax.peat import offsite as ot
 
-        cfg = ot.OffsiteConfig(preset=config.preset, seq_len=min(128, foundation().config.n_positions), steps=config.offsite_steps,
+        cfg = ot.OffsiteConfig(preset=config.preset, seq_len=min(128, foundation().config.n_positions), steps=config.offsite_steps, warmup=max(1, config.offsite_steps // 10),
                                eval_windows=config.offsite_eval_windows, emulators=("layer-drop",), seed=config.seed)
         result = ot.run_table(cfg, foundation=foundation(), logdir=out / "offsite" / "logs")
         (out / "offsite").mkdir(parents=True, exist_ok=True)
@@ -159,10 +159,17 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
         return {"table": str(out / "calibration.json"), "k": list(table.k), "ppl_inf": list(table.ppl_inf), "eta": list(table.eta)}
 
     def controller():
-        from fedpeat_jax.rl.controller import quickstart_controller
+        from fedpeat_jax.mec import load_calibration, preset_params
+        from fedpeat_jax.rl.controller import ControllerConfig, train_controller
+        from fedpeat_jax.rl.sabppo import SABPPOConfig
 
-        return quickstart_controller(out / "calibration.json", out / "controller", config.preset, steps=config.controller_steps,
-                                     num_envs=config.controller_envs, episodes=config.eval_episodes, seed=config.seed, log=log)
+        env_params = preset_params("default", calibration=load_calibration(out / "calibration.json"), model=foundation().config)
+        agent = SABPPOConfig(total_timesteps=config.controller_steps, num_envs=config.controller_envs)
+        summary = train_controller(agent, env_params, out / "controller", controller=ControllerConfig(eval_episodes=config.eval_episodes, seed=config.seed))
+        rows = [("SABPPO", summary["sabppo"]["return_mean"])] + [(n, b["return_mean"]) for n, b in summary["baselines"].items()]
+        table = "| policy | mean return |\n|---|---|\n" + "\n".join(f"| {n} | {r:.3f} |" for n, r in rows)
+        log(table)
+        return {"table": table, "beats_every_baseline": summary["beats_every_baseline"], "plots": ["learning_curve.png", "comparison.png"]}
 
     summaries = {}
     summaries["corpus"] = stages.run("corpus", corpus, log)
