@@ -104,13 +104,18 @@ def fit_level(curves: list) -> dict:
     errors = [_log_error(curves, P, _fit_eta(curves, P)) for P in grid]
     start = float(grid[int(np.argmin(errors))])
 
-    def objective(x):  # x = (logit of ppl_inf / floor, log eta): keeps ppl_inf < floor and eta > 0
-        P = floor / (1.0 + np.exp(-x[0]))
-        return _log_error(curves, P, float(np.exp(x[1])))
+    lo, hi = 0.3 * floor, 0.999 * floor
 
-    x0 = np.array([np.log(start / (floor - start)), np.log(_fit_eta(curves, start))])
+    def to_ppl(z):  # keeps ppl_inf inside the grid's range (below every measured value)
+        return lo + (hi - lo) / (1.0 + np.exp(-z))
+
+    def objective(x):  # x = (squashed ppl_inf, log eta)
+        return _log_error(curves, to_ppl(x[0]), float(np.exp(x[1])))
+
+    u = np.clip((start - lo) / (hi - lo), 1e-6, 1 - 1e-6)
+    x0 = np.array([np.log(u / (1 - u)), np.log(_fit_eta(curves, start))])
     x = minimize(objective, x0, method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-12, "maxiter": 4000}).x
-    ppl_inf, eta = float(floor / (1.0 + np.exp(-x[0]))), float(np.exp(x[1]))
+    ppl_inf, eta = float(to_ppl(x[0])), float(np.exp(x[1]))
     rel = max(float(np.max(np.abs(simulate(p[0], f, ppl_inf, eta) / p - 1))) for p, f in curves)
     return {"ppl_inf": ppl_inf, "eta": eta, "max_rel_error": rel}
 
