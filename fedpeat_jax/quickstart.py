@@ -163,7 +163,8 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
         from fedpeat_jax.rl.controller import ControllerConfig, train_controller
         from fedpeat_jax.rl.sabppo import SABPPOConfig
 
-        env_params = preset_params("default", calibration=load_calibration(out / "calibration.json"), model=foundation().config)
+        env_params = preset_params("default", calibration=load_calibration(out / "calibration.json"), model=foundation().config,
+                                   seq_len=float(config.seq_len))
         agent = SABPPOConfig(total_timesteps=config.controller_steps, num_envs=config.controller_envs)
         summary = train_controller(agent, env_params, out / "controller", controller=ControllerConfig(eval_episodes=config.eval_episodes, seed=config.seed))
         rows = [("SABPPO", summary["sabppo"]["return_mean"])] + [(n, b["return_mean"]) for n, b in summary["baselines"].items()]
