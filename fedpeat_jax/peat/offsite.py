@@ -237,6 +237,7 @@ def run_table(cfg: OffsiteConfig = OffsiteConfig(), *, foundation: Optional[Foun
 def to_markdown(result: dict) -> str:
     cfg, data, fm = result["config"], result["data"], result["foundation"]
     em = result["emulator"]
+    sweep = result["layer_drop_zero_shot"]
     lines = [
         "# Offsite tuning on our data",
         "",
@@ -257,6 +258,10 @@ def to_markdown(result: dict) -> str:
         "",
         "Pattern: OT Plug-in < Full ZS, OT Plug-in < OT Emulator, Emulator ZS > Full ZS. "
         + ("It holds in every row." if result["pattern_holds"] else "It does NOT hold in every row."),
+        "",
+        "Zero-shot perplexity of every layer-drop emulator (what the middle blocks add): "
+        + ", ".join(f"{name}: {value:.2f}" for name, value in sweep.items())
+        + f"; dropping the whole middle costs {100 * (max(sweep.values()) / min(sweep.values()) - 1):.1f}%.",
         "",
         "## Efficiency of the training runs",
         "",
@@ -285,7 +290,7 @@ def to_markdown(result: dict) -> str:
     lines += [
         "",
         f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, {machine['platform']}, jax {machine['jax']} "
-        f"({machine['backend']}); load average at the end {machine['load_average']}. Runtime {result['runtime_s'] / 60:.1f} min. "
+        f"({machine['backend']}); load average (1, 5, 15 min) at the end {[round(x, 1) for x in machine['load_average'] or []]}. Runtime {result['runtime_s'] / 60:.1f} min. "
         f"Created {result['created']}.",
         "",
     ]
