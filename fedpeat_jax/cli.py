@@ -204,7 +204,7 @@ def cmd_pretrain(argv):
     result = foundation.load_foundation(args.preset, cache_dir=args.cache_dir, pretrain_config=configs["pretrain"])
     info = result.info
     print(f"foundation model: {result.path}")
-    for key in ("heldout_ppl", "train_seconds", "tokens_per_second"):
+    for key in ("heldout_ppl", "train_seconds", "train_tokens_per_s"):
         if key in info:
             print(f"  {key}: {info[key]}")
 
@@ -440,12 +440,14 @@ def cmd_quickstart(argv):
 # --------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    listing = "\n".join(f"  {k:<18s} {v[1]}" for k, v in sorted(SUBCOMMANDS.items()))
     top = argparse.ArgumentParser(
         prog="fedpeat",
         description="FedPEAT: federated, parameter-efficient, emulator-assisted tuning of GPT-2 models, simulated in JAX.",
-        epilog="Run `fedpeat COMMAND --help` for the options of a command.",
+        epilog=f"commands:\n{listing}\n\nRun `fedpeat COMMAND --help` for the options of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    top.add_argument("command", choices=sorted(SUBCOMMANDS), metavar="COMMAND", help="; ".join(f"{k}: {v[1]}" for k, v in sorted(SUBCOMMANDS.items())))
+    top.add_argument("command", choices=sorted(SUBCOMMANDS), metavar="COMMAND", help="one of the commands below")
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         return 0

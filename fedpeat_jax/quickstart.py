@@ -104,7 +104,7 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
 
     def foundation_stage():
         fm = foundation()
-        info = {k: fm.info[k] for k in ("heldout_ppl", "train_seconds", "tokens_per_second") if k in fm.info}
+        info = {k: fm.info[k] for k in ("heldout_ppl", "train_seconds", "train_tokens_per_s") if k in fm.info}
         log(f"  {fm.path} ({fm.config.param_count():,} parameters) {info}")
         return {"path": str(fm.path), "params": fm.config.param_count(), **info}
 

@@ -306,7 +306,7 @@ class FedPEAT:
         `level`. `tokens`/`mask`: (E, T), evaluated in batches of `FedConfig.eval_batch`."""
         model = self.model if level is None else self.specs[level].emulator_config(self.model)
         pc = self.peft_full if level is None else self.peft_emulators[level]
-        return evaluate_nll(self.base_params(state, level), state.peft, tokens, mask, model, pc, self.fed.eval_batch)
+        return gpt2.evaluate_nll(self.base_params(state, level), state.peft, tokens, mask, model, pc, self.fed.eval_batch)
 
     def bytes_per_round(self, participants: int) -> dict:
         """Bytes each way for `participants` devices (float32 PEFT state; FFA-LoRA sends only B)."""
@@ -316,22 +316,3 @@ class FedPEAT:
         if self.fed.lora_aggregation == "exact":  # FLoRA sends the stacked factors down
             down = 4 * peft_lib.count(jax.eval_shape(lambda: peft_lib.init(jax.random.key(0), self.params, self.model, self.peft_full))) * participants * participants
         return {"bytes_up": up, "bytes_down": down}
-
-
-def evaluate_nll(params, peft_state, tokens, mask, model: GPT2Config, peft: PeftConfig, batch: int):
-    """Summed next-token NLL and count over (E, T) windows, scanned in batches (pads masked)."""
-    n = tokens.shape[0]
-    pad = (-n) % batch
-    tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
-    mask = jnp.pad(mask, ((0, pad), (0, 0)))
-    tokens = tokens.reshape(-1, batch, tokens.shape[-1])
-    mask = mask.reshape(-1, batch, mask.shape[-1])
-
-    def body(acc, xs):
-        tok, msk = xs
-        logits = gpt2.apply(params, tok, config=model, peft=peft_state, peft_config=peft)
-        total, count = gpt2.token_nll(logits, tok, msk)
-        return (acc[0] + total, acc[1] + count), None
-
-    (total, count), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (tokens, mask))
-    return total, count

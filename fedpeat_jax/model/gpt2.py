@@ -368,3 +368,22 @@ def lm_loss(logits: jax.Array, input_ids: jax.Array, mask: Optional[jax.Array] =
 
 def perplexity(total_nll, count) -> jax.Array:
     return jnp.exp(total_nll / jnp.maximum(count, 1.0))
+
+
+def evaluate_nll(params, peft_state, tokens, mask, model: GPT2Config, peft: PeftConfig, batch: int):
+    """Summed next-token NLL and count over (E, T) windows, scanned in batches (pads masked)."""
+    n = tokens.shape[0]
+    pad = (-n) % batch
+    tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
+    mask = jnp.pad(mask, ((0, pad), (0, 0)))
+    tokens = tokens.reshape(-1, batch, tokens.shape[-1])
+    mask = mask.reshape(-1, batch, mask.shape[-1])
+
+    def body(acc, xs):
+        tok, msk = xs
+        logits = apply(params, tok, config=model, peft=peft_state, peft_config=peft)
+        total, count = token_nll(logits, tok, msk)
+        return (acc[0] + total, acc[1] + count), None
+
+    (total, count), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (tokens, mask))
+    return total, count

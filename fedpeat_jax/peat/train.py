@@ -31,9 +31,6 @@ import numpy as np
 import optax
 
 from fedpeat_jax.config import GPT2Config, PeftConfig
-# evaluate_nll is a model-level function that currently lives in the fed layer; it is imported here
-# only, so moving it down to fedpeat_jax.model is a one-line change.
-from fedpeat_jax.fed.simulation import evaluate_nll
 from fedpeat_jax.io.logging import progress
 from fedpeat_jax.model import gpt2
 
@@ -302,7 +299,7 @@ def lm_objective(model: GPT2Config, peft: Optional[PeftConfig] = None, dropout: 
 
 @functools.partial(jax.jit, static_argnames=("model", "peft", "batch"))
 def _eval_nll(params, peft_state, tokens, mask, model, peft, batch):
-    return evaluate_nll(params, peft_state, tokens, mask, model, peft, batch)
+    return gpt2.evaluate_nll(params, peft_state, tokens, mask, model, peft, batch)
 
 
 def evaluate_perplexity(params, tokens, mask, model: GPT2Config, peft_state=None, peft: Optional[PeftConfig] = None, batch: int = 16) -> dict:
