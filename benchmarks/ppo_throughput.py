@@ -81,7 +81,7 @@ def evaluate_on_twin(act, env_params, episodes: int, seed: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 def run_sabppo(args, env_params) -> dict:
     from fedpeat_jax.mec import FedPEATMEC
-    from fedpeat_jax.rl.sabppo import SABPPOConfig, make_trainer, mode_branches, normalize_obs
+    from fedpeat_jax.rl.sabppo import SABPPOConfig, make_trainer, mode_branches, normalize_obs, sample_branches
 
     env = FedPEATMEC(env_params)
     cfg = SABPPOConfig(num_envs=args.num_envs, num_steps=args.num_steps, total_timesteps=args.total_timesteps,
@@ -98,9 +98,15 @@ def run_sabppo(args, env_params) -> dict:
     state, metrics = out
     steps = cfg.num_updates * cfg.batch_size
 
-    apply = jax.jit(lambda obs: mode_branches(
-        trainer.network.apply(state.params, normalize_obs(obs, state.obs_rms, cfg.obs_clip))[0], trainer.nvec))
-    evaluation = evaluate_on_twin(lambda o: apply(jnp.asarray(o)), env_params, args.eval_episodes, args.eval_seed)
+    def logits(obs):
+        return trainer.network.apply(state.params, normalize_obs(obs, state.obs_rms, cfg.obs_clip))[0]
+
+    mode = jax.jit(lambda obs: mode_branches(logits(obs), trainer.nvec))
+    sample = jax.jit(lambda key, obs: sample_branches(key, logits(obs), trainer.nvec))
+    keys = iter(jax.random.split(jax.random.key(args.eval_seed), 10_000))
+    evaluation = evaluate_on_twin(lambda o: mode(jnp.asarray(o)), env_params, args.eval_episodes, args.eval_seed)
+    evaluation_stochastic = evaluate_on_twin(lambda o: sample(next(keys), jnp.asarray(o)), env_params,
+                                             args.eval_episodes, args.eval_seed)
     ret = np.asarray(metrics["episode_return"])
     return {
         "env_steps": steps,
@@ -110,6 +116,7 @@ def run_sabppo(args, env_params) -> dict:
         "steps_per_s": steps / statistics.median(times),
         "final_training_return": float(np.nanmean(ret[-max(1, len(ret) // 10):])),
         "eval": evaluation,
+        "eval_stochastic": evaluation_stochastic,
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
     }
 
@@ -161,11 +168,12 @@ def run_sb3(args, env_params) -> dict:
     steps = int(model.num_timesteps)
     venv.training = False
 
-    def act(obs):
-        action, _ = model.predict(venv.normalize_obs(obs), deterministic=True)
+    def act(obs, deterministic=True):
+        action, _ = model.predict(venv.normalize_obs(obs), deterministic=deterministic)
         return action
 
     evaluation = evaluate_on_twin(act, env_params, args.eval_episodes, args.eval_seed)
+    evaluation_stochastic = evaluate_on_twin(lambda o: act(o, False), env_params, args.eval_episodes, args.eval_seed)
     ep = [e["r"] for e in model.ep_info_buffer]
     return {
         "env_steps": steps,
@@ -173,6 +181,7 @@ def run_sb3(args, env_params) -> dict:
         "steps_per_s": steps / train_s,
         "final_training_return": float(np.mean(ep)) if ep else float("nan"),
         "eval": evaluation,
+        "eval_stochastic": evaluation_stochastic,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -206,39 +215,46 @@ def main(argv=None) -> dict:
     print(f"environment: preset {args.preset!r}, {table}")
     sab = run_sabppo(args, env_params)
     print(f"SABPPO: {sab['steps_per_s']:,.0f} env-steps/s (compile {sab['compile_s']:.1f} s), "
-          f"eval return {sab['eval']['return_mean']:.2f}")
+          f"eval return {sab['eval']['return_mean']:.2f} (sampled {sab['eval_stochastic']['return_mean']:.2f})")
     result = {"machine": machine, "settings": vars(args) | {"hidden": list(args.hidden)}, "environment_table": table,
               "sabppo": sab}
     if args.skip_sb3:
         print("SB3 skipped; nothing written")
         return result
     sb3 = run_sb3(args, env_params)
-    print(f"SB3 PPO: {sb3['steps_per_s']:,.0f} env-steps/s, eval return {sb3['eval']['return_mean']:.2f}")
+    print(f"SB3 PPO: {sb3['steps_per_s']:,.0f} env-steps/s, eval return {sb3['eval']['return_mean']:.2f} "
+          f"(sampled {sb3['eval_stochastic']['return_mean']:.2f})")
     speedup = sab["steps_per_s"] / sb3["steps_per_s"]
     diff = sab["eval"]["return_mean"] - sb3["eval"]["return_mean"]
+    diff_sampled = sab["eval_stochastic"]["return_mean"] - sb3["eval_stochastic"]["return_mean"]
     se = float(np.hypot(sab["eval"]["return_sem"], sb3["eval"]["return_sem"]))
     result.update({"sb3": sb3, "speedup": speedup, "eval_return_difference": diff, "eval_return_difference_se": se,
+                   "eval_return_difference_sampled": diff_sampled,
                    "done_criterion": {"speedup_at_least_50x": bool(speedup >= 50),
                                       "return_at_least_as_good": bool(diff >= 0)}})
     write_json(NAME, result)
     rows = [
         ["SABPPO (JAX, jitted)", sab["env_steps"], sab["train_s_median"], sab["steps_per_s"], sab["compile_s"],
-         sab["eval"]["return_mean"], sab["eval"]["return_sem"], sab["final_training_return"]],
+         sab["eval"]["return_mean"], sab["eval"]["return_sem"], sab["eval_stochastic"]["return_mean"],
+         sab["final_training_return"]],
         ["SB3 PPO (DummyVecEnv, numpy twin)", sb3["env_steps"], sb3["train_s"], sb3["steps_per_s"], "-",
-         sb3["eval"]["return_mean"], sb3["eval"]["return_sem"], sb3["final_training_return"]],
+         sb3["eval"]["return_mean"], sb3["eval"]["return_sem"], sb3["eval_stochastic"]["return_mean"],
+         sb3["final_training_return"]],
     ]
     write_markdown(
         NAME, "SABPPO vs stable-baselines3 PPO: training throughput and final return at equal steps",
-        ["agent", "env steps", "train s", "env-steps/s", "compile s", "eval return", "eval s.e.", "last training return"],
+        ["agent", "env steps", "train s", "env-steps/s", "compile s", "eval return (deterministic)", "eval s.e.",
+         "eval return (sampled)", "last training return"],
         rows,
         notes=[
             f"speedup (SABPPO / SB3 env-steps/s): {speedup:,.1f}x; eval return difference SABPPO - SB3: "
-            f"{diff:+.2f} (s.e. {se:.2f})",
+            f"{diff:+.2f} (s.e. {se:.2f}) deterministic, {diff_sampled:+.2f} sampled",
             f"settings: {args.num_envs} envs x {args.num_steps} steps per update, {args.total_timesteps} steps, "
             f"{args.epochs} epochs x {args.minibatches} minibatches, shared tanh trunk {list(args.hidden)}, lr {args.lr} "
             "annealed, obs normalization, no reward normalization",
             f"eval: {args.eval_episodes} episodes of the numpy twin from the same draws (seed {args.eval_seed}), "
-            "deterministic actions; SABPPO train time is the median of "
+            "deterministic actions (most likely choice per branch; the criterion) and sampled actions; "
+            "last training return: mean of the last finished training episodes (sampled); SABPPO train time is the median of "
             f"{args.jax_runs} runs after a separately timed compile; SB3 is one learn() call",
             f"environment: preset {args.preset!r} with the {table}",
             f"machine: {machine['cpu_model']}, {machine['cpus_usable']} usable CPUs, load average "

@@ -162,11 +162,12 @@ def main(argv=None) -> dict:
     print(f"compile {compile_s:.1f} s, training {train_s:.1f} s ({total_steps / train_s:,.0f} env-steps/s over all runs)")
 
     metrics = jax.device_get(metrics)
-    evals = []
+    evals, evals_sampled = [], []
     for r, (point, _) in enumerate(runs):
         state = jax.tree.map(lambda x: x[r], states)
-        policy = B.sabppo_policy(trainer, state)
-        evals.append(B.evaluate(policy, env, state.hparams.env_params, episodes=args.eval_episodes, rng=args.eval_seed))
+        kw = dict(env=env, env_params=state.hparams.env_params, episodes=args.eval_episodes, rng=args.eval_seed)
+        evals.append(B.evaluate(B.sabppo_policy(trainer, state), **kw))
+        evals_sampled.append(B.evaluate(B.sabppo_policy(trainer, state, deterministic=False), **kw))
     baselines = {name: B.evaluate(p, env, env_params, episodes=args.eval_episodes, rng=args.eval_seed)
                  for name, p in B.baseline_policies(env).items()}
 
@@ -182,6 +183,7 @@ def main(argv=None) -> dict:
             "eval_return_per_seed": er.tolist(),
             "eval_return_mean": float(er.mean()),
             "eval_return_std_across_seeds": float(er.std()),
+            "eval_return_sampled_mean": float(np.mean([evals_sampled[r]["return_mean"] for r in idx])),
             "eval_perplexity_mean": float(np.mean([evals[r]["perplexity_mean"] for r in idx])),
             "eval_latency_mean": float(np.mean([evals[r]["latency_mean"] for r in idx])),
             "eval_participants_mean": float(np.mean([evals[r]["participants_mean"] for r in idx])),
@@ -206,9 +208,9 @@ def main(argv=None) -> dict:
     write_json(args.name, result)
     best = max(configs, key=lambda c: c["eval_return_mean"])
     rows = [[c["label"], f"{c['eval_return_mean']:.2f} ± {c['eval_return_std_across_seeds']:.2f}",
-             c["final_training_return"], c["eval_perplexity_mean"], c["eval_latency_mean"],
+             c["eval_return_sampled_mean"], c["final_training_return"], c["eval_perplexity_mean"], c["eval_latency_mean"],
              c["eval_participants_mean"], "yes" if c["beats_every_baseline"] else "no"] for c in configs]
-    rows += [[f"baseline: {name}", f"{b['return_mean']:.2f} (episode std {b['return_std']:.2f})", "-",
+    rows += [[f"baseline: {name}", f"{b['return_mean']:.2f} (episode std {b['return_std']:.2f})", "-", "-",
               b["perplexity_mean"], b["latency_mean"], b["participants_mean"], "-"] for name, b in baselines.items()]
     notes = [
         f"{len(runs)} runs ({len(points)} grid points x {args.seeds} seeds) trained in ONE jitted vmapped call: "
@@ -216,8 +218,11 @@ def main(argv=None) -> dict:
         f"each run: {args.num_envs} envs x {args.num_steps} steps x {cfg.num_updates} updates = "
         f"{cfg.num_updates * cfg.batch_size} env steps; {args.epochs} epochs x {args.minibatches} minibatches; "
         "other settings SABPPOConfig defaults",
-        f"eval: deterministic policy, {args.eval_episodes} episodes, same draws (seed {args.eval_seed}) for every run "
-        "and baseline; ± is the std of the per-seed means",
+        f"eval: deterministic policy (most likely choice per branch), {args.eval_episodes} episodes, same draws "
+        f"(seed {args.eval_seed}) for every run and baseline; ± is the std of the per-seed means; 'sampled' evaluates "
+        "the stochastic policy on the same episodes. Perplexity, latency and participants columns: deterministic policy",
+        "a half-trained factorized policy can be much worse deterministic than sampled: when every participation "
+        "branch is just below 1/2, the per-branch argmax switches everyone off (empty rounds, penalty w_empty)",
         f"best: {best['label']} ({best['eval_return_mean']:.2f})",
         f"environment: preset {args.preset!r} with the {table}",
     ]
@@ -225,7 +230,8 @@ def main(argv=None) -> dict:
         notes.append("environment parameters vary in this grid: returns of different points are in different units; "
                      "baselines use the default parameters")
     write_markdown(args.name, "SABPPO hyperparameter sweep",
-                   ["config", "eval return (mean ± std over seeds)", "last training return", "perplexity",
+                   ["config", "eval return (mean ± std over seeds)", "eval return, sampled actions",
+                    "last training return", "perplexity",
                     "latency [s]", "participants", "beats every baseline"], rows, notes)
     plot(result, RESULTS_DIR / f"{args.name}.png")
     print(f"best {best['label']}: {best['eval_return_mean']:.2f}; wrote benchmarks/results/{args.name}.json/.md/.png")
