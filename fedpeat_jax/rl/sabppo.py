@@ -358,9 +358,10 @@ class _VecEnv(NamedTuple):
     step: Callable  # (key, state, action (E, A), params) -> obs, state, reward (E,), done (E,), info
 
 
-def _vec_env(env, num_envs: int) -> _VecEnv:
+def _vec_env(env, num_envs: int, scalar_action: bool = False) -> _VecEnv:
     """FedPEATMEC's fused ``reset_batch``/``step_batch`` (env axis trailing) where available,
-    else ``jax.vmap`` of the gymnax six-value ``reset``/``step`` with one key per environment."""
+    else ``jax.vmap`` of the gymnax six-value ``reset``/``step`` with one key per environment.
+    ``scalar_action``: the env takes a scalar action (a ``Discrete`` space: the single branch)."""
     if hasattr(env, "step_batch") and hasattr(env, "reset_batch"):
 
         def reset(key, params):
@@ -377,6 +378,7 @@ def _vec_env(env, num_envs: int) -> _VecEnv:
         return jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key, num_envs), params)
 
     def step(key, state, action, params):
+        action = action[:, 0] if scalar_action else action
         obs, state, reward, terminated, truncated, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
             jax.random.split(key, num_envs), state, action, params)
         return obs, state, reward, jnp.logical_or(terminated, truncated), info
@@ -454,7 +456,8 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
     nvec = _env_nvec(env, env_params)
     n_branches = len(nvec)
     network = ActorCritic(nvec=nvec, hidden_sizes=config.hidden_sizes, activation=config.activation)
-    venv = _vec_env(env, config.num_envs)
+    space = env.action_space(env_params)
+    venv = _vec_env(env, config.num_envs, scalar_action=not hasattr(space, "nvec") and hasattr(space, "n"))
     num_updates_total = config.num_updates
     E, T = config.num_envs, config.num_steps
 
