@@ -37,6 +37,8 @@ from pathlib import Path
 
 import gymnax
 import jax
+
+from benchmarks import common
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,16 +46,6 @@ from fedpeat_jax.config import GPT2Config
 from fedpeat_jax.mec import FedPEATMEC, FedPEATTwin, NumpyFedPEAT, synthetic_table
 
 TARGET_STEPS = 2_000_000  # env steps per timed JAX call (fewer for tiny batches)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _loadavg():
@@ -338,7 +330,7 @@ def main(argv=None):
         machine=dict(
             platform=platform.platform(),
             python=sys.version.split()[0],
-            cpu_model=_cpu_model(),
+            cpu_model=common._cpu_model(),
             cpu_count=os.cpu_count(),
             jax=jax.__version__,
             jax_devices=[str(d) for d in jax.devices()],
