@@ -106,6 +106,12 @@ def add_groups(parser: argparse.ArgumentParser, groups: list) -> dict:
     return table
 
 
+def preparse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """The options that choose the defaults (e.g. --preset, --tiny), parsed before the config
+    options exist; --help waits for the full parser so that it lists them."""
+    return parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]
+
+
 def build_configs(args: argparse.Namespace, table: dict, groups: list) -> dict:
     """The configs of `groups`: defaults, then the --config file, then command-line options.
     Validation errors propagate; `main` rewrites them with the option names the user typed."""
@@ -196,7 +202,7 @@ def cmd_pretrain(argv):
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--config", default=None, help="JSON file with a 'pretrain' section")
     base = foundation.PRETRAIN_PRESETS
-    args, _ = parser.parse_known_args(argv)
+    args = preparse(parser, argv)
     groups = [Group("pretrain", foundation.PretrainConfig, base[args.preset], skip=("heldout_plays",))]
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
@@ -400,6 +406,50 @@ def cmd_train_controller(argv):
     print(f"beats every baseline: {summary['beats_every_baseline']}; results in {summary['run_dir']}")
 
 
+@subcommand("live", "run controllers in the live MEC environment (real FedPEAT rounds in every step)")
+def cmd_live(argv):
+    from fedpeat_jax.mec import live
+    from fedpeat_jax.rl import baselines as B, live_eval
+
+    parser = argparse.ArgumentParser(prog="fedpeat live", description="The MEC environment in live mode: every step runs a real jitted FedPEAT round of the chosen devices, emulators and server participation on the default foundation model, and the reward uses the measured held-out perplexity. Compares a trained controller (--controller) with baselines from the same start.")
+    parser.add_argument("--controller", default=None, help="a `fedpeat train-controller` run directory (its policy must match the env's layout: default settings do)")
+    parser.add_argument("--seed-index", type=int, default=0, help="which seed's policy of a multi-seed controller run")
+    parser.add_argument("--baselines", default="greedy,all_largest", help="comma-separated baselines from: " + ", ".join(("random", "all_largest", "greedy", "no_server")) + " (empty: none)")
+    parser.add_argument("--rounds", type=int, default=10, help="live rounds per policy")
+    parser.add_argument("--out", default="runs/live", help="folder for live.json, live.md and live.png")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--config", default=None, help="JSON file with a 'live' section")
+    groups = [Group("live", live.LiveConfig, live.LiveConfig())]
+    table = add_groups(parser, groups)
+    args = parser.parse_args(argv)
+    cfg = build_configs(args, table, groups)["live"]
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    names = [n for n in args.baselines.split(",") if n]
+    env = live.make_live_env(config=cfg, cache_dir=args.cache_dir)
+    available = B.baseline_policies(env)
+    unknown = sorted(set(names) - set(available))
+    if unknown:
+        raise ValueError(f"--baselines: unknown {unknown}; choose from {sorted(available)}")
+    policies = {}
+    if args.controller:
+        from fedpeat_jax.rl.controller import load_policy
+
+        policies["sabppo"], _, _ = load_policy(args.controller, env, seed_index=args.seed_index)
+    policies.update({n: available[n] for n in names})
+    if not policies:
+        raise ValueError("nothing to run: give --controller and/or --baselines")
+    result = live_eval.compare(env, policies, args.rounds, seed=cfg.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "live.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "ppl0": float(env.default_params.ppl0), **result}, indent=1))
+    markdown = live_eval.to_markdown(result, float(env.default_params.ppl0))
+    (out / "live.md").write_text(markdown)
+    live_eval.plot(result, out / "live.png")
+    print(markdown)
+    print(f"results in {out.resolve()}")
+
+
 @subcommand("bench", "run a benchmark script from benchmarks/ (in a source checkout)")
 def cmd_bench(argv):
     import runpy
@@ -425,7 +475,7 @@ def cmd_quickstart(argv):
     parser.add_argument("--out", default="runs/quickstart", help="report folder")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--config", default=None, help="JSON file with a 'quickstart' section")
-    args, _ = parser.parse_known_args(argv)
+    args = preparse(parser, argv)
     base = QuickstartConfig.tiny() if args.tiny else QuickstartConfig()
     groups = [Group("quickstart", QuickstartConfig, base)]
     table = add_groups(parser, groups)

@@ -172,8 +172,12 @@ class FedPEAT:
         """Keys of the `n` client slots of emulator level `level`."""
         return jax.random.split(jax.random.fold_in(k_train, level), n)
 
-    def round(self, state: ServerState, data: FedData, hyper: Hyper, server_data=None, available=None):
-        """One federated round (pure; jit it or scan it)."""
+    def round(self, state: ServerState, data: FedData, hyper: Hyper, server_data=None, available=None, server_available=None):
+        """One federated round (pure; jit it or scan it).
+
+        `available` (C,) bool limits sampling to those clients; `server_available` () bool turns
+        the server's own tuning (`FedConfig.server_participation`) off for this round when False.
+        """
         fed = self.fed
         k_sample, k_train, k_server, k_agg = self.round_keys(state)
         groups = self.sample(k_sample, data.levels, available)
@@ -218,7 +222,7 @@ class FedPEAT:
             )
             states.append(jax.tree.map(lambda x: x[None], res.peft))
             counts.append(jnp.asarray([s_tokens.shape[0]], jnp.float32))
-            valid.append(jnp.ones((1,), bool))
+            valid.append(jnp.ones((1,), bool) if server_available is None else jnp.reshape(server_available, (1,)).astype(bool))
             losses.append(res.loss[None])
 
         clients = jax.tree.map(lambda *xs: jnp.concatenate(xs), *states)

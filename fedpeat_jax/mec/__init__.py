@@ -6,6 +6,8 @@
 * :mod:`.twin`        ``FedPEATTwin``, the same environment in numpy as a ``gymnasium.Env``,
                       and ``NumpyFedPEAT``, its vectorized numpy core (the test oracle)
 * :mod:`.calibrate`   ``fedpeat calibrate``: real FedPEAT runs -> the calibration table
+* :mod:`.live`        ``LiveFedPEATMEC``: the same environment with a real jitted FedPEAT round
+                      in every step (``make_live_env``; ``fedpeat live``)
 
 Quick start::
 

@@ -46,11 +46,12 @@ Reward
     r = -(w_ppl ppl_t / ppl_ref + w_latency T_round / latency_ref + w_memory mean_n(M_n / Mcap_n))
         - w_violation * (#devices with M_n > Mcap_n) - w_empty * [nobody took part]
 The memory mean runs over participating devices. A device whose memory need exceeds its capacity
-fails: it counts as a violation and its data does not reach the model (it still spent the round's
-radio time). The perplexity uses the data-weighted mean emulator size kbar of the successful
-participants (server: k_full) and data_fraction = their data / all data (devices + server);
-ppl_inf and eta are interpolated linearly in k between the calibrated levels and held constant
-beyond them (a server with k_full above the table's largest k counts as that level).
+fails: it counts as a violation and its data does not reach the model, yet its whole time
+(download, compute, upload) still counts in the round's latency. The perplexity uses the
+data-weighted mean emulator size kbar of the successful participants (server: k_full) and
+data_fraction = their data / all data (devices + server); ppl_inf and eta are interpolated
+linearly in k between the calibrated levels and held constant beyond them (a server with k_full
+above the table's largest k counts as that level).
 
 Episodes are truncated after ``max_steps_in_episode`` rounds (T = 50); there is no natural
 termination. ``step`` auto-resets like every gymnax environment.
@@ -79,9 +80,12 @@ batching every primitive with the env axis leading). Two ways to batch:
   directly (state leaves (N, E), action (3N + 1, E), obs (7N + 4, E)), one key per step for
   the whole batch: no transposes, the fastest path.
 
-Live mode (planned): the perplexity update is isolated in :meth:`FedPEATMEC.perplexity_update`
-(state, params, kbar, data_fraction) -> perplexity, which a live environment overrides with a
-real jitted FedPEAT round of the chosen devices and emulator sizes.
+Live mode
+---------
+How the round moves the perplexity is isolated in :meth:`FedPEATMEC.learn` (state, params,
+:class:`RoundOutcome`) -> (perplexity, learner, info). Here it is the calibrated surrogate;
+:class:`fedpeat_jax.mec.live.LiveFedPEATMEC` overrides it with a real jitted FedPEAT round of
+the chosen devices and emulator sizes, keeping the federated server state in ``state.learner``.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +129,17 @@ class EnvState(environment.EnvState):
     ppl: jax.Array           # () plug-in perplexity after the last round
     last_latency: jax.Array  # () s
     time: jax.Array          # () int32 rounds done in this episode
+    learner: Any = None      # live mode: the federated server state; None for the surrogate
+
+
+class RoundOutcome(NamedTuple):
+    """What a round's choices gave the learning side (:meth:`FedPEATMEC.learn`)."""
+
+    k_bar: jax.Array           # () data-weighted mean emulator size of the successful participants
+    data_fraction: jax.Array   # () their data / all data (devices + server)
+    succeeded: jax.Array       # (N,) float32 1 for a device that took part within its memory
+    level: jax.Array           # (N,) int32 emulator level chosen for each device
+    server: jax.Array          # () float32 1 when the server took part
 
 
 @struct.dataclass(kw_only=True)
@@ -552,6 +567,8 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
     observation computation per step, so it is off by default.
     """
 
+    native_batch = True  # offers reset_batch / step_batch (env axes trailing); SABPPO uses them
+
     def __init__(self, params: Optional[EnvParams] = None, *, preset: str = "default", calibration=None,
                  final_observation: bool = False, **overrides):
         super().__init__()
@@ -710,11 +727,20 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
         fading = system.rayleigh_power(u_fading, params.min_fading, jnp)
         return state.replace(gain=system.channel_gain(fading, state.distance, params.pl_const_db, params.pl_exp_db, jnp))
 
-    def perplexity_update(self, state: EnvState, params: EnvParams, k_bar, data_fraction):
-        """Surrogate response model; a live-mode environment overrides this with a real round."""
-        ppl_inf = system.interp_clamped(k_bar, params.cal_k, params.cal_ppl_inf, jnp)
-        eta = system.interp_clamped(k_bar, params.cal_k, params.cal_eta, jnp)
-        return system.surrogate_perplexity(state.ppl, ppl_inf, eta, data_fraction, jnp)
+    def learn(self, state: EnvState, params: EnvParams, outcome: RoundOutcome):
+        """(perplexity after the round, learner state, extra info) from the round's outcome.
+
+        The calibrated surrogate response model; the live environment overrides this with a real
+        FedPEAT round (``fedpeat_jax.mec.live``).
+        """
+        return self.surrogate_perplexity(state.ppl, params, outcome), state.learner, {}
+
+    @staticmethod
+    def surrogate_perplexity(ppl, params: EnvParams, outcome: RoundOutcome):
+        """The response model of mec_model.md, ppl_inf and eta interpolated at k_bar."""
+        ppl_inf = system.interp_clamped(outcome.k_bar, params.cal_k, params.cal_ppl_inf, jnp)
+        eta = system.interp_clamped(outcome.k_bar, params.cal_k, params.cal_eta, jnp)
+        return system.surrogate_perplexity(ppl, ppl_inf, eta, outcome.data_fraction, jnp)
 
     def _round(self, state: EnvState, action, params: EnvParams):
         """Run the round chosen by ``action`` from ``state`` (devices have not moved yet)."""
@@ -759,7 +785,7 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
         d_eff = jnp.sum(d_ok, axis=0) + d_srv
         frac = d_eff / (jnp.sum(state.data, axis=0) + params.server_data)
         k_bar = (jnp.sum(d_ok * k, axis=0) + d_srv * params.k_full) / jnp.maximum(d_eff, 1e-12)
-        ppl = self.perplexity_update(state, params, k_bar, frac)
+        ppl, learner, learn_info = self.learn(state, params, RoundOutcome(k_bar, frac, x - viol, lvl, srv))
 
         # reward
         n_viol = jnp.sum(viol, axis=0)
@@ -773,6 +799,7 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
             ppl=ppl,
             last_latency=latency,
             time=state.time + 1,
+            learner=learner,
         )
         info = {
             "perplexity": ppl,
@@ -784,6 +811,7 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
             "n_participants": n_dev + srv,
             "exchanges": jnp.sum(xchg, axis=0),
             "empty_round": empty,
+            **learn_info,
         }
         return stepped, reward.astype(jnp.float32), info
 
@@ -872,6 +900,7 @@ __all__ = [
     "FedPEATMEC",
     "MultiDiscrete",
     "PRESETS",
+    "RoundOutcome",
     "action_nvec",
     "decode_action",
     "encode_action",

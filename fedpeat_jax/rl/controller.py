@@ -326,7 +326,11 @@ def load_policy(out_dir, env, env_params=None, seed_index: int = 0, deterministi
     if not 0 <= seed_index < controller.seeds:
         raise ValueError(f"seed_index must be in 0..{controller.seeds - 1}, got {seed_index}")
     env_params = env.default_params if env_params is None else env_params
-    trainer = make_trainer(config, env, env_params)
+    # The checkpoint holds training states of the calibrated environment; a live environment
+    # shares its observation and action layout but carries a federated state, so restore with that.
+    from fedpeat_jax.mec import FedPEATMEC
+
+    trainer = make_trainer(config, FedPEATMEC(env_params) if isinstance(env, FedPEATMEC) else env, env_params)
     target = jax.eval_shape(lambda: _init_states(trainer, controller))
     with CheckpointManager(out / "checkpoints", create=False) as manager:
         states = manager.restore(target=target)
@@ -335,7 +339,7 @@ def load_policy(out_dir, env, env_params=None, seed_index: int = 0, deterministi
 
 
 # =============================================================================================
-# A small command line (the `fedpeat train-controller` subcommand will replace it)
+# `python -m fedpeat_jax.rl.controller`: the same job as `fedpeat train-controller`, without the package CLI
 # =============================================================================================
 def main(argv=None) -> int:
     import argparse

@@ -362,7 +362,7 @@ def _vec_env(env, num_envs: int, scalar_action: bool = False) -> _VecEnv:
     """FedPEATMEC's fused ``reset_batch``/``step_batch`` (env axis trailing) where available,
     else ``jax.vmap`` of the gymnax six-value ``reset``/``step`` with one key per environment.
     ``scalar_action``: the env takes a scalar action (a ``Discrete`` space: the single branch)."""
-    if hasattr(env, "step_batch") and hasattr(env, "reset_batch"):
+    if getattr(env, "native_batch", False):
 
         def reset(key, params):
             obs, state = env.reset_batch(key, num_envs, params)

@@ -1,0 +1,177 @@
+"""Live mode: the MEC environment with a real jitted FedPEAT round inside every ``step``.
+
+:class:`LiveFedPEATMEC` is :class:`~fedpeat_jax.mec.env.FedPEATMEC` (same action, observation,
+radio, latency, memory and reward) in which device n is a real federated client (one (play,
+role) of the Folio-spelling task) and the perplexity comes from the model, not from the
+calibrated response curve: each step runs one :meth:`FedPEAT.round` in which exactly the devices
+that took part within their memory train LoRA on the emulator level the action gave them, the
+server tunes on its own data with the full model when the action says so, the updates are
+aggregated, and the reward uses the measured held-out plug-in perplexity. The federated server
+state lives in ``state.learner`` and is reset with the episode.
+
+Cost: each level's devices run vmapped on that level's shared emulator, with N client slots per
+level (devices on other levels fill the slots masked out), so a step trains N x m clients for
+N real ones; live mode is for checking a controller against the real system, not for training it.
+A live environment is one environment; ``jax.vmap`` over it batches the whole round.
+
+    env = make_live_env()                                  # default foundation model and corpus
+    policy, _, _ = controller.load_policy("runs/controller", env)
+    records = live_eval.run_policy(env, policy, rounds=10)      # per round: reward, perplexity, latency...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedpeat_jax.config import FedConfig, PeftConfig
+from fedpeat_jax.fed.client import Hyper
+from fedpeat_jax.fed.simulation import FedData, FedPEAT
+from fedpeat_jax.mec.env import EnvParams, FedPEATMEC, RoundOutcome, make_params
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """The real federated workload behind a live environment's rounds."""
+
+    n_devices: int = 10  # devices = clients of the task (a seeded choice among them)
+    emulator_k: Optional[tuple] = None  # emulator levels offered (default: the calibration table's)
+    local_steps: int = 4
+    local_batch: int = 2  # sequences per local step
+    client_lr: float = 3e-3
+    lora_rank: int = 4
+    lora_alpha: float = 32.0
+    seq_len: int = 64
+    max_examples: int = 16  # windows per client
+    eval_windows: int = 32  # held-out windows behind each step's perplexity
+    server: bool = True  # the server holds the task's server data and may take part
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.emulator_k is not None:
+            object.__setattr__(self, "emulator_k", tuple(int(k) for k in self.emulator_k))
+        for name in ("n_devices", "local_steps", "local_batch", "lora_rank", "max_examples", "eval_windows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LiveConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError(f"LiveConfig.seq_len must be >= 2, got {self.seq_len}")
+        if not self.client_lr > 0:
+            raise ValueError(f"LiveConfig.client_lr must be > 0, got {self.client_lr}")
+
+    def peft(self) -> PeftConfig:
+        return PeftConfig(kind="lora", lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
+
+
+class LiveFedPEATMEC(FedPEATMEC):
+    """FedPEATMEC whose rounds are real FedPEAT rounds of ``sim`` on ``data`` (one client per device).
+
+    sim:         a FedPEAT whose ``emulator_levels`` are the env's ``level_k`` with N slots each
+                 (:func:`make_live_env` builds a matching one)
+    data:        FedData with exactly N clients; device n trains on client n - 1
+    heldout:     (tokens, mask) windows of the plug-in perplexity
+    server_data: (tokens, mask) of the server's own tuning (needs ``server_participation``)
+    The measured zero-shot plug-in perplexity becomes ``params.ppl0`` (every episode starts there).
+    """
+
+    def __init__(self, sim: FedPEAT, data: FedData, heldout, params: EnvParams, *, server_data=None, seed: int = 0,
+                 final_observation: bool = False):
+        n, ks = params.n_devices, tuple(int(k) for k in np.asarray(params.level_k))
+        if int(data.tokens.shape[0]) != n:
+            raise ValueError(f"live mode needs one client per device: data has {data.tokens.shape[0]} clients, params.n_devices = {n}")
+        if tuple(sim.fed.emulator_levels) != ks:
+            raise ValueError(f"the simulator's emulator_levels {sim.fed.emulator_levels} must be the env's level_k {ks}")
+        if tuple(sim.fed.slots) != (n,) * len(ks):
+            raise ValueError(f"the simulator needs {n} client slots on every level (level_slots={(n,) * len(ks)}), has {sim.fed.slots}")
+        n_adapter = sim.fed.adapter_l + sim.fed.adapter_r
+        if float(params.n_adapter) != n_adapter or float(params.k_full) != sim.model.n_layer - n_adapter:
+            raise ValueError(f"EnvParams describe a different model (n_adapter={params.n_adapter}, k_full={params.k_full}) "
+                             f"than the simulator's ({n_adapter} adapter blocks of {sim.model.n_layer})")
+        if sim.fed.server_participation != (server_data is not None):
+            raise ValueError("give server_data exactly when the simulator has FedConfig.server_participation=True")
+        self.sim, self.data = sim, data
+        self.heldout = tuple(jnp.asarray(x) for x in heldout)
+        self.server_data = None if server_data is None else tuple(jnp.asarray(x) for x in server_data)
+        self.hyper = Hyper.from_config(sim.fed)
+        self.fresh_learner = sim.init(jax.random.key(seed))
+        self.client_examples = jnp.asarray(data.counts, jnp.float32)
+        ppl0 = float(jax.jit(self.plugin_perplexity)(self.fresh_learner))
+        super().__init__(params.replace(ppl0=ppl0), final_observation=final_observation)
+        self._step_vmappable = self._step_native  # plain vmap semantics: the round is not laid out for trailing batch axes
+
+    native_batch = False  # one federated state per environment: batch with jax.vmap
+
+    def reset_batch(self, key, num_envs: int, params=None):
+        raise NotImplementedError("a live environment has no native batched layout; use jax.vmap(env.reset)")
+
+    def step_batch(self, key, state, action, params=None):
+        raise NotImplementedError("a live environment has no native batched layout; use jax.vmap(env.step)")
+
+    def plugin_perplexity(self, learner) -> jax.Array:
+        nll, count = self.sim.eval_nll(learner, *self.heldout)
+        return jnp.exp(nll / count).astype(jnp.float32)
+
+    def _fresh_devices(self, u, params):
+        # Devices hold their real clients' data; the federated state starts from the foundation model.
+        fresh = super()._fresh_devices(u, params)
+        return fresh.replace(data=self.client_examples, learner=self.fresh_learner)
+
+    def learn(self, state, params, outcome: RoundOutcome):
+        data = self.data._replace(levels=outcome.level)
+        learner, metrics = self.sim.round(
+            state.learner, data, self.hyper, self.server_data,
+            available=outcome.succeeded > 0,
+            server_available=None if self.server_data is None else outcome.server > 0,
+        )
+        info = {
+            "surrogate_perplexity": self.surrogate_perplexity(state.ppl, params, outcome),  # what the calibrated env would say
+            "train_loss": metrics.loss,
+            "clients_trained": metrics.participants,
+            "clients_dropped": metrics.dropped,
+        }
+        return self.plugin_perplexity(learner), learner, info
+
+
+def make_live_env(foundation=None, config: LiveConfig = LiveConfig(), *, calibration=None, cache_dir=None,
+                  final_observation: bool = False, **env_overrides) -> LiveFedPEATMEC:
+    """A live environment on ``foundation`` (default: the cached default model) and the Folio task.
+
+    The env's workload (local steps, batch, sequence length) is the real one, so its latency and
+    memory describe the rounds that actually run; ``env_overrides`` go to :func:`make_params`.
+    ``calibration`` (needed only for the env's level list and reference scales) defaults to the
+    shipped table, which belongs to the default model.
+    """
+    from fedpeat_jax.peat.foundation import load_foundation
+    from fedpeat_jax.tasks import TaskConfig, build_task, device_population
+
+    cfg = config
+    fnd = foundation if foundation is not None else load_foundation("default", cache_dir=cache_dir)
+    model = fnd.config.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    if cfg.seq_len > model.n_positions:
+        raise ValueError(f"LiveConfig.seq_len ({cfg.seq_len}) exceeds the model's n_positions ({model.n_positions})")
+    task = build_task(TaskConfig(seq_len=cfg.seq_len, max_examples=cfg.max_examples, max_eval_windows=cfg.eval_windows, seed=cfg.seed),
+                      fnd.tokenizer, cache_dir=cache_dir)
+    task = device_population(task, cfg.n_devices, cfg.seed)  # the clients `fedpeat calibrate` measures
+    data = task.train
+    counts = np.asarray(data.counts, np.float64)
+    server_data = task.server if cfg.server else None
+    env_params = make_params(
+        model, calibration, peft=cfg.peft(), n_devices=cfg.n_devices, emulator_k=cfg.emulator_k,
+        **{"local_steps": float(cfg.local_steps), "batch_size": float(cfg.local_batch), "seq_len": float(cfg.seq_len),
+           "data_min": float(counts.min()), "data_max": float(counts.max()),
+           "server_data": float(len(task.server[0])) if cfg.server else 0.0, "server_enabled": 1.0 if cfg.server else 0.0,
+           **env_overrides},
+    )
+    ks = tuple(int(k) for k in np.asarray(env_params.level_k))
+    fed = FedConfig(clients_per_round=cfg.n_devices * len(ks), level_slots=(cfg.n_devices,) * len(ks), emulator_levels=ks,
+                    local_steps=cfg.local_steps, local_batch=cfg.local_batch, client_lr=cfg.client_lr,
+                    server_participation=cfg.server, log_lora_gap=False, seed=cfg.seed)
+    sim = FedPEAT(fnd.params, model, cfg.peft(), fed)
+    return LiveFedPEATMEC(sim, data, task.heldout, env_params, server_data=server_data, seed=cfg.seed,
+                          final_observation=final_observation)
+
+
+__all__ = ["LiveConfig", "LiveFedPEATMEC", "make_live_env"]
