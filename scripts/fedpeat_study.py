@@ -69,7 +69,6 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -79,7 +78,7 @@ from benchmarks.common import machine_info  # noqa: E402
 from fedpeat_jax import peft as peft_lib  # noqa: E402
 from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig  # noqa: E402
 from fedpeat_jax.fed import aggregate  # noqa: E402
-from fedpeat_jax.fed.client import Hyper, batch_loss, client_optimizer, local_train  # noqa: E402
+from fedpeat_jax.fed.client import Hyper, batch_loss, client_optimizer, local_steps, local_train  # noqa: E402
 from fedpeat_jax.fed.simulation import FedData, FedPEAT  # noqa: E402
 from fedpeat_jax.mec import system  # noqa: E402
 from fedpeat_jax.mec.env import EnvParams  # noqa: E402
@@ -148,28 +147,13 @@ class RoundInfo(NamedTuple):
 
 
 def local_train_tree(frozen, global_tree, tokens, mask, count, rng, hyper: Hyper, *, loss: Callable, fed: FedConfig, n_steps: int, batch: int):
-    """`client.local_train` for any trainable tree: `loss(tree, frozen, tokens, mask, key)`.
-
-    The same sampling without replacement, step keys and client optimizer (FedAvg, no prox or
+    """`client.local_train` for any trainable tree: `loss(tree, frozen, tokens, mask, key)`, with
+    the library's own local steps (sampling, step keys, client optimizer; FedAvg, no prox or
     SCAFFOLD); `consistency_check` runs it on FedPEAT's LoRA against `FedPEAT.round`. Returns
     (tree, mean loss over the steps).
     """
-    tx = client_optimizer(fed, hyper.client_lr)
-    k_order, k_steps = jax.random.split(rng)
-    is_pad = jnp.arange(tokens.shape[0]) >= count
-    order = jnp.argsort(jax.random.uniform(k_order, (tokens.shape[0],)) + is_pad)
-
-    def step(carry, xs):
-        tree, opt_state = carry
-        i, k_drop = xs
-        idx = order[(i * batch + jnp.arange(batch)) % jnp.maximum(count, 1)]
-        value, grads = jax.value_and_grad(loss)(tree, frozen, tokens[idx], mask[idx], k_drop)
-        updates, opt_state = tx.update(grads, opt_state, tree)
-        return (optax.apply_updates(tree, updates), opt_state), value
-
-    steps = (jnp.arange(n_steps), jax.random.split(k_steps, n_steps))
-    (tree, _), losses = jax.lax.scan(step, (global_tree, tx.init(global_tree)), steps)
-    return tree, losses.mean()
+    return local_steps(lambda tree, tok, msk, key: loss(tree, frozen, tok, msk, key), global_tree, tokens, mask, count, rng,
+                       client_optimizer(fed, hyper.client_lr), n_steps=n_steps, batch=batch)
 
 
 def whole_model_loss(model: GPT2Config):

@@ -47,6 +47,34 @@ def batch_loss(base, peft_state, tokens, mask, rng, model: GPT2Config, peft: Pef
     return gpt2.lm_loss(logits, tokens, mask)
 
 
+def local_steps(loss_fn, init, tokens, mask, count, rng, tx: optax.GradientTransformation, *, n_steps: int, batch: int,
+                correct_grads=None):
+    """`n_steps` steps of `tx` on `loss_fn(tree, tokens, mask, key)` from `init` over one client's
+    data; returns (tree, mean loss over the steps). Any trainable tree works (a PEFT state, or
+    whole-model weights for full fine-tuning); `correct_grads` adjusts gradients (SCAFFOLD).
+
+    Sampling without replacement: the client's real examples in one random order (pads last),
+    read `batch` at a time and wrapped around, so `count` examples are all seen before repeats.
+    """
+    k_order, k_steps = jax.random.split(rng)
+    is_pad = jnp.arange(tokens.shape[0]) >= count
+    order = jnp.argsort(jax.random.uniform(k_order, (tokens.shape[0],)) + is_pad)
+
+    def step(carry, xs):
+        tree, opt_state = carry
+        i, k_drop = xs
+        idx = order[(i * batch + jnp.arange(batch)) % jnp.maximum(count, 1)]
+        loss, grads = jax.value_and_grad(loss_fn)(tree, tokens[idx], mask[idx], k_drop)
+        if correct_grads is not None:
+            grads = correct_grads(grads)
+        updates, opt_state = tx.update(grads, opt_state, tree)
+        return (optax.apply_updates(tree, updates), opt_state), loss
+
+    steps = (jnp.arange(n_steps), jax.random.split(k_steps, n_steps))
+    (tree, _), losses = jax.lax.scan(step, (init, tx.init(init)), steps)
+    return tree, losses.mean()
+
+
 class LocalResult(NamedTuple):
     peft: object  # the client's PEFT state after local training
     loss: jax.Array  # mean training loss over its local steps
@@ -70,7 +98,6 @@ def local_train(
     control: Optional[tuple] = None,  # SCAFFOLD (c, c_i)
 ) -> LocalResult:
     """`n_steps` optimizer steps from the global PEFT state on this client's data."""
-    tx = client_optimizer(fed, hyper.client_lr)
     use_prox = fed.algorithm == "fedprox"
 
     def loss_fn(state, tok, msk, key):
@@ -79,25 +106,12 @@ def local_train(
             loss = loss + aggregate.prox_penalty(state, global_peft, hyper.prox_mu)
         return loss
 
-    # Sampling without replacement: the client's real examples in one random order (pads last),
-    # read `batch` at a time and wrapped around, so `count` examples are all seen before repeats.
-    k_order, k_steps = jax.random.split(rng)
-    is_pad = jnp.arange(tokens.shape[0]) >= count
-    order = jnp.argsort(jax.random.uniform(k_order, (tokens.shape[0],)) + is_pad)
-
-    def step(carry, xs):
-        state, opt_state = carry
-        i, k_drop = xs
-        idx = order[(i * batch + jnp.arange(batch)) % jnp.maximum(count, 1)]
-        loss, grads = jax.value_and_grad(loss_fn)(state, tokens[idx], mask[idx], k_drop)
-        if control is not None:
-            grads = aggregate.scaffold_correct_grads(grads, control[1], control[0])
-        updates, opt_state = tx.update(grads, opt_state, state)
-        return (optax.apply_updates(state, updates), opt_state), loss
-
-    steps = (jnp.arange(n_steps), jax.random.split(k_steps, n_steps))
-    (state, _), losses = jax.lax.scan(step, (global_peft, tx.init(global_peft)), steps)
+    correct = None
+    if control is not None:
+        correct = lambda grads: aggregate.scaffold_correct_grads(grads, control[1], control[0])  # noqa: E731
+    state, loss = local_steps(loss_fn, global_peft, tokens, mask, count, rng, client_optimizer(fed, hyper.client_lr),
+                              n_steps=n_steps, batch=batch, correct_grads=correct)
     new_control = None
     if control is not None:
         new_control = aggregate.scaffold_client_control(control[1], control[0], global_peft, state, n_steps, hyper.client_lr)
-    return LocalResult(state, losses.mean(), new_control)
+    return LocalResult(state, loss, new_control)
