@@ -38,6 +38,8 @@ from pathlib import Path
 import gymnax
 import jax
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runnable as a plain script
+
 from benchmarks import common
 import jax.numpy as jnp
 import numpy as np
