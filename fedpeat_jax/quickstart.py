@@ -38,7 +38,7 @@ class QuickstartConfig:
     offsite_steps: int = 60
     offsite_eval_windows: int = 64
     calibrate_levels: tuple = (0, 2, 4)
-    calibrate_clients: tuple = (4, 16)
+    calibrate_clients: tuple = (3, 10)  # of the calibration's 10-device population
     calibrate_rounds: int = 5
     controller_steps: int = 200_000
     controller_envs: int = 64

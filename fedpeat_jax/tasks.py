@@ -117,3 +117,17 @@ def build_task(cfg: TaskConfig, tokenizer, cache_dir=None) -> Task:
         server=_windows(server_texts, tokenizer, cfg.seq_len, cfg.max_eval_windows, cfg.seed),
         n_tokens=int(np.asarray(client_data.mask).sum()),
     )
+
+
+def device_population(task: Task, n: int, seed: int = 0) -> Task:
+    """The task restricted to ``n`` of its clients (a seeded choice, in client order): the devices
+    of a MEC environment. ``fedpeat calibrate`` measures data fractions relative to this
+    population and the live environment trains exactly these clients, so both describe the same
+    devices. Held-out, test and server data are unchanged."""
+    total = int(task.train.tokens.shape[0])
+    if not 1 <= n <= total:
+        raise ValueError(f"a device population of {n} clients needs 1 <= n <= the task's {total} clients")
+    ids = np.sort(np.random.default_rng(seed).permutation(total)[:n])
+    train = FedData.from_arrays(*(np.asarray(x)[ids] for x in (task.train.tokens, task.train.mask, task.train.counts)))
+    return task._replace(train=train, names=tuple(task.names[i] for i in ids), n_tokens=int(np.asarray(train.mask).sum()))
+

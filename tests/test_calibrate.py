@@ -59,3 +59,27 @@ def test_bad_calibrate_config():
         calibrate.CalibrateConfig(levels=(2, 1))
     with pytest.raises(ValueError, match="rounds must be >= 2"):
         calibrate.CalibrateConfig(rounds=1)
+
+
+def test_bad_population():
+    with pytest.raises(ValueError, match="at most the population"):
+        calibrate.CalibrateConfig(population=10, clients_per_round=(3, 16))
+    calibrate.CalibrateConfig(population=None, clients_per_round=(3, 16))  # every client: no bound here
+
+
+def test_device_population_is_a_seeded_subset_shared_by_calibration_and_live_mode():
+    from fedpeat_jax.tasks import Task, device_population
+
+    tokens = np.arange(12 * 2 * 3).reshape(12, 2, 3)
+    train = FedData.from_arrays(tokens, np.ones_like(tokens), np.arange(1, 13) % 2 + 1)
+    task = Task(train, tuple(f"play/role{i}" for i in range(12)), None, None, None, 0)
+    a, b = device_population(task, 5, seed=3), device_population(task, 5, seed=3)
+    assert a.names == b.names and len(a.names) == 5 and len(set(a.names)) == 5
+    ids = [task.names.index(n) for n in a.names]
+    assert ids == sorted(ids)
+    np.testing.assert_array_equal(np.asarray(a.train.tokens), tokens[ids])
+    np.testing.assert_array_equal(np.asarray(a.train.counts), np.asarray(train.counts)[ids])
+    assert a.n_tokens == int(np.asarray(a.train.mask).sum())
+    assert device_population(task, 5, seed=4).names != a.names
+    with pytest.raises(ValueError, match="device population of 13"):
+        device_population(task, 13)

@@ -1,9 +1,13 @@
 """`fedpeat calibrate`: measure real FedPEAT runs and fit the environment's perplexity response.
 
 For every emulator level k and participation level (clients per round), run the project's
-FedPEAT simulator on the foundation model and the Folio role clients, measuring the held-out
-plug-in perplexity after every round and the fraction of all client data the round used. Then
-fit, per level, the response model of mec_model.md
+FedPEAT simulator on the foundation model and a population of Folio role clients (the
+environment's devices: `population` of them, the same seeded choice the live environment
+trains), measuring the held-out plug-in perplexity after every round and the fraction of the
+population's data the round used. The environment's data fraction means the same thing (the
+participants' share of all devices' data), so the fitted rates hold in its units; fractions of
+a much larger population would make a round of the env's few devices look like hundreds of
+clients' worth of progress. Then fit, per level, the response model of mec_model.md
 
     ppl_t = ppl_inf(k) + (ppl_{t-1} - ppl_inf(k)) * exp(-eta(k) * data_fraction_t)
 
@@ -36,7 +40,8 @@ class CalibrateConfig:
     """What `fedpeat calibrate` measures."""
 
     levels: tuple = (0, 1, 2, 3, 4)  # emulator sizes k (middle blocks kept)
-    clients_per_round: tuple = (4, 16)  # participation levels
+    population: Optional[int] = 10  # the env's devices: clients whose data the fractions refer to (None: every client)
+    clients_per_round: tuple = (3, 10)  # participation levels (at most the population)
     rounds: int = 8
     local_steps: int = 4
     local_batch: int = 2
@@ -58,6 +63,8 @@ class CalibrateConfig:
         for name in ("rounds", "local_steps", "local_batch", "lora_rank", "seq_len", "max_examples", "max_eval_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CalibrateConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.population is not None and not 1 <= max(self.clients_per_round) <= self.population:
+            raise ValueError(f"CalibrateConfig.clients_per_round {self.clients_per_round} must be at most the population ({self.population})")
         if self.rounds < 2:
             raise ValueError(f"CalibrateConfig.rounds must be >= 2 to fit a rate, got {self.rounds}")
 
@@ -166,7 +173,7 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
     """Run every (level, participation) FedPEAT run, fit the table, write it to `out`."""
     from fedpeat_jax.fed.simulation import FedPEAT
     from fedpeat_jax.io.logging import progress
-    from fedpeat_jax.tasks import TaskConfig, build_task
+    from fedpeat_jax.tasks import TaskConfig, build_task, device_population
 
     model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     task_cfg = TaskConfig(seq_len=cfg.seq_len, max_examples=cfg.max_examples, max_eval_windows=cfg.max_eval_windows, seed=cfg.seed)
@@ -175,6 +182,8 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
     if bad:
         raise ValueError(f"CalibrateConfig.levels {bad} larger than the model's middle ({n_middle} blocks)")
     task = build_task(task_cfg, tokenizer, cache_dir=cache_dir)
+    if cfg.population is not None:
+        task = device_population(task, cfg.population, cfg.seed)
     n_clients = int(task.train.tokens.shape[0])
     too_many = [c for c in cfg.clients_per_round if c > n_clients]
     if too_many:
