@@ -77,6 +77,8 @@ class LiveFedPEATMEC(FedPEATMEC):
     The measured zero-shot plug-in perplexity becomes ``params.ppl0`` (every episode starts there).
     """
 
+    native_batch = False  # one federated state per environment: batch with jax.vmap
+
     def __init__(self, sim: FedPEAT, data: FedData, heldout, params: EnvParams, *, server_data=None, seed: int = 0,
                  final_observation: bool = False):
         n, ks = params.n_devices, tuple(int(k) for k in np.asarray(params.level_k))
@@ -102,13 +104,11 @@ class LiveFedPEATMEC(FedPEATMEC):
         super().__init__(params.replace(ppl0=ppl0), final_observation=final_observation)
         self._step_vmappable = self._step_native  # plain vmap semantics: the round is not laid out for trailing batch axes
 
-    native_batch = False  # one federated state per environment: batch with jax.vmap
-
     def reset_batch(self, key, num_envs: int, params=None):
-        raise NotImplementedError("a live environment has no native batched layout; use jax.vmap(env.reset)")
+        raise TypeError("a live environment has no native batched layout; use jax.vmap(env.reset)")
 
     def step_batch(self, key, state, action, params=None):
-        raise NotImplementedError("a live environment has no native batched layout; use jax.vmap(env.step)")
+        raise TypeError("a live environment has no native batched layout; use jax.vmap(env.step)")
 
     def plugin_perplexity(self, learner) -> jax.Array:
         nll, count = self.sim.eval_nll(learner, *self.heldout)
