@@ -58,6 +58,7 @@ def _loadavg():
 
 
 def jax_vmap_runner(env, params, n_envs, n_steps):
+    """The gymnax way: jax.vmap of reset/step with one key per env, a random policy (any gymnax env)."""
     space = env.action_space(params)
 
     @jax.jit
@@ -102,25 +103,7 @@ def jax_batch_runner(env, params, n_envs, n_steps):
 
 def cartpole_runner(n_envs, n_steps):
     env, params = gymnax.make("CartPole-v1")
-    space = env.action_space(params)
-
-    @jax.jit
-    def run(rng):
-        rng, k = jax.random.split(rng)
-        obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k, n_envs), params)
-
-        def body(carry, _):
-            state, obs, acc, rng = carry
-            rng, k = jax.random.split(rng)
-            keys = jax.random.split(k, (2, n_envs))
-            action = jax.vmap(space.sample)(keys[0])
-            obs, state, reward, term, trunc, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(keys[1], state, action, params)
-            return (state, obs, acc + reward, rng), None
-
-        (state, obs, acc, _), _ = jax.lax.scan(body, (state, obs, jnp.zeros(n_envs), rng), None, length=n_steps)
-        return acc.sum() + obs.sum()
-
-    return run
+    return jax_vmap_runner(env, params, n_envs, n_steps)
 
 
 def bench_jax(env, params, sizes, repeats):
