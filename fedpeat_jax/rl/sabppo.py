@@ -40,7 +40,6 @@ options) is in the static :class:`SABPPOConfig`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -52,6 +51,8 @@ import numpy as np
 import optax
 from flax import struct
 
+from fedpeat_jax.config import _require
+
 PyTree = Any
 
 CLIP_MODES = ("joint", "branch")
@@ -61,11 +62,6 @@ ACTIVATIONS = ("tanh", "relu")
 # =============================================================================================
 # Configuration
 # =============================================================================================
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
 @dataclass(frozen=True)
 class SABPPOConfig:
     """Static settings of an SABPPO run (shapes, loop lengths, options) and hyperparameter defaults.
