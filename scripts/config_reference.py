@@ -31,7 +31,6 @@ import functools
 import importlib
 import inspect
 import io
-import math
 import os
 import re
 import sys
@@ -655,7 +654,7 @@ def _cli_base(cls, command):
 
 
 def preset_tables() -> list:
-    from fedpeat_jax.config import GPT2_PRESETS, GPT2Config
+    from fedpeat_jax.config import GPT2_PRESETS
     from fedpeat_jax.peat.foundation import PRETRAIN_PRESETS, PretrainConfig
     from fedpeat_jax.quickstart import QuickstartConfig
 

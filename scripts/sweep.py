@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from benchmarks.common import RESULTS_DIR, machine_info, write_json, write_markd
 from fedpeat_jax.config import GPT2Config  # noqa: E402
 from fedpeat_jax.mec import PRESETS, CalibrationMissingError, EnvParams, FedPEATMEC, preset_params, synthetic_table  # noqa: E402
 from fedpeat_jax.rl import baselines as B  # noqa: E402
+from fedpeat_jax.rl import sabppo  # noqa: E402
 from fedpeat_jax.rl.sabppo import HParams, SABPPOConfig, make_trainer, stack_hparams  # noqa: E402
 
 NAME = "sweep"
@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
     print(f"{len(points)} grid points x {args.seeds} seeds = {len(runs)} runs of {cfg.num_updates * cfg.batch_size} "
           f"env steps, one compiled call; environment: {table}")
 
-    train = jax.jit(jax.vmap(trainer.train))
+    train = sabppo.jit(jax.vmap(trainer.train))
     t0 = time.perf_counter()
     compiled = train.lower(run_keys, hps).compile()
     compile_s = time.perf_counter() - t0

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedpeat_jax import peft as peft_lib
 from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig
 from fedpeat_jax.fed import aggregate, driver
 from fedpeat_jax.fed.client import Hyper, local_train

@@ -24,7 +24,8 @@ from fedpeat_jax.mec import (
     make_params,
     synthetic_table,
 )
-from fedpeat_jax.mec.env import hash_bits, _draws_from_bits
+from fedpeat_jax.hashrand import hash_bits, uniforms
+from fedpeat_jax.mec.env import _draws_from_bits
 
 N = 10
 
@@ -342,3 +343,13 @@ def test_calibration_table_json_roundtrip_and_validation(tmp_path):
         load_calibration(tmp_path / "broken.json")
     with pytest.raises(ValueError):
         CalibrationTable(**{**dataclasses.asdict(t), "ppl0": float("nan")})
+
+
+def test_hash_bits_rolled_and_unrolled_agree_and_uniforms_are_uniform():
+    key = jax.random.key(7)
+    np.testing.assert_array_equal(hash_bits(key, (4, 9)), hash_bits(key, (4, 9), rolled=False))
+    u = np.asarray(uniforms(key, (100_000,), rolled=False))
+    assert u.min() >= 0.0 and u.max() < 1.0
+    counts = np.histogram(u, bins=10, range=(0, 1))[0]
+    assert np.abs(counts - 10_000).max() < 500  # ~5 standard deviations
+    assert not np.array_equal(uniforms(key, (8,)), uniforms(jax.random.key(8), (8,)))

@@ -137,6 +137,30 @@ def test_sampling_follows_the_branch_probabilities_and_mode_is_argmax():
         off += n
 
 
+def test_branch_softmax_is_exact_for_logits_far_apart():
+    # one branch far below the rest, one logit far above its branch's first, one branch spanning 60 nats
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(8, sum(NVEC)))
+    logits[:, :2] -= 500.0
+    logits[:, 7] += 60.0
+    logits[:, 14:17] = [[-30.0, 0.0, 30.0]]
+    actions = np.stack([rng.integers(0, n, 8) for n in NVEC], 1)
+    lp = np.asarray(S.branch_log_probs(jnp.asarray(logits, jnp.float32), jnp.asarray(actions), NVEC))
+    ent = np.asarray(S.branch_entropies(jnp.asarray(logits, jnp.float32), NVEC))
+    assert np.isfinite(lp).all() and np.isfinite(ent).all()
+    np.testing.assert_allclose(lp, _reference_branch_logp(logits, actions), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(lp.sum(1), np.asarray(S.joint_log_prob(jnp.asarray(logits, jnp.float32),
+                                                                      jnp.asarray(actions), NVEC)), rtol=1e-5)
+
+
+def test_sample_with_log_probs_returns_the_samples_log_probs():
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(size=(64, sum(NVEC))) * 2, jnp.float32)
+    actions, logp = S.sample_with_log_probs(jax.random.key(3), logits, NVEC)
+    np.testing.assert_array_equal(actions, S.sample_branches(jax.random.key(3), logits, NVEC))
+    np.testing.assert_allclose(logp, _reference_branch_logp(logits, np.asarray(actions)), atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------- clipping
 def test_branch_and_joint_clipping_agree_with_one_branch():
     rng = np.random.default_rng(3)

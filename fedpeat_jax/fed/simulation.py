@@ -22,8 +22,6 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
 from fedpeat_jax import peft as peft_lib
 from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import jax
-import numpy as np
 
 from fedpeat_jax import data as data_lib
 from fedpeat_jax.config import GPT2Config

@@ -26,7 +26,6 @@ needs from ``env_params`` with the environment's own formula (``system.device_me
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial

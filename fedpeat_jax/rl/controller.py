@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedpeat_jax.io.checkpoint import CheckpointManager
 from fedpeat_jax.io.logging import RunLogger, progress, read_metrics
 from fedpeat_jax.rl import baselines as B
+from fedpeat_jax.rl import sabppo
 from fedpeat_jax.rl.sabppo import SABPPOConfig, Trainer, make_trainer, stack_hparams
 
 CONFIG_FILE = "controller.json"
@@ -163,7 +163,7 @@ def train_controller(config: SABPPOConfig, env_params, out_dir, resume: bool = T
 
     def run_chunk(s, n):
         if n not in chunk_fns:
-            chunk_fns[n] = jax.jit(jax.vmap(partial(trainer.run_updates, num_updates=n)), donate_argnums=0)
+            chunk_fns[n] = sabppo.jit(jax.vmap(partial(trainer.run_updates, num_updates=n)), donate_argnums=0)
         return chunk_fns[n](s)
 
     logger = RunLogger(out / "logs", resume_step=done * config.batch_size if resumed else None)

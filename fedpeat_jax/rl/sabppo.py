@@ -4,10 +4,12 @@ The whole training run is one pure function of a PRNG key and a hyperparameter p
 be ``jax.jit``-ed whole and ``jax.vmap``-ed over seeds *and* hyperparameters in one compile:
 
     trainer = make_trainer(SABPPOConfig(), env, env_params)
-    state, metrics = jax.jit(trainer.train)(jax.random.key(0))            # one run
+    state, metrics = jit(trainer.train)(jax.random.key(0))                # one run
     hps = stack_hparams([trainer.default_hparams().replace(lr=lr) for lr in (1e-4, 3e-4)])
     keys = jax.random.split(jax.random.key(0), 2)
-    states, metrics = jax.jit(jax.vmap(trainer.train))(keys, hps)         # a sweep, one compile
+    states, metrics = jit(jax.vmap(trainer.train))(keys, hps)             # a sweep, one compile
+
+(``jit`` is ``jax.jit`` with the CPU compiler options of :func:`compiler_options`.)
 
 ``train`` is ``init`` followed by ``run_updates(state, num_updates)``; a host loop can call
 ``run_updates`` in chunks and checkpoint the :class:`TrainState` between them (see
@@ -40,6 +42,7 @@ options) is in the static :class:`SABPPOConfig`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -51,6 +54,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from fedpeat_jax import hashrand
 from fedpeat_jax.config import _require
 
 PyTree = Any
@@ -182,7 +186,7 @@ def branch_groups(nvec) -> tuple:
     """Runs of consecutive branches of equal size: ((first_branch, n_branches, size, logit_offset), ...).
 
     The logits of a run are one contiguous (n_branches * size) slice, so each run is handled
-    with a single reshape + log-softmax instead of one op per branch.
+    with a single reshape (the argmax of :func:`mode_branches`).
     """
     nvec = [int(n) for n in np.asarray(nvec).ravel()]
     if not nvec or min(nvec) < 1:
@@ -198,53 +202,133 @@ def branch_groups(nvec) -> tuple:
     return tuple(groups)
 
 
-def _group_log_softmax(logits: jax.Array, groups) -> list:
-    """Per group: log-probabilities of shape (..., n_branches, size)."""
-    out = []
-    for _, nb, size, off in groups:
-        lg = logits[..., off: off + nb * size].reshape(logits.shape[:-1] + (nb, size))
-        out.append(jax.nn.log_softmax(lg, axis=-1))
-    return out
+class BranchLayout(NamedTuple):
+    """Where each of the sum(nvec) logits sits: constant index arrays and 0/1 matrices.
+
+    Per-branch sums are small matmuls against ``member``, and per-branch values are spread back
+    over the logits by a gather with ``branch``, instead of one reshape + reduction per run of
+    branches: on CPU, XLA reduces over a minor axis of 2-5 choices element by element, and those
+    reductions (and their gradients) dominated the PPO update.
+    """
+
+    branch: np.ndarray  # (K,) int32: the branch of logit k
+    first: np.ndarray  # (K,) int32: the index of the first logit of logit k's branch
+    choice: np.ndarray  # (K,) float32: the index of logit k within its branch
+    member: np.ndarray  # (K, n_branches) float32: 1 where logit k belongs to branch b
+    prefix: np.ndarray  # (K, K) float32: probs @ prefix = the cumulative probability within the branch
+    not_last: np.ndarray  # (K,) float32: 0 for the last choice of every branch
+
+
+def branch_layout(nvec) -> BranchLayout:
+    """The (cached) :class:`BranchLayout` of a multi-discrete action with sizes ``nvec``."""
+    return _branch_layout(tuple(int(n) for n in np.asarray(nvec).ravel()))
+
+
+@functools.lru_cache(maxsize=None)
+def _branch_layout(nvec: tuple) -> BranchLayout:
+    branch_groups(nvec)  # validates
+    sizes = np.asarray(nvec)
+    branch = np.repeat(np.arange(len(nvec)), nvec)
+    choice = np.concatenate([np.arange(n) for n in nvec])
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])[branch]
+    member = branch[:, None] == np.arange(len(nvec))[None, :]
+    prefix = (branch[:, None] == branch[None, :]) & (choice[:, None] <= choice[None, :])
+    not_last = choice < sizes[branch] - 1
+    f32 = np.float32
+    return BranchLayout(branch.astype(np.int32), first.astype(np.int32), choice.astype(f32), member.astype(f32),
+                        prefix.astype(f32), not_last.astype(f32))
+
+
+def _dot(x, m):
+    # full f32 precision: accelerators would otherwise run these f32 matmuls in reduced precision
+    return jnp.matmul(x, jnp.asarray(m, x.dtype), precision=jax.lax.Precision.HIGHEST)
+
+
+def _spread(x, layout: BranchLayout):
+    """Per-branch values (..., n_branches) -> the value of each logit's branch (..., K)."""
+    return jnp.take(x, layout.branch, axis=-1)
+
+
+class BranchSoftmax(NamedTuple):
+    """Every branch's softmax statistics, computed once and shared by log-probs, entropy, sampling."""
+
+    layout: BranchLayout
+    z: jax.Array  # (..., K) logits shifted by their branch's first logit
+    e: jax.Array  # (..., K) exp(z)
+    s: jax.Array  # (..., n_branches) per-branch sum of e
+    lse: jax.Array  # (..., n_branches) log(s): the branch's log-normalizer relative to the shift
+
+    def log_probs(self, actions: jax.Array) -> jax.Array:
+        """log pi_b(a_b | s) of every branch, (..., n_branches)."""
+        return _dot(self.chosen(actions) * self.z, self.layout.member) - self.lse
+
+    def joint_log_prob(self, actions: jax.Array) -> jax.Array:
+        """The sum over branches of log pi_b(a_b | s), without the per-branch split."""
+        return jnp.sum(self.chosen(actions) * self.z, axis=-1) - jnp.sum(self.lse, axis=-1)
+
+    def entropies(self) -> jax.Array:
+        """Entropy of every branch, (..., n_branches): log s - sum_k p_k z_k."""
+        return self.lse - _dot(self.e * self.z, self.layout.member) / self.s
+
+    def chosen(self, actions: jax.Array) -> jax.Array:
+        # one-hot of the chosen logit of every branch (a multiply in the gradient, not a scatter)
+        return (_spread(actions, self.layout) == self.layout.choice).astype(self.z.dtype)
+
+
+def branch_softmax(logits: jax.Array, nvec) -> BranchSoftmax:
+    """The :class:`BranchSoftmax` of ``logits`` (..., sum nvec).
+
+    Logits are shifted by their branch's first logit (a constant for the gradient), so exp(z) = 1
+    there and no branch's sum underflows; the clamp only matters for a logit more than 80 nats
+    above its branch's first, where the branch is already deterministic.
+    """
+    layout = branch_layout(nvec)
+    z = logits - jax.lax.stop_gradient(jnp.take(logits, layout.first, axis=-1))
+    e = jnp.exp(jnp.minimum(z, 80.0))
+    s = _dot(e, layout.member)
+    return BranchSoftmax(layout, z, e, s, jnp.log(s))
 
 
 def branch_log_probs(logits: jax.Array, actions: jax.Array, nvec) -> jax.Array:
     """log pi_b(a_b | s) of every branch: logits (..., sum nvec), actions (..., n_branches) -> (..., n_branches)."""
-    groups = branch_groups(nvec)
-    parts = []
-    for (first, nb, size, _), logp in zip(groups, _group_log_softmax(logits, groups)):
-        # a one-hot product rather than a gather: its gradient is a multiply, not a scatter
-        onehot = jax.nn.one_hot(actions[..., first: first + nb], size, dtype=logp.dtype)
-        parts.append(jnp.sum(logp * onehot, axis=-1))
-    return jnp.concatenate(parts, axis=-1)
+    return branch_softmax(logits, nvec).log_probs(actions)
 
 
 def joint_log_prob(logits: jax.Array, actions: jax.Array, nvec) -> jax.Array:
     """log pi(a | s) = sum over branches of log pi_b(a_b | s)."""
-    return jnp.sum(branch_log_probs(logits, actions, nvec), axis=-1)
+    return branch_softmax(logits, nvec).joint_log_prob(actions)
 
 
 def branch_entropies(logits: jax.Array, nvec) -> jax.Array:
     """Entropy of every branch's categorical, shape (..., n_branches)."""
-    groups = branch_groups(nvec)
-    return jnp.concatenate([-jnp.sum(jnp.exp(lp) * lp, axis=-1) for lp in _group_log_softmax(logits, groups)], axis=-1)
+    return branch_softmax(logits, nvec).entropies()
+
+
+def sample_with_log_probs(key: jax.Array, logits: jax.Array, nvec):
+    """(actions (..., n_branches) int32, their branch log-probs): one sample per branch by inversion.
+
+    The sample is the number of choices, other than the last, whose cumulative probability is
+    below the branch's uniform; the uniforms come from :func:`fedpeat_jax.hashrand.uniforms`.
+    """
+    sm = branch_softmax(logits, nvec)
+    layout = sm.layout
+    cdf = _dot(sm.e / _spread(sm.s, layout), layout.prefix)
+    u = hashrand.uniforms(key, logits.shape[:-1] + (layout.member.shape[1],), rolled=False)
+    below = (cdf < _spread(u, layout)).astype(logits.dtype) * layout.not_last
+    actions = jnp.round(_dot(below, layout.member)).astype(jnp.int32)
+    return actions, sm.log_probs(actions)
 
 
 def sample_branches(key: jax.Array, logits: jax.Array, nvec) -> jax.Array:
-    """One sample per branch by inversion (one uniform per branch): (..., n_branches) int32."""
-    groups = branch_groups(nvec)
-    u = jax.random.uniform(key, logits.shape[:-1] + (len(np.asarray(nvec).ravel()),))
-    parts = []
-    for (first, nb, size, _), logp in zip(groups, _group_log_softmax(logits, groups)):
-        cdf = jnp.cumsum(jnp.exp(logp), axis=-1)
-        below = (cdf[..., :-1] < u[..., first: first + nb, None]).astype(jnp.int32)
-        parts.append(jnp.sum(below, axis=-1))
-    return jnp.concatenate(parts, axis=-1).astype(jnp.int32)
+    """One sample per branch (see :func:`sample_with_log_probs`): (..., n_branches) int32."""
+    return sample_with_log_probs(key, logits, nvec)[0]
 
 
 def mode_branches(logits: jax.Array, nvec) -> jax.Array:
     """The most likely choice of every branch (the deterministic policy)."""
-    groups = branch_groups(nvec)
-    return jnp.concatenate([jnp.argmax(lp, axis=-1) for lp in _group_log_softmax(logits, groups)], axis=-1).astype(jnp.int32)
+    parts = [jnp.argmax(logits[..., off: off + nb * size].reshape(logits.shape[:-1] + (nb, size)), axis=-1)
+             for _, nb, size, off in branch_groups(nvec)]
+    return jnp.concatenate(parts, axis=-1).astype(jnp.int32)
 
 
 # =============================================================================================
@@ -438,6 +522,25 @@ class Trainer(NamedTuple):
 
 
 # =============================================================================================
+# Compiling
+# =============================================================================================
+def compiler_options() -> dict:
+    """XLA options for compiling SABPPO training on the default backend.
+
+    On a CPU, XLA's YNNPACK library fusions (on by default in jax 0.10) run the agent's small
+    matmuls (a few hundred rows by 64) slower than XLA's own kernels: training runs about 1.25x
+    faster without them (benchmarks/ppo_throughput.py). The federated rounds' larger matmuls are
+    faster with them, so the option is given per compile, never process-wide.
+    """
+    return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
+
+
+def jit(fun: Callable, **kwargs) -> Callable:
+    """``jax.jit`` with :func:`compiler_options`: use it for ``train``/``run_updates`` and vmaps of them."""
+    return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+
+
+# =============================================================================================
 # make_trainer / make_train
 # =============================================================================================
 def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
@@ -506,14 +609,13 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
         )
 
     # ------------------------------------------------------------------------------ ROLLOUT
-    def env_step(carry, _):
+    def env_step(carry, step_keys):
         state, stats = carry
         hp = state.hparams
-        rng, k_act, k_env = jax.random.split(state.rng, 3)
+        k_act, k_env = step_keys
         obs_n = normalize_obs(state.obs, obs_normalizer(state), config.obs_clip)
         logits, value = network.apply(state.params, obs_n)
-        action = sample_branches(k_act, logits, nvec)
-        logp_b = branch_log_probs(logits, action, nvec)
+        action, logp_b = sample_with_log_probs(k_act, logits, nvec)
 
         obs, env_state, reward, done, info = venv.step(k_env, state.env_state, action, hp.env_params)
         obs = obs.astype(jnp.float32)
@@ -533,8 +635,9 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
         ep_return = state.ep_return + reward
         ep_length = state.ep_length + 1
         d = done.astype(jnp.float32)
-        info_means = {k: jnp.mean(v.astype(jnp.float32)) for k, v in info.items()
-                      if jnp.shape(v) == (E,) and k not in ("terminated", "truncated")}
+        keys = [k for k, v in info.items() if jnp.shape(v) == (E,) and k not in ("terminated", "truncated")]
+        means = jnp.mean(jnp.stack([info[k].astype(jnp.float32) for k in keys]), axis=1)  # one reduction
+        info_means = {k: means[i] for i, k in enumerate(keys)}
         stats = {
             "episodes": stats["episodes"] + jnp.sum(d),
             "episode_return_sum": stats["episode_return_sum"] + jnp.sum(d * ep_return),
@@ -544,7 +647,7 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
         }
         state = state.replace(
             env_state=env_state, obs=obs, obs_rms=obs_rms, ret_rms=ret_rms, disc_return=disc_return,
-            ep_return=jnp.where(done, 0.0, ep_return), ep_length=jnp.where(done, 0, ep_length), rng=rng)
+            ep_return=jnp.where(done, 0.0, ep_return), ep_length=jnp.where(done, 0, ep_length))
         return (state, stats), Transition(obs_n, action, logp_b, value, learn_reward, done)
 
     def info_template(state: TrainState):
@@ -559,8 +662,12 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
     def loss_fn(params, batch, adv, targets, hp: HParams):
         obs, action, old_logp_b, old_value = batch
         logits, value = network.apply(params, obs)
-        logp_b = branch_log_probs(logits, action, nvec)
-        entropy = jnp.mean(jnp.sum(branch_entropies(logits, nvec), axis=-1))
+        sm = branch_softmax(logits, nvec)  # shared by the log-probs and the entropy
+        if config.clip_mode == "joint":  # only the sum over branches is needed: cheaper
+            logp_b, old_logp_b = sm.joint_log_prob(action)[..., None], jnp.sum(old_logp_b, -1, keepdims=True)
+        else:
+            logp_b = sm.log_probs(action)
+        entropy = jnp.mean(jnp.sum(sm.entropies(), axis=-1))
         if config.normalize_advantages:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         pg_loss, clip_frac = clipped_policy_loss(logp_b, old_logp_b, adv, hp.clip_eps, config.clip_mode)
@@ -580,7 +687,7 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
         opt = optimizer(hp)
         flat = lambda x: x.reshape((config.batch_size,) + x.shape[2:])  # noqa: E731
         data = jax.tree.map(flat, ((traj.obs, traj.action, traj.logp_b, traj.value), adv, targets))
-        perm = jax.random.permutation(key, config.batch_size)
+        perm = jnp.argsort(hashrand.hash_bits(key, (config.batch_size,), rolled=False))  # a shuffle without threefry's loop
         mbs = jax.tree.map(lambda x: x[perm].reshape((config.num_minibatches, config.minibatch_size) + x.shape[1:]), data)
 
         def minibatch(carry, mb):
@@ -598,14 +705,15 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
         zero = jnp.zeros((), jnp.float32)
         stats0 = {"episodes": zero, "episode_return_sum": zero, "episode_length_sum": zero, "reward_sum": zero,
                   "info_sum": info_template(state)}
-        (state, stats), traj = jax.lax.scan(env_step, (state, stats0), None, length=T)
+        rng, k_rollout, k_epochs = jax.random.split(state.rng, 3)
+        # every step's (action, env) keys drawn at once: one threefry call per update, not per step
+        (state, stats), traj = jax.lax.scan(env_step, (state, stats0), jax.random.split(k_rollout, (T, 2)))
 
         # ----- advantages (reverse scan)
         _, last_value = policy_logits(state, state.obs)
         adv, targets = compute_gae(traj.reward, traj.value, traj.done, last_value, hp.gamma, hp.gae_lambda)
 
         # ----- epochs x minibatches
-        rng, k_epochs = jax.random.split(state.rng)
         lr_now = optimizer_lr(state, hp)
         (params, opt_state, *_), aux = jax.lax.scan(
             update_epoch, (state.params, state.opt_state, traj, adv, targets, hp),
@@ -652,6 +760,7 @@ def make_train(config: SABPPOConfig, env, env_params=None) -> Callable:
 
 __all__ = [
     "ActorCritic",
+    "BranchSoftmax",
     "HParams",
     "RunningMeanStd",
     "SABPPOConfig",
@@ -659,10 +768,14 @@ __all__ = [
     "Trainer",
     "branch_entropies",
     "branch_groups",
+    "branch_layout",
     "branch_log_probs",
+    "branch_softmax",
     "clipped_policy_loss",
+    "compiler_options",
     "compute_gae",
     "default_hparams",
+    "jit",
     "joint_log_prob",
     "make_train",
     "make_trainer",
@@ -671,5 +784,6 @@ __all__ = [
     "rms_init",
     "rms_update",
     "sample_branches",
+    "sample_with_log_probs",
     "stack_hparams",
 ]
