@@ -131,6 +131,8 @@ NOTES = {
         "warmup": "Linear warm-up steps, then cosine decay.",
         "final_lr_ratio": "Final learning rate / peak.",
         "weight_decay": "AdamW weight decay (kernels and embeddings only).",
+        "layerdrop": "LayerDrop rate: each middle block is skipped with this probability at every step (0: off).",
+        "layerdrop_span": "(l, r): LayerDrop may skip blocks [l, n_layer - r), the offsite-tuning middle.",
         "heldout_plays": "Plays excluded from pretraining and from the federated clients (held-out evaluation).",
         "eval_batch": "Windows per batch of the held-out evaluation.",
         "chunk": "Steps per jitted call (= checkpoint interval).",

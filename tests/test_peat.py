@@ -13,7 +13,7 @@ from fedpeat_jax.io.checkpoint import CheckpointManager
 from fedpeat_jax.model import gpt2
 from fedpeat_jax.peat import emulator as emu
 from fedpeat_jax.peat.distill import DistillConfig, distill, distill_metrics, kd_loss
-from fedpeat_jax.peat.train import TrainConfig, fit, lm_objective, step_memory
+from fedpeat_jax.peat.train import TrainConfig, drop_blocks, fit, lm_objective, step_memory
 
 # Dropout off: these tests compare exact outputs and deterministic training.
 TINY = GPT2Config.preset("tiny", vocab_size=97, n_positions=16, n_embd=32, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
@@ -76,6 +76,22 @@ def test_emulator_keeping_every_middle_block_is_the_full_model(params, tokens):
     emulator = emu.build(params, spec)
     jax.tree.map(np.testing.assert_array_equal, emulator, params)
     np.testing.assert_array_equal(logits(emulator, tokens, spec.emulator_config(TINY)), logits(params, tokens))
+
+
+def test_layerdrop_skips_exactly_the_dropped_blocks(params, tokens):
+    middle = (2, 3)
+    # rate 0 changes nothing; a block whose gate is 0 is the identity: dropping both middle
+    # blocks gives the 2-0-2 emulator, whose stack has no middle at all
+    np.testing.assert_array_equal(logits(drop_blocks(params, jax.random.key(0), 0.0, middle), tokens), logits(params, tokens))
+    spec0 = emu.EmulatorSpec(TINY.n_layer, l=2, r=2, k=0)
+    dropped = drop_blocks(params, jax.random.key(0), 1.0 - 1e-7, middle)
+    np.testing.assert_allclose(logits(dropped, tokens), logits(emu.build(params, spec0), tokens, spec0.emulator_config(TINY)),
+                               rtol=1e-5, atol=1e-5)
+    # a dropped block gets no gradient; the others do
+    loss = lm_objective(TINY, layerdrop=1.0 - 1e-7, layerdrop_blocks=middle)
+    grads = jax.grad(loss)(params, None, {"tokens": tokens[:4]}, jax.random.key(3))
+    norms = np.asarray(jax.vmap(lambda b: sum(jnp.sum(x ** 2) for x in jax.tree.leaves(b)))(grads["blocks"]))
+    assert (norms[[2, 3]] == 0).all() and (norms[[0, 1, 4, 5]] > 0).all()
 
 
 def test_layer_drop_emulator_differs_from_the_full_model(params, tokens):

@@ -12,7 +12,8 @@ Params layout (every leaf under "blocks" has a leading axis of size n_layer)::
 Kernels are (in, out) and compute `x @ kernel + bias`, the layout of Hugging Face's `Conv1D`, so
 weights move between the two without transposes. Because the blocks are one stacked tree, an
 emulator, an adapter or the full model is an index operation on it (`select_blocks`), and the
-forward runs any stack with `lax.scan`, so compile time does not grow with depth.
+forward runs any stack with `lax.scan` (unrolled for short runs of blocks, `UNROLL_BLOCKS`), so
+compile time does not grow with depth.
 
 PEFT enters in two ways. Selective kinds ("bitfit", "full") overwrite leaves of the blocks they
 live in before the scan; additive kinds ("lora", "adapter") are passed into the scanned block
@@ -202,6 +203,13 @@ def peft_segments(n_layer: int, peft_config: Optional[PeftConfig]):
     return tuple(segments)
 
 
+# Segments of at most this many blocks are unrolled: a rolled scan stacks every block's saved
+# activations into (n, ...) buffers with dynamic-update-slices and reads them back in the
+# backward pass, which cost a third of a vectorized tiny-model round on CPU (measured: round
+# 1.48 -> 0.99 s at 64 clients). Longer segments stay rolled so compile time stays flat in depth.
+UNROLL_BLOCKS = 8
+
+
 def run_blocks(
     blocks: Params,
     h: jax.Array,
@@ -239,7 +247,7 @@ def run_blocks(
             h, kv = block(x["p"], h, ctx, x["peft"], x["rng"], x["kv"], index)
             return h, kv
 
-        h, kv = jax.lax.scan(step, h, xs)
+        h, kv = jax.lax.scan(step, h, xs, unroll=(stop - start) <= UNROLL_BLOCKS)
         if cache is not None:
             new_k.append(kv[0])
             new_v.append(kv[1])

@@ -58,6 +58,9 @@ class OffsiteConfig:
     warmup: int = 10
     lora_rank: int = 4
     lora_alpha: float = 32.0
+    # dropout of every fine-tuning run (embedding, attention, residual, LoRA): the published
+    # setting (GPT-2 trains with 0.1; LoRA dropout 0.1); evaluation never drops
+    dropout: float = 0.1
     eval_windows: int = 128  # held-out windows evaluated, spread evenly over the plays (0: all)
     eval_batch: int = 16
     emulators: tuple = EMULATORS
@@ -74,6 +77,8 @@ class OffsiteConfig:
             raise ValueError(f"unknown emulator/PEFT kind(s) {bad}; emulators: {EMULATORS}, PEFTs: {PEFTS}")
         if not self.emulators or not self.pefts:
             raise ValueError("OffsiteConfig needs at least one emulator kind and one PEFT kind")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"OffsiteConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.eval_windows < 0:
             raise ValueError(f"OffsiteConfig.eval_windows must be >= 0, got {self.eval_windows}")
         self.train_config(self.lr)
@@ -82,7 +87,7 @@ class OffsiteConfig:
         return TrainConfig(steps=self.steps, batch=self.batch, lr=lr, warmup=self.warmup, chunk=min(25, self.steps), seed=self.seed)
 
     def peft(self, kind: str) -> PeftConfig:
-        return PeftConfig(kind=kind, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
+        return PeftConfig(kind=kind, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=self.dropout)
 
     def replace(self, **changes) -> "OffsiteConfig":
         return dataclasses.replace(self, **changes)
@@ -114,10 +119,13 @@ def n_params(tree) -> int:
     return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 
 
-def tune(base, model: GPT2Config, peft: Optional[PeftConfig], windows, tcfg: TrainConfig, *, name: str, logdir=None, show_progress=True) -> tuple:
-    """Fine-tune (FT when `peft` is None, else the PEFT state on `base`); returns (trained tree,
-    efficiency dict). The memory figure is of the very step `fit` runs."""
-    objective = lm_objective(model, peft)
+def tune(base, model: GPT2Config, peft: Optional[PeftConfig], windows, tcfg: TrainConfig, *, name: str, logdir=None,
+         show_progress=True, dropout: float = 0.0) -> tuple:
+    """Fine-tune (FT when `peft` is None, else the PEFT state on `base`) with `dropout` on the
+    embedding, attention and residuals; returns (trained tree, efficiency dict). The memory figure
+    is of the very step `fit` runs."""
+    train_model = model.replace(embd_pdrop=dropout, attn_pdrop=dropout, resid_pdrop=dropout)
+    objective = lm_objective(train_model, peft, dropout=dropout > 0)
     trainable = base if peft is None else peft_lib.init(jax.random.PRNGKey(tcfg.seed), base, model, peft)
     frozen = None if peft is None else base
     example = {"tokens": jnp.asarray(windows[: tcfg.batch])}
@@ -178,13 +186,13 @@ def run_table(cfg: OffsiteConfig = OffsiteConfig(), *, foundation: Optional[Foun
         depth_sweep[s_k.name] = ppl(emu.build(full, s_k), s_k.emulator_config(model))
     efficiency, runs = [], {}
 
-    ft_params, ft_stats = tune(full, model, None, windows, cfg.train_config(cfg.lr), name="FT", logdir=logdir, show_progress=show_progress)
+    ft_params, ft_stats = tune(full, model, None, windows, cfg.train_config(cfg.lr), name="FT", logdir=logdir, show_progress=show_progress, dropout=cfg.dropout)
     ft_ppl = ppl(ft_params, model)
     del ft_params
     efficiency.append(dict(setting="FT", emulator="-", peft="all parameters", **ft_stats))
     if cfg.ft_lora:
         lora_all = cfg.peft("lora")
-        state, stats = tune(full, model, lora_all, windows, cfg.train_config(cfg.lr_lora), name="FT-LoRA", logdir=logdir, show_progress=show_progress)
+        state, stats = tune(full, model, lora_all, windows, cfg.train_config(cfg.lr_lora), name="FT-LoRA", logdir=logdir, show_progress=show_progress, dropout=cfg.dropout)
         efficiency.append(dict(setting="FT", emulator="-", peft="lora", ppl=ppl(full, model, state, lora_all), **stats))
 
     emu_cfg = spec.emulator_config(model)
@@ -201,7 +209,7 @@ def run_table(cfg: OffsiteConfig = OffsiteConfig(), *, foundation: Optional[Foun
             on_emu, on_full = spec.emulator_peft(pc), spec.full_peft(pc)
             lr = cfg.lr if peft_kind == "full" else cfg.lr_lora
             name = f"OT-{kind}-{peft_kind}"
-            state, stats = tune(emulator, emu_cfg, on_emu, windows, cfg.train_config(lr), name=name, logdir=logdir, show_progress=show_progress)
+            state, stats = tune(emulator, emu_cfg, on_emu, windows, cfg.train_config(lr), name=name, logdir=logdir, show_progress=show_progress, dropout=cfg.dropout)
             row = {
                 "emulator": kind, "peft": peft_kind, "Full ZS": full_zs, "Emulator ZS": emulator_zs, "FT": ft_ppl,
                 "OT Emulator": ppl(emulator, emu_cfg, state, on_emu),

@@ -280,21 +280,50 @@ def step_memory(loss_fn: LossFn, trainable: PyTree, frozen: PyTree, batch: PyTre
 # GPT-2 language modelling: the objective and the perplexity every run reports
 # --------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
-def lm_objective(model: GPT2Config, peft: Optional[PeftConfig] = None, dropout: bool = False) -> LossFn:
+def lm_objective(model: GPT2Config, peft: Optional[PeftConfig] = None, dropout: bool = False,
+                 layerdrop: float = 0.0, layerdrop_blocks: tuple = ()) -> LossFn:
     """Next-token loss for `fit` on batches {"tokens": (B, T)[, "mask": (B, T)]}.
 
     Without `peft` the trainable tree is the GPT-2 params themselves (pretraining, FT) and
     `frozen` is unused; with `peft` the trainable tree is the PEFT state and `frozen` the base
     params (an emulator or the full model). dropout=False (the default) trains deterministically:
-    our runs see each token about once, where dropout only slows learning.
+    our runs see each token about once, where dropout only slows learning. `layerdrop` > 0 skips
+    each block of `layerdrop_blocks` with that probability at every step (see `drop_blocks`).
     """
 
     def loss(trainable, frozen, batch, rng):
         params, state = (trainable, None) if peft is None else (frozen, trainable)
+        if layerdrop > 0.0:
+            rng, k_drop = jax.random.split(rng)
+            params = drop_blocks(params, k_drop, layerdrop, layerdrop_blocks)
         logits = gpt2.apply(params, batch["tokens"], config=model, peft=state, peft_config=peft, rng=rng if dropout else None)
         return gpt2.lm_loss(logits, batch["tokens"], batch.get("mask"))
 
     return loss
+
+
+def drop_blocks(params: PyTree, rng: jax.Array, rate: float, blocks: tuple) -> PyTree:
+    """LayerDrop (Fan et al., 2019): skip each of `blocks` with probability `rate`.
+
+    A block is skipped by zeroing its two output projections (attention and MLP `c_proj`, weight
+    and bias), which makes both residual updates zero: the block is the identity, and none of its
+    parameters gets a gradient this step. Pretraining the middle blocks this way trains the model
+    to work with any subset of them, as a layer-drop emulator uses it.
+    """
+    n_layer = params["blocks"]["ln_1"]["scale"].shape[0]
+    droppable = jnp.zeros((n_layer,), bool).at[jnp.asarray(blocks, jnp.int32)].set(True)
+    keep = jnp.where(droppable, jax.random.bernoulli(rng, 1.0 - rate, (n_layer,)), True).astype(jnp.float32)
+
+    def gate(x):
+        return x * keep.reshape((n_layer,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+    blocks_p = params["blocks"]
+    gated = {
+        **blocks_p,
+        "attn": {**blocks_p["attn"], "c_proj": jax.tree.map(gate, blocks_p["attn"]["c_proj"])},
+        "mlp": {**blocks_p["mlp"], "c_proj": jax.tree.map(gate, blocks_p["mlp"]["c_proj"])},
+    }
+    return {**params, "blocks": gated}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "peft", "batch"))
