@@ -528,15 +528,20 @@ def compiler_options() -> dict:
     """XLA options for compiling SABPPO training on the default backend.
 
     On a CPU, XLA's YNNPACK library fusions (on by default in jax 0.10) run the agent's small
-    matmuls (a few hundred rows by 64) slower than XLA's own kernels: training runs about 1.25x
-    faster without them (benchmarks/ppo_throughput.py). The federated rounds' larger matmuls are
-    faster with them, so the option is given per compile, never process-wide.
+    matmuls (a few hundred rows by 64) slower than XLA's own kernels: a whole training run was
+    about 1.25x faster without them when this was written (time it with
+    benchmarks/ppo_throughput.py). The federated rounds' larger matmuls are faster with them, so
+    the option is given per compile, never process-wide.
     """
     return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
 
 
 def jit(fun: Callable, **kwargs) -> Callable:
-    """``jax.jit`` with :func:`compiler_options`: use it for ``train``/``run_updates`` and vmaps of them."""
+    """``jax.jit`` with :func:`compiler_options`: use it for ``train``/``run_updates`` and vmaps of them.
+
+    Only for a top-level call: jax refuses compiler options on a jit nested inside another trace
+    (inside your own ``jax.jit``, use ``train`` directly).
+    """
     return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
 
 
