@@ -10,74 +10,20 @@ written as benchmarks/results/NAME.json (everything) and NAME.md (a table for hu
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedpeat_jax.io.machine import machine_info  # noqa: F401 - re-exported for the benchmark scripts
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-# --------------------------------------------------------------------------------------------
-# Machine
-# --------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _version(module: str) -> Optional[str]:
-    try:
-        return __import__(module).__version__
-    except Exception:  # not installed, or no __version__
-        return None
-
-
-def _git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def machine_info() -> dict:
-    """What the numbers were measured on. `loadavg` matters: other work on the machine slows us."""
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    return {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "jax": jax.__version__,
-        "jaxlib": _version("jaxlib"),
-        "torch": _version("torch"),
-        "transformers": _version("transformers"),
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "git_commit": _git_commit(),
-    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from fedpeat_jax.io.plots import pyplot
+
 STAGES = ("corpus", "foundation", "emulators", "fedpeat", "offsite", "calibrate", "controller", "report")
 
 
@@ -194,10 +196,7 @@ def _plot_fedpeat(out: Path) -> Optional[str]:
     logdir = out / "fedpeat" / "logs"
     if not (logdir / "metrics.jsonl").exists():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     records = read_metrics(logdir)
     train = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]

@@ -80,6 +80,7 @@ from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig  # noqa: E402
 from fedpeat_jax.fed import aggregate  # noqa: E402
 from fedpeat_jax.fed.client import Hyper, batch_loss, client_optimizer, local_steps, local_train  # noqa: E402
 from fedpeat_jax.fed.simulation import FedData, FedPEAT  # noqa: E402
+from fedpeat_jax.io.plots import pyplot  # noqa: E402
 from fedpeat_jax.mec import system  # noqa: E402
 from fedpeat_jax.mec.env import EnvParams  # noqa: E402
 from fedpeat_jax.model import gpt2  # noqa: E402
@@ -742,10 +743,7 @@ SHORT = {"fedpeat_lora": "FedPEAT\nLoRA, emu", "fed_full_adapter": "full adapter
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     mth = res["methods"]

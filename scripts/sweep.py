@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import RESULTS_DIR, machine_info, write_json, write_markdown  # noqa: E402
 from fedpeat_jax.config import GPT2Config  # noqa: E402
+from fedpeat_jax.io.plots import pyplot  # noqa: E402
 from fedpeat_jax.mec import PRESETS, CalibrationMissingError, EnvParams, FedPEATMEC, preset_params, synthetic_table  # noqa: E402
 from fedpeat_jax.rl import baselines as B  # noqa: E402
 from fedpeat_jax.rl import sabppo  # noqa: E402
@@ -81,10 +82,7 @@ def _env_params(preset):
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     configs = result["configs"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))

@@ -32,10 +32,11 @@ from fedpeat_jax import data as data_lib
 from fedpeat_jax.config import GPT2Config
 from fedpeat_jax.io.checkpoint import CheckpointManager
 from fedpeat_jax.io.logging import RunLogger
+from fedpeat_jax.io.machine import machine_info
 from fedpeat_jax.model import gpt2, hf
 from fedpeat_jax.peat import emulator as emu
 from fedpeat_jax.peat.foundation import Foundation, file_lock, pretraining_texts, write_json_atomic
-from fedpeat_jax.peat.train import TrainConfig, fit, machine_info
+from fedpeat_jax.peat.train import TrainConfig, fit
 from fedpeat_jax.tree import select_blocks
 
 DEFAULT_KD_WEIGHT = 30.0  # the published weight of the KD term

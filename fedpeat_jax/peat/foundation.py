@@ -34,8 +34,9 @@ from fedpeat_jax.config import GPT2Config
 from fedpeat_jax.data.shakespeare import SDIST_SHA256
 from fedpeat_jax.io.checkpoint import CheckpointManager
 from fedpeat_jax.io.logging import RunLogger
+from fedpeat_jax.io.machine import machine_info
 from fedpeat_jax.model import gpt2, hf
-from fedpeat_jax.peat.train import TrainConfig, evaluate_perplexity, fit, lm_objective, machine_info
+from fedpeat_jax.peat.train import TrainConfig, evaluate_perplexity, fit, lm_objective
 
 FORMAT_VERSION = 1  # bump when pretraining code changes its result for the same settings
 INFO_FILE = "foundation.json"

@@ -32,10 +32,11 @@ from fedpeat_jax import data as data_lib
 from fedpeat_jax import peft as peft_lib
 from fedpeat_jax.config import GPT2Config, PeftConfig
 from fedpeat_jax.io.logging import RunLogger
+from fedpeat_jax.io.machine import machine_info
 from fedpeat_jax.peat import emulator as emu
 from fedpeat_jax.peat.distill import DistillConfig, load_distilled
 from fedpeat_jax.peat.foundation import Foundation, load_foundation
-from fedpeat_jax.peat.train import TrainConfig, evaluate_perplexity, fit, lm_objective, machine_info, step_memory
+from fedpeat_jax.peat.train import TrainConfig, evaluate_perplexity, fit, lm_objective, step_memory
 
 SETTINGS = ("Full ZS", "Emulator ZS", "FT", "OT Emulator", "OT Plug-in")
 EMULATORS = ("layer-drop", "distilled")
@@ -297,8 +298,8 @@ def to_markdown(result: dict) -> str:
         )
     lines += [
         "",
-        f"Machine: {machine['processor']}, {machine['cpu_count']} CPUs, {machine['platform']}, jax {machine['jax']} "
-        f"({machine['backend']}); load average (1, 5, 15 min) at the end {[round(x, 1) for x in machine['load_average'] or []]}. Runtime {result['runtime_s'] / 60:.1f} min. "
+        f"Machine: {machine['cpu_model']}, {machine['cpus_usable']} usable CPUs, {machine['platform']}, jax {machine['jax']} "
+        f"({machine['jax_backend']}); load average (1, 5, 15 min) at the end {[round(x, 1) for x in machine['loadavg_1_5_15'] or []]}. Runtime {result['runtime_s'] / 60:.1f} min. "
         f"Created {result['created']}.",
         "",
     ]

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import platform
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
@@ -343,17 +341,4 @@ def evaluate_perplexity(params, tokens, mask, model: GPT2Config, peft_state=None
     return {"ppl": float(np.exp(nll)), "nll": nll, "tokens": int(count), "seconds": seconds}
 
 
-def machine_info() -> dict:
-    """Where a measurement was taken (results files carry it: timings depend on the machine)."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
-__all__ = ["lm_objective", "evaluate_perplexity", "machine_info", "TrainConfig", "TrainState", "TrainResult", "fit", "make_step", "optimizer", "schedule", "step_memory", "init_state", "decay_mask"]
+__all__ = ["lm_objective", "evaluate_perplexity", "TrainConfig", "TrainState", "TrainResult", "fit", "make_step", "optimizer", "schedule", "step_memory", "init_state", "decay_mask"]

@@ -37,6 +37,7 @@ import numpy as np
 
 from fedpeat_jax.io.checkpoint import CheckpointManager
 from fedpeat_jax.io.logging import RunLogger, progress, read_metrics
+from fedpeat_jax.io.plots import pyplot
 from fedpeat_jax.rl import baselines as B
 from fedpeat_jax.rl import sabppo
 from fedpeat_jax.rl.sabppo import SABPPOConfig, Trainer, make_trainer, stack_hparams
@@ -251,18 +252,9 @@ def evaluate_controller(trainer: Trainer, states, env, env_params, controller: C
 # =============================================================================================
 # Plots
 # =============================================================================================
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_learning_curve(history: list, summary: Optional[dict], path, seeds: int = 1):
     """Training episode return vs env steps (mean over seeds, each seed faint), baselines dashed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     steps = np.array([h["step"] for h in history])
     for j in range(seeds if seeds > 1 else 0):
@@ -288,7 +280,7 @@ def plot_learning_curve(history: list, summary: Optional[dict], path, seeds: int
 def plot_comparison(summary: dict, path):
     """Bar chart: mean episode return of SABPPO (error bar: std across seeds) and each baseline
     (error bar: standard error over episodes)."""
-    plt = _pyplot()
+    plt = pyplot()
     names = ["SABPPO"] + list(summary["baselines"])
     means = [summary["sabppo"]["return_mean"]] + [b["return_mean"] for b in summary["baselines"].values()]
     errs = [summary["sabppo"]["return_std_across_seeds"]] + [

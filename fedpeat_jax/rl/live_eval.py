@@ -8,6 +8,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from fedpeat_jax.io.plots import pyplot
 from fedpeat_jax.mec.env import EnvParams, FedPEATMEC, decode_action
 from fedpeat_jax.rl.baselines import as_policy
 
@@ -82,10 +83,7 @@ def to_markdown(result: dict, ppl0: float) -> str:
 
 def plot(result: dict, path) -> None:
     """Real and surrogate perplexity per round for each policy (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for i, (name, p) in enumerate(result["policies"].items()):
