@@ -24,7 +24,7 @@ from fedpeat_jax.mec import (
     make_params,
     synthetic_table,
 )
-from fedpeat_jax.hashrand import hash_bits, uniforms
+from fedpeat_jax.hashrand import hash_bits, permutation, uniforms
 from fedpeat_jax.mec.env import _draws_from_bits
 
 N = 10
@@ -353,3 +353,16 @@ def test_hash_bits_rolled_and_unrolled_agree_and_uniforms_are_uniform():
     counts = np.histogram(u, bins=10, range=(0, 1))[0]
     assert np.abs(counts - 10_000).max() < 500  # ~5 standard deviations
     assert not np.array_equal(uniforms(key, (8,)), uniforms(jax.random.key(8), (8,)))
+
+
+@pytest.mark.parametrize("n", [1, 7, 1600, 70_000])  # 70,000 > 2**16: the argsort fallback
+def test_hash_permutation_is_a_permutation_ordered_by_the_random_words(n):
+    key = jax.random.key(3)
+    perm = np.asarray(jax.jit(permutation, static_argnums=1)(key, n))
+    assert perm.dtype == np.int32
+    np.testing.assert_array_equal(np.sort(perm), np.arange(n))
+    # the same order as an argsort of the full random words, up to ties in their high bits
+    ref = np.argsort(np.asarray(hash_bits(key, (n,), rolled=False)), kind="stable")
+    assert np.mean(perm == ref) > 0.99
+    if n > 7:
+        assert not np.array_equal(perm, np.asarray(permutation(jax.random.key(4), n)))

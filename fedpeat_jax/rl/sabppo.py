@@ -186,7 +186,7 @@ def branch_groups(nvec) -> tuple:
     """Runs of consecutive branches of equal size: ((first_branch, n_branches, size, logit_offset), ...).
 
     The logits of a run are one contiguous (n_branches * size) slice, so each run is handled
-    with a single reshape (the argmax of :func:`mode_branches`).
+    with a single reshape (per-branch sums, the argmax of :func:`mode_branches`).
     """
     nvec = [int(n) for n in np.asarray(nvec).ravel()]
     if not nvec or min(nvec) < 1:
@@ -203,20 +203,23 @@ def branch_groups(nvec) -> tuple:
 
 
 class BranchLayout(NamedTuple):
-    """Where each of the sum(nvec) logits sits: constant index arrays and 0/1 matrices.
+    """Where each of the sum(nvec) = K logits sits (constant index arrays) and the runs of branches.
 
-    Per-branch sums are small matmuls against ``member``, and per-branch values are spread back
-    over the logits by a gather with ``branch``, instead of one reshape + reduction per run of
-    branches: on CPU, XLA reduces over a minor axis of 2-5 choices element by element, and those
-    reductions (and their gradients) dominated the PPO update.
+    Two representations, each the faster one on a CPU for its use:
+
+    * the update (:class:`BranchSoftmax`) keeps (..., K) arrays and sums each run of equal-size
+      branches by one reshape + reduction: their gradients stay broadcasts, where 0/1 matmuls
+      (an earlier version) cost more than the trunk's own layers;
+    * the rollout's sampler (:func:`sample_with_log_probs`, no gradient) gathers choice j of every
+      branch into (..., n_branches) arrays and works on those elementwise.
     """
 
+    nvec: tuple  # (n_branches,) choices per branch
+    groups: tuple  # branch_groups(nvec)
     branch: np.ndarray  # (K,) int32: the branch of logit k
     first: np.ndarray  # (K,) int32: the index of the first logit of logit k's branch
     choice: np.ndarray  # (K,) float32: the index of logit k within its branch
-    member: np.ndarray  # (K, n_branches) float32: 1 where logit k belongs to branch b
-    prefix: np.ndarray  # (K, K) float32: probs @ prefix = the cumulative probability within the branch
-    not_last: np.ndarray  # (K,) float32: 0 for the last choice of every branch
+    branch_first: np.ndarray  # (n_branches,) int32: the index of branch b's first logit
 
 
 def branch_layout(nvec) -> BranchLayout:
@@ -226,22 +229,20 @@ def branch_layout(nvec) -> BranchLayout:
 
 @functools.lru_cache(maxsize=None)
 def _branch_layout(nvec: tuple) -> BranchLayout:
-    branch_groups(nvec)  # validates
+    groups = branch_groups(nvec)  # validates
     sizes = np.asarray(nvec)
     branch = np.repeat(np.arange(len(nvec)), nvec)
     choice = np.concatenate([np.arange(n) for n in nvec])
-    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])[branch]
-    member = branch[:, None] == np.arange(len(nvec))[None, :]
-    prefix = (branch[:, None] == branch[None, :]) & (choice[:, None] <= choice[None, :])
-    not_last = choice < sizes[branch] - 1
-    f32 = np.float32
-    return BranchLayout(branch.astype(np.int32), first.astype(np.int32), choice.astype(f32), member.astype(f32),
-                        prefix.astype(f32), not_last.astype(f32))
+    branch_first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return BranchLayout(nvec, groups, branch.astype(np.int32), branch_first[branch].astype(np.int32),
+                        choice.astype(np.float32), branch_first.astype(np.int32))
 
 
-def _dot(x, m):
-    # full f32 precision: accelerators would otherwise run these f32 matmuls in reduced precision
-    return jnp.matmul(x, jnp.asarray(m, x.dtype), precision=jax.lax.Precision.HIGHEST)
+def _branch_sum(x: jax.Array, layout: BranchLayout) -> jax.Array:
+    """Per-branch sums of (..., K) values -> (..., n_branches): one reshape + reduction per run."""
+    lead = x.shape[:-1]
+    return jnp.concatenate([x[..., off: off + nb * size].reshape(lead + (nb, size)).sum(-1)
+                            for _, nb, size, off in layout.groups], axis=-1)
 
 
 def _spread(x, layout: BranchLayout):
@@ -249,8 +250,18 @@ def _spread(x, layout: BranchLayout):
     return jnp.take(x, layout.branch, axis=-1)
 
 
+def _materialize(x: jax.Array) -> jax.Array:
+    """``x``, computed once: XLA's CPU fusion copies cheap elementwise producers into every
+    consumer, and the environment step reads the actions in a dozen fusions, each of which would
+    then redo the whole sampling. No fusion crosses a matmul, so an exact identity matmul of the
+    (..., n) small integers pins them down (a few microseconds)."""
+    eye = np.eye(x.shape[-1], dtype=np.float32)
+    y = jnp.matmul(x.astype(jnp.float32), eye, precision=jax.lax.Precision.HIGHEST)
+    return jnp.round(y).astype(x.dtype)
+
+
 class BranchSoftmax(NamedTuple):
-    """Every branch's softmax statistics, computed once and shared by log-probs, entropy, sampling."""
+    """Every branch's softmax statistics, computed once and shared by log-probs and entropy."""
 
     layout: BranchLayout
     z: jax.Array  # (..., K) logits shifted by their branch's first logit
@@ -260,7 +271,7 @@ class BranchSoftmax(NamedTuple):
 
     def log_probs(self, actions: jax.Array) -> jax.Array:
         """log pi_b(a_b | s) of every branch, (..., n_branches)."""
-        return _dot(self.chosen(actions) * self.z, self.layout.member) - self.lse
+        return _branch_sum(self.chosen(actions) * self.z, self.layout) - self.lse
 
     def joint_log_prob(self, actions: jax.Array) -> jax.Array:
         """The sum over branches of log pi_b(a_b | s), without the per-branch split."""
@@ -268,7 +279,7 @@ class BranchSoftmax(NamedTuple):
 
     def entropies(self) -> jax.Array:
         """Entropy of every branch, (..., n_branches): log s - sum_k p_k z_k."""
-        return self.lse - _dot(self.e * self.z, self.layout.member) / self.s
+        return self.lse - _branch_sum(self.e * self.z, self.layout) / self.s
 
     def chosen(self, actions: jax.Array) -> jax.Array:
         # one-hot of the chosen logit of every branch (a multiply in the gradient, not a scatter)
@@ -285,7 +296,7 @@ def branch_softmax(logits: jax.Array, nvec) -> BranchSoftmax:
     layout = branch_layout(nvec)
     z = logits - jax.lax.stop_gradient(jnp.take(logits, layout.first, axis=-1))
     e = jnp.exp(jnp.minimum(z, 80.0))
-    s = _dot(e, layout.member)
+    s = _branch_sum(e, layout)
     return BranchSoftmax(layout, z, e, s, jnp.log(s))
 
 
@@ -307,16 +318,27 @@ def branch_entropies(logits: jax.Array, nvec) -> jax.Array:
 def sample_with_log_probs(key: jax.Array, logits: jax.Array, nvec):
     """(actions (..., n_branches) int32, their branch log-probs): one sample per branch by inversion.
 
-    The sample is the number of choices, other than the last, whose cumulative probability is
-    below the branch's uniform; the uniforms come from :func:`fedpeat_jax.hashrand.uniforms`.
+    x_j = choice j of every branch (one gather of constant indices; a branch with fewer choices
+    repeats its last one, masked out), shifted by choice 0 as in :func:`branch_softmax`. With a
+    uniform u per branch (:func:`fedpeat_jax.hashrand.uniforms`), the sample is the number of
+    choices, other than the last, whose running sum e_0 + ... + e_j is below u * s.
     """
-    sm = branch_softmax(logits, nvec)
-    layout = sm.layout
-    cdf = _dot(sm.e / _spread(sm.s, layout), layout.prefix)
-    u = hashrand.uniforms(key, logits.shape[:-1] + (layout.member.shape[1],), rolled=False)
-    below = (cdf < _spread(u, layout)).astype(logits.dtype) * layout.not_last
-    actions = jnp.round(_dot(below, layout.member)).astype(jnp.int32)
-    return actions, sm.log_probs(actions)
+    layout = branch_layout(nvec)
+    sizes = np.asarray(layout.nvec)
+    last = layout.branch_first + sizes - 1
+    x = [jnp.take(logits, np.minimum(layout.branch_first + j, last), axis=-1) for j in range(int(sizes.max()))]
+    z = [xj - jax.lax.stop_gradient(x[0]) for xj in x]
+    e = [jnp.exp(jnp.minimum(zj, 80.0)) * (j < sizes) for j, zj in enumerate(z)]
+    s = sum(e)
+    threshold = hashrand.uniforms(key, logits.shape[:-1] + (len(sizes),), rolled=False) * s
+    actions, running = jnp.zeros(s.shape, jnp.int32), jnp.zeros_like(s)
+    for j in range(len(e) - 1):
+        running = running + e[j]
+        actions = actions + ((running < threshold) & (j < sizes - 1)).astype(jnp.int32)
+    chosen = z[0]
+    for j in range(1, len(z)):
+        chosen = jnp.where(actions == j, z[j], chosen)
+    return _materialize(actions), chosen - jnp.log(s)
 
 
 def sample_branches(key: jax.Array, logits: jax.Array, nvec) -> jax.Array:
@@ -692,7 +714,7 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
         opt = optimizer(hp)
         flat = lambda x: x.reshape((config.batch_size,) + x.shape[2:])  # noqa: E731
         data = jax.tree.map(flat, ((traj.obs, traj.action, traj.logp_b, traj.value), adv, targets))
-        perm = jnp.argsort(hashrand.hash_bits(key, (config.batch_size,), rolled=False))  # a shuffle without threefry's loop
+        perm = hashrand.permutation(key, config.batch_size)  # a shuffle without threefry's loop
         mbs = jax.tree.map(lambda x: x[perm].reshape((config.num_minibatches, config.minibatch_size) + x.shape[1:]), data)
 
         def minibatch(carry, mb):
