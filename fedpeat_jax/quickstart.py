@@ -47,6 +47,31 @@ class QuickstartConfig:
     eval_episodes: int = 32
     seed: int = 0
 
+    def __post_init__(self):
+        object.__setattr__(self, "calibrate_levels", tuple(self.calibrate_levels))
+        object.__setattr__(self, "calibrate_clients", tuple(self.calibrate_clients))
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse sizes that cannot work, before anything is fetched or compiled (each stage's own config checks the rest)."""
+        from fedpeat_jax.peat.foundation import PRETRAIN_PRESETS  # the presets the project can pretrain itself
+
+        if self.preset not in PRETRAIN_PRESETS:
+            raise ValueError(f"QuickstartConfig.preset must be one of {sorted(PRETRAIN_PRESETS)}, got {self.preset!r}")
+        for name in ("seq_len", "rounds", "clients_per_round", "local_steps", "offsite_steps", "offsite_eval_windows",
+                     "calibrate_rounds", "controller_steps", "controller_envs", "eval_episodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"QuickstartConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"QuickstartConfig.seq_len must be >= 2, got {self.seq_len}")
+        if not self.client_lr > 0:
+            raise ValueError(f"QuickstartConfig.client_lr must be > 0, got {self.client_lr}")
+        if not self.calibrate_levels or any(not isinstance(k, int) or k < 0 for k in self.calibrate_levels):
+            raise ValueError(f"QuickstartConfig.calibrate_levels must be emulator sizes k >= 0, got {self.calibrate_levels}")
+        if not self.calibrate_clients or any(not isinstance(c, int) or c < 1 for c in self.calibrate_clients):
+            raise ValueError(f"QuickstartConfig.calibrate_clients must be client counts >= 1, got {self.calibrate_clients}")
+
     @classmethod
     def tiny(cls) -> "QuickstartConfig":
         return cls(preset="tiny", seq_len=32, rounds=4, clients_per_round=4, local_steps=2, offsite_steps=6, offsite_eval_windows=8,
@@ -169,10 +194,12 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
                                    seq_len=float(config.seq_len))
         agent = SABPPOConfig(total_timesteps=config.controller_steps, num_envs=config.controller_envs)
         summary = train_controller(agent, env_params, out / "controller", controller=ControllerConfig(eval_episodes=config.eval_episodes, seed=config.seed))
-        rows = [("SABPPO", summary["sabppo"]["return_mean"])] + [(n, b["return_mean"]) for n, b in summary["baselines"].items()]
+        baselines = {n: b["return_mean"] for n, b in summary["baselines"].items()}
+        rows = [("SABPPO", summary["sabppo"]["return_mean"]), *baselines.items()]
         table = "| policy | mean return |\n|---|---|\n" + "\n".join(f"| {n} | {r:.3f} |" for n, r in rows)
         log(table)
-        return {"table": table, "beats_every_baseline": summary["beats_every_baseline"], "plots": ["learning_curve.png", "comparison.png"]}
+        return {"table": table, "sabppo": summary["sabppo"]["return_mean"], "baselines": baselines,
+                "beats_every_baseline": summary["beats_every_baseline"], "plots": ["learning_curve.png", "comparison.png"]}
 
     summaries = {}
     summaries["corpus"] = stages.run("corpus", corpus, log)
@@ -184,7 +211,31 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
     summaries["controller"] = stages.run("controller", controller, log)
     report = write_report(out, config, summaries)
     stages.run("report", lambda: {"report": str(report)}, log)
+    log("\n" + "\n".join(headline(summaries)))
+    log("\nNext: `fedpeat tune --help` (federated runs), `fedpeat train-controller --help` (the controller), "
+        "`python scripts/fedpeat_study.py` (FedPEAT against the other federated methods); docs/ has every option.")
     return report
+
+
+def headline(s: dict) -> list:
+    """The result of every stage in a line each, with the stage times: printed at the end and heading the report."""
+    fm, fed, ctl = s["foundation"], s["fedpeat"], s["controller"]
+    rows = s["offsite"]["rows"]
+    held = sum(all(r["pattern"].values()) for r in rows)
+    best = max(ctl.get("baselines", {}).items(), key=lambda kv: kv[1], default=None)
+    times = ", ".join(f"{name} {s[name]['seconds']:.0f}" for name in STAGES if name in s and "seconds" in s[name])
+    lines = [
+        "## Summary",
+        "",
+        f"- Foundation model: {fm['params']:,} parameters, modern-spelling held-out perplexity {fm.get('heldout_ppl', float('nan')):.2f}.",
+        f"- FedPEAT ({fed['clients']} role clients, {fed['rounds']} rounds): held-out plug-in perplexity {fed['zero_shot_ppl']:.2f} -> {fed['plugin_ppl']:.2f}.",
+        f"- Offsite-tuning pattern (OT Plug-in < Full ZS and < OT Emulator, Emulator ZS > Full ZS) holds in {held} of {len(rows)} rows.",
+    ]
+    if best is not None:
+        verdict = "beats every baseline" if ctl["beats_every_baseline"] else "does not beat every baseline"
+        lines.append(f"- Controller: SABPPO mean return {ctl['sabppo']:.3f} {verdict} (best baseline {best[0]}: {best[1]:.3f}).")
+    lines.append(f"- Stage times in seconds (each from the run that did it): {times}; total {sum(s[n]['seconds'] for n in STAGES if n in s and 'seconds' in s[n]):.0f}.")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +270,8 @@ def write_report(out: Path, config: QuickstartConfig, s: dict) -> Path:
     lines = [
         "# FedPEAT quickstart report",
         "",
+        *headline(s),
+        "",
         f"Settings: `{json.dumps(dataclasses.asdict(config))}`",
         "",
         "## Corpus",
@@ -228,7 +281,7 @@ def write_report(out: Path, config: QuickstartConfig, s: dict) -> Path:
         "## Foundation model",
         "",
         f"`{s['foundation']['path']}`: {s['foundation']['params']:,} parameters; modern-spelling held-out perplexity "
-        f"{s['foundation'].get('heldout_ppl', 'n/a')}.",
+        f"{s['foundation'].get('heldout_ppl', float('nan')):.2f}.",
         "",
         "## Emulators (2-k-2)",
         "",
@@ -247,7 +300,7 @@ def write_report(out: Path, config: QuickstartConfig, s: dict) -> Path:
     if plot:
         lines += [f"![FedPEAT]({plot})", ""]
     if (out / "offsite" / "table.md").exists():
-        lines += ["## Offsite tuning", "", (out / "offsite" / "table.md").read_text().split("\n", 1)[1], ""]
+        lines += ["## Offsite tuning", "", (out / "offsite" / "table.md").read_text().split("\n", 1)[1].strip(), ""]
     cal = s["calibrate"]
     lines += ["## Environment calibration", "", "| k | ppl_inf | eta |", "|---|---|---|",
               *[f"| {k} | {p:.2f} | {e:.3f} |" for k, p, e in zip(cal["k"], cal["ppl_inf"], cal["eta"])], ""]

@@ -20,9 +20,10 @@ def test_quickstart_tiny_writes_the_report_and_resumes(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"report: {(out / 'report.md').resolve()}" in run.stdout
+    assert "- FedPEAT (" in run.stdout and "- Controller: SABPPO mean return" in run.stdout  # the closing summary
 
     report = (out / "report.md").read_text()
-    for heading in ("## Corpus", "## Foundation model", "## Emulators", "## FedPEAT", "## Offsite tuning", "## Environment calibration", "## Controller"):
+    for heading in ("## Summary", "## Corpus", "## Foundation model", "## Emulators", "## FedPEAT", "## Offsite tuning", "## Environment calibration", "## Controller"):
         assert heading in report
     for path in ("fedpeat.png", "controller/learning_curve.png", "controller/comparison.png", "calibration.json",
                  "fedpeat/model/config.json", "fedpeat/model/model.safetensors", "fedpeat/logs/metrics.jsonl", "offsite/table.md"):

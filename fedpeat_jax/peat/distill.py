@@ -67,7 +67,7 @@ class DistillConfig:
 
     def train_config(self) -> TrainConfig:
         # No weight decay: it would pull the copied blocks away from the teacher for no gain.
-        return TrainConfig(steps=self.steps, batch=self.batch, lr=self.lr, warmup=self.warmup,
+        return TrainConfig.of("DistillConfig", steps=self.steps, batch=self.batch, lr=self.lr, warmup=self.warmup,
                            final_lr_ratio=self.final_lr_ratio, chunk=self.chunk, seed=self.seed)
 
     def replace(self, **changes) -> "DistillConfig":

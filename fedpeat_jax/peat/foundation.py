@@ -76,7 +76,7 @@ class PretrainConfig:
         self.train_config()  # validates steps, batch, lr, warmup...
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(
+        return TrainConfig.of("PretrainConfig", 
             steps=self.steps, batch=self.batch, lr=self.lr, warmup=self.warmup, final_lr_ratio=self.final_lr_ratio,
             weight_decay=self.weight_decay, chunk=self.chunk, seed=self.seed,
         )

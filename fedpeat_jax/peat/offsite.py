@@ -85,7 +85,7 @@ class OffsiteConfig:
         self.train_config(self.lr)
 
     def train_config(self, lr: float) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch=self.batch, lr=lr, warmup=self.warmup, chunk=min(25, self.steps), seed=self.seed)
+        return TrainConfig.of("OffsiteConfig", steps=self.steps, batch=self.batch, lr=lr, warmup=self.warmup, chunk=min(25, self.steps), seed=self.seed)
 
     def peft(self, kind: str) -> PeftConfig:
         return PeftConfig(kind=kind, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=self.dropout)

@@ -68,6 +68,15 @@ class TrainConfig:
         if self.weight_decay < 0 or self.clip < 0:
             raise ValueError("TrainConfig.weight_decay and TrainConfig.clip must be >= 0")
 
+    @classmethod
+    def of(cls, owner: str, **fields) -> "TrainConfig":
+        """The TrainConfig that config class `owner` (PretrainConfig, ...) builds from its own fields of the same
+        names; its errors name `owner`'s fields, so that the command line maps them to the owner's options."""
+        try:
+            return cls(**fields)
+        except ValueError as err:
+            raise ValueError(str(err).replace("TrainConfig.", f"{owner}.")) from None
+
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
