@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from fedpeat_jax.io.plots import pyplot
+from fedpeat_jax.peat.foundation import PRETRAIN_PRESETS
+
+PRESETS = tuple(PRETRAIN_PRESETS)  # the foundation models the project pretrains itself
 
 STAGES = ("corpus", "foundation", "emulators", "fedpeat", "offsite", "calibrate", "controller", "report")
 
@@ -54,17 +57,15 @@ class QuickstartConfig:
 
     def validate(self) -> None:
         """Refuse sizes that cannot work, before anything is fetched or compiled (each stage's own config checks the rest)."""
-        from fedpeat_jax.peat.foundation import PRETRAIN_PRESETS  # the presets the project can pretrain itself
-
-        if self.preset not in PRETRAIN_PRESETS:
-            raise ValueError(f"QuickstartConfig.preset must be one of {sorted(PRETRAIN_PRESETS)}, got {self.preset!r}")
-        for name in ("seq_len", "rounds", "clients_per_round", "local_steps", "offsite_steps", "offsite_eval_windows",
+        if self.preset not in PRESETS:
+            raise ValueError(f"QuickstartConfig.preset must be one of {PRESETS}, got {self.preset!r}")
+        for name in ("rounds", "clients_per_round", "local_steps", "offsite_steps", "offsite_eval_windows",
                      "calibrate_rounds", "controller_steps", "controller_envs", "eval_episodes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"QuickstartConfig.{name} must be an integer >= 1, got {value!r}")
-        if self.seq_len < 2:
-            raise ValueError(f"QuickstartConfig.seq_len must be >= 2, got {self.seq_len}")
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ValueError(f"QuickstartConfig.seq_len must be an integer >= 2, got {self.seq_len!r}")
         if not self.client_lr > 0:
             raise ValueError(f"QuickstartConfig.client_lr must be > 0, got {self.client_lr}")
         if not self.calibrate_levels or any(not isinstance(k, int) or k < 0 for k in self.calibrate_levels):

@@ -39,7 +39,7 @@ def test_help_of_every_subcommand(name, capsys):
         (["calibrate", "--levels", "3,1"], "--levels (CalibrateConfig.levels) must be strictly increasing"),
         (["tune", "--config", "/nonexistent.json"], "--config: no such file"),
         (["quickstart", "--rounds", "0"], "--rounds (QuickstartConfig.rounds) must be an integer >= 1"),
-        (["quickstart", "--preset", "gpt2"], "--preset (QuickstartConfig.preset) must be one of ['base', 'default', 'tiny']"),
+        (["quickstart", "--preset", "gpt2"], "--preset (QuickstartConfig.preset) must be one of ('tiny', 'default', 'base')"),
         (["pretrain", "--steps", "0"], "--steps (PretrainConfig.steps) must be an integer >= 1"),
         (["offsite-table", "--offsite-warmup", "100", "--offsite-steps", "60"], "--offsite-warmup (OffsiteConfig.warmup) must be in [0, steps=60)"),
         (["distill", "--kd-weight", "-1"], "--kd-weight (DistillConfig.kd_weight) must be >= 0"),
