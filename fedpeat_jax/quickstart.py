@@ -224,7 +224,7 @@ def headline(s: dict) -> list:
     rows = s["offsite"]["rows"]
     held = sum(all(r["pattern"].values()) for r in rows)
     best = max(ctl.get("baselines", {}).items(), key=lambda kv: kv[1], default=None)
-    times = ", ".join(f"{name} {s[name]['seconds']:.0f}" for name in STAGES if name in s and "seconds" in s[name])
+    timed = {name: s[name]["seconds"] for name in STAGES if "seconds" in s.get(name, {})}
     lines = [
         "## Summary",
         "",
@@ -235,7 +235,8 @@ def headline(s: dict) -> list:
     if best is not None:
         verdict = "beats every baseline" if ctl["beats_every_baseline"] else "does not beat every baseline"
         lines.append(f"- Controller: SABPPO mean return {ctl['sabppo']:.3f} {verdict} (best baseline {best[0]}: {best[1]:.3f}).")
-    lines.append(f"- Stage times in seconds (each from the run that did it): {times}; total {sum(s[n]['seconds'] for n in STAGES if n in s and 'seconds' in s[n]):.0f}.")
+    times = ", ".join(f"{name} {sec:.0f}" for name, sec in timed.items())
+    lines.append(f"- Stage times in seconds (each from the run that did it): {times}; total {sum(timed.values()):.0f}.")
     return lines
 
 
