@@ -279,19 +279,19 @@ def run_tune(task_cfg, peft_cfg, fed_cfg, *, preset="default", model_dir=None, o
         raise ValueError(f"--seq-len ({task_cfg.seq_len}) exceeds the model's n_positions ({model.n_positions})")
     model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     task = build_task(task_cfg, tokenizer, cache_dir=cache_dir)
-    sim = FedPEAT(params, model, peft_cfg, fed_cfg, n_clients=int(task.train.tokens.shape[0]))
+    sim = FedPEAT(model, peft_cfg, fed_cfg, n_clients=int(task.train.tokens.shape[0]))
     out = Path(out)
     if not resume and out.exists():
         shutil.rmtree(out)
-    zero = sim.eval_nll(sim.init(jax.random.key(fed_cfg.seed)), *map(jax.numpy.asarray, task.heldout))
+    zero = jax.jit(sim.eval_nll)(jax.jit(sim.init)(jax.random.key(fed_cfg.seed), params), params, *map(jax.numpy.asarray, task.heldout))
     result = driver.train(
-        sim, task.train, seed=fed_cfg.seed, eval_data=task.heldout, server_data=tuple(map(jax.numpy.asarray, task.server)) if fed_cfg.server_participation else None,
+        sim, params, task.train, seed=fed_cfg.seed, eval_data=task.heldout, server_data=tuple(map(jax.numpy.asarray, task.server)) if fed_cfg.server_participation else None,
         logdir=out / "logs", ckpt_dir=out / "checkpoints", resume=resume, show_progress=show_progress,
     )
     export = out / "model"
-    merged = sim.base_params(result.state)
+    merged = sim.base_params(result.state, params)
     if peft_cfg.kind in ("lora", "bitfit", "full"):
-        hf.save_pretrained(merged, model, export, peft_state=result.state.peft, peft_config=sim.peft_full, tokenizer=tokenizer, overwrite=True)
+        hf.save_pretrained(merged, model, export, peft_state=result.state.trainable, peft_config=sim.peft_full, tokenizer=tokenizer, overwrite=True)
     summary = {
         "clients": int(task.train.tokens.shape[0]),
         "client_tokens": task.n_tokens,

@@ -207,7 +207,8 @@ class PeftConfig:
 
 CLIENT_OPTIMIZERS = ("sgd", "adam")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
-ALGORITHMS = ("fedavg", "fedprox", "scaffold")
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "local")
+TRAINABLES = ("adapter", "all_blocks", "model")
 AGGREGATIONS = ("mean", "median", "trimmed_mean", "norm_bound")
 LORA_AGGREGATIONS = ("mean", "exact")
 
@@ -216,10 +217,22 @@ LORA_AGGREGATIONS = ("mean", "exact")
 class FedConfig:
     """One federated tuning run: sampling, local training, aggregation, privacy, emulators.
 
+    What devices train (`trainable`): "adapter" (FedPEAT: the PEFT module in the adapter blocks,
+    tuned on an emulator), "all_blocks" (the PEFT module in every block, tuned on the full model,
+    e.g. FedIT's LoRA) or "model" (every weight: full fine-tuning on the full model). The last two
+    need the device to hold the whole model: `emulator_levels` is then the whole middle.
+    `algorithm="local"` is local-only tuning: every client keeps and continues its own tree and
+    nothing is aggregated.
+
     Emulators: every client trains on an `l-k-r` emulator with k from `emulator_levels`; which
     level each client holds is given per client (`ClientData`-side or by the controller). Each
     round has `level_slots[j]` client slots on level j (default: all `clients_per_round` slots on
     the first level), so a round pays for each client's own emulator, never the largest on all.
+
+    Memory: a round trains its clients `client_chunk` at a time (vmapped inside a chunk, a scan
+    over chunks, aggregation streamed through the scan), so its memory is flat in
+    `clients_per_round`. None picks the chunk: at most `DEFAULT_CLIENT_CHUNK`, fewer when the
+    compiled round would not fit in `memory_budget_gb` (None: most of the device's memory).
     """
 
     clients_per_round: int = 8
@@ -247,6 +260,9 @@ class FedConfig:
     adapter_r: int = 2
     emulator_levels: tuple = (2,)  # k values (middle blocks kept) devices may hold
     level_slots: Optional[tuple] = None
+    trainable: str = "adapter"
+    client_chunk: Optional[int] = None
+    memory_budget_gb: Optional[float] = None
     rounds_per_chunk: int = 5
     eval_batch: int = 16
     seed: int = 0
@@ -272,6 +288,11 @@ class FedConfig:
         _require(self.client_optimizer in CLIENT_OPTIMIZERS, f"FedConfig.client_optimizer must be one of {CLIENT_OPTIMIZERS}, got {self.client_optimizer!r}")
         _require(self.server_optimizer in SERVER_OPTIMIZERS, f"FedConfig.server_optimizer must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
         _require(self.algorithm in ALGORITHMS, f"FedConfig.algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        _require(self.trainable in TRAINABLES, f"FedConfig.trainable must be one of {TRAINABLES}, got {self.trainable!r}")
+        _require(self.client_chunk is None or (isinstance(self.client_chunk, int) and self.client_chunk >= 1),
+                 f"FedConfig.client_chunk must be None or an integer >= 1, got {self.client_chunk!r}")
+        _require(self.memory_budget_gb is None or self.memory_budget_gb > 0,
+                 f"FedConfig.memory_budget_gb must be None or > 0, got {self.memory_budget_gb!r}")
         _require(self.aggregation in AGGREGATIONS, f"FedConfig.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         _require(self.lora_aggregation in LORA_AGGREGATIONS, f"FedConfig.lora_aggregation must be one of {LORA_AGGREGATIONS}, got {self.lora_aggregation!r}")
         _require(self.client_lr > 0, f"FedConfig.client_lr must be > 0, got {self.client_lr}")
@@ -290,6 +311,7 @@ class FedConfig:
         _require(len(slots) == len(self.emulator_levels), f"FedConfig.level_slots {slots} must have one entry per emulator level {self.emulator_levels}")
         _require(all(s >= 0 for s in slots) and sum(slots) == self.clients_per_round,
                  f"FedConfig.level_slots {slots} must be >= 0 and sum to clients_per_round ({self.clients_per_round})")
+        self._check_combinations()
         if n_clients is not None:
             _require(
                 self.clients_per_round <= n_clients,
@@ -301,6 +323,30 @@ class FedConfig:
                      f"FedConfig adapter l={self.adapter_l}, r={self.adapter_r} leaves no middle in a {model.n_layer}-block model")
             too_big = [k for k in self.emulator_levels if k > n_middle]
             _require(not too_big, f"FedConfig.emulator_levels {too_big} larger than the model's middle ({n_middle} blocks)")
+            if self.trainable != "adapter":
+                _require(self.emulator_levels == (n_middle,),
+                         f"FedConfig.trainable={self.trainable!r} trains on the full model: set FedConfig.emulator_levels to the "
+                         f"whole middle ({n_middle},), got {self.emulator_levels}")
+
+    def _check_combinations(self) -> None:
+        """Options that do not combine, refused before anything is traced."""
+        if self.lora_aggregation == "exact":
+            _require(self.trainable != "model", "FedConfig.lora_aggregation='exact' needs a LoRA module, not FedConfig.trainable='model'")
+            _require(self.server_optimizer == "fedavg" and self.aggregation == "mean" and self.dp_clip is None
+                     and self.algorithm in ("fedavg", "fedprox"),
+                     "FedConfig.lora_aggregation='exact' (FLoRA) combines only with server_optimizer='fedavg', "
+                     "aggregation='mean', no DP, and algorithm 'fedavg' or 'fedprox'")
+        if self.algorithm == "scaffold":
+            _require(self.client_optimizer == "sgd", "FedConfig.algorithm='scaffold' assumes plain SGD: set FedConfig.client_optimizer='sgd'")
+            _require(not self.server_participation, "FedConfig.algorithm='scaffold' keeps no control variate for the server: "
+                     "set FedConfig.server_participation=False")
+        if self.algorithm == "local":
+            _require(not (self.server_participation or self.secure_aggregation or self.dp_clip is not None
+                          or self.lora_aggregation == "exact" or self.aggregation != "mean" or self.server_optimizer != "fedavg"),
+                     "FedConfig.algorithm='local' aggregates nothing: server_participation, secure_aggregation, dp_clip, "
+                     "lora_aggregation='exact', robust aggregation and server optimizers do not apply")
+        _require(not (self.secure_aggregation and (self.dp_clip is not None or self.aggregation != "mean")),
+                 "FedConfig.secure_aggregation sums weighted uploads: it combines only with aggregation='mean' and no dp_clip")
 
     def replace(self, **changes) -> "FedConfig":
         return dataclasses.replace(self, **changes)
@@ -320,4 +366,7 @@ __all__ = [
     "PEFT_KINDS",
     "LORA_TARGETS",
     "adapter_layers",
+    "FedConfig",
+    "ALGORITHMS",
+    "TRAINABLES",
 ]

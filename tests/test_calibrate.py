@@ -42,8 +42,8 @@ def test_fit_on_measured_fedpeat_curves_within_tolerance_and_loads_in_env():
     for k in (1,):
         for m in (2, 6):
             fed = FedConfig(clients_per_round=m, local_steps=2, local_batch=2, client_lr=1e-2, emulator_levels=(k,), log_lora_gap=False)
-            sim = FedPEAT(params, MODEL, PeftConfig(kind="lora", lora_rank=2, lora_alpha=8.0), fed, n_clients=12)
-            ppl, fractions = calibrate.measure_curve(sim, task, rounds=4, seed=0)
+            sim = FedPEAT(MODEL, PeftConfig(kind="lora", lora_rank=2, lora_alpha=8.0), fed, n_clients=12)
+            ppl, fractions = calibrate.measure_curve(sim, params, task, rounds=4, seed=0)
             assert ppl[-1] < ppl[0]  # tuning helps
             np.testing.assert_allclose(fractions, m / 12)  # equal clients: fraction = participation
             measured.setdefault(k, []).append((ppl, fractions))

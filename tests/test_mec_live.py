@@ -45,13 +45,16 @@ def _env_params(**overrides):
 def _sim(server=True):
     fed = FedConfig(clients_per_round=N * len(KS), level_slots=(N,) * len(KS), emulator_levels=KS, local_steps=2,
                     local_batch=2, client_lr=1e-2, server_participation=server, log_lora_gap=False)
-    return FedPEAT(gpt2.init(jax.random.key(0), MODEL), MODEL, PEFT, fed)
+    return FedPEAT(MODEL, PEFT, fed)
+
+
+WEIGHTS = gpt2.init(jax.random.key(0), MODEL)
 
 
 @pytest.fixture(scope="module")
 def live():
     data, server, heldout = _task()
-    return LiveFedPEATMEC(_sim(), data, heldout, _env_params(), server_data=server)
+    return LiveFedPEATMEC(_sim(), WEIGHTS, data, heldout, _env_params(), server_data=server)
 
 
 def _action(participate, level, server=1):
@@ -74,12 +77,12 @@ def test_a_live_step_is_the_simulators_round_with_the_chosen_devices(live):
 
     data, _, heldout = _task()
     sim = live.sim
-    ref, metrics = jax.jit(lambda s: sim.round(s, data._replace(levels=jnp.asarray(level)), Hyper.from_config(sim.fed),
+    ref, metrics = jax.jit(lambda s: sim.round(s, WEIGHTS, data._replace(levels=jnp.asarray(level)), Hyper.from_config(sim.fed),
                                                live.server_data, available=jnp.array([True, False, True]),
                                                server_available=jnp.asarray(False)))(state.learner)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
-                 (stepped.learner.peft, stepped.learner.opt_state, stepped.learner.round), (ref.peft, ref.opt_state, ref.round))
-    nll, count = sim.eval_nll(ref, *(jnp.asarray(x) for x in heldout))
+                 (stepped.learner.trainable, stepped.learner.opt_state, stepped.learner.round), (ref.trainable, ref.opt_state, ref.round))
+    nll, count = sim.eval_nll(ref, WEIGHTS, *(jnp.asarray(x) for x in heldout))
     assert float(info["perplexity"]) == pytest.approx(float(np.exp(nll / count)), rel=1e-5)
     assert int(info["clients_trained"]) == 2 == int(metrics.participants)
     assert float(info["perplexity"]) < float(state.ppl)  # two clients' tuning already helps on this task
@@ -103,7 +106,7 @@ def test_devices_over_memory_train_nobody(live):
     _, stepped, _, _, _, info = live.step(jax.random.key(1), state, _action([1, 1, 1], [1, 1, 1], server=0), params)
     assert int(info["violations"]) == N and int(info["clients_trained"]) == 0
     assert float(info["perplexity"]) == pytest.approx(float(state.ppl), rel=1e-6)  # nothing was learned
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), stepped.learner.peft, state.learner.peft)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), stepped.learner.trainable, state.learner.trainable)
 
 
 def test_episode_end_resets_the_federated_state(live):
@@ -122,11 +125,11 @@ def test_episode_end_resets_the_federated_state(live):
 def test_bad_live_setups_are_refused():
     data, server, heldout = _task()
     with pytest.raises(ValueError, match="one client per device"):
-        LiveFedPEATMEC(_sim(), data, heldout, _env_params(n_devices=2), server_data=server)
+        LiveFedPEATMEC(_sim(), WEIGHTS, data, heldout, _env_params(n_devices=2), server_data=server)
     with pytest.raises(ValueError, match="emulator_levels"):
-        LiveFedPEATMEC(_sim(), data, heldout, _env_params(emulator_k=(0, 1)), server_data=server)
+        LiveFedPEATMEC(_sim(), WEIGHTS, data, heldout, _env_params(emulator_k=(0, 1)), server_data=server)
     with pytest.raises(ValueError, match="server_data"):
-        LiveFedPEATMEC(_sim(server=False), data, heldout, _env_params(), server_data=server)
+        LiveFedPEATMEC(_sim(server=False), WEIGHTS, data, heldout, _env_params(), server_data=server)
     with pytest.raises(ValueError, match="n_devices must be >= 1"):
         LiveConfig(n_devices=0)
 

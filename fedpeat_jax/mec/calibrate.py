@@ -149,21 +149,22 @@ def fit_table(measured: dict, *, model, model_name: str, l: int, r: int, ppl0: f
 # --------------------------------------------------------------------------------------------
 # Measurement: real FedPEAT runs
 # --------------------------------------------------------------------------------------------
-def measure_curve(sim, task, rounds: int, seed: int) -> tuple:
+def measure_curve(sim, params, task, rounds: int, seed: int) -> tuple:
     """(plug-in ppl after rounds 0..R, data fraction of rounds 1..R) of one FedPEAT run."""
     import jax.numpy as jnp
 
-    state = sim.init(jax.random.key(seed))
+    state = jax.jit(sim.init)(jax.random.key(seed), params)
     heldout = tuple(jnp.asarray(x) for x in task.heldout)
-    evaluate = jax.jit(lambda s: sim.eval_nll(s, *heldout))
-    step = jax.jit(lambda s: sim.run_rounds(s, task.train, 1))
+    evaluate = jax.jit(lambda s, p, h: sim.eval_nll(s, p, *h))
+    run = jax.jit(lambda s, p, d: sim.run_rounds(s, p, d, 1))
+    step = lambda s: run(s, params, task.train)  # noqa: E731
     total_examples = float(np.asarray(task.train.counts).sum())
     ppl, fractions = [], []
     for t in range(rounds + 1):
         if t:
             state, metrics = step(state)
             fractions.append(float(metrics.examples[0]) / total_examples)
-        nll, count = jax.device_get(evaluate(state))
+        nll, count = jax.device_get(evaluate(state, params, heldout))
         ppl.append(float(np.exp(nll / count)))
     return np.asarray(ppl), np.asarray(fractions)
 
@@ -195,8 +196,8 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
         for m in cfg.clients_per_round:
             fed = FedConfig(clients_per_round=m, local_steps=cfg.local_steps, local_batch=cfg.local_batch, client_lr=cfg.client_lr,
                             emulator_levels=(k,), log_lora_gap=False, seed=cfg.seed)
-            sim = FedPEAT(params, model, cfg.peft(), fed, n_clients=n_clients)
-            ppl, fractions = measure_curve(sim, task, cfg.rounds, cfg.seed)
+            sim = FedPEAT(model, cfg.peft(), fed, n_clients=n_clients)
+            ppl, fractions = measure_curve(sim, params, task, cfg.rounds, cfg.seed)
             ppl0 = float(ppl[0]) if ppl0 is None else ppl0
             measured.setdefault(k, []).append((ppl, fractions))
             bar.update(cfg.rounds)

@@ -79,7 +79,7 @@ class LiveFedPEATMEC(FedPEATMEC):
 
     native_batch = False  # one federated state per environment: batch with jax.vmap
 
-    def __init__(self, sim: FedPEAT, data: FedData, heldout, params: EnvParams, *, server_data=None, seed: int = 0,
+    def __init__(self, sim: FedPEAT, weights, data: FedData, heldout, params: EnvParams, *, server_data=None, seed: int = 0,
                  final_observation: bool = False):
         n, ks = params.n_devices, tuple(int(k) for k in np.asarray(params.level_k))
         if int(data.tokens.shape[0]) != n:
@@ -94,11 +94,11 @@ class LiveFedPEATMEC(FedPEATMEC):
                              f"than the simulator's ({n_adapter} adapter blocks of {sim.model.n_layer})")
         if sim.fed.server_participation != (server_data is not None):
             raise ValueError("give server_data exactly when the simulator has FedConfig.server_participation=True")
-        self.sim, self.data = sim, data
+        self.sim, self.weights, self.data = sim, weights, data
         self.heldout = tuple(jnp.asarray(x) for x in heldout)
         self.server_data = None if server_data is None else tuple(jnp.asarray(x) for x in server_data)
         self.hyper = Hyper.from_config(sim.fed)
-        self.fresh_learner = sim.init(jax.random.key(seed))
+        self.fresh_learner = jax.jit(sim.init)(jax.random.key(seed), weights)
         self.client_examples = jnp.asarray(data.counts, jnp.float32)
         ppl0 = float(jax.jit(self.plugin_perplexity)(self.fresh_learner))
         super().__init__(params.replace(ppl0=ppl0), final_observation=final_observation)
@@ -111,7 +111,7 @@ class LiveFedPEATMEC(FedPEATMEC):
         raise TypeError("a live environment has no native batched layout; use jax.vmap(env.step)")
 
     def plugin_perplexity(self, learner) -> jax.Array:
-        nll, count = self.sim.eval_nll(learner, *self.heldout)
+        nll, count = self.sim.eval_nll(learner, self.weights, *self.heldout)
         return jnp.exp(nll / count).astype(jnp.float32)
 
     def _fresh_devices(self, u, params):
@@ -122,7 +122,7 @@ class LiveFedPEATMEC(FedPEATMEC):
     def learn(self, state, params, outcome: RoundOutcome):
         data = self.data._replace(levels=outcome.level)
         learner, metrics = self.sim.round(
-            state.learner, data, self.hyper, self.server_data,
+            state.learner, self.weights, data, self.hyper, self.server_data,
             available=outcome.succeeded > 0,
             server_available=None if self.server_data is None else outcome.server > 0,
         )
@@ -169,8 +169,8 @@ def make_live_env(foundation=None, config: LiveConfig = LiveConfig(), *, calibra
     fed = FedConfig(clients_per_round=cfg.n_devices * len(ks), level_slots=(cfg.n_devices,) * len(ks), emulator_levels=ks,
                     local_steps=cfg.local_steps, local_batch=cfg.local_batch, client_lr=cfg.client_lr,
                     server_participation=cfg.server, log_lora_gap=False, seed=cfg.seed)
-    sim = FedPEAT(fnd.params, model, cfg.peft(), fed)
-    return LiveFedPEATMEC(sim, data, task.heldout, env_params, server_data=server_data, seed=cfg.seed,
+    sim = FedPEAT(model, cfg.peft(), fed)
+    return LiveFedPEATMEC(sim, fnd.params, data, task.heldout, env_params, server_data=server_data, seed=cfg.seed,
                           final_observation=final_observation)
 
 
