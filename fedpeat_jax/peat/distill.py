@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedpeat_jax import data as data_lib
-from fedpeat_jax.config import GPT2Config
+from fedpeat_jax.config import Config, GPT2Config
 from fedpeat_jax.io.checkpoint import CheckpointManager
 from fedpeat_jax.io.logging import RunLogger
 from fedpeat_jax.io.machine import machine_info
@@ -44,7 +44,7 @@ INFO_FILE = "distill.json"
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(Config):
     """Settings of emulator distillation (LM loss + kd_weight x KD on the pretraining text)."""
 
     steps: int = 200
@@ -58,7 +58,7 @@ class DistillConfig:
     chunk: int = 20
     seed: int = 0
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if self.kd_weight < 0:
             raise ValueError(f"DistillConfig.kd_weight must be >= 0, got {self.kd_weight}")
         if self.eval_windows < 1:
@@ -69,9 +69,6 @@ class DistillConfig:
         # No weight decay: it would pull the copied blocks away from the teacher for no gain.
         return TrainConfig.of("DistillConfig", steps=self.steps, batch=self.batch, lr=self.lr, warmup=self.warmup,
                            final_lr_ratio=self.final_lr_ratio, chunk=self.chunk, seed=self.seed)
-
-    def replace(self, **changes) -> "DistillConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def kd_loss(h_teacher: jax.Array, h_student: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -200,7 +197,7 @@ def load_distilled(
             if not allow_distill:
                 raise FileNotFoundError(f"no distilled {spec.name} emulator cached in {path}")
             heldout_plays = tuple(foundation.info.get("heldout_plays", data_lib.DEFAULT_HELDOUT_PLAYS))
-            train_texts, held_texts = pretraining_texts(heldout_plays)
+            train_texts, held_texts, _ = pretraining_texts(heldout_plays)
             windows = data_lib.pretraining_windows(train_texts, foundation.tokenizer, cfg.seq_len)
             held = data_lib.pretraining_windows(held_texts, foundation.tokenizer, cfg.seq_len)
             held = held[np.linspace(0, len(held) - 1, min(cfg.eval_windows, len(held))).round().astype(int)]

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedpeat_jax.config import GPT2Config, PeftConfig
+from fedpeat_jax.config import Config, GPT2Config, PeftConfig
 from fedpeat_jax.io.logging import progress
 from fedpeat_jax.model import gpt2
 
@@ -41,7 +41,7 @@ DECAYED_LEAVES = ("kernel", "wte", "wpe")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     steps: int
     batch: int
     lr: float
@@ -54,7 +54,7 @@ class TrainConfig:
     chunk: int = 50  # optimizer steps per jitted call
     seed: int = 0
 
-    def __post_init__(self):
+    def validate(self) -> None:
         for name in ("steps", "batch", "chunk"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
@@ -76,9 +76,6 @@ class TrainConfig:
             return cls(**fields)
         except ValueError as err:
             raise ValueError(str(err).replace("TrainConfig.", f"{owner}.")) from None
-
-    def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:

@@ -35,6 +35,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from fedpeat_jax.config import Config
 from fedpeat_jax.io.checkpoint import CheckpointManager
 from fedpeat_jax.io.logging import RunLogger, progress, read_metrics
 from fedpeat_jax.io.plots import pyplot
@@ -46,7 +47,7 @@ CONFIG_FILE = "controller.json"
 
 
 @dataclass(frozen=True)
-class ControllerConfig:
+class ControllerConfig(Config):
     """How ``train_controller`` runs SABPPO (the agent itself is configured by SABPPOConfig)."""
 
     seeds: int = 1  # independent runs, vmapped in one compiled call
@@ -57,9 +58,6 @@ class ControllerConfig:
     greedy_devices: int = 0  # devices the greedy baseline picks; 0: ceil(N / 2)
     deterministic_eval: bool = True  # evaluate SABPPO by its most likely action per branch
     keep_checkpoints: int = 2
-
-    def __post_init__(self):
-        self.validate()
 
     def validate(self) -> None:
         for name in ("seeds", "chunk_updates", "eval_episodes", "keep_checkpoints"):

@@ -55,7 +55,7 @@ import optax
 from flax import struct
 
 from fedpeat_jax import hashrand
-from fedpeat_jax.config import _require
+from fedpeat_jax.config import Config, _require
 
 PyTree = Any
 
@@ -67,7 +67,7 @@ ACTIVATIONS = ("tanh", "relu")
 # Configuration
 # =============================================================================================
 @dataclass(frozen=True)
-class SABPPOConfig:
+class SABPPOConfig(Config):
     """Static settings of an SABPPO run (shapes, loop lengths, options) and hyperparameter defaults.
 
     ``lr``, ``ent_coef``, ``clip_eps``, ``vf_coef``, ``max_grad_norm``, ``gamma`` and
@@ -91,7 +91,7 @@ class SABPPOConfig:
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     adam_eps: float = 1e-5
-    hidden_sizes: tuple = (64, 64)
+    hidden_sizes: tuple[int, ...] = (64, 64)
     activation: str = "tanh"
     normalize_obs: bool = True
     # Off by default: the MEC latency term is heavy-tailed (Rayleigh deep fades), the running return
@@ -100,10 +100,6 @@ class SABPPOConfig:
     normalize_advantages: bool = True
     obs_clip: float = 10.0
     reward_clip: float = 10.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in np.atleast_1d(self.hidden_sizes)))
-        self.validate()
 
     def validate(self) -> None:
         for name in ("num_envs", "num_steps", "total_timesteps", "update_epochs", "num_minibatches"):
