@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from fedpeat_jax.config import Config
+from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.io.plots import pyplot
 from fedpeat_jax.peat.foundation import PRETRAIN_PRESETS
 
@@ -31,7 +33,7 @@ STAGES = ("corpus", "foundation", "emulators", "fedpeat", "offsite", "calibrate"
 
 
 @dataclass(frozen=True)
-class QuickstartConfig:
+class QuickstartConfig(Config):
     """Sizes of every stage; `tiny()` shrinks them all for smoke tests."""
 
     preset: str = "default"
@@ -42,18 +44,14 @@ class QuickstartConfig:
     client_lr: float = 3e-3
     offsite_steps: int = 60
     offsite_eval_windows: int = 64
-    calibrate_levels: tuple = (0, 2, 4)
-    calibrate_clients: tuple = (3, 10)  # of the calibration's 10-device population
+    calibrate_levels: tuple[int, ...] = (0, 2, 4)
+    calibrate_clients: tuple[int, ...] = (3, 10)  # of the calibration's 10-device population
     calibrate_rounds: int = 5
     controller_steps: int = 200_000
     controller_envs: int = 64
     eval_episodes: int = 32
+    text: TextConfig = TextConfig()  # the clients' text of the FedPEAT, offsite and calibration stages
     seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "calibrate_levels", tuple(self.calibrate_levels))
-        object.__setattr__(self, "calibrate_clients", tuple(self.calibrate_clients))
-        self.validate()
 
     def validate(self) -> None:
         """Refuse sizes that cannot work, before anything is fetched or compiled (each stage's own config checks the rest)."""
@@ -125,7 +123,8 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
     def corpus():
         from fedpeat_jax import data as data_lib
 
-        stats = {s: str(data_lib.corpus_stats(data_lib.load_shakespeare(s, cache_dir=cache_dir))) for s in ("modern", "folio")}
+        texts = [TextConfig(spelling=s) for s in ("modern", "folio")] if config.text.is_shakespeare else [config.text]
+        stats = {t.spelling if t.is_shakespeare else t.corpus: str(data_lib.corpus_stats(data_lib.load_corpus(t, cache_dir=cache_dir))) for t in texts}
         for s, line in stats.items():
             log(f"  {s}: {line}")
         return stats
@@ -149,11 +148,11 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
         return {"emulators": rows}
 
     def fedpeat():
-        from fedpeat_jax.cli import run_tune
         from fedpeat_jax.config import FedConfig, PeftConfig
         from fedpeat_jax.tasks import TaskConfig
+        from fedpeat_jax.tune import run_tune
 
-        task = TaskConfig(seq_len=config.seq_len, max_examples=16, max_eval_windows=128, seed=config.seed)
+        task = TaskConfig(text=config.text, seq_len=config.seq_len, max_examples=16, max_eval_windows=128, seed=config.seed)
         fed = FedConfig(clients_per_round=config.clients_per_round, rounds=config.rounds, local_steps=config.local_steps,
                         client_lr=config.client_lr, rounds_per_chunk=max(1, config.rounds // 4), seed=config.seed)
         peft = PeftConfig(kind="lora", lora_rank=8, lora_alpha=16.0)
@@ -165,7 +164,7 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
         from fedpeat_jax.peat import offsite as ot
 
         cfg = ot.OffsiteConfig(preset=config.preset, seq_len=min(128, foundation().config.n_positions), steps=config.offsite_steps, warmup=max(1, config.offsite_steps // 10),
-                               eval_windows=config.offsite_eval_windows, emulators=("layer-drop",), seed=config.seed)
+                               eval_windows=config.offsite_eval_windows, emulators=("layer-drop",), text=config.text, seed=config.seed)
         result = ot.run_table(cfg, foundation=foundation(), logdir=out / "offsite" / "logs")
         (out / "offsite").mkdir(parents=True, exist_ok=True)
         (out / "offsite" / "table.json").write_text(json.dumps(result, indent=2, default=str))
@@ -179,7 +178,8 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
 
         fm = foundation()
         levels = tuple(k for k in config.calibrate_levels if k <= fm.config.n_layer - 4)
-        cfg = CalibrateConfig(levels=levels, clients_per_round=config.calibrate_clients, rounds=config.calibrate_rounds, seed=config.seed)
+        cfg = CalibrateConfig(levels=levels, clients_per_round=config.calibrate_clients, rounds=config.calibrate_rounds, text=config.text,
+                              seed=config.seed)
         table = fit(cfg, fm.params, fm.config, fm.tokenizer, model_name=config.preset, cache_dir=cache_dir, out=out / "calibration.json",
                     source="fedpeat quickstart")
         for k, p, e in zip(table.k, table.ppl_inf, table.eta):

@@ -29,19 +29,20 @@ from typing import Optional
 import jax
 import numpy as np
 
-from fedpeat_jax.config import FedConfig, PeftConfig
+from fedpeat_jax.config import Config, FedConfig, PeftConfig
+from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.mec.calibration import CalibrationTable, model_shape
 
 FIT_TOLERANCE = 0.10  # stated tolerance: simulated curves within 10% of every measured point
 
 
 @dataclass(frozen=True)
-class CalibrateConfig:
+class CalibrateConfig(Config):
     """What `fedpeat calibrate` measures."""
 
-    levels: tuple = (0, 1, 2, 3, 4)  # emulator sizes k (middle blocks kept)
+    levels: tuple[int, ...] = (0, 1, 2, 3, 4)  # emulator sizes k (middle blocks kept)
     population: Optional[int] = 10  # the env's devices: clients whose data the fractions refer to (None: every client)
-    clients_per_round: tuple = (3, 10)  # participation levels (at most the population)
+    clients_per_round: tuple[int, ...] = (3, 10)  # participation levels (at most the population)
     rounds: int = 8
     local_steps: int = 4
     local_batch: int = 2
@@ -51,11 +52,10 @@ class CalibrateConfig:
     seq_len: int = 64
     max_examples: int = 16
     max_eval_windows: int = 96
+    text: TextConfig = TextConfig()  # the devices' text (default: Folio-spelling role clients)
     seed: int = 0
 
-    def __post_init__(self):
-        object.__setattr__(self, "levels", tuple(int(k) for k in self.levels))
-        object.__setattr__(self, "clients_per_round", tuple(int(c) for c in self.clients_per_round))
+    def validate(self) -> None:
         if not self.levels or list(self.levels) != sorted(set(self.levels)):
             raise ValueError(f"CalibrateConfig.levels must be strictly increasing, got {self.levels}")
         if not self.clients_per_round or min(self.clients_per_round) < 1:
@@ -176,7 +176,7 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
     from fedpeat_jax.tasks import TaskConfig, build_task, device_population
 
     model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-    task_cfg = TaskConfig(seq_len=cfg.seq_len, max_examples=cfg.max_examples, max_eval_windows=cfg.max_eval_windows, seed=cfg.seed)
+    task_cfg = TaskConfig(text=cfg.text, seq_len=cfg.seq_len, max_examples=cfg.max_examples, max_eval_windows=cfg.max_eval_windows, seed=cfg.seed)
     n_middle = model.n_layer - 4
     bad = [k for k in cfg.levels if k > n_middle]
     if bad:
