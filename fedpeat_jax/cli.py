@@ -305,8 +305,16 @@ def cmd_pretrain(argv):
     args = parser.parse_args(argv)
     pcfg = build_configs(args, table, groups)["pretrain"]
     if args.out:
-        result = foundation.pretrain(args.preset, out_dir=Path(args.out).expanduser(), cache_dir=args.cache_dir, pretrain_config=pcfg,
-                                     overwrite=True)
+        out = Path(args.out).expanduser()
+        if out.exists() and any(out.iterdir()) and not (out / foundation.INFO_FILE).is_file():
+            raise FileExistsError(f"--out {out} exists and is not a foundation model directory; choose a new folder (nothing was written)")
+        if (out / foundation.INFO_FILE).is_file():
+            done = json.loads((out / foundation.INFO_FILE).read_text()).get("fingerprint")
+            if done != foundation.fingerprint(foundation.GPT2Config.preset(args.preset), pcfg):
+                raise FileExistsError(f"--out {out} holds a foundation model pretrained with other settings; choose a new folder (nothing was written)")
+            result = foundation.open_foundation(out)
+        else:
+            result = foundation.pretrain(args.preset, out_dir=out, cache_dir=args.cache_dir, pretrain_config=pcfg, overwrite=True)
     else:
         result = foundation.load_foundation(args.preset, cache_dir=args.cache_dir, pretrain_config=pcfg)
     info = result.info

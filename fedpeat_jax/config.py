@@ -234,16 +234,26 @@ class GPT2Config(Config):
     """Shape and regularisation of a GPT-2 model (names follow transformers' GPT2Config)."""
 
     vocab_size: int = 50257
+    """Token vocabulary (embedding rows; the LM head is tied to `wte`)."""
     n_positions: int = 1024
+    """Maximum sequence length (position embeddings)."""
     n_embd: int = 768
+    """Hidden width d."""
     n_layer: int = 12
+    """Number of transformer blocks L."""
     n_head: int = 12
+    """Attention heads; must divide n_embd."""
     n_inner: Optional[int] = None  # MLP width; None means 4 * n_embd, as in GPT-2
     layer_norm_epsilon: float = 1e-5
+    """LayerNorm epsilon."""
     embd_pdrop: float = 0.1
+    """Dropout on the embeddings (the CLI runs set all three dropouts to 0)."""
     attn_pdrop: float = 0.1
+    """Dropout on the attention probabilities."""
     resid_pdrop: float = 0.1
+    """Dropout on the residual branches."""
     initializer_range: float = 0.02
+    """Std of the normal initialization (residual projections scaled by 1/sqrt(2 n_layer))."""
     dtype: str = "float32"  # compute dtype; parameters are always stored in float32
 
     @property
@@ -327,12 +337,18 @@ class PeftConfig(Config):
     kind: str = "lora"
     layers: Optional[tuple[int, ...]] = None
     lora_rank: int = 4
+    """LoRA rank r."""
     lora_alpha: float = 32.0
+    """LoRA alpha; the update is scaled by alpha / r."""
     lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    """Dense layers that get LoRA factors."""
     lora_freeze_a: bool = False  # FFA-LoRA: A stays at its shared random init, only B trains
     adapter_size: int = 64
+    """Bottleneck width of kind 'adapter' (two adapters per block)."""
     n_prompt_tokens: int = 8
+    """Soft tokens of kind 'prompt'."""
 
     @property
     def lora_scale(self) -> float:
@@ -418,33 +434,59 @@ class FedConfig(Config):
     """
 
     clients_per_round: int = 8
+    """Clients sampled per round (distinct; split over emulator levels by level_slots)."""
     rounds: int = 20
+    """Total rounds of `driver.train` (and `fedpeat tune`)."""
     local_steps: int = 4
+    """Optimizer steps each client runs per round (one `lax.scan`)."""
     local_batch: int = 2
+    """Windows per local step."""
     client_optimizer: str = "adam"
+    """Local optimizer (a fresh optimizer state every round)."""
     client_lr: float = 1e-3
+    """Local learning rate (traced: `Hyper.client_lr`)."""
     algorithm: str = "fedavg"
+    """'fedprox' adds (prox_mu / 2) ||w - w_global||^2 to the local loss; 'scaffold' needs client_optimizer 'sgd'."""
     prox_mu: float = 0.01
+    """FedProx proximal weight (traced: `Hyper.prox_mu`)."""
     server_optimizer: str = "fedavg"
+    """FedOpt server optimizer on the pseudo-gradient -mean(delta) (`aggregate.server_optimizer`)."""
     server_lr: float = 1.0
+    """Server learning rate; 1.0 with 'fedavg' is plain FedAvg (traced: `Hyper.server_lr`)."""
     aggregation: str = "mean"
+    """Robust aggregation rule of the client deltas."""
     trim_fraction: float = 0.1
+    """Fraction trimmed at each end by 'trimmed_mean'."""
     norm_bound: float = 1.0
+    """L2 bound on each client delta for 'norm_bound'."""
     lora_aggregation: str = "mean"
+    """'exact' (FLoRA) merges the exact mean of the LoRA products into the adapter kernels; LoRA only, FedAvg mean, no
+    DP, no SCAFFOLD."""
     log_lora_gap: bool = True  # costs a dense product per client and target each round
     dp_clip: Optional[float] = None  # client-level DP-FedAvg when set
     dp_noise: float = 0.0  # noise multiplier sigma (std = sigma * dp_clip on the sum)
     dp_delta: float = 1e-6
+    """Target delta of the reported epsilon (`privacy.dp_epsilon`)."""
     secure_aggregation: bool = False
+    """Simulate pairwise-mask secure aggregation of the weighted deltas (mean aggregation only)."""
     server_participation: bool = False
+    """The server tunes the same PEFT state on its own data with the full model and joins the aggregate as one more
+    client."""
     server_batch: int = 2
+    """The server's local batch (windows per step)."""
     adapter_l: int = 2
+    """Bottom adapter blocks l."""
     adapter_r: int = 2
+    """Top adapter blocks r."""
     emulator_levels: tuple[int, ...] = (2,)  # k values (middle blocks kept) devices may hold
     level_slots: Optional[tuple[int, ...]] = None
+    """Client slots per emulator level in each round; None puts all clients_per_round slots on the first level."""
     rounds_per_chunk: int = 5
+    """Rounds per jitted `lax.scan` call; the host evaluates, logs and checkpoints between chunks."""
     eval_batch: int = 16
+    """Windows per batch of the held-out evaluation."""
     seed: int = 0
+    """Run seed: every draw derives from (seed, round), which makes resume exact."""
 
     @property
     def slots(self) -> tuple:

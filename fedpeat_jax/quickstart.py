@@ -37,21 +37,35 @@ class QuickstartConfig(Config):
     """Sizes of every stage; `tiny()` shrinks them all for smoke tests."""
 
     preset: str = "default"
+    """Foundation model preset (`--tiny` uses 'tiny')."""
     seq_len: int = 64
+    """Tokens per window of the federated task (and the env's seq_len)."""
     rounds: int = 12
+    """FedPEAT rounds of the `fedpeat` stage."""
     clients_per_round: int = 16
+    """Clients per round of the `fedpeat` stage."""
     local_steps: int = 4
+    """Local steps per client and round."""
     client_lr: float = 3e-3
+    """Client learning rate."""
     offsite_steps: int = 60
+    """Steps of every fine-tuning run of the offsite table."""
     offsite_eval_windows: int = 64
+    """Held-out windows of the offsite table."""
     calibrate_levels: tuple[int, ...] = (0, 2, 4)
+    """Emulator sizes k measured by the calibration stage."""
     calibrate_clients: tuple[int, ...] = (3, 10)  # of the calibration's 10-device population
     calibrate_rounds: int = 5
+    """Rounds per calibration curve."""
     controller_steps: int = 200_000
+    """SABPPO environment steps (total_timesteps)."""
     controller_envs: int = 64
+    """SABPPO parallel environments (num_envs)."""
     eval_episodes: int = 32
+    """Evaluation episodes per policy."""
     text: TextConfig = TextConfig()  # the clients' text of the FedPEAT, offsite and calibration stages
     seed: int = 0
+    """Seed of every stage."""
 
     def validate(self) -> None:
         """Refuse sizes that cannot work, before anything is fetched or compiled (each stage's own config checks the rest)."""

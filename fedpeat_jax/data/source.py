@@ -53,6 +53,11 @@ class TextConfig(Config):
     undecodable: str = "error"
     """Your text: a file that is not text in `encoding` (or holds NUL bytes): "error" stops, naming it; "skip" skips it with a warning."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.is_shakespeare:  # one name per folder, whatever the working directory
+            object.__setattr__(self, "corpus", str(Path(self.corpus).expanduser().resolve()))
+
     @property
     def is_shakespeare(self) -> bool:
         return self.corpus == SHAKESPEARE

@@ -44,16 +44,26 @@ class CalibrateConfig(Config):
     population: Optional[int] = 10  # the env's devices: clients whose data the fractions refer to (None: every client)
     clients_per_round: tuple[int, ...] = (3, 10)  # participation levels (at most the population)
     rounds: int = 8
+    """FedPEAT rounds per measured curve (>= 2)."""
     local_steps: int = 4
+    """Local steps per client and round."""
     local_batch: int = 2
+    """Windows per local step."""
     client_lr: float = 3e-3
+    """Client learning rate (Adam)."""
     lora_rank: int = 4
+    """LoRA rank of the PEFT module in the adapter."""
     lora_alpha: float = 32.0
+    """LoRA alpha."""
     seq_len: int = 64
+    """Tokens per window."""
     max_examples: int = 16
+    """Windows kept per client (`TaskConfig.max_examples`)."""
     max_eval_windows: int = 96
+    """Held-out windows for the plug-in perplexity."""
     text: TextConfig = TextConfig()  # the devices' text (default: Folio-spelling role clients)
     seed: int = 0
+    """Seed of the runs and the task."""
 
     def validate(self) -> None:
         if not self.levels or list(self.levels) != sorted(set(self.levels)):

@@ -48,15 +48,23 @@ class DistillConfig(Config):
     """Settings of emulator distillation (LM loss + kd_weight x KD on the pretraining text)."""
 
     steps: int = 200
+    """Optimizer steps."""
     batch: int = 8
+    """Windows per step."""
     seq_len: int = 128
+    """Tokens per window."""
     lr: float = 3e-4  # published: 1e-4 over a full epoch of a large corpus; ours is a short run
     warmup: int = 20
+    """Linear warm-up steps, then cosine decay."""
     final_lr_ratio: float = 0.1
+    """Final learning rate / peak."""
     kd_weight: float = DEFAULT_KD_WEIGHT
+    """Weight of the KD term (published: 30)."""
     eval_windows: int = 64  # fixed held-out windows for the before/after KD and LM numbers
     chunk: int = 20
+    """Steps per jitted call (= checkpoint interval)."""
     seed: int = 0
+    """Seed of batch sampling."""
 
     def validate(self) -> None:
         if self.kd_weight < 0:

@@ -48,24 +48,35 @@ class PretrainConfig(Config):
 
     seq_len: int = 256  # the default model's n_positions: every position embedding gets trained
     steps: int = 300
+    """Optimizer steps."""
     batch: int = 8
+    """Windows per step."""
     lr: float = 2e-3
+    """Peak learning rate (AdamW)."""
     warmup: int = 30
+    """Linear warm-up steps, then cosine decay."""
     final_lr_ratio: float = 0.1
+    """Final learning rate / peak."""
     weight_decay: float = 0.01
+    """AdamW weight decay (kernels and embeddings only)."""
     dropout: bool = False  # well under two epochs: dropout would only slow learning
     # LayerDrop (Fan et al., 2019) on the middle blocks [l, n_layer - r), (l, r) = layerdrop_span:
     # each is skipped with this probability at every step. Off by default: at 0.5 the default
     # model learned to do without its middle blocks, and the offsite pattern did not appear
     layerdrop: float = 0.0
     layerdrop_span: tuple[int, int] = (2, 2)
+    """(l, r): LayerDrop may skip blocks [l, n_layer - r), the offsite-tuning middle."""
     heldout_plays: tuple[str, ...] = data_lib.DEFAULT_HELDOUT_PLAYS
+    """Plays excluded from pretraining and from the federated clients (held-out evaluation)."""
     # the text pretrained on: modern-spelling plays by default, or your own (held out: heldout_plays
     # for Shakespeare, the TextConfig's held-out documents for your text); the tokenizer is trained on it too
     text: TextConfig = TextConfig(spelling="modern")
     eval_batch: int = 16
+    """Windows per batch of the held-out evaluation."""
     chunk: int = 20
+    """Steps per jitted call (= checkpoint interval)."""
     seed: int = 0
+    """Seed of initialization and batch sampling."""
 
     def validate(self) -> None:
         if not 0.0 <= self.layerdrop < 1.0:

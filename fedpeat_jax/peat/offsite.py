@@ -49,28 +49,41 @@ class OffsiteConfig(Config):
     """Settings of the offsite-tuning table: emulator shape, fine-tuning runs, evaluation."""
 
     preset: str = "default"
+    """Foundation model preset (`GPT2Config.preset`)."""
     l: int = 2
+    """Bottom adapter blocks."""
     k: int = 2  # middle blocks the emulator keeps (2-2-2 of the default 8-block model)
     r: int = 2
+    """Top adapter blocks."""
     seq_len: int = 128
+    """Tokens per window."""
     steps: int = 100  # optimizer steps of every fine-tuning run
     batch: int = 8
+    """Windows per step."""
     lr: float = 3e-4  # FT and full adapter tuning
     lr_lora: float = 2e-3  # LoRA (scale alpha / r = 8 on top)
     warmup: int = 10
+    """Warm-up steps of every fine-tuning run."""
     lora_rank: int = 4
+    """LoRA rank of the 'lora' adapter tuning."""
     lora_alpha: float = 32.0
+    """LoRA alpha."""
     # dropout of every fine-tuning run (embedding, attention, residual, LoRA): the published
     # setting (GPT-2 trains with 0.1; LoRA dropout 0.1); evaluation never drops
     dropout: float = 0.1
     eval_windows: int = 128  # held-out windows evaluated, spread evenly over the plays (0: all)
     eval_batch: int = 16
+    """Windows per evaluation batch."""
     emulators: tuple[str, ...] = EMULATORS
+    """Emulator kinds: 'layer-drop' and/or 'distilled'."""
     pefts: tuple[str, ...] = PEFTS
+    """Adapter tuning kinds: 'full' and/or 'lora'."""
     ft_lora: bool = False  # also FT with LoRA in every block (the paper's efficiency baseline)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    """Distillation settings of the 'distilled' emulator (the CLI's `distill` group)."""
     text: TextConfig = TextConfig()  # the fine-tuning text (its training documents) and the held-out documents
     seed: int = 0
+    """Seed of every run."""
 
     def validate(self) -> None:
         bad = [e for e in self.emulators if e not in EMULATORS] + [p for p in self.pefts if p not in PEFTS]

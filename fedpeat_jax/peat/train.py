@@ -43,16 +43,24 @@ DECAYED_LEAVES = ("kernel", "wte", "wpe")
 @dataclass(frozen=True)
 class TrainConfig(Config):
     steps: int
+    """Optimizer steps."""
     batch: int
+    """Examples per step, drawn uniformly with replacement inside jit."""
     lr: float
+    """Peak learning rate (AdamW)."""
     warmup: int = 0  # linear warm-up steps, then cosine decay to lr * final_lr_ratio
     final_lr_ratio: float = 0.1
+    """Final learning rate / peak."""
     weight_decay: float = 0.0
+    """AdamW weight decay (kernels and embeddings only)."""
     clip: float = 1.0  # global gradient norm; 0 disables clipping
     b1: float = 0.9
+    """Adam beta1."""
     b2: float = 0.95
+    """Adam beta2."""
     chunk: int = 50  # optimizer steps per jitted call
     seed: int = 0
+    """Seed of batch sampling and dropout."""
 
     def validate(self) -> None:
         for name in ("steps", "batch", "chunk"):

@@ -55,9 +55,11 @@ class ControllerConfig(Config):
     chunk_updates: int = 10  # PPO updates per jitted chunk (= checkpoint and log interval)
     eval_episodes: int = 1024  # episodes per policy in the final evaluation (same draws for all)
     eval_seed: int = 12345
+    """Seed of the evaluation episodes (the same draws for SABPPO and every baseline)."""
     greedy_devices: int = 0  # devices the greedy baseline picks; 0: ceil(N / 2)
     deterministic_eval: bool = True  # evaluate SABPPO by its most likely action per branch
     keep_checkpoints: int = 2
+    """Checkpoints kept in `out/checkpoints`."""
 
     def validate(self) -> None:
         for name in ("seeds", "chunk_updates", "eval_episodes", "keep_checkpoints"):
