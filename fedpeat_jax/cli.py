@@ -163,21 +163,21 @@ def _read_config_file(path_text: str, groups: list) -> dict:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--config: {path} is not valid JSON: {e}") from None
+        raise ValueError(f"--config {path} is not valid JSON: {e}") from None
     names = [g.name for g in groups]
     if not isinstance(data, dict):
-        raise ValueError(f"--config: {path} must hold a JSON object with sections {names}")
+        raise ValueError(f"--config {path} must hold a JSON object with sections {names}")
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(f"--config: {path}: unknown section(s) {unknown}; expected {names}")
+        raise ValueError(f"--config {path}: unknown section(s) {unknown}; expected {names}")
     for group in groups:
         section = data.get(group.name, {})
         if not isinstance(section, dict):
-            raise ValueError(f"--config: {path}: section {group.name!r} must be a JSON object of fields")
+            raise ValueError(f"--config {path}: section {group.name!r} must be a JSON object of fields")
         fields = {f.name for f in dataclasses.fields(group.cls)} - set(group.skip)
         bad = sorted(set(section) - fields)
         if bad:
-            raise ValueError(f"--config: {path}: section {group.name!r} has unknown field(s) {bad}")
+            raise ValueError(f"--config {path}: section {group.name!r} has unknown field(s) {bad}")
     return data
 
 
