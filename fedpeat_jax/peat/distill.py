@@ -30,6 +30,7 @@ import numpy as np
 
 from fedpeat_jax import data as data_lib
 from fedpeat_jax.config import Config, GPT2Config
+from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.io.checkpoint import CheckpointManager
 from fedpeat_jax.io.logging import RunLogger
 from fedpeat_jax.io.machine import machine_info
@@ -205,7 +206,8 @@ def load_distilled(
             if not allow_distill:
                 raise FileNotFoundError(f"no distilled {spec.name} emulator cached in {path}")
             heldout_plays = tuple(foundation.info.get("heldout_plays", data_lib.DEFAULT_HELDOUT_PLAYS))
-            train_texts, held_texts, _ = pretraining_texts(heldout_plays)
+            text = foundation.info.get("pretrain", {}).get("text")  # a foundation pretrained on a user's text
+            train_texts, held_texts, _ = pretraining_texts(heldout_plays, text=None if text is None else TextConfig(**text))
             windows = data_lib.pretraining_windows(train_texts, foundation.tokenizer, cfg.seq_len)
             held = data_lib.pretraining_windows(held_texts, foundation.tokenizer, cfg.seq_len)
             held = held[np.linspace(0, len(held) - 1, min(cfg.eval_windows, len(held))).round().astype(int)]

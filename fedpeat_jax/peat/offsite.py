@@ -31,7 +31,7 @@ import numpy as np
 from fedpeat_jax import data as data_lib
 from fedpeat_jax import peft as peft_lib
 from fedpeat_jax.config import Config, GPT2Config, PeftConfig
-from fedpeat_jax.data.source import TextConfig
+from fedpeat_jax.data.source import TextConfig, describe_text
 from fedpeat_jax.io.logging import RunLogger
 from fedpeat_jax.io.machine import machine_info
 from fedpeat_jax.peat import emulator as emu
@@ -246,7 +246,7 @@ def run_table(cfg: OffsiteConfig = OffsiteConfig(), *, foundation: Optional[Foun
         "emulator": {"name": spec.name, "middle_ids": list(spec.middle_ids), "adapter_ids": list(spec.adapter_ids)},
         "foundation": {
             "path": _display_path(fm.path), "fingerprint": fm.info.get("fingerprint"), "modern_heldout_ppl": fm.info.get("heldout_ppl"),
-            "param_count": model.param_count(), "pretraining_text": TextConfig(**fm.info.get("pretrain", {}).get("text", {"spelling": "modern"})).describe(),
+            "param_count": model.param_count(), "pretraining_text": describe_text(fm.info["pretrain"].get("text", {"spelling": "modern"})) if "pretrain" in fm.info else "text this project did not record",
         },
         "data": {
             "train_windows": int(len(windows)), "seq_len": cfg.seq_len, "train_tokens_seen": cfg.steps * cfg.batch * cfg.seq_len,
@@ -270,15 +270,17 @@ def to_markdown(result: dict) -> str:
     cfg, data, fm = result["config"], result["data"], result["foundation"]
     em = result["emulator"]
     sweep = result["layer_drop_zero_shot"]
-    folio = TextConfig(**cfg.get("text", {})) == TextConfig()  # results written before `text` existed are Folio
+    folio = describe_text(cfg.get("text", {})) == TextConfig().describe()  # results written before `text` existed are Folio
     pretrained = fm.get("pretraining_text", "Shakespeare (modern spelling)")
-    own_ppl = "no held-out text" if fm["modern_heldout_ppl"] is None else f"{fm['modern_heldout_ppl']:.2f}"
+    own = fm["modern_heldout_ppl"]
+    if pretrained == "Shakespeare (modern spelling)":
+        about = f"modern-spelling held-out perplexity {own:.2f}"
+    else:
+        about = f"pretrained on {pretrained}" + ("" if own is None else f", held-out perplexity {own:.2f}")
     lines = [
         "# Offsite tuning on our data" if folio else f"# Offsite tuning on {data['corpus']}",
         "",
-        f"Foundation model `{cfg['preset']}` ({fm['param_count']:,} parameters, "
-        + (f"modern-spelling held-out perplexity {own_ppl}" if pretrained == "Shakespeare (modern spelling)" else f"pretrained on {pretrained}, held-out perplexity {own_ppl}")
-        + f"); emulator {em['name']} keeps middle blocks {em['middle_ids']}, adapter blocks "
+        f"Foundation model `{cfg['preset'] if pretrained == 'Shakespeare (modern spelling)' else fm['path']}` ({fm['param_count']:,} parameters, {about}); emulator {em['name']} keeps middle blocks {em['middle_ids']}, adapter blocks "
         f"{em['adapter_ids']}. Fine-tuning: {cfg['steps']} steps x {cfg['batch']} windows x {cfg['seq_len']} tokens of "
         + ("First-Folio-spelling text" if folio else f"the training documents of {data['corpus']}")
         + f" ({data['train_windows']} training windows); lr {cfg['lr']:g} (FT, full adapter), "

@@ -36,12 +36,28 @@ def load_model(preset: str, model_dir: Optional[str] = None, cache_dir=None) -> 
     if model_dir:
         from fedpeat_jax.model import hf
 
-        params, config = hf.load_pretrained(Path(model_dir).expanduser())
-        return params, config, hf.load_tokenizer(Path(model_dir).expanduser())
+        path = Path(model_dir).expanduser()
+        params, config = hf.load_pretrained(path)
+        tokenizer = hf.load_tokenizer(path)
+        if len(tokenizer) > config.vocab_size:  # ids past the embedding table would be clamped silently
+            raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} tokens, more than the model's vocab_size {config.vocab_size}")
+        return params, config, tokenizer
     from fedpeat_jax.peat import foundation
 
     found = foundation.load_foundation(preset, cache_dir=cache_dir)
     return found.params, found.config, found.tokenizer
 
 
-__all__ = ["model_config", "load_model"]
+def open_model_dir(model_dir):
+    """A local model directory as a `foundation.Foundation`: one `fedpeat pretrain` wrote (with its
+    foundation.json), or any Hugging Face GPT-2 directory (with an empty info dict)."""
+    from fedpeat_jax.peat import foundation
+
+    path = Path(model_dir).expanduser()
+    if (path / foundation.INFO_FILE).is_file():
+        return foundation.open_foundation(path)
+    params, config, tokenizer = load_model("", path)
+    return foundation.Foundation(params, config, tokenizer, path, {})
+
+
+__all__ = ["model_config", "load_model", "open_model_dir"]
