@@ -8,7 +8,6 @@ presets (pretrained on first use, or shipped).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
