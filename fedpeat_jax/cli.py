@@ -151,6 +151,7 @@ def cmd_calibrate(argv):
     from fedpeat_jax.mec.calibrate import CalibrateConfig, calibrate
     from fedpeat_jax.mec.calibration import DEFAULT_TABLE_PATH
     from fedpeat_jax.peat.pretrained import load_model, model_config
+    from fedpeat_jax.tasks import plan_task
 
     parser = Parser(prog="fedpeat calibrate", description="Run FedPEAT for every emulator size and participation level, fit ppl_inf(k) and eta(k), write the table the environment loads.")
     parser.add_argument("--config", default=None, help="JSON file with 'text' and 'calibrate' sections")
@@ -166,6 +167,11 @@ def cmd_calibrate(argv):
     bad = [k for k in cfg.levels if k > model.n_layer - 4]
     if bad:
         raise ValueError(f"CalibrateConfig.levels {bad} larger than the model's middle ({model.n_layer - 4} blocks)")
+    n = plan_task(cfg.task(), args.cache_dir).n_clients  # the text's checks, before any weights are loaded
+    if cfg.population is not None and cfg.population > n:
+        raise ValueError(f"CalibrateConfig.population ({cfg.population}) is more than the {n} clients of {cfg.text.describe()}; lower it")
+    if max(cfg.clients_per_round) > n:
+        raise ValueError(f"CalibrateConfig.clients_per_round {cfg.clients_per_round} asks for more than the {n} clients of {cfg.text.describe()}")
     params, model, tokenizer = load_model(args.preset, args.model_dir, args.cache_dir)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +208,7 @@ def cmd_distill(argv):
 def cmd_offsite_table(argv):
     from fedpeat_jax.peat.distill import DistillConfig
     from fedpeat_jax.peat.emulator import EmulatorSpec
-    from fedpeat_jax.peat.offsite import OffsiteConfig, run_table, to_markdown
+    from fedpeat_jax.peat.offsite import OffsiteConfig, run_table, task_texts, to_markdown
 
     parser = Parser(prog="fedpeat offsite-table", description="Fine-tune on a corpus's training documents (default: Folio-spelling plays) and report held-out perplexity of Full ZS, Emulator ZS, FT, OT Emulator and OT Plug-in.")
     parser.add_argument("--out", default="benchmarks/results/offsite_table", help="output path without extension (.json and .md are written)")
@@ -221,6 +227,8 @@ def cmd_offsite_table(argv):
         EmulatorSpec(model.n_layer, cfg.l, cfg.r, cfg.k)  # refuses a split the model cannot take, before loading
         if cfg.seq_len > model.n_positions:
             raise ValueError(f"OffsiteConfig.seq_len ({cfg.seq_len}) exceeds the model's n_positions ({model.n_positions})")
+        if not cfg.text.is_shakespeare:
+            task_texts(cfg.text)  # your text is checked before the weights are loaded
         fm = open_model_dir(args.model_dir)
     result = run_table(cfg, foundation=fm, logdir=args.logdir)
     out = Path(args.out)

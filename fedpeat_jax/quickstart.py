@@ -122,6 +122,11 @@ class Stages:
 
 def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Callable[[str], None] = print) -> Path:
     """Run (or resume) every stage; returns the report's path."""
+    if not config.text.is_shakespeare:  # your text is checked before anything is fetched or pretrained
+        from fedpeat_jax.tasks import TaskConfig, plan_task
+
+        if not plan_task(TaskConfig(text=config.text, seed=config.seed), cache_dir).heldout:
+            raise ValueError(f"TextConfig.heldout_fraction: the quickstart compares held-out perplexities, and {config.text.describe()} holds none out")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out, config)
@@ -189,11 +194,16 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
 
     def calibrate():
         from fedpeat_jax.mec.calibrate import CalibrateConfig, calibrate as fit
+        from fedpeat_jax.tasks import plan_task
 
         fm = foundation()
         levels = tuple(k for k in config.calibrate_levels if k <= fm.config.n_layer - 4)
         cfg = CalibrateConfig(levels=levels, clients_per_round=config.calibrate_clients, rounds=config.calibrate_rounds, text=config.text,
                               seed=config.seed)
+        n = plan_task(cfg.task(), cache_dir).n_clients
+        if cfg.population > n:  # a user's text may have fewer clients than the default population of devices
+            cfg = cfg.replace(population=n, clients_per_round=tuple(sorted({min(c, n) for c in cfg.clients_per_round})))
+            log(f"  a population of {n} devices: the text has {n} clients")
         table = fit(cfg, fm.params, fm.config, fm.tokenizer, model_name=config.preset, cache_dir=cache_dir, out=out / "calibration.json",
                     source="fedpeat quickstart")
         for k, p, e in zip(table.k, table.ppl_inf, table.eta):
@@ -243,7 +253,7 @@ def headline(s: dict) -> list:
         "## Summary",
         "",
         f"- Foundation model: {fm['params']:,} parameters, modern-spelling held-out perplexity {fm.get('heldout_ppl', float('nan')):.2f}.",
-        f"- FedPEAT ({fed['clients']} role clients, {fed['rounds']} rounds): held-out plug-in perplexity {fed['zero_shot_ppl']:.2f} -> {fed['plugin_ppl']:.2f}.",
+        f"- FedPEAT ({fed['clients']} {'role ' if fed.get('data', 'Shakespeare').startswith('Shakespeare') else ''}clients, {fed['rounds']} rounds): held-out plug-in perplexity {fed['zero_shot_ppl']:.2f} -> {fed['plugin_ppl']:.2f}.",
         f"- Offsite-tuning pattern (OT Plug-in < Full ZS and < OT Emulator, Emulator ZS > Full ZS) holds in {held} of {len(rows)} rows.",
     ]
     if best is not None:
@@ -305,7 +315,7 @@ def write_report(out: Path, config: QuickstartConfig, s: dict) -> Path:
         "|---|---|---|",
         *[f"| {r['emulator']} | {r['middle_blocks']} | {r['params_on_device']:,} |" for r in s["emulators"]["emulators"]],
         "",
-        "## FedPEAT on Folio-spelling role clients",
+        "## FedPEAT on Folio-spelling role clients" if fed.get("data", "Shakespeare").startswith("Shakespeare") else f"## FedPEAT on {fed['data']}",
         "",
         f"{fed['clients']} clients, {fed['rounds']} rounds: held-out plug-in perplexity {fed['zero_shot_ppl']:.2f} (untuned) -> "
         f"{fed['plugin_ppl']:.2f}. Logs: `fedpeat/logs` (TensorBoard), checkpoints: `fedpeat/checkpoints`, tuned model in "

@@ -261,3 +261,28 @@ def test_one_line_from_the_shell_and_debug_shows_the_traceback(books):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
     out = fedpeat("data", "--corpus", books, "--min-client-size", "100", "--debug")
     assert out.returncode == 1 and "Traceback" in out.stderr and "ValueError: TaskConfig.min_client_size" in out.stderr
+
+
+def test_pretrain_out_never_overwrites_other_files(books, foundation, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    rc, _, err = main(capsys, "pretrain", "--corpus", books, *PRETRAIN, "--out", mine)
+    assert rc == 2 and "is not a foundation model directory" in err and (mine / "notes.txt").read_text() == "keep me"
+    rc, _, err = main(capsys, "pretrain", "--corpus", books, *PRETRAIN[:-2], "--batch", "2", "--out", foundation)
+    assert rc == 2 and "holds a foundation model pretrained with other settings" in err
+    rc, out, err = main(capsys, "pretrain", "--corpus", books, *PRETRAIN, "--out", foundation)  # the same settings: reused
+    assert rc == 0 and f"foundation model: {foundation}" in out
+
+
+def test_fresh_sets_the_old_run_aside(tmp_path):
+    from fedpeat_jax.tune import set_aside
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    old = set_aside(run)
+    assert not run.exists() and (old / "summary.json").read_text() == "{}" and old.name.startswith("run.old-")
+    run.mkdir()
+    assert set_aside(run) != old and old.exists()  # a second one in the same second gets its own name
+    assert set_aside(tmp_path / "nothing") is None

@@ -81,6 +81,12 @@ class CalibrateConfig(Config):
     def peft(self) -> PeftConfig:
         return PeftConfig(kind="lora", lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
 
+    def task(self):
+        """The TaskConfig of the measured clients (before the population is drawn from them)."""
+        from fedpeat_jax.tasks import TaskConfig
+
+        return TaskConfig(text=self.text, seq_len=self.seq_len, max_examples=self.max_examples, max_eval_windows=self.max_eval_windows, seed=self.seed)
+
 
 # --------------------------------------------------------------------------------------------
 # The fit (pure numpy)
@@ -183,10 +189,10 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
     """Run every (level, participation) FedPEAT run, fit the table, write it to `out`."""
     from fedpeat_jax.fed.simulation import FedPEAT
     from fedpeat_jax.io.logging import progress
-    from fedpeat_jax.tasks import TaskConfig, build_task, device_population
+    from fedpeat_jax.tasks import build_task, device_population
 
     model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-    task_cfg = TaskConfig(text=cfg.text, seq_len=cfg.seq_len, max_examples=cfg.max_examples, max_eval_windows=cfg.max_eval_windows, seed=cfg.seed)
+    task_cfg = cfg.task()
     n_middle = model.n_layer - 4
     bad = [k for k in cfg.levels if k > n_middle]
     if bad:

@@ -111,13 +111,20 @@ def spread(n: int, limit: int) -> np.ndarray:
     return np.linspace(0, n - 1, limit).round().astype(int)
 
 
-def task_data(text: TextConfig, tokenizer, seq_len: int, heldout_plays, eval_windows: int = 0) -> tuple:
-    """(training windows int32[N, T], held-out (tokens, mask), held-out documents) of the
-    fine-tuning text: Shakespeare holds out `heldout_plays` (the foundation model's), a user's
-    text its TextConfig's held-out documents."""
-    train_texts, held_texts, held_docs = data_lib.training_and_heldout_texts(text, heldout_docs=heldout_plays if text.is_shakespeare else None)
-    if not held_texts:
+def task_texts(text: TextConfig, heldout_plays=data_lib.DEFAULT_HELDOUT_PLAYS) -> tuple:
+    """(training examples, held-out examples, held-out documents) of the fine-tuning text:
+    Shakespeare holds out `heldout_plays` (the foundation model's), a user's text its
+    TextConfig's held-out documents. Needs no model, so a user's text is checked first."""
+    train, held, docs = data_lib.training_and_heldout_texts(text, heldout_docs=heldout_plays if text.is_shakespeare else None)
+    if not held:
         raise ValueError(f"TextConfig.heldout_docs: the offsite table compares held-out perplexities, and {text.describe()} has no held-out documents")
+    return train, held, docs
+
+
+def task_data(text: TextConfig, tokenizer, seq_len: int, heldout_plays, eval_windows: int = 0, texts=None) -> tuple:
+    """(training windows int32[N, T], held-out (tokens, mask), held-out documents) of the
+    fine-tuning text (`texts`: its `task_texts`, when already loaded)."""
+    train_texts, held_texts, held_docs = texts if texts is not None else task_texts(text, heldout_plays)
     train = data_lib.pretraining_windows(train_texts, tokenizer, seq_len)
     if len(train) == 0:
         raise ValueError(f"OffsiteConfig.seq_len: the training documents of {text.describe()} give no full window of {seq_len} tokens")
@@ -187,13 +194,14 @@ def check_pattern(row: dict) -> dict:
 def run_table(cfg: OffsiteConfig = OffsiteConfig(), *, foundation: Optional[Foundation] = None, logdir=None, show_progress: bool = True) -> dict:
     """Every run of the table; returns the JSON-ready result (see `to_markdown`)."""
     start = time.perf_counter()
+    texts = None if cfg.text.is_shakespeare else task_texts(cfg.text)  # a user's text is checked before any model is loaded
     fm = foundation if foundation is not None else load_foundation(cfg.preset, show_progress=show_progress)
     model = fm.config
     if cfg.seq_len > model.n_positions:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's n_positions {model.n_positions}")
     spec = emu.EmulatorSpec(model.n_layer, cfg.l, cfg.r, cfg.k)
     windows, (held_tokens, held_mask), heldout_plays = task_data(
-        cfg.text, fm.tokenizer, cfg.seq_len, tuple(fm.info.get("heldout_plays", data_lib.DEFAULT_HELDOUT_PLAYS)), cfg.eval_windows)
+        cfg.text, fm.tokenizer, cfg.seq_len, tuple(fm.info.get("heldout_plays", data_lib.DEFAULT_HELDOUT_PLAYS)), cfg.eval_windows, texts)
 
     def ppl(params, config, state=None, peft=None):
         return evaluate_perplexity(params, held_tokens, held_mask, config, state, peft, cfg.eval_batch)["ppl"]
@@ -337,4 +345,4 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SETTINGS", "OffsiteConfig", "spread", "task_data", "folio_data", "n_params", "tune", "check_pattern", "run_table", "to_markdown"]
+__all__ = ["SETTINGS", "OffsiteConfig", "spread", "task_texts", "task_data", "folio_data", "n_params", "tune", "check_pattern", "run_table", "to_markdown"]
