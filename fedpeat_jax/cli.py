@@ -167,7 +167,10 @@ def cmd_calibrate(argv):
     bad = [k for k in cfg.levels if k > model.n_layer - 4]
     if bad:
         raise ValueError(f"CalibrateConfig.levels {bad} larger than the model's middle ({model.n_layer - 4} blocks)")
-    n = plan_task(cfg.task(), args.cache_dir).n_clients  # the text's checks, before any weights are loaded
+    plan = plan_task(cfg.task(), args.cache_dir)  # the text's checks, before any weights are loaded
+    if not plan.heldout:
+        raise ValueError(f"TextConfig.heldout_fraction: calibration measures held-out perplexity, and {cfg.text.describe()} holds none out")
+    n = plan.n_clients
     if cfg.population is not None and cfg.population > n:
         raise ValueError(f"CalibrateConfig.population ({cfg.population}) is more than the {n} clients of {cfg.text.describe()}; lower it")
     if max(cfg.clients_per_round) > n:
