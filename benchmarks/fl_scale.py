@@ -88,7 +88,7 @@ def run_point(point: dict) -> dict:
     compiled = jax.jit(sim.run_rounds, static_argnums=3, donate_argnums=0).lower(state, params, data, 1, hyper).compile()
     compile_s = time.perf_counter() - t0
     analysis = compiled.memory_analysis()
-    out = {**point, "client_chunk": sim.client_chunk, "compile_s": compile_s, "xla_peak_bytes": driver.round_memory(compiled),
+    out = {**point, "client_chunk": sim.effective_chunk, "compile_s": compile_s, "xla_peak_bytes": driver.round_memory(compiled),
            "xla_temp_bytes": int(analysis.temp_size_in_bytes), "xla_argument_bytes": int(analysis.argument_size_in_bytes),
            "flops_per_round": m * LOCAL_STEPS * BATCH * SEQ * train_flops_per_token(
                model, 2 + k + 2, SEQ, lora_params=lora_param_count(model, RANK, 4))}

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from fedpeat_jax.config import Config
+from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.io.plots import pyplot
 from fedpeat_jax.peat.foundation import PRETRAIN_PRESETS
 
@@ -31,29 +33,39 @@ STAGES = ("corpus", "foundation", "emulators", "fedpeat", "offsite", "calibrate"
 
 
 @dataclass(frozen=True)
-class QuickstartConfig:
+class QuickstartConfig(Config):
     """Sizes of every stage; `tiny()` shrinks them all for smoke tests."""
 
     preset: str = "default"
+    """Foundation model preset (`--tiny` uses 'tiny')."""
     seq_len: int = 64
+    """Tokens per window of the federated task (and the env's seq_len)."""
     rounds: int = 12
+    """FedPEAT rounds of the `fedpeat` stage."""
     clients_per_round: int = 16
+    """Clients per round of the `fedpeat` stage."""
     local_steps: int = 4
+    """Local steps per client and round."""
     client_lr: float = 3e-3
+    """Client learning rate."""
     offsite_steps: int = 60
+    """Steps of every fine-tuning run of the offsite table."""
     offsite_eval_windows: int = 64
-    calibrate_levels: tuple = (0, 2, 4)
-    calibrate_clients: tuple = (3, 10)  # of the calibration's 10-device population
+    """Held-out windows of the offsite table."""
+    calibrate_levels: tuple[int, ...] = (0, 2, 4)
+    """Emulator sizes k measured by the calibration stage."""
+    calibrate_clients: tuple[int, ...] = (3, 10)  # of the calibration's 10-device population
     calibrate_rounds: int = 5
+    """Rounds per calibration curve."""
     controller_steps: int = 200_000
+    """SABPPO environment steps (total_timesteps)."""
     controller_envs: int = 64
+    """SABPPO parallel environments (num_envs)."""
     eval_episodes: int = 32
+    """Evaluation episodes per policy."""
+    text: TextConfig = TextConfig()  # the clients' text of the FedPEAT, offsite and calibration stages
     seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "calibrate_levels", tuple(self.calibrate_levels))
-        object.__setattr__(self, "calibrate_clients", tuple(self.calibrate_clients))
-        self.validate()
+    """Seed of every stage."""
 
     def validate(self) -> None:
         """Refuse sizes that cannot work, before anything is fetched or compiled (each stage's own config checks the rest)."""
@@ -110,6 +122,11 @@ class Stages:
 
 def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Callable[[str], None] = print) -> Path:
     """Run (or resume) every stage; returns the report's path."""
+    if not config.text.is_shakespeare:  # your text is checked before anything is fetched or pretrained
+        from fedpeat_jax.tasks import TaskConfig, plan_task
+
+        if not plan_task(TaskConfig(text=config.text, seed=config.seed), cache_dir).heldout:
+            raise ValueError(f"TextConfig.heldout_fraction: the quickstart compares held-out perplexities, and {config.text.describe()} holds none out")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out, config)
@@ -125,7 +142,8 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
     def corpus():
         from fedpeat_jax import data as data_lib
 
-        stats = {s: str(data_lib.corpus_stats(data_lib.load_shakespeare(s, cache_dir=cache_dir))) for s in ("modern", "folio")}
+        texts = [TextConfig(spelling=s) for s in ("modern", "folio")] if config.text.is_shakespeare else [config.text]
+        stats = {t.spelling if t.is_shakespeare else t.corpus: str(data_lib.corpus_stats(data_lib.load_corpus(t, cache_dir=cache_dir))) for t in texts}
         for s, line in stats.items():
             log(f"  {s}: {line}")
         return stats
@@ -149,11 +167,11 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
         return {"emulators": rows}
 
     def fedpeat():
-        from fedpeat_jax.cli import run_tune
         from fedpeat_jax.config import FedConfig, PeftConfig
         from fedpeat_jax.tasks import TaskConfig
+        from fedpeat_jax.tune import run_tune
 
-        task = TaskConfig(seq_len=config.seq_len, max_examples=16, max_eval_windows=128, seed=config.seed)
+        task = TaskConfig(text=config.text, seq_len=config.seq_len, max_examples=16, max_eval_windows=128, seed=config.seed)
         fed = FedConfig(clients_per_round=config.clients_per_round, rounds=config.rounds, local_steps=config.local_steps,
                         client_lr=config.client_lr, rounds_per_chunk=max(1, config.rounds // 4), seed=config.seed)
         peft = PeftConfig(kind="lora", lora_rank=8, lora_alpha=16.0)
@@ -165,7 +183,7 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
         from fedpeat_jax.peat import offsite as ot
 
         cfg = ot.OffsiteConfig(preset=config.preset, seq_len=min(128, foundation().config.n_positions), steps=config.offsite_steps, warmup=max(1, config.offsite_steps // 10),
-                               eval_windows=config.offsite_eval_windows, emulators=("layer-drop",), seed=config.seed)
+                               eval_windows=config.offsite_eval_windows, emulators=("layer-drop",), text=config.text, seed=config.seed)
         result = ot.run_table(cfg, foundation=foundation(), logdir=out / "offsite" / "logs")
         (out / "offsite").mkdir(parents=True, exist_ok=True)
         (out / "offsite" / "table.json").write_text(json.dumps(result, indent=2, default=str))
@@ -176,10 +194,16 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
 
     def calibrate():
         from fedpeat_jax.mec.calibrate import CalibrateConfig, calibrate as fit
+        from fedpeat_jax.tasks import plan_task
 
         fm = foundation()
         levels = tuple(k for k in config.calibrate_levels if k <= fm.config.n_layer - 4)
-        cfg = CalibrateConfig(levels=levels, clients_per_round=config.calibrate_clients, rounds=config.calibrate_rounds, seed=config.seed)
+        cfg = CalibrateConfig(levels=levels, clients_per_round=config.calibrate_clients, rounds=config.calibrate_rounds, text=config.text,
+                              seed=config.seed)
+        n = plan_task(cfg.task(), cache_dir).n_clients
+        if cfg.population > n:  # a user's text may have fewer clients than the default population of devices
+            cfg = cfg.replace(population=n, clients_per_round=tuple(sorted({min(c, n) for c in cfg.clients_per_round})))
+            log(f"  a population of {n} devices: the text has {n} clients")
         table = fit(cfg, fm.params, fm.config, fm.tokenizer, model_name=config.preset, cache_dir=cache_dir, out=out / "calibration.json",
                     source="fedpeat quickstart")
         for k, p, e in zip(table.k, table.ppl_inf, table.eta):
@@ -229,7 +253,7 @@ def headline(s: dict) -> list:
         "## Summary",
         "",
         f"- Foundation model: {fm['params']:,} parameters, modern-spelling held-out perplexity {fm.get('heldout_ppl', float('nan')):.2f}.",
-        f"- FedPEAT ({fed['clients']} role clients, {fed['rounds']} rounds): held-out plug-in perplexity {fed['zero_shot_ppl']:.2f} -> {fed['plugin_ppl']:.2f}.",
+        f"- FedPEAT ({fed['clients']} {'role ' if fed.get('data', 'Shakespeare').startswith('Shakespeare') else ''}clients, {fed['rounds']} rounds): held-out plug-in perplexity {fed['zero_shot_ppl']:.2f} -> {fed['plugin_ppl']:.2f}.",
         f"- Offsite-tuning pattern (OT Plug-in < Full ZS and < OT Emulator, Emulator ZS > Full ZS) holds in {held} of {len(rows)} rows.",
     ]
     if best is not None:
@@ -291,7 +315,7 @@ def write_report(out: Path, config: QuickstartConfig, s: dict) -> Path:
         "|---|---|---|",
         *[f"| {r['emulator']} | {r['middle_blocks']} | {r['params_on_device']:,} |" for r in s["emulators"]["emulators"]],
         "",
-        "## FedPEAT on Folio-spelling role clients",
+        "## FedPEAT on Folio-spelling role clients" if fed.get("data", "Shakespeare").startswith("Shakespeare") else f"## FedPEAT on {fed['data']}",
         "",
         f"{fed['clients']} clients, {fed['rounds']} rounds: held-out plug-in perplexity {fed['zero_shot_ppl']:.2f} (untuned) -> "
         f"{fed['plugin_ppl']:.2f}. Logs: `fedpeat/logs` (TensorBoard), checkpoints: `fedpeat/checkpoints`, tuned model in "

@@ -29,33 +29,43 @@ from typing import Optional
 import jax
 import numpy as np
 
-from fedpeat_jax.config import FedConfig, PeftConfig
+from fedpeat_jax.config import Config, FedConfig, PeftConfig
+from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.mec.calibration import CalibrationTable, model_shape
 
 FIT_TOLERANCE = 0.10  # stated tolerance: simulated curves within 10% of every measured point
 
 
 @dataclass(frozen=True)
-class CalibrateConfig:
+class CalibrateConfig(Config):
     """What `fedpeat calibrate` measures."""
 
-    levels: tuple = (0, 1, 2, 3, 4)  # emulator sizes k (middle blocks kept)
+    levels: tuple[int, ...] = (0, 1, 2, 3, 4)  # emulator sizes k (middle blocks kept)
     population: Optional[int] = 10  # the env's devices: clients whose data the fractions refer to (None: every client)
-    clients_per_round: tuple = (3, 10)  # participation levels (at most the population)
+    clients_per_round: tuple[int, ...] = (3, 10)  # participation levels (at most the population)
     rounds: int = 8
+    """FedPEAT rounds per measured curve (>= 2)."""
     local_steps: int = 4
+    """Local steps per client and round."""
     local_batch: int = 2
+    """Windows per local step."""
     client_lr: float = 3e-3
+    """Client learning rate (Adam)."""
     lora_rank: int = 4
+    """LoRA rank of the PEFT module in the adapter."""
     lora_alpha: float = 32.0
+    """LoRA alpha."""
     seq_len: int = 64
+    """Tokens per window."""
     max_examples: int = 16
+    """Windows kept per client (`TaskConfig.max_examples`)."""
     max_eval_windows: int = 96
+    """Held-out windows for the plug-in perplexity."""
+    text: TextConfig = TextConfig()  # the devices' text (default: Folio-spelling role clients)
     seed: int = 0
+    """Seed of the runs and the task."""
 
-    def __post_init__(self):
-        object.__setattr__(self, "levels", tuple(int(k) for k in self.levels))
-        object.__setattr__(self, "clients_per_round", tuple(int(c) for c in self.clients_per_round))
+    def validate(self) -> None:
         if not self.levels or list(self.levels) != sorted(set(self.levels)):
             raise ValueError(f"CalibrateConfig.levels must be strictly increasing, got {self.levels}")
         if not self.clients_per_round or min(self.clients_per_round) < 1:
@@ -70,6 +80,12 @@ class CalibrateConfig:
 
     def peft(self) -> PeftConfig:
         return PeftConfig(kind="lora", lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
+
+    def task(self):
+        """The TaskConfig of the measured clients (before the population is drawn from them)."""
+        from fedpeat_jax.tasks import TaskConfig
+
+        return TaskConfig(text=self.text, seq_len=self.seq_len, max_examples=self.max_examples, max_eval_windows=self.max_eval_windows, seed=self.seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,10 +190,10 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
     """Run every (level, participation) FedPEAT run, fit the table, write it to `out`."""
     from fedpeat_jax.fed.simulation import FedPEAT
     from fedpeat_jax.io.logging import progress
-    from fedpeat_jax.tasks import TaskConfig, build_task, device_population
+    from fedpeat_jax.tasks import build_task, device_population
 
     model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-    task_cfg = TaskConfig(seq_len=cfg.seq_len, max_examples=cfg.max_examples, max_eval_windows=cfg.max_eval_windows, seed=cfg.seed)
+    task_cfg = cfg.task()
     n_middle = model.n_layer - 4
     bad = [k for k in cfg.levels if k > n_middle]
     if bad:

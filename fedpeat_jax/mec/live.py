@@ -28,32 +28,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedpeat_jax.config import FedConfig, PeftConfig
+from fedpeat_jax.config import Config, FedConfig, PeftConfig
 from fedpeat_jax.fed.client import Hyper
 from fedpeat_jax.fed.simulation import FedData, FedPEAT
 from fedpeat_jax.mec.env import EnvParams, FedPEATMEC, RoundOutcome, make_params
 
 
 @dataclass(frozen=True)
-class LiveConfig:
+class LiveConfig(Config):
     """The real federated workload behind a live environment's rounds."""
 
     n_devices: int = 10  # devices = clients of the task (a seeded choice among them)
-    emulator_k: Optional[tuple] = None  # emulator levels offered (default: the calibration table's)
+    emulator_k: Optional[tuple[int, ...]] = None  # emulator levels offered (default: the calibration table's)
     local_steps: int = 4
+    """Local steps per device and round."""
     local_batch: int = 2  # sequences per local step
     client_lr: float = 3e-3
+    """Client learning rate."""
     lora_rank: int = 4
+    """LoRA rank of the PEFT module in the adapter."""
     lora_alpha: float = 32.0
+    """LoRA alpha."""
     seq_len: int = 64
+    """Tokens per window."""
     max_examples: int = 16  # windows per client
     eval_windows: int = 32  # held-out windows behind each step's perplexity
     server: bool = True  # the server holds the task's server data and may take part
     seed: int = 0
+    """Seed of the device choice and the runs."""
 
-    def __post_init__(self):
-        if self.emulator_k is not None:
-            object.__setattr__(self, "emulator_k", tuple(int(k) for k in self.emulator_k))
+    def validate(self) -> None:
         for name in ("n_devices", "local_steps", "local_batch", "lora_rank", "max_examples", "eval_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LiveConfig.{name} must be >= 1, got {getattr(self, name)}")

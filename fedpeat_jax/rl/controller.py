@@ -35,6 +35,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from fedpeat_jax.config import Config
 from fedpeat_jax.io.checkpoint import CheckpointManager
 from fedpeat_jax.io.logging import RunLogger, progress, read_metrics
 from fedpeat_jax.io.plots import pyplot
@@ -46,7 +47,7 @@ CONFIG_FILE = "controller.json"
 
 
 @dataclass(frozen=True)
-class ControllerConfig:
+class ControllerConfig(Config):
     """How ``train_controller`` runs SABPPO (the agent itself is configured by SABPPOConfig)."""
 
     seeds: int = 1  # independent runs, vmapped in one compiled call
@@ -54,12 +55,11 @@ class ControllerConfig:
     chunk_updates: int = 10  # PPO updates per jitted chunk (= checkpoint and log interval)
     eval_episodes: int = 1024  # episodes per policy in the final evaluation (same draws for all)
     eval_seed: int = 12345
+    """Seed of the evaluation episodes (the same draws for SABPPO and every baseline)."""
     greedy_devices: int = 0  # devices the greedy baseline picks; 0: ceil(N / 2)
     deterministic_eval: bool = True  # evaluate SABPPO by its most likely action per branch
     keep_checkpoints: int = 2
-
-    def __post_init__(self):
-        self.validate()
+    """Checkpoints kept in `out/checkpoints`."""
 
     def validate(self) -> None:
         for name in ("seeds", "chunk_updates", "eval_episodes", "keep_checkpoints"):
