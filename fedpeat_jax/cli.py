@@ -137,13 +137,40 @@ def cmd_tune(argv):
     parser.add_argument("--out", default="runs/tune", help="run directory: logs, checkpoints, exported model")
     parser.add_argument("--fresh", action="store_true", help="start over: an existing --out is renamed to <out>.old-<time> (nothing is deleted)")
     parser.add_argument("--cache-dir", default=None)
+    multi = parser.add_argument_group("several processes (jax.distributed; see docs/scale.md)")
+    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address; every process passes the same")
+    multi.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    multi.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
+    multi.add_argument("--distributed", action="store_true", help="join a run spanning processes with JAX's cluster auto-detection "
+                       "(SLURM, Open MPI, Cloud TPU, Kubernetes); no other option needed")
+    multi.add_argument("--local-devices", type=int, default=None, help="split this process's CPU into this many devices (CPU runs)")
     groups = _groups_tune()
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     configs = build_configs(args, table, groups)
+    _join_processes(args)
     summary = run_tune(configs["task"], configs["peft"], configs["fed"], preset=args.preset, model_dir=args.model_dir, out=args.out,
                        resume=not args.fresh, cache_dir=args.cache_dir)
     _print_json(summary)
+
+
+def _join_processes(args) -> None:
+    """Join a run spanning processes before any computation (tune's --coordinator and friends)."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(x is not None for x in explicit) and None in explicit:
+        raise ValueError("--coordinator, --num-processes and --process-id go together (or use --distributed to auto-detect)")
+    if args.num_processes is not None and not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
+        raise ValueError(f"--process-id must be in 0 .. {args.num_processes - 1} (--num-processes {args.num_processes}), got {args.process_id}")
+    if args.local_devices is not None and args.local_devices < 1:
+        raise ValueError(f"--local-devices must be >= 1, got {args.local_devices}")
+    if args.distributed or args.coordinator is not None:
+        from fedpeat_jax.fed import sharding
+
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id, local_cpu_devices=args.local_devices)
+    elif args.local_devices is not None:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", args.local_devices)
 
 
 @subcommand("calibrate", "fit the MEC environment's perplexity response to real FedPEAT runs")
