@@ -448,6 +448,7 @@ __all__ = [
     "SHIPPED_ROOT",
     "file_checksums",
     "verify_files",
+    "read_info",
     "shipped_fingerprint",
     "params_digest",
     "heldout_perplexity",
