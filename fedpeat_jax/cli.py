@@ -328,7 +328,11 @@ def cmd_calibrate(argv):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     source = "fedpeat calibrate " + " ".join(argv)
-    result = calibrate(cfg, params, model, tokenizer, model_name=args.model_dir or args.preset, cache_dir=args.cache_dir, out=out, source=source.strip())
+    from fedpeat_jax.peat import foundation
+
+    fingerprint = None if args.model_dir else foundation.fingerprint(*foundation.resolve_settings(args.preset))
+    result = calibrate(cfg, params, model, tokenizer, model_name=args.model_dir or args.preset, cache_dir=args.cache_dir, out=out,
+                       source=source.strip(), model_fingerprint=fingerprint)
     print(f"calibration table: {out}")
     for k, p, e in zip(result.k, result.ppl_inf, result.eta):
         print(f"  k={k}: ppl_inf={p:.2f} eta={e:.3f} (max rel. error {result.meta['fit'][str(k)]['max_rel_error']:.3f})")
