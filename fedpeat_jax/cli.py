@@ -476,15 +476,18 @@ def cmd_quickstart(argv):
 
     parser = argparse.ArgumentParser(prog="fedpeat quickstart", description="Corpus, foundation model, emulators, FedPEAT, offsite-tuning table, calibration, SABPPO vs baselines, and a report folder. Rerun to resume.")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes everywhere (a smoke test of the same path)")
+    parser.add_argument("--pretrain", action="store_true", help="pretrain the foundation model here instead of using the shipped one")
+    parser.add_argument("--recalibrate", action="store_true", help="fit the calibration table here even when the shipped one was fitted on this model")
     parser.add_argument("--out", default="runs/quickstart", help="report folder")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--config", default=None, help="JSON file with a 'quickstart' section")
     args = preparse(parser, argv)
     base = QuickstartConfig.tiny() if args.tiny else QuickstartConfig()
-    groups = [Group("quickstart", QuickstartConfig, base)]
+    groups = [Group("quickstart", QuickstartConfig, base, skip=("pretrain", "recalibrate"))]
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     cfg = build_configs(args, table, groups)["quickstart"]
+    cfg = dataclasses.replace(cfg, pretrain=cfg.pretrain or args.pretrain, recalibrate=cfg.recalibrate or args.recalibrate)
     report = run(cfg, out=args.out, cache_dir=args.cache_dir)
     print(f"\nreport: {report.resolve()}")
 
