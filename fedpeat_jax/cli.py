@@ -114,7 +114,7 @@ def cmd_pretrain(argv):
         else:
             result = foundation.pretrain(args.preset, out_dir=out, cache_dir=args.cache_dir, pretrain_config=pcfg, overwrite=True)
     else:
-        result = foundation.load_foundation(args.preset, cache_dir=args.cache_dir, pretrain_config=pcfg)
+        result = foundation.load_foundation(args.preset, cache_dir=args.cache_dir, pretrain_config=pcfg, shipped=False)
     info = result.info
     print(f"foundation model: {result.path}")
     for key in ("heldout_plays", "heldout_ppl", "train_seconds", "train_tokens_per_s"):
@@ -206,7 +206,11 @@ def cmd_calibrate(argv):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     source = "fedpeat calibrate " + " ".join(argv)
-    result = calibrate(cfg, params, model, tokenizer, model_name=args.model_dir or args.preset, cache_dir=args.cache_dir, out=out, source=source.strip())
+    from fedpeat_jax.peat import foundation
+
+    fingerprint = None if args.model_dir else foundation.fingerprint(*foundation.resolve_settings(args.preset))
+    result = calibrate(cfg, params, model, tokenizer, model_name=args.model_dir or args.preset, cache_dir=args.cache_dir, out=out,
+                       source=source.strip(), model_fingerprint=fingerprint)
     print(f"calibration table: {out}")
     for k, p, e in zip(result.k, result.ppl_inf, result.eta):
         print(f"  k={k}: ppl_inf={p:.2f} eta={e:.3f} (max rel. error {result.meta['fit'][str(k)]['max_rel_error']:.3f})")
@@ -361,15 +365,18 @@ def cmd_quickstart(argv):
 
     parser = Parser(prog="fedpeat quickstart", description="Corpus, foundation model, emulators, FedPEAT, offsite-tuning table, calibration, SABPPO vs baselines, and a report folder. Rerun to resume.")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes everywhere (a smoke test of the same path)")
+    parser.add_argument("--pretrain", action="store_true", help="pretrain the foundation model here instead of using the shipped one")
+    parser.add_argument("--recalibrate", action="store_true", help="fit the calibration table here even when the shipped one was fitted on this model")
     parser.add_argument("--out", default="runs/quickstart", help="report folder")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--config", default=None, help="JSON file with 'text' and 'quickstart' sections")
     args = preparse(parser, argv)
     base = QuickstartConfig.tiny() if args.tiny else QuickstartConfig()
-    groups = [_text_group(), Group("quickstart", QuickstartConfig, base, skip=("text",))]
+    groups = [_text_group(), Group("quickstart", QuickstartConfig, base, skip=("text", "pretrain", "recalibrate"))]
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     cfg = build_configs(args, table, groups)["quickstart"]
+    cfg = dataclasses.replace(cfg, pretrain=cfg.pretrain or args.pretrain, recalibrate=cfg.recalibrate or args.recalibrate)
     report = run(cfg, out=args.out, cache_dir=args.cache_dir)
     print(f"\nreport: {report.resolve()}")
 
