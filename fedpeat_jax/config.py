@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("einsum", "dot_product")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -34,7 +35,9 @@ class GPT2Config:
     attn_pdrop: float = 0.1
     resid_pdrop: float = 0.1
     initializer_range: float = 0.02
-    dtype: str = "float32"  # compute dtype; parameters are always stored in float32
+    dtype: str = "float32"  # compute dtype; parameters are stored in float32 (a frozen base may be bfloat16)
+    attention: str = "einsum"  # execution only: "dot_product" runs jax.nn.dot_product_attention (fused kernels on GPU; einsum under attention dropout)
+    remat: bool = False  # execution only: recompute each block's activations in the backward pass (jax.checkpoint), less memory for more compute
 
     def __post_init__(self):
         self.validate()
@@ -64,6 +67,8 @@ class GPT2Config:
             _require(0.0 <= value < 1.0, f"GPT2Config.{name} must be in [0, 1), got {value!r}")
         _require(self.layer_norm_epsilon > 0, "GPT2Config.layer_norm_epsilon must be > 0")
         _require(self.dtype in DTYPES, f"GPT2Config.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _require(self.attention in ATTENTION_IMPLS, f"GPT2Config.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        _require(isinstance(self.remat, bool), f"GPT2Config.remat must be True or False, got {self.remat!r}")
 
     def replace(self, **changes) -> "GPT2Config":
         return dataclasses.replace(self, **changes)
