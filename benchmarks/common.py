@@ -90,6 +90,32 @@ def torch_matmul_peak(n: int = 2048, runs: int = 5) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# The PyTorch twin of an emulator with LoRA (the baselines' client model)
+# --------------------------------------------------------------------------------------------
+def torch_lora_emulator(params, cfg, spec, rank: int, threads: int | None = None):
+    """A transformers GPT2LMHeadModel holding `spec`'s emulator of `params`, with an HF peft LoRA
+    of rank `rank` (alpha 2 * rank, no dropout) on the four dense layers of the adapter blocks:
+    the same trainable parameters as fedpeat_jax's LoRA on that emulator. In train mode."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    from fedpeat_jax.model import hf
+    from fedpeat_jax.peat.emulator import build
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model = GPT2LMHeadModel(hf.to_hf_config(spec.emulator_config(cfg)))
+    state = {k: torch.as_tensor(np.array(v, np.float32)) for k, v in hf.state_dict_from_params(build(params, spec)).items()}
+    model.load_state_dict(state, strict=False)  # the tied lm_head follows wte
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+                      layers_to_transform=list(spec.emulator_adapter_ids), lora_dropout=0.0)
+    model = get_peft_model(model, lora)
+    model.train()
+    return model
+
+
+# --------------------------------------------------------------------------------------------
 # Result files
 # --------------------------------------------------------------------------------------------
 def write_json(name: str, data: dict) -> Path:
@@ -138,6 +164,7 @@ __all__ = [
     "median_time",
     "matmul_peak",
     "torch_matmul_peak",
+    "torch_lora_emulator",
     "write_json",
     "write_markdown",
     "markdown_table",
