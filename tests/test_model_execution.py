@@ -144,3 +144,28 @@ def test_bfloat16_frozen_base_trains_a_float32_lora():
 def test_bad_execution_options(change, field):
     with pytest.raises(ValueError, match=f"GPT2Config.{field}"):
         GPT2Config(**change)
+
+
+def test_bfloat16_matmul_rounds_operands_but_accumulates_in_float32():
+    """gpt2.matmul in bfloat16: bfloat16 operands, float32 products and sums, in both passes."""
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.standard_normal((64, 96)), jnp.float32)
+    w = jnp.asarray(rs.standard_normal((96, 48)), jnp.float32)
+    g = jnp.asarray(rs.standard_normal((64, 48)), jnp.float32)
+
+    def grads(x, w):
+        y, vjp = jax.vjp(gpt2.matmul, x, w)
+        return (y, *vjp(g.astype(y.dtype)))
+
+    y16, dx16, dw16 = jax.jit(grads)(x.astype(jnp.bfloat16), w)
+    assert y16.dtype == jnp.float32 and dx16.dtype == jnp.bfloat16
+    # Exactly what float32 math gives on the bfloat16-rounded operands (up to summation order) ...
+    r = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(y16), r(x) @ r(w), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dx16, np.float64), r(r(g) @ r(w).T), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(dw16, np.float64), r(r(x).T @ r(g)), rtol=1e-2, atol=1e-2)
+    # ... and within bfloat16 rounding of the float32 products.
+    y32, dx32, dw32 = jax.jit(grads)(x, w)
+    for a, b in ((y16, y32), (dx16, dx32), (dw16, dw32)):
+        b = np.asarray(b)
+        assert np.abs(np.asarray(a, np.float32) - b).max() < 2e-2 * np.abs(b).max()
