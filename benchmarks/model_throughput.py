@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from benchmarks.common import (
+    best_peaks,
     compile_jax,
     machine_info,
     matmul_peak,
@@ -105,12 +106,6 @@ def measure_peaks(n: int, runs: int) -> dict:
         "jax_bfloat16": matmul_peak("bfloat16", n, runs),
         "torch_float32": torch_matmul_peak(n, runs),
     }
-
-
-def best_peaks(measurements: list) -> dict:
-    """Per kind, the highest of the repeated peak measurements: other load can only lower a
-    measurement, so the maximum is the closest to the machine's real peak (and keeps MFU <= 1)."""
-    return {k: max((m[k] for m in measurements), key=lambda r: r["flops_per_s"]) for k in measurements[0]}
 
 
 def run_case(name: str, batch: int, seq: int, runs: int) -> tuple:
