@@ -169,3 +169,23 @@ def test_bfloat16_matmul_rounds_operands_but_accumulates_in_float32():
     for a, b in ((y16, y32), (dx16, dx32), (dw16, dw32)):
         b = np.asarray(b)
         assert np.abs(np.asarray(a, np.float32) - b).max() < 2e-2 * np.abs(b).max()
+
+
+@pytest.mark.parametrize("in_axes", [(0, None), (0, 0), (None, 0)], ids=["shared-weight", "per-example-weight", "shared-input"])
+def test_bfloat16_matmul_under_vmap(in_axes):
+    """Vmapped clients on a shared weight fold into one 2-D product; per-example weights (which
+    XLA's CPU runtime cannot multiply bfloat16 -> float32 batched) still run, in float32."""
+    rs = np.random.RandomState(1)
+    x = jnp.asarray(rs.standard_normal((3, 5, 8)), jnp.bfloat16)
+    w = jnp.asarray(rs.standard_normal((3, 8, 4)), jnp.float32)
+    args = tuple(a if axis == 0 else a[0] for a, axis in zip((x, w), in_axes))
+
+    def grads(matmul):
+        f = lambda x, w: jnp.sum(matmul(x, w) ** 2)  # noqa: E731
+        return jax.jit(jax.vmap(jax.grad(f, argnums=(0, 1)), in_axes=in_axes))(*args)
+
+    ours = grads(gpt2.matmul)
+    ref = grads(lambda x, w: x.astype(jnp.float32) @ w.astype(jnp.bfloat16).astype(jnp.float32))
+    for a, b in zip(ours, ref):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max()

@@ -106,22 +106,40 @@ def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
     return y.astype(x.dtype)
 
 
-@jax.custom_vjp
-def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+@jax.custom_batching.custom_vmap
+def _mixed_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """(n, k) @ (k, o), bfloat16 operands, float32 accumulation and result."""
     return jnp.matmul(x, w, preferred_element_type=jnp.float32)
 
 
+@_mixed_dot.def_vmap
+def _mixed_dot_vmap(axis_size, in_batched, x, w):
+    # XLA's CPU runtime multiplies bfloat16 into float32 only in plain 2-D products (YNNPACK);
+    # a batched one fails to run. With a shared weight the batch joins the rows (one 2-D product:
+    # vmapped clients on a frozen base, the hot path); per-example weights multiply in float32.
+    x_batched, w_batched = in_batched
+    if not w_batched:
+        return jnp.matmul(x, w, preferred_element_type=jnp.float32), True
+    x = x if x_batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+    return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32)), True
+
+
+@jax.custom_vjp
+def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    return _mixed_dot(x, w)
+
+
 def _bf16_matmul_fwd(x, w):
-    return _bf16_matmul(x, w), (x, w)
+    return _mixed_dot(x, w), (x, w)
 
 
 def _bf16_matmul_bwd(res, g):
-    # The cotangent rounded to bfloat16 so that both backward products stay bfloat16 x bfloat16
-    # (autodiff would multiply the float32 cotangent by an upcast weight: float32 speed).
+    # The cotangent rounded to bfloat16 so that the backward products stay bfloat16 x bfloat16
+    # too: autodiff would multiply the float32 cotangent by an upcast weight, at float32 speed.
     x, w = res
     g = g.astype(x.dtype)
-    dx = jnp.matmul(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.matmul(x.T, g, preferred_element_type=jnp.float32).astype(w.dtype)  # dead code for a frozen w
+    dx = _mixed_dot(g, w.T).astype(x.dtype)
+    dw = _mixed_dot(x.T, g).astype(w.dtype)  # dead code for a frozen w
     return dx, dw
 
 
@@ -130,8 +148,8 @@ _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """(N, k) @ (k, n) in float32, or for bfloat16 compute with bfloat16 operands, float32
-    accumulation and a float32 result in the forward and backward passes (native on CPUs with
-    AVX512-BF16: about 1.5-2x float32 on this project's machine; cast to bfloat16 by callers)."""
+    accumulation and a float32 result in the forward and backward passes (the native kernel on
+    CPUs with AVX512-BF16; callers cast the result). Reverse-mode differentiable (custom VJP)."""
     if x.dtype == jnp.float32:
         return x @ w.astype(jnp.float32)
     return _bf16_matmul(x, w.astype(x.dtype))
