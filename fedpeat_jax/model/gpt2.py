@@ -23,9 +23,11 @@ segments with and without PEFT (`peft_segments`), one scan per segment.
 Execution options of `GPT2Config` change how the model runs, not what it computes:
 `attention="dot_product"` calls `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU),
 `remat=True` recomputes each block in the backward pass (`jax.checkpoint` in the layer scan:
-activation memory of one block instead of all). The frozen weights may be held in bfloat16; they
-are cast to the compute dtype where used. Training losses come from the hidden states
-(`loss`, `head_nll`), which never builds full-vocabulary one-hots.
+activation memory of one block instead of all). With `dtype="bfloat16"` every dense layer and the
+LM head multiply bfloat16 operands into float32 (`matmul`, forward and backward: the native
+kernel of CPUs with AVX512-BF16). The frozen weights may be held in bfloat16; they are cast to the
+compute dtype where used. Training losses come from the hidden states (`loss`, `head_nll`), which
+never build full-vocabulary one-hots.
 """
 
 from __future__ import annotations
@@ -459,7 +461,7 @@ def head_nll(params: Params, h: jax.Array, input_ids: jax.Array, mask: Optional[
     The head runs on the T-1 positions that predict a token (not on all T, then sliced), and the
     target logit is the dot product of a position's state with its target's embedding row, so
     nothing of full-vocabulary size is built besides the logits themselves (no one-hot, no slice
-    copy; on CPU the LM head's loss costs 1.4x less at the default model's shape). Same (sum, count).
+    copy of the logits). Same (sum, count).
     """
     h = layer_norm(params["ln_f"], h[:, :-1], config.layer_norm_epsilon)
     targets = input_ids[:, 1:]
