@@ -149,14 +149,21 @@ WEIGHT_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "d_
 DROPOUT_FIELDS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
 
 
+def fingerprinted_settings(pretrain: PretrainConfig) -> dict:
+    """The pretraining settings that enter the fingerprint: fields added after the first release are
+    left out at their defaults, so earlier caches (and the shipped model) keep their fingerprints."""
+    settings = dataclasses.asdict(pretrain)
+    if settings["layerdrop"] == 0.0:
+        del settings["layerdrop"], settings["layerdrop_span"]
+    if pretrain.text == PretrainConfig.text:
+        del settings["text"]
+    return settings
+
+
 def fingerprint(model: GPT2Config, pretrain: PretrainConfig) -> str:
     """Short hash of everything that determines the pretrained weights (model fields in WEIGHT_FIELDS,
     pretraining settings, held-out plays, corpus checksum)."""
-    settings = dataclasses.asdict(pretrain)
-    if settings["layerdrop"] == 0.0:  # added later: left out when off, so earlier caches stay valid
-        del settings["layerdrop"], settings["layerdrop_span"]
-    if pretrain.text == PretrainConfig.text:  # added later too: the default text leaves the fingerprint as it was
-        del settings["text"]
+    settings = fingerprinted_settings(pretrain)
     fields = WEIGHT_FIELDS + (DROPOUT_FIELDS if pretrain.dropout else ())
     blob = json.dumps(
         {"format": FORMAT_VERSION, "model": {name: getattr(model, name) for name in fields}, "pretrain": settings,
@@ -405,10 +412,11 @@ def params_digest(params) -> str:
 
 
 def heldout_perplexity(fm: Foundation, *, windows: int = 0, cache_dir=None) -> dict:
-    """`evaluate_perplexity` of `fm` on the modern-spelling held-out plays, in its pretraining's
+    """`evaluate_perplexity` of `fm` on its pretraining text's held-out documents, in its pretraining's
     windows; `windows` > 0 keeps only the first that many (a fast, fixed subset)."""
     pcfg = fm.info["pretrain"]
-    _, held_texts = pretraining_texts(tuple(pcfg["heldout_plays"]), cache_dir=cache_dir)
+    text = TextConfig(**pcfg["text"]) if "text" in pcfg else None  # recorded since a user's text could be pretrained on
+    _, held_texts, _ = pretraining_texts(tuple(pcfg["heldout_plays"]), cache_dir=cache_dir, text=text)
     tokens, mask = data_lib.eval_windows(held_texts, fm.tokenizer, pcfg["seq_len"])
     if windows:
         tokens, mask = tokens[:windows], mask[:windows]
