@@ -44,7 +44,32 @@ def delta(p: dict, x: jax.Array, peft: PeftConfig, rng) -> jax.Array:
     if rng is not None and peft.lora_dropout > 0:
         keep = jax.random.bernoulli(rng, 1.0 - peft.lora_dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - peft.lora_dropout), 0).astype(x.dtype)
-    return ((x @ a.astype(x.dtype)) @ p["b"].astype(x.dtype)) * jnp.asarray(peft.lora_scale, x.dtype)
+    return low_rank(x, a.astype(x.dtype), p["b"].astype(x.dtype)) * jnp.asarray(peft.lora_scale, x.dtype)
+
+
+@jax.custom_vjp
+def low_rank(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """(x @ a) @ b for x (N, in), a (in, r), b (r, out), with a hand-written backward pass."""
+    return (x @ a) @ b
+
+
+def _low_rank_fwd(x, a, b):
+    u = x @ a
+    return u @ b, (x, a, b, u)
+
+
+def _low_rank_bwd(res, g):
+    # Autodiff forms a's gradient as x^T du, an (in, r) product: with r = 8 columns XLA's CPU
+    # kernels run it at about a twentieth of their speed, and far worse vmapped over clients
+    # (7.3 vs 0.6 ms for 16 clients' c_proj on one core). du^T x, an (r, in) product, runs at full
+    # speed; the barrier keeps XLA from folding the small transpose back into the product.
+    x, a, b, u = res
+    du = g @ b.T
+    a_grad = jax.lax.optimization_barrier(jnp.einsum("nr,ni->ri", du, x)).T
+    return du @ a.T, a_grad.astype(a.dtype), jnp.einsum("nr,no->ro", u, g).astype(b.dtype)
+
+
+low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def products(state: dict, scale: float) -> dict:
