@@ -452,7 +452,8 @@ class FedConfig(Config):
 
     Memory: a round trains its clients `client_chunk` at a time (vmapped inside a chunk, a scan
     over chunks, aggregation streamed through the scan), so its memory is flat in
-    `clients_per_round`. None picks the chunk: at most `DEFAULT_CLIENT_CHUNK`, fewer when the
+    `clients_per_round`. None picks the chunk: at most `fed.simulation.default_client_chunk` (8 on
+    a CPU, 32 on an accelerator), fewer when the
     compiled round would not fit in `memory_budget_gb` (None: most of the device's memory).
     """
 

@@ -36,9 +36,20 @@ from fedpeat_jax.fed.data import FedData
 from fedpeat_jax.fed.learner import Learner
 from fedpeat_jax.fed.sharding import constrain_clients
 
-DEFAULT_CLIENT_CHUNK = 32  # clients vmapped at once when FedConfig.client_chunk is None
+# Clients vmapped at once when FedConfig.client_chunk is None. On a CPU a client's cost is flat up
+# to chunks of 8 and grows with larger ones as their activations fall out of the caches (one core,
+# 64 clients, bfloat16: 142 ms per client in chunks of 8, 162 in 16, 183 in 32, 195 in 64;
+# benchmarks/results/round_chunks.md). Accelerators need wide vmaps to stay busy.
+DEFAULT_CLIENT_CHUNK = 8
+ACCELERATOR_CLIENT_CHUNK = 32
 
-__all__ = ["DEFAULT_CLIENT_CHUNK", "FedData", "FedPEAT", "RoundMetrics", "ServerState", "chunk_layout"]
+__all__ = ["ACCELERATOR_CLIENT_CHUNK", "DEFAULT_CLIENT_CHUNK", "FedData", "FedPEAT", "RoundMetrics", "ServerState", "chunk_layout",
+           "default_client_chunk"]
+
+
+def default_client_chunk(platform: str) -> int:
+    """The client chunk used when FedConfig.client_chunk is None, on devices of `platform`."""
+    return DEFAULT_CLIENT_CHUNK if platform == "cpu" else ACCELERATOR_CLIENT_CHUNK
 
 
 class ServerState(NamedTuple):
@@ -109,7 +120,9 @@ class FedPEAT:
 
     @property
     def client_chunk(self) -> int:
-        return self.fed.client_chunk or DEFAULT_CLIENT_CHUNK
+        """FedConfig.client_chunk, or the default for the platform the round runs on."""
+        platform = jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
+        return self.fed.client_chunk or default_client_chunk(platform)
 
     @property
     def effective_chunk(self) -> int:
