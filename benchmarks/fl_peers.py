@@ -2,7 +2,8 @@
 fedpeat_jax (clients vectorized in one jitted call) and in Flower's simulation engine (Ray actors,
 each holding one transformers GPT2LMHeadModel + HF peft LoRA, running its clients one after another).
 
-    python -m benchmarks.fl_peers                 # 16, 64, 256 clients per round, 3 interleaved repetitions (~1.5 h on 2 cores)
+    python -m benchmarks.fl_peers                 # 64 and 256 clients per round, 2 interleaved repetitions (~30 min on 2 cores)
+    python -m benchmarks.fl_peers --clients 16,64,256 --reps 3 --only all   # every variant (~1.5 h on 2 cores)
     python -m benchmarks.fl_peers --quick         # smoke run: 16 clients, 1 repetition, 3 rounds -> fl_peers_quick.*
     python -m benchmarks.fl_peers --only flower_1cpu --clients 16,64
 
@@ -22,10 +23,11 @@ Implementations (`implementations`): fedpeat_jax in float32 and in bfloat16 comp
 matmul operands, float32 accumulation: `gpt2.matmul`), each on one CPU device (XLA spreads every
 operation over the cores) and with the clients split over one CPU device per core (`FedPEAT`'s
 client mesh); Flower with 1 and with 2 CPUs per client (2 cores: two single-thread actors, or one
-actor with two threads).
+actor with two threads). A default run times fedpeat_jax with the clients split over the cores in
+both dtypes and both Flower configurations (`select`); `--only all` adds fedpeat_jax on one device.
 
 Equivalence check: every implementation's mean client training loss in rounds 1-3 agrees with
-fedpeat_jax's float32 round within LOSS_RTOL (0.5%, while the loss falls by about 10%); they
+fedpeat_jax's float32 round (`reference`) within LOSS_RTOL (0.5%, while the loss falls by about 10%); they
 differ only in the order in which a client reads its windows (each side draws its own
 permutation), float rounding and, for bfloat16, rounded matmul operands.
 
@@ -66,7 +68,7 @@ from fedpeat_jax.peat.emulator import EmulatorSpec
 NAME = "fl_peers"
 RANK, LOCAL_STEPS, BATCH, SEQ, LR = 8, 4, 2, 64, 1e-3
 EXAMPLES = LOCAL_STEPS * BATCH  # every client holds one pass of local batches
-ROUNDS = 4  # per timed run; round 1 excluded
+ROUNDS = 3  # per timed run; round 1 excluded
 LOSS_ROUNDS, LOSS_RTOL = 3, 0.005
 SUBSET = 64  # tokens the client data is drawn from
 
@@ -276,17 +278,41 @@ def implementations(cores: int) -> dict:
     return out
 
 
+def reference(impls: dict) -> str:
+    """The loss reference among `impls`: fedpeat_jax's float32 round."""
+    return next(name for name, spec in impls.items() if spec[:2] == ("fedpeat", "float32"))
+
+
+def select(impls: dict, only: str, cores: int) -> dict:
+    """The implementations a run times: the names in `only` (comma-separated; "all": every one;
+    empty: the default, fedpeat_jax with the clients split over all `cores` in both dtypes and
+    every Flower configuration), always with a float32 fedpeat_jax round, the loss reference.
+    Raises ValueError on an unknown name."""
+    if only == "all":
+        names = set(impls)
+    elif only:
+        names = set(only.split(","))
+        if names - set(impls):
+            raise ValueError(f"--only: unknown implementation(s) {sorted(names - set(impls))}; choose from {sorted(impls)} or 'all'")
+    else:
+        names = {k for k, spec in impls.items() if spec[0] == "flower" or spec[2] == cores}
+    chosen = {k: v for k, v in impls.items() if k in names}
+    if not any(spec[:2] == ("fedpeat", "float32") for spec in chosen.values()):
+        chosen = {"fedpeat_jax": impls["fedpeat_jax"], **chosen}
+    return chosen
+
+
 LABELS = {"fedpeat_jax": "fedpeat_jax, float32", "fedpeat_jax_sharded": "fedpeat_jax, float32, clients split over the cores",
           "fedpeat_jax_bf16": "fedpeat_jax, bfloat16", "fedpeat_jax_bf16_sharded": "fedpeat_jax, bfloat16, clients split over the cores",
           "flower_1cpu": "Flower, 1 CPU per client", "flower_2cpu": "Flower, 2 CPUs per client"}
 
 
-def loss_agreement(losses: dict) -> dict:
-    """Rounds 1..LOSS_ROUNDS of every implementation against fedpeat_jax's float32 round."""
-    ref = np.asarray(losses["fedpeat_jax"][:LOSS_ROUNDS])
+def loss_agreement(losses: dict, ref_name: str) -> dict:
+    """Rounds 1..LOSS_ROUNDS of every implementation against fedpeat_jax's float32 round `ref_name`."""
+    ref = np.asarray(losses[ref_name][:LOSS_ROUNDS])
     rel = {name: float(np.max(np.abs(np.asarray(v[:LOSS_ROUNDS]) - ref) / ref)) for name, v in losses.items()}
     worst = max(rel.values())
-    return {"rounds": LOSS_ROUNDS, "rtol": LOSS_RTOL, "losses": losses, "rel_diff": rel, "max_rel_diff": worst,
+    return {"rounds": LOSS_ROUNDS, "rtol": LOSS_RTOL, "reference": ref_name, "losses": losses, "rel_diff": rel, "max_rel_diff": worst,
             "loss_drop": float(ref[0] - ref[-1]), "ok": bool(worst <= LOSS_RTOL)}
 
 
@@ -309,20 +335,20 @@ def summarize(m: int, runs: dict, impls: dict, peaks: dict, step_flops: float) -
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", default="16,64,256", help="clients per round, comma-separated")
-    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    parser.add_argument("--clients", default="64,256", help="clients per round, comma-separated")
+    parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"rounds per run (>= {LOSS_ROUNDS}; round 1 untimed)")
-    parser.add_argument("--only", default="", help="comma-separated implementations to run (default: all); fedpeat_jax is always run")
+    parser.add_argument("--only", default="", help="comma-separated implementations to run, or 'all' (default: see `select`); "
+                        "a float32 fedpeat_jax round always runs (the loss reference)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 16 clients, 1 repetition; writes fl_peers_quick.*")
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     jax.config.update("jax_num_cpu_devices", cores)  # one CPU device per core, for the sharded variants
-    impls = implementations(cores)
-    if args.only:
-        unknown = set(args.only.split(",")) - set(impls)
-        if unknown:
-            parser.error(f"--only: unknown implementation(s) {sorted(unknown)}; choose from {sorted(impls)}")
-        impls = {k: v for k, v in impls.items() if k == "fedpeat_jax" or k in args.only.split(",")}
+    try:
+        impls = select(implementations(cores), args.only, cores)
+    except ValueError as e:
+        parser.error(str(e))
+    ref_name = reference(impls)
     counts = [int(c) for c in args.clients.split(",")]
     if args.quick:
         counts, args.reps, args.rounds = [16], 1, LOSS_ROUNDS
@@ -352,7 +378,7 @@ def main(argv=None):
                     print(f"{impl} round for {m} clients compiled in {time.perf_counter() - t0:.1f} s", flush=True)
             workdir = Path(tmp) / f"m{m}"
             workdir.mkdir()
-            write_workload(workdir, params, cfg, tokens, initial_lora(setups[m, "fedpeat_jax"][1], emulator_spec(cfg)))
+            write_workload(workdir, params, cfg, tokens, initial_lora(setups[m, ref_name][1], emulator_spec(cfg)))
             setups[m, "flower"] = workdir
         runs = {m: {impl: [] for impl in impls} for m in counts}
         for rep in range(args.reps):
@@ -368,7 +394,7 @@ def main(argv=None):
     peak_runs.append({dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")})
     peaks = best_peaks(peak_runs)
     rows = [row for m in counts for row in summarize(m, runs[m], impls, peaks, step_flops)]
-    checks = {m: loss_agreement({impl: runs[m][impl][0]["loss"] for impl in impls}) for m in counts}
+    checks = {m: loss_agreement({impl: runs[m][impl][0]["loss"] for impl in impls}, ref_name) for m in counts}
     result = {"machine": start_info, "machine_at_end": machine_info(), "matmul_peak": peaks, "weights": weights,
               "model": cfg.__dict__, "emulator": emulator_spec(cfg).name, "lora_rank": RANK, "local_steps": LOCAL_STEPS,
               "batch": BATCH, "seq": SEQ, "lr": LR, "rounds_per_run": args.rounds, "reps": args.reps, "quick": args.quick,

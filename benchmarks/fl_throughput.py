@@ -57,9 +57,10 @@ def foundation_params(preset: str):
         return gpt2.init(jax.random.key(0), cfg), cfg, "random weights of the preset's shape"
 
 
-def make_sim(params, cfg: GPT2Config, m: int, batch: int, dtype: str):
+def make_sim(params, cfg: GPT2Config, m: int, batch: int, dtype: str, chunk=None):
     model = cfg.replace(dtype=dtype)
-    fed = FedConfig(clients_per_round=m, local_steps=LOCAL_STEPS, local_batch=batch, emulator_levels=(2,), log_lora_gap=False)
+    fed = FedConfig(clients_per_round=m, local_steps=LOCAL_STEPS, local_batch=batch, emulator_levels=(2,), log_lora_gap=False,
+                    client_chunk=chunk)
     peft = PeftConfig(kind="lora", lora_rank=RANK, lora_alpha=2.0 * RANK)
     return FedPEAT(model, peft, fed, n_clients=m)
 

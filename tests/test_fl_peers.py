@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package
@@ -37,3 +38,16 @@ def test_fedpeat_round_and_torch_clients_do_the_same_work():
         ref.append(np.mean([loss for _, loss in fits]))
     assert ref[0] - ref[-1] > 5 * fl_peers.LOSS_RTOL * ref[0]  # training moves the loss far more than the tolerance
     np.testing.assert_allclose(ours, ref, rtol=fl_peers.LOSS_RTOL)
+
+
+def test_implementation_selection():
+    """A default run times the client-split rounds and both Flower configurations; a float32
+    fedpeat_jax round (the loss reference) always runs; unknown names are refused."""
+    impls = fl_peers.implementations(2)
+    assert list(fl_peers.select(impls, "", 2)) == ["fedpeat_jax_sharded", "fedpeat_jax_bf16_sharded", "flower_1cpu", "flower_2cpu"]
+    assert fl_peers.select(impls, "all", 2) == impls
+    assert list(fl_peers.select(impls, "flower_1cpu", 2)) == ["fedpeat_jax", "flower_1cpu"]
+    assert fl_peers.reference(fl_peers.select(impls, "", 2)) == "fedpeat_jax_sharded"
+    assert list(fl_peers.select(fl_peers.implementations(1), "", 1)) == ["fedpeat_jax", "fedpeat_jax_bf16", "flower_1cpu"]
+    with pytest.raises(ValueError, match="unknown implementation"):
+        fl_peers.select(impls, "flower_9cpu", 2)
