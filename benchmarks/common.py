@@ -24,6 +24,12 @@ import numpy as np
 from fedpeat_jax.io.machine import machine_info  # noqa: F401 - re-exported for the benchmark scripts
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+LOADED = 2.5  # a 1-minute load average above this means other jobs shared the machine
+
+
+def under_load(*loads: float) -> bool:
+    """Whether any of these 1-minute load averages says the timings were shared with other jobs."""
+    return max(loads) > LOADED
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,7 +172,9 @@ def write_markdown(name: str, title: str, columns: Sequence[str], rows: Sequence
 
 
 __all__ = [
+    "LOADED",
     "RESULTS_DIR",
+    "under_load",
     "machine_info",
     "compile_jax",
     "median_time",

@@ -60,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runnable as
 import jax
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, best_peaks, machine_info, matmul_peak, torch_lora_emulator, write_json, write_markdown
+from benchmarks.common import (LOADED, RESULTS_DIR, best_peaks, machine_info, matmul_peak, torch_lora_emulator, under_load, write_json,
+                               write_markdown)
 from benchmarks.fl_throughput import flops_per_client_step, foundation_params
 from fedpeat_jax.config import FedConfig, PeftConfig
 from fedpeat_jax.peat.emulator import EmulatorSpec
@@ -422,6 +423,8 @@ def write_report(name: str, result: dict) -> None:
             checks.append([m, k + 1] + [f"{c['losses'][i][k]:.4f}" for i in impls])
         checks.append([m, "rel. diff"] + [f"{100 * c['rel_diff'][i]:.3f}%" for i in impls])
     quick = " (QUICK SMOKE RUN: 16 clients, 1 repetition; not the benchmark's figures)" if result["quick"] else ""
+    if under_load(m0["loadavg_1_5_15"][0], result["machine_at_end"]["loadavg_1_5_15"][0]):
+        quick += f" (MEASURED UNDER LOAD above {LOADED}: other jobs shared the cores; not final figures)"
     peaks = result["matmul_peak"]
     notes = [
         f"Machine: {m0['cpu_model']}, {m0['cpus_usable']} usable cores, jax {m0['jax']}, torch {m0['torch']}; "

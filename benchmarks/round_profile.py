@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-LOADED = 2.5  # a load average above this means other jobs shared the machine
 
 
 def timed(fn, runs: int):
@@ -166,8 +165,8 @@ def write(common, name: str, result: dict) -> None:
               f"{1e3 * r['cpu_s_per_client']:.0f}", f"{100 * r['mfu_wall']:.1f}%", f"{100 * r['mfu_cpu']:.1f}%", f"{r['load_1min']:.2f}"]
              for r in result["rows"]]
     m0, m1 = result["machine"], result["machine_at_end"]
-    loaded = max(m0["loadavg_1_5_15"][0], m1["loadavg_1_5_15"][0], *(r["load_1min"] for r in result["rows"])) > LOADED
-    notes = [f"MEASURED UNDER LOAD (1-minute load average above {LOADED}): other jobs shared the cores; the CPU-time "
+    loaded = common.under_load(m0["loadavg_1_5_15"][0], m1["loadavg_1_5_15"][0], *(r["load_1min"] for r in result["rows"]))
+    notes = [f"MEASURED UNDER LOAD (1-minute load average above {common.LOADED}): other jobs shared the cores; the CPU-time "
              "figures compare chunks and dtypes, the wall times do not."] if loaded else []
     notes += [f"Machine: {m0['cpu_model']}, jax {m0['jax']}; load average at start {m0['loadavg_1_5_15']}, at end {m1['loadavg_1_5_15']}.",
              "One FedPEAT round of benchmarks/fl_throughput.py's workload (2-2-2 emulator of the default model, LoRA r=8, "
