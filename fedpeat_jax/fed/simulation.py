@@ -36,10 +36,10 @@ from fedpeat_jax.fed.data import FedData
 from fedpeat_jax.fed.learner import Learner
 from fedpeat_jax.fed.sharding import constrain_clients
 
-# Clients vmapped at once when FedConfig.client_chunk is None. On a CPU a client's cost is flat up
-# to chunks of 8 and grows with larger ones as their activations fall out of the caches (one core,
-# 64 clients, bfloat16: 142 ms per client in chunks of 8, 162 in 16, 183 in 32, 195 in 64;
-# benchmarks/results/round_chunks.md). Accelerators need wide vmaps to stay busy.
+# Clients vmapped at once when FedConfig.client_chunk is None. On a CPU a client's cost is about
+# flat up to chunks of 8 and grows with larger ones as their activations fall out of the caches
+# (one core, 64 clients, bfloat16: 118, 122, 132 and 147 ms of CPU time per client in chunks of
+# 4, 8, 16 and 32; benchmarks/results/round_chunks.md). Accelerators need wide vmaps to stay busy.
 DEFAULT_CLIENT_CHUNK = 8
 ACCELERATOR_CLIENT_CHUNK = 32
 
