@@ -44,11 +44,12 @@ def _text_group(defaults=None) -> Group:
 def _groups_tune():
     from fedpeat_jax.config import FedConfig, PeftConfig
     from fedpeat_jax.tasks import TaskConfig
+    from fedpeat_jax.tune import DEFAULT_PEFT
 
     return [
         _text_group(),
         Group("task", TaskConfig, TaskConfig(), skip=("text",)),
-        Group("peft", PeftConfig, PeftConfig(kind="lora", lora_rank=8, lora_alpha=16.0), skip=("layers",)),
+        Group("peft", PeftConfig, DEFAULT_PEFT, skip=("layers",)),
         Group("fed", FedConfig, FedConfig()),
     ]
 
@@ -144,6 +145,25 @@ def cmd_tune(argv):
     summary = run_tune(configs["task"], configs["peft"], configs["fed"], preset=args.preset, model_dir=args.model_dir, out=args.out,
                        resume=not args.fresh, cache_dir=args.cache_dir)
     _print_json(summary)
+
+
+@subcommand("sweep", "hyperparameter studies: every run of a structural group vmapped in one compiled call, with a report")
+def cmd_sweep(argv):
+    from fedpeat_jax.sweep import run_spec
+
+    parser = Parser(prog="fedpeat sweep", description="Run a study from a YAML or JSON spec (base settings, numeric axes, seeds, "
+                    "structural axes; grid, random or Optuna search): one compiled call per structural group, checkpoints after every "
+                    "chunk of rounds (rerun to resume), and results.csv/json, report.md, plots and TensorBoard hparams in --out. "
+                    "The spec format: docs/sweep.md.")
+    parser.add_argument("spec", help="the study spec (.yaml, .yml or .json)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a spec field (repeatable): --set base.fed.rounds=20 --set seeds=2 --set axes.client_lr=[1e-3,1e-2]")
+    parser.add_argument("--out", default=None, help="study folder (default: runs/sweep/<spec name>)")
+    parser.add_argument("--fresh", action="store_true", help="start over: an existing --out is renamed to <out>.old-<time> (nothing is deleted)")
+    parser.add_argument("--dry-run", action="store_true", help="check the spec and the data, list the groups, and stop before loading weights")
+    parser.add_argument("--cache-dir", default=None)
+    args = parser.parse_args(argv)
+    run_spec(args.spec, args.overrides, out=args.out, resume=not args.fresh, cache_dir=args.cache_dir, dry_run=args.dry_run)
 
 
 @subcommand("calibrate", "fit the MEC environment's perplexity response to real FedPEAT runs")

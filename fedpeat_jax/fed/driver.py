@@ -18,6 +18,7 @@ The frozen weights, the data and the held-out windows are arguments of every com
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -109,6 +110,25 @@ def _host(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
 
 
+_epsilon = functools.lru_cache(maxsize=65536)(privacy.dp_epsilon)  # studies ask for the same (sigma, q, round) often
+
+
+def round_rows(sim: FedPEAT, metrics, start: int, dp_noise: float, sampling_rate: float) -> list:
+    """History rows of rounds start+1 .. start+n from host `RoundMetrics` of (n,) arrays: every
+    metric, the bytes each way, the DP epsilon spent so far (with DP noise) and the round."""
+    fed = sim.fed
+    rows = []
+    for i in range(len(metrics.loss)):
+        step = start + i + 1
+        row = {name: float(getattr(metrics, name)[i]) for name in metrics._fields}
+        row.update(sim.bytes_per_round(int(metrics.participants[i])))
+        if fed.dp_clip is not None and dp_noise > 0:
+            row["epsilon"] = _epsilon(float(dp_noise), sampling_rate, step, fed.dp_delta)
+        row["round"] = step
+        rows.append(row)
+    return rows
+
+
 def train(
     sim: FedPEAT,
     params,
@@ -182,17 +202,11 @@ def train(
         while start < rounds:
             n = min(fed.rounds_per_chunk, rounds - start)
             state, metrics = run_chunk(state, n)
-            metrics = _host(metrics)
-            for i in range(n):
-                step = start + i + 1
-                row = {name: float(getattr(metrics, name)[i]) for name in metrics._fields}
-                row.update(sim.bytes_per_round(int(metrics.participants[i])))
-                if fed.dp_clip is not None and fed.dp_noise > 0:
-                    row["epsilon"] = privacy.dp_epsilon(fed.dp_noise, sampling_rate, step, fed.dp_delta)
-                row["round"] = step
-                history.append(row)
-                if logger:
-                    logger.scalars(step, {k: v for k, v in row.items() if k != "round"}, prefix="train/")
+            rows = round_rows(sim, _host(metrics), start, fed.dp_noise, sampling_rate)
+            history.extend(rows)
+            if logger:
+                for row in rows:
+                    logger.scalars(row["round"], {k: v for k, v in row.items() if k != "round"}, prefix="train/")
             start += n
             if evaluate is not None:
                 total, count = _host(evaluate(state, params, e_tokens, e_mask))
