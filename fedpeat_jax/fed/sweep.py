@@ -24,6 +24,7 @@ evaluation points, rows of the same form).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -65,6 +66,12 @@ def place(tree, mesh=None):
         return sharding.replicate(x, mesh)
 
     return jax.tree.map(put, tree)
+
+
+# Compiled programs by everything they depend on (configuration, shapes, devices, runs, rounds):
+# the weights and data are arguments, so cohorts of the same configuration share them.
+_COMPILED: "collections.OrderedDict" = collections.OrderedDict()
+MAX_COMPILED = 32
 
 
 class RunsTooBig(ValueError):
@@ -116,7 +123,10 @@ class Cohort:
         self.shared_bytes = _bytes(shared)
         self.shared = place(shared, mesh)
         self.sampling_rate = sim.fed.clients_per_round / int(data.tokens.shape[0])
-        self._programs: dict = {}
+        shapes = jax.tree.map(lambda x: (tuple(np.shape(x)), str(x.dtype)), shared)
+        devices = None if mesh is None else tuple(d.id for d in mesh.devices.flat)
+        fed = sim.fed.replace(memory_budget_gb=None)  # the budget chooses programs, it does not change them
+        self._signature = (sim.model, sim.peft, fed, sim.n_clients, devices, str(jax.tree.structure(shared)), str(shapes))
 
     # ----------------------------------------------------------------------------------------
     # Programs
@@ -168,11 +178,16 @@ class Cohort:
         return seeds, hypers, states
 
     def _program(self, key: tuple, fn, run_args: tuple, donate: tuple = ()):
-        """`fn(*run_args, *shared)` compiled for the abstract `run_args` (cached under `key`)."""
-        if key not in self._programs:
-            self._programs[key] = self._jit(fn, len(run_args), donate).lower(*run_args, *self.shared).compile()
-            sharding.barrier(f"sweep compiled {key}")
-        return self._programs[key]
+        """`fn(*run_args, *shared)` compiled for the abstract `run_args`, cached under `key` and
+        the cohort's configuration and shapes (so a resumed or repeated study does not compile again)."""
+        key = key + self._signature
+        if key not in _COMPILED:
+            _COMPILED[key] = self._jit(fn, len(run_args), donate).lower(*run_args, *self.shared).compile()
+            sharding.barrier(f"sweep compiled {key[:3]}")
+            while len(_COMPILED) > MAX_COMPILED:
+                _COMPILED.popitem(last=False)
+        _COMPILED.move_to_end(key)
+        return _COMPILED[key]
 
     def compiled(self, n_rounds: int, run_chunk: int):
         """The compiled program advancing `run_chunk` runs by `n_rounds` rounds (cached)."""
@@ -366,7 +381,7 @@ def run_cohort(cohort: Cohort, seeds, hypers: Hyper, *, rounds: Optional[int] = 
             record, start = _empty_record(cohort.init(seeds, hypers, run_chunk), n_runs, rounds, len(chunks)), 0
             if cohort.shared[2] is not None:
                 unique, first = np.unique(seeds, return_index=True)
-                zero = np.stack(cohort.zero_shot(unique, _take(hypers, first), run_chunk), axis=1)
+                zero = np.stack(cohort.zero_shot(unique, _take(hypers, first), run_chunk), axis=1).astype(np.float64)  # as checkpointed
                 record["zero"] = zero[np.searchsorted(unique, seeds)]
         done_chunks = 0
         for e, n in enumerate(chunks):

@@ -203,7 +203,7 @@ def apply_overrides(data: dict, overrides, path: str) -> dict:
     data = json.loads(json.dumps(data))
     for item in overrides or ():
         if "=" not in item:
-            raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. base.fed.rounds=20")
+            raise SpecError(f"--set {item}: expected KEY=VALUE, e.g. base.fed.rounds=20")
         key, text = item.split("=", 1)
         try:
             value = yaml.safe_load(text)
@@ -282,7 +282,7 @@ def _structure_key(name: str) -> Optional[tuple]:
     return (owners[0], name) if len(owners) == 1 else None
 
 
-def _parse_structure(path: str, raw) -> tuple:
+def _parse_structure(path: str, raw, base: dict) -> tuple:
     if raw is None:
         return ()
     if not isinstance(raw, dict):
@@ -314,7 +314,7 @@ def _parse_structure(path: str, raw) -> tuple:
         seen.add(dotted)
         try:  # each value alone must make a valid config (types, ranges); combinations are checked in Spec.groups
             for v in values:
-                dataclasses.replace(_defaults()[key[0]], **{key[1]: v})
+                base[key[0]].replace(**{key[1]: v})
         except ValueError as e:
             raise SpecError(f"spec {path}: {field}: {e}") from None
         out.append((dotted, tuple(values)))
@@ -393,7 +393,7 @@ def parse(data: dict, path: str = "<spec>") -> Spec:
             except ValueError as e:
                 raise fail(f"axes.{name}", str(e)) from None
         axes.append(axis)
-    structure = _parse_structure(path, data.get("structure"))
+    structure = _parse_structure(path, data.get("structure"), base)
 
     sampler = data.get("sampler", "grid")
     if sampler not in SAMPLERS:
