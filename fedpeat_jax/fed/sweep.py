@@ -203,8 +203,8 @@ class Cohort:
     # ----------------------------------------------------------------------------------------
     def fit(self, n_runs: int, n_rounds: int, run_chunk: Optional[int] = None) -> int:
         """Runs per call whose compiled program fits `driver.memory_budget`: `run_chunk` if given
-        (else RunsTooBig), otherwise every run at once or, when that does not fit, as many as the
-        memory analysis says fit (re-checked), a multiple of the devices."""
+        (else RunsTooBig), otherwise every run at once or, when that does not fit, the fewest equal
+        calls the memory analysis says fit (re-checked), a multiple of the devices."""
         dev, budget = self.n_devices, driver.memory_budget(self.sim.fed)
         want = dev * math.ceil((run_chunk or n_runs) / dev)
         while True:
@@ -217,7 +217,8 @@ class Cohort:
                 raise RunsTooBig(
                     f"{want} runs at once need {driver._size(need)}, more than the memory budget of {driver._size(budget)} "
                     f"(FedConfig.memory_budget_gb); about {fits} fit", want, need, budget, fits)
-            want = max(dev, min(want - dev, fits))
+            calls = math.ceil(n_runs / max(fits, dev))  # as few calls as fit, of equal size (little padding)
+            want = max(dev, min(want - dev, dev * math.ceil(n_runs / calls / dev)))
 
     # ----------------------------------------------------------------------------------------
     # Calls
