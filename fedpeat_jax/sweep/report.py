@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -118,14 +119,14 @@ def summarize(rows: list, layout: Layout) -> list:
 
 
 def _setting_text(values: dict) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in values.items()) or "(base hyperparameters)"
+    return ", ".join(f"{k}={v:.4g}" for k, v in values.items()) or "(base hyperparameters)"
 
 
 def _mean_se(s: dict) -> str:
     if not math.isfinite(s["mean"]):
         return "diverged"
-    se = f" ± {s['se']:.3g}" if math.isfinite(s["se"]) else ""
-    return f"{s['mean']:.4g}{se}"
+    se = f" ± {s['se']:.2g}" if math.isfinite(s["se"]) else ""
+    return f"{s['mean']:#.4g}{se}"
 
 
 def best_line(group: dict, layout: Layout) -> str:
@@ -149,7 +150,7 @@ def markdown(rows: list, layout: Layout, header: list, plots: list, top: int = 1
         cols = ["rank", *layout.axes, f"{layout.objective_label} (mean ± SE)", "seeds", "diverged"]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for i, s in enumerate(g["settings"][:top]):
-            cells = [str(i + 1), *(f"{s['values'][a]:g}" for a in layout.axes), _mean_se(s), str(len(s["seeds"])), str(s["diverged"])]
+            cells = [str(i + 1), *(f"{s['values'][a]:.4g}" for a in layout.axes), _mean_se(s), str(len(s["seeds"])), str(s["diverged"])]
             if i == 0 and best is not None:
                 cells = [f"**{c}**" for c in cells]
             lines.append("| " + " | ".join(cells) + " |")
@@ -272,7 +273,12 @@ def write_all(out: Path, rows: list, layout: Layout, header: list, extra: dict, 
         if fn(rows, layout, out / "plots" / name) is not None:
             plots.append((title, f"plots/{name}"))
     _atomic_write(out / "report.md", markdown(rows, layout, header, plots))
-    write_tensorboard(rows, layout, out / "tensorboard", tb_metrics)
+    # TensorBoard appends events: write a fresh copy aside, then put it in place of the last one
+    fresh = out / "tensorboard.new"
+    shutil.rmtree(fresh, ignore_errors=True)
+    write_tensorboard(rows, layout, fresh, tb_metrics)
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    os.replace(fresh, out / "tensorboard")
     return {"csv": out / "results.csv", "json": out / "results.json", "report": out / "report.md",
             "plots": [out / p for _, p in plots], "tensorboard": out / "tensorboard", "summary": summary}
 
