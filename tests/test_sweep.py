@@ -198,3 +198,35 @@ def test_runs_split_over_four_devices_equal_one_device(params, data, heldout, tm
     assert_trees_near([got[f"arr_{i}"] for i in range(len(jax.tree.leaves(one.states.trainable)))], jax.tree.leaves(one.states.trainable), 2e-3)
     np.testing.assert_allclose(got["zero"], one.zero_shot, rtol=1e-6)
     np.testing.assert_allclose(got["ppl"], [[h["plugin_ppl"] for h in hist if "plugin_ppl" in h] for hist in one.histories], rtol=1e-5)
+
+
+SWEEP_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "multiprocess_sweep.py")
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_four_devices(tmp_path):
+    """A cohort's runs split over 2 processes x 2 CPU devices (jax.distributed, gloo), killed after a
+    chunk and resumed from its checkpoint, end as in one process with 4 devices."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    single = subprocess.Popen([sys.executable, SWEEP_SCRIPT, "--devices", "4", "--out", str(tmp_path / "single.npz"), "--ckpt",
+                               str(tmp_path / "single")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    procs = [subprocess.Popen([sys.executable, SWEEP_SCRIPT, "--devices", "2", "--processes", "2", "--process-id", str(i), "--port", str(port),
+                               "--out", str(tmp_path / "multi.npz"), "--ckpt", str(tmp_path / "multi")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    try:
+        for p in [single, *procs]:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+            assert "DONE" in out
+    finally:
+        for p in [single, *procs]:
+            p.kill()
+    a, b = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi.npz")
+    assert sorted(a.files) == sorted(b.files) and len(a.files) > 4
+    for name in a.files:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
