@@ -115,7 +115,7 @@ def cmd_pretrain(argv):
         else:
             result = foundation.pretrain(args.preset, out_dir=out, cache_dir=args.cache_dir, pretrain_config=pcfg, overwrite=True)
     else:
-        result = foundation.load_foundation(args.preset, cache_dir=args.cache_dir, pretrain_config=pcfg)
+        result = foundation.load_foundation(args.preset, cache_dir=args.cache_dir, pretrain_config=pcfg, shipped=False)
     info = result.info
     print(f"foundation model: {result.path}")
     for key in ("heldout_plays", "heldout_ppl", "train_seconds", "train_tokens_per_s"):
@@ -138,13 +138,45 @@ def cmd_tune(argv):
     parser.add_argument("--out", default="runs/tune", help="run directory: logs, checkpoints, exported model")
     parser.add_argument("--fresh", action="store_true", help="start over: an existing --out is renamed to <out>.old-<time> (nothing is deleted)")
     parser.add_argument("--cache-dir", default=None)
+    _process_options(parser)
     groups = _groups_tune()
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     configs = build_configs(args, table, groups)
+    _join_processes(args)
     summary = run_tune(configs["task"], configs["peft"], configs["fed"], preset=args.preset, model_dir=args.model_dir, out=args.out,
                        resume=not args.fresh, cache_dir=args.cache_dir)
     _print_json(summary)
+
+
+def _process_options(parser) -> None:
+    """The options joining a run spanning processes (tune and sweep); `_join_processes` acts on them."""
+    multi = parser.add_argument_group("several processes (jax.distributed; see docs/scale.md)")
+    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address; every process passes the same")
+    multi.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    multi.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
+    multi.add_argument("--distributed", action="store_true", help="join a run spanning processes with JAX's cluster auto-detection "
+                       "(SLURM, Open MPI, Cloud TPU, Kubernetes); no other option needed")
+    multi.add_argument("--local-devices", type=int, default=None, help="split this process's CPU into this many devices (CPU runs)")
+
+
+def _join_processes(args) -> None:
+    """Join a run spanning processes before any computation (the options of `_process_options`)."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(x is not None for x in explicit) and None in explicit:
+        raise ValueError("--coordinator, --num-processes and --process-id go together (or use --distributed to auto-detect)")
+    if args.num_processes is not None and not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
+        raise ValueError(f"--process-id must be in 0 .. {args.num_processes - 1} (--num-processes {args.num_processes}), got {args.process_id}")
+    if args.local_devices is not None and args.local_devices < 1:
+        raise ValueError(f"--local-devices must be >= 1, got {args.local_devices}")
+    if args.distributed or args.coordinator is not None:
+        from fedpeat_jax.fed import sharding
+
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id, local_cpu_devices=args.local_devices)
+    elif args.local_devices is not None:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", args.local_devices)
 
 
 @subcommand("sweep", "hyperparameter studies: every run of a structural group vmapped in one compiled call, with a report")
@@ -162,7 +194,9 @@ def cmd_sweep(argv):
     parser.add_argument("--fresh", action="store_true", help="start over: an existing --out is renamed to <out>.old-<time> (nothing is deleted)")
     parser.add_argument("--dry-run", action="store_true", help="check the spec and the data, list the groups, and stop before loading weights")
     parser.add_argument("--cache-dir", default=None)
+    _process_options(parser)
     args = parser.parse_args(argv)
+    _join_processes(args)
     run_spec(args.spec, args.overrides, out=args.out, resume=not args.fresh, cache_dir=args.cache_dir, dry_run=args.dry_run)
 
 
@@ -199,7 +233,11 @@ def cmd_calibrate(argv):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     source = "fedpeat calibrate " + " ".join(argv)
-    result = calibrate(cfg, params, model, tokenizer, model_name=args.model_dir or args.preset, cache_dir=args.cache_dir, out=out, source=source.strip())
+    from fedpeat_jax.peat import foundation
+
+    fingerprint = None if args.model_dir else foundation.fingerprint(*foundation.resolve_settings(args.preset))
+    result = calibrate(cfg, params, model, tokenizer, model_name=args.model_dir or args.preset, cache_dir=args.cache_dir, out=out,
+                       source=source.strip(), model_fingerprint=fingerprint)
     print(f"calibration table: {out}")
     for k, p, e in zip(result.k, result.ppl_inf, result.eta):
         print(f"  k={k}: ppl_inf={p:.2f} eta={e:.3f} (max rel. error {result.meta['fit'][str(k)]['max_rel_error']:.3f})")
@@ -354,15 +392,18 @@ def cmd_quickstart(argv):
 
     parser = Parser(prog="fedpeat quickstart", description="Corpus, foundation model, emulators, FedPEAT, offsite-tuning table, calibration, SABPPO vs baselines, and a report folder. Rerun to resume.")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes everywhere (a smoke test of the same path)")
+    parser.add_argument("--pretrain", action="store_true", help="pretrain the foundation model here instead of using the shipped one")
+    parser.add_argument("--recalibrate", action="store_true", help="fit the calibration table here even when the shipped one was fitted on this model")
     parser.add_argument("--out", default="runs/quickstart", help="report folder")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--config", default=None, help="JSON file with 'text' and 'quickstart' sections")
     args = preparse(parser, argv)
     base = QuickstartConfig.tiny() if args.tiny else QuickstartConfig()
-    groups = [_text_group(), Group("quickstart", QuickstartConfig, base, skip=("text",))]
+    groups = [_text_group(), Group("quickstart", QuickstartConfig, base, skip=("text", "pretrain", "recalibrate"))]
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     cfg = build_configs(args, table, groups)["quickstart"]
+    cfg = dataclasses.replace(cfg, pretrain=cfg.pretrain or args.pretrain, recalibrate=cfg.recalibrate or args.recalibrate)
     report = run(cfg, out=args.out, cache_dir=args.cache_dir)
     print(f"\nreport: {report.resolve()}")
 

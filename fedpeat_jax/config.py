@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("einsum", "dot_product")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -254,7 +255,14 @@ class GPT2Config(Config):
     """Dropout on the residual branches."""
     initializer_range: float = 0.02
     """Std of the normal initialization (residual projections scaled by 1/sqrt(2 n_layer))."""
-    dtype: str = "float32"  # compute dtype; parameters are always stored in float32
+    dtype: str = "float32"
+    """Compute dtype: 'bfloat16' runs the dense products on bfloat16 operands with float32 accumulation; parameters are
+    stored in float32 (a frozen base may be bfloat16)."""
+    attention: str = "einsum"
+    """Execution only: 'dot_product' runs jax.nn.dot_product_attention (fused kernels on GPU; einsum under attention
+    dropout)."""
+    remat: bool = False
+    """Execution only: recompute each block's activations in the backward pass (jax.checkpoint): less memory, more compute."""
 
     @property
     def d_mlp(self) -> int:
@@ -281,6 +289,8 @@ class GPT2Config(Config):
             _require(0.0 <= value < 1.0, f"GPT2Config.{name} must be in [0, 1), got {value!r}")
         _require(self.layer_norm_epsilon > 0, "GPT2Config.layer_norm_epsilon must be > 0")
         _require(self.dtype in DTYPES, f"GPT2Config.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _require(self.attention in ATTENTION_IMPLS, f"GPT2Config.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        _require(isinstance(self.remat, bool), f"GPT2Config.remat must be True or False, got {self.remat!r}")
 
     def block_param_count(self) -> int:
         """Parameters of one transformer block (GPT-2 small: 7,087,872)."""

@@ -38,27 +38,38 @@ def _perplexity(nll_and_count) -> Optional[float]:
 
 def _federate(params, model, peft_cfg: PeftConfig, fed_cfg: FedConfig, task: Task, out: Path, *, resume: bool, show_progress: bool) -> dict:
     """The engine's part of a run (the only place this module calls it): zero-shot evaluation,
-    the rounds, and the tuned weights. Returns {"state", "history", "zero_shot", "merged", "peft_state", "peft_full"}."""
+    the rounds, and the tuned weights. Returns {"round", "history", "zero_shot", "merged", "peft_state", "peft_full"} on the host.
+
+    With several devices (or processes started by `fed.sharding.initialize_distributed`) the
+    clients are split over all of them; each process puts only its own clients on its devices."""
     import jax
     import jax.numpy as jnp
 
-    from fedpeat_jax.fed import driver
+    from fedpeat_jax.fed import driver, sharding
+    from fedpeat_jax.fed.data import FedData, from_process_local, pad_clients, process_slice
     from fedpeat_jax.fed.simulation import FedPEAT
 
-    sim = FedPEAT(model, peft_cfg, fed_cfg, n_clients=int(task.train.tokens.shape[0]))
+    train, mesh = task.train, None
+    if jax.device_count() > 1:  # several devices, or several processes: split the clients over all of them
+        mesh = sharding.client_mesh()
+        train = pad_clients(train, mesh.size)
+        n = train.n_clients
+        train = from_process_local(FedData(*(np.asarray(x)[process_slice(n)] for x in train)), n, mesh)
+        params = sharding.replicate(params, mesh)
+    sim = FedPEAT(model, peft_cfg, fed_cfg, n_clients=int(train.tokens.shape[0]), mesh=mesh)
     zero = None
     if task.heldout is not None:
         state0 = jax.jit(sim.init)(jax.random.key(fed_cfg.seed), params)
-        zero = jax.device_get(jax.jit(sim.eval_nll)(state0, params, *map(jnp.asarray, task.heldout)))
+        zero = driver._host(jax.jit(sim.eval_nll)(state0, params, *map(jnp.asarray, task.heldout)))
     server = tuple(map(jnp.asarray, task.server)) if fed_cfg.server_participation else None
-    result = driver.train(sim, params, task.train, seed=fed_cfg.seed, eval_data=task.heldout, server_data=server,
+    result = driver.train(sim, params, train, seed=fed_cfg.seed, eval_data=task.heldout, server_data=server,
                           logdir=out / "logs", ckpt_dir=out / "checkpoints", resume=resume, show_progress=show_progress)
     if sim.learner.kind == "model":  # full fine-tuning: the trained tree is the model itself
         merged, peft_state, peft_full = result.state.trainable, None, None
     else:
         merged, peft_state, peft_full = sim.base_params(result.state, params), result.state.trainable, sim.peft_full
-    return {"state": result.state, "history": result.history, "zero_shot": zero, "merged": merged, "peft_state": peft_state,
-            "peft_full": peft_full}
+    return {"round": int(driver._host(result.state.round)), "history": result.history, "zero_shot": zero,
+            "merged": driver._host(merged), "peft_state": driver._host(peft_state), "peft_full": peft_full}
 
 
 def set_aside(path: Path) -> Optional[Path]:
@@ -93,6 +104,9 @@ def run_tune(task_cfg: TaskConfig, peft_cfg: PeftConfig, fed_cfg: FedConfig, *, 
 
     resume=False sets an existing `out` aside (renamed, never deleted) and starts over.
     """
+    import jax
+
+    from fedpeat_jax.fed import sharding
     from fedpeat_jax.model import hf
 
     shape = model_config(preset, model_dir)  # config.json only: no weights yet
@@ -113,14 +127,16 @@ def run_tune(task_cfg: TaskConfig, peft_cfg: PeftConfig, fed_cfg: FedConfig, *, 
     if task.heldout is None:
         log("no held-out text (TextConfig.heldout_docs / heldout_fraction): no perplexity is measured or reported")
     out = Path(out).expanduser()
-    if not resume:
+    primary = jax.process_index() == 0  # in a run spanning processes, process 0 writes the files
+    if not resume and primary:
         old = set_aside(out)
         if old is not None:
             log(f"the earlier run in {out} was moved to {old}")
+    sharding.barrier("run directory ready")
     run = _federate(params, model, peft_cfg, fed_cfg, task, out, resume=resume, show_progress=show_progress)
 
     export = out / "model"
-    if peft_cfg.kind in EXPORTABLE or fed_cfg.trainable == "model":
+    if primary and (peft_cfg.kind in EXPORTABLE or fed_cfg.trainable == "model"):
         hf.save_pretrained(run["merged"], model, export, peft_state=run["peft_state"], peft_config=run["peft_full"],
                            tokenizer=tokenizer, overwrite=True)
     history = run["history"]
@@ -132,13 +148,14 @@ def run_tune(task_cfg: TaskConfig, peft_cfg: PeftConfig, fed_cfg: FedConfig, *, 
         "clients": int(task.train.tokens.shape[0]),
         "client_tokens": task.n_tokens,
         "heldout_documents": list(plan.heldout_docs),
-        "rounds": int(run["state"].round),
+        "rounds": run["round"],
         "zero_shot_ppl": _perplexity(run["zero_shot"]),
         "plugin_ppl": plugin_ppl,
         "run_dir": str(out),
         "exported_model": str(export) if export.exists() else None,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if primary:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

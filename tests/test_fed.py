@@ -424,3 +424,26 @@ def test_automatic_chunk_fits_the_memory_budget_and_a_client_too_big_is_refused(
     with pytest.raises(ValueError, match="one client at a time needs .* memory budget"):
         driver.train(FedPEAT(MODEL, LORA, cfg.replace(memory_budget_gb=need[1] / 2 / driver.GiB), n_clients=C), params, data,
                      show_progress=False)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_from_their_checkpoint(tmp_path):
+    """Two processes killed after round 1 (orbax checkpoint of the replicated state) and started
+    again end with the parameters of one uninterrupted process."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    single = subprocess.run([sys.executable, ROUNDS_SCRIPT, "--devices", "4", "--out", str(tmp_path / "single.npz")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    for stop in (["--stop-after-chunks", "1"], []):
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, ROUNDS_SCRIPT, "--devices", "2", "--processes", "2", "--process-id", str(i), "--port", str(port),
+                                   "--out", str(tmp_path / "multi.npz"), "--ckpt", str(tmp_path / "ckpt"), *stop],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+    a, b = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi.npz")
+    for name in a.files:
+        if name != "loss":
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(a["loss"][1:], b["loss"], rtol=1e-5)  # the resumed process logged rounds 2 and 3

@@ -43,8 +43,7 @@ def client_optimizer(fed: FedConfig, lr) -> optax.GradientTransformation:
 def batch_loss(base, peft_state, tokens, mask, rng, model: GPT2Config, peft: PeftConfig):
     """Mean next-token loss of a batch. Training windows are right-padded, so causal attention
     never lets a real token see a pad: only the loss needs the mask, not the attention."""
-    logits = gpt2.apply(base, tokens, config=model, peft=peft_state, peft_config=peft, rng=rng)
-    return gpt2.lm_loss(logits, tokens, mask)
+    return gpt2.loss(base, tokens, mask, config=model, peft=peft_state, peft_config=peft, rng=rng)
 
 
 def local_steps(loss_fn, init, tokens, mask, count, rng, tx: optax.GradientTransformation, *, n_steps: int, batch: int,

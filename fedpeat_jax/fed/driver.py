@@ -158,7 +158,9 @@ def train(
     fed.validate(n_clients=int(data.tokens.shape[0]), model=sim.model)
     gpt2.check_params(params, sim.model)
     hyper = Hyper.from_config(fed)
-    state = jax.jit(sim.init)(jax.random.key(seed), params, hyper)
+    # On a mesh the server state lives replicated on every device (also of every process).
+    placement = {} if sim.mesh is None else {"out_shardings": sharding.replicated(sim.mesh)}
+    state = jax.jit(sim.init, **placement)(jax.random.key(seed), params, hyper)
     fingerprint = config_fingerprint(sim, seed)
     primary = jax.process_index() == 0
 

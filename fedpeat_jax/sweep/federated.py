@@ -188,7 +188,7 @@ def run(spec: Spec, out, *, resume: bool = True, cache_dir=None, show_progress: 
     """Run (or resume) the study of `spec` in `out`; returns {"done", "records", "rows", "summary", "files", "timing"}."""
     import jax
 
-    from fedpeat_jax.fed import sweep as engine
+    from fedpeat_jax.fed import sharding, sweep as engine
     from fedpeat_jax.fed.simulation import FedPEAT
     from fedpeat_jax.io.logging import progress
     from fedpeat_jax.tune import load_task, set_aside
@@ -200,11 +200,12 @@ def run(spec: Spec, out, *, resume: bool = True, cache_dir=None, show_progress: 
             log(f"  group {g.index}: {g.label}")
         return {"done": False, "groups": groups}
     out = Path(out).expanduser()
-    if not resume:
+    primary = jax.process_index() == 0  # in a study spanning processes, process 0 writes the files
+    if not resume and primary:
         old = set_aside(out)
         if old is not None:
             log(f"the earlier study in {out} was moved to {old}")
-    primary = jax.process_index() == 0
+    sharding.barrier("study directory ready")
     store = _Store(out, spec)
     params, model, _, task = load_task(plan, spec.task, spec.preset, spec.model_dir, cache_dir)
     mesh = engine.run_mesh() if jax.device_count() > 1 else None

@@ -17,6 +17,8 @@ parser.add_argument("--processes", type=int, default=1)
 parser.add_argument("--process-id", type=int, default=0)
 parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--out", required=True)
+parser.add_argument("--ckpt", default=None, help="checkpoint directory (resume from it when it holds checkpoints)")
+parser.add_argument("--stop-after-chunks", type=int, default=None, help="stop early, as if killed")
 args = parser.parse_args()
 
 import jax  # noqa: E402
@@ -44,9 +46,9 @@ assert mesh.size == 4, mesh
 mine = process_slice(n_clients)
 data = from_process_local(FedData(*(x[mine] for x in everything)), n_clients, mesh)
 params = sharding.replicate(gpt2.init(jax.random.key(0), model), mesh)
-cfg = FedConfig(clients_per_round=10, local_steps=2, client_chunk=4, emulator_levels=(1,), rounds=3, rounds_per_chunk=3, log_lora_gap=True)
+cfg = FedConfig(clients_per_round=10, local_steps=2, client_chunk=4, emulator_levels=(1,), rounds=3, rounds_per_chunk=1, log_lora_gap=True)
 sim = FedPEAT(model, PeftConfig(kind="lora", lora_rank=2), cfg, n_clients=n_clients, mesh=mesh)
-result = driver.train(sim, params, data, seed=1, show_progress=False)
+result = driver.train(sim, params, data, seed=1, show_progress=False, ckpt_dir=args.ckpt, stop_after_chunks=args.stop_after_chunks)
 tree = driver._host(result.state.trainable)
 if jax.process_index() == 0:
     leaves = {jax.tree_util.keystr(path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
