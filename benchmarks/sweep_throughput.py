@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -77,15 +78,22 @@ def _env() -> dict:
                 PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
 
-def _timed(cmd: list, log) -> float:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(cmd: list, log) -> tuple:
+    """(wall seconds, CPU seconds) of the process `cmd`: the CPU time (user + system, all its
+    threads) is the work it did, which other processes on a shared machine do not inflate."""
     cmd = [str(c) for c in cmd]
-    start = time.perf_counter()
+    cpu0, start = _children_cpu(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    log(f"    {seconds:7.1f} s  {' '.join(map(str, cmd[3:6]))} ...")
-    return seconds
+    log(f"    {seconds:7.1f} s ({cpu:.0f} CPU-s)  {' '.join(map(str, cmd[3:6]))} ...")
+    return seconds, cpu
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,31 +102,33 @@ def _timed(cmd: list, log) -> float:
 def time_sweep(name: str, study: dict, work: Path, log) -> dict:
     spec = work / f"{name}.json"
     spec.write_text(json.dumps(spec_of(name, study)))
-    seconds = _timed([sys.executable, "-m", "fedpeat_jax.cli", "sweep", spec, "--out", work / "sweep"], log)
+    seconds, cpu = _timed([sys.executable, "-m", "fedpeat_jax.cli", "sweep", spec, "--out", work / "sweep"], log)
     results = json.loads((work / "sweep" / "results.json").read_text())
     finals = [rec["history"][-1].get("plugin_ppl") for rec in results["runs"]]
-    return {"seconds": seconds, "runs": len(finals), "finals": finals, "inner_timing": results["timing"],
+    return {"seconds": seconds, "cpu_s": cpu, "runs": len(finals), "finals": finals, "inner_timing": results["timing"],
             "run_chunk": json.loads(next((work / "sweep" / "cohorts").glob("*.json")).read_text())["run_chunk"]}
 
 
 def time_tune(study: dict, picks: list, work: Path, log) -> dict:
-    runs, seconds, finals = runs_of(study), [], {}
+    runs, seconds, cpu, finals = runs_of(study), [], [], {}
     for i in picks:
         client_lr, server_lr, seed = runs[i]
         out = work / f"tune-{i}"
-        seconds.append(_timed([sys.executable, "-m", "fedpeat_jax.cli", "tune", "--preset", study["preset"], "--rounds", study["rounds"],
+        wall, work_s = _timed([sys.executable, "-m", "fedpeat_jax.cli", "tune", "--preset", study["preset"], "--rounds", study["rounds"],
                                "--clients-per-round", study["clients"], "--client-lr", client_lr, "--server-lr", server_lr, "--fed-seed", seed,
-                               "--out", out], log))
+                               "--out", out], log)
+        seconds.append(wall)
+        cpu.append(work_s)
         finals[i] = json.loads((out / "summary.json").read_text())["plugin_ppl"]
-    return {"seconds": sum(seconds), "per_run_s": seconds, "runs": len(picks), "picked": picks, "finals": finals}
+    return {"seconds": sum(seconds), "cpu_s": sum(cpu), "per_run_s": seconds, "runs": len(picks), "picked": picks, "finals": finals}
 
 
 def time_loop(name: str, study: dict, picks: list, work: Path, log) -> dict:
     spec, result = work / f"{name}-loop.json", work / "loop-result.json"
     spec.write_text(json.dumps({"study": study, "picks": picks}))
-    seconds = _timed([sys.executable, "-m", "benchmarks.sweep_throughput", "--loop-worker", spec, "--result", result], log)
+    seconds, cpu = _timed([sys.executable, "-m", "benchmarks.sweep_throughput", "--loop-worker", spec, "--result", result], log)
     inner = json.loads(result.read_text())
-    return {"seconds": seconds, "runs": len(picks), "picked": picks, "finals": {int(k): v for k, v in inner["finals"].items()},
+    return {"seconds": seconds, "cpu_s": cpu, "runs": len(picks), "picked": picks, "finals": {int(k): v for k, v in inner["finals"].items()},
             "load_s": inner["load_s"], "per_run_s": inner["per_run_s"]}
 
 
@@ -223,20 +233,26 @@ def main(argv=None) -> dict:
             work = Path(tmp)
             log("  fedpeat sweep")
             sweep = time_sweep(study_name, study, work, log)
+            sweep["load_after"] = os.getloadavg()[0]
             log("  sequential fedpeat tune")
             tune = time_tune(study, spread(n_runs, study["tune_runs"]), work, log)
+            tune["load_after"] = os.getloadavg()[0]
             log("  driver.train loop")
             loop = time_loop(study_name, study, spread(n_runs, study["loop_runs"]), work, log)
+            loop["load_after"] = os.getloadavg()[0]
         entry = {"runs": n_runs, "settings": {k: study[k] for k in ("preset", "seeds", "client_lr", "server_lr", "rounds", "clients")}}
         for key, way in (("sweep", sweep), ("tune", tune), ("loop", loop)):
             way["runs_per_hour"] = way["runs"] / way["seconds"] * 3600
+            way["cpu_s_per_run"] = way["cpu_s"] / way["runs"]
             entry[key] = way
         for key in ("tune", "loop"):
             entry[f"speedup_vs_{key}"] = sweep["runs_per_hour"] / entry[key]["runs_per_hour"]
+            entry[f"cpu_speedup_vs_{key}"] = entry[key]["cpu_s_per_run"] / sweep["cpu_s_per_run"]
             entry[f"max_rel_ppl_difference_vs_{key}"] = _agreement(sweep, entry[key])
         result["studies"][study_name] = entry
         log(f"  runs per hour: sweep {sweep['runs_per_hour']:,.0f}, tune {tune['runs_per_hour']:,.0f} "
-            f"({entry['speedup_vs_tune']:.1f}x), loop {loop['runs_per_hour']:,.0f} ({entry['speedup_vs_loop']:.1f}x)")
+            f"({entry['speedup_vs_tune']:.1f}x), loop {loop['runs_per_hour']:,.0f} ({entry['speedup_vs_loop']:.1f}x); CPU-seconds per run: "
+            f"sweep {sweep['cpu_s_per_run']:.1f}, tune {tune['cpu_s_per_run']:.1f}, loop {loop['cpu_s_per_run']:.1f}")
     result["machine"] = start_machine
     result["load_at_end"] = list(os.getloadavg())
     write_json(name, result)
@@ -247,9 +263,14 @@ def main(argv=None) -> dict:
         for key, label in (("sweep", "`fedpeat sweep`"), ("tune", "sequential `fedpeat tune`"), ("loop", "`driver.train` loop")):
             w = e[key]
             rows.append([f"{study_name} ({e['runs']} runs)", label, f"{w['runs']} of {e['runs']}", w["seconds"], w["seconds"] / w["runs"],
-                         f"{w['runs_per_hour']:,.0f}", "1.00" if key == "sweep" else f"{e['speedup_vs_' + key]:.2f}",
+                         f"{w['runs_per_hour']:,.0f}", "1.00" if key == "sweep" else f"{e['speedup_vs_' + key]:.2f}", w["cpu_s_per_run"],
+                         "1.00" if key == "sweep" else f"{e['cpu_speedup_vs_' + key]:.2f}", f"{w['load_after']:.1f}",
                          "-" if key == "sweep" else f"{e['max_rel_ppl_difference_vs_' + key]:.1e}"])
     load0, load1 = start_machine["loadavg_1_5_15"], result["load_at_end"]
+    busiest = max([load0[0], load1[0]] + [e[k]["load_after"] for e in result["studies"].values() for k in ("sweep", "tune", "loop")])
+    command = "python -m benchmarks.sweep_throughput" + "".join(
+        f" {flag}" for flag in (["--quick"] if args.quick else []) + ([f"--studies {args.studies}"] if args.studies != "tiny,default" else [])
+        + [f"--{k.replace('_', '-')} {v}" for k, v in (("tune_runs", args.tune_runs), ("loop_runs", args.loop_runs)) if v is not None])
     notes = [
         "Each way in fresh processes, timed from start to end (start-up, loading the model and text, compiling, training, "
         "evaluating and writing included; the foundation model was pretrained and cached before any timing). The tune and loop "
@@ -257,8 +278,12 @@ def main(argv=None) -> dict:
         "Work per run: `fedpeat tune` evaluates held-out perplexity before training and after every 5 rounds and exports the "
         "tuned model; the sweep evaluates after every 5 rounds and once per seed before training, and writes its report; the "
         "loop (`driver.train`) evaluates after every 5 rounds.",
-        "Speed-up: the sweep's runs per hour over that way's. Agreement: the largest relative difference of final held-out "
-        "perplexity between the sweep and that way over the runs both ran (vmapped runs agree to float tolerance).",
+        "Speed-up: the sweep's runs per hour over that way's. CPU-s per run: the processes' user + system CPU time (all "
+        "threads) per run, the work done, which other load on the machine does not inflate as it does wall time; CPU speed-up: "
+        "that way's CPU-s per run over the sweep's. Load: the 1-minute load average when that way ended. Agreement: the "
+        "largest relative difference of final held-out perplexity between the sweep and that way over the runs both ran (vmapped runs agree to float tolerance on "
+        "stable settings; a setting whose perplexity climbs, such as client_lr 1e-2 with server_lr 2, amplifies the rounding "
+        "differences of the vmapped program to a few percent).",
         *(f"{n}: foundation preset {e['settings']['preset']!r}, client_lr {e['settings']['client_lr']} x server_lr "
           f"{e['settings']['server_lr']} x {e['settings']['seeds']} seeds, {e['settings']['rounds']} rounds of "
           f"{e['settings']['clients']} clients; the sweep compiled for {e['sweep']['inner_timing']['compile_s']:.0f} s and trained "
@@ -267,12 +292,14 @@ def main(argv=None) -> dict:
           for n, e in result["studies"].items()),
         f"Machine: {start_machine['cpu_model']}, {start_machine['cpus_usable']} usable CPUs, jax {start_machine['jax']} "
         f"({start_machine['jax_backend']}); load average (1/5/15 min) at start {load0[0]:.2f}, {load0[1]:.2f}, {load0[2]:.2f}, "
-        f"at end {load1[0]:.2f}, {load1[1]:.2f}, {load1[2]:.2f}" + (" (a busy machine: other work slowed every way)" if max(load0[0], load1[0]) > 2.5 else "")
-        + f"; code {start_machine['git_commit']}. Written by `python -m benchmarks.sweep_throughput{' --quick' if args.quick else ''}` "
-        f"on {start_machine['timestamp']}.",
+        f"at end {load1[0]:.2f}, {load1[1]:.2f}, {load1[2]:.2f}"
+        + (f" (A BUSY MACHINE, 1-minute load up to {busiest:.1f} on {start_machine['cpus_usable']} CPUs: other work slowed the ways "
+           "unequally; not figures to quote)" if busiest > 2.5 else "")
+        + f"; code {start_machine['git_commit']}. Written by `{command}` on {start_machine['timestamp']}.",
     ]
     write_markdown(name, "A hyperparameter study three ways: runs per hour",
-                   ["study", "way", "runs timed", "seconds", "s per run", "runs per hour", "sweep speed-up", "ppl agreement"], rows, notes)
+                   ["study", "way", "runs timed", "seconds", "s per run", "runs per hour", "sweep speed-up", "CPU-s per run", "CPU speed-up", "load",
+                    "ppl agreement"], rows, notes)
     log(f"wrote benchmarks/results/{name}.json, .md and .png")
     return result
 
