@@ -18,6 +18,7 @@ The frozen weights, the data and the held-out windows are arguments of every com
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import NamedTuple, Optional
 
@@ -106,6 +107,25 @@ def _host(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
 
 
+_epsilon = functools.lru_cache(maxsize=65536)(privacy.dp_epsilon)  # studies ask for the same (sigma, q, round) often
+
+
+def round_rows(sim: FedPEAT, metrics, start: int, dp_noise: float, sampling_rate: float) -> list:
+    """History rows of rounds start+1 .. start+n from host `RoundMetrics` of (n,) arrays: every
+    metric, the bytes each way, the DP epsilon spent so far (with DP noise) and the round."""
+    fed = sim.fed
+    rows = []
+    for i in range(len(metrics.loss)):
+        step = start + i + 1
+        row = {name: float(getattr(metrics, name)[i]) for name in metrics._fields}
+        row.update(sim.bytes_per_round(int(metrics.participants[i])))
+        if fed.dp_clip is not None and dp_noise > 0:
+            row["epsilon"] = _epsilon(float(dp_noise), sampling_rate, step, fed.dp_delta)
+        row["round"] = step
+        rows.append(row)
+    return rows
+
+
 def train(
     sim: FedPEAT,
     params,
@@ -165,14 +185,7 @@ def train(
 
     def advance(state, start, n):
         state, metrics = run_chunk(state, n)
-        metrics = _host(metrics)
-        rows = []
-        for i in range(n):
-            row = {name: float(getattr(metrics, name)[i]) for name in metrics._fields}
-            row.update(sim.bytes_per_round(int(metrics.participants[i])))
-            if fed.dp_clip is not None and fed.dp_noise > 0:
-                row["epsilon"] = privacy.dp_epsilon(fed.dp_noise, sampling_rate, start + i + 1, fed.dp_delta)
-            rows.append(dict(row, round=start + i + 1))
+        rows = round_rows(sim, _host(metrics), start, fed.dp_noise, sampling_rate)
         if evaluate is not None:
             total, count = _host(evaluate(state, params, e_tokens, e_mask))
             rows[-1]["plugin_ppl"] = float(np.exp(total / max(count, 1.0)))
