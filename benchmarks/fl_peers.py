@@ -60,8 +60,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runnable as
 import jax
 import numpy as np
 
-from benchmarks.common import (LOADED, RESULTS_DIR, best_peaks, machine_info, matmul_peak, torch_lora_emulator, under_load, write_json,
-                               write_markdown)
+from benchmarks.common import (
+    LOADED,
+    RESULTS_DIR,
+    best_peaks,
+    machine_info,
+    matmul_peak,
+    torch_lora_emulator,
+    under_load,
+    write_json,
+    write_markdown,
+)
 from benchmarks.fl_throughput import flops_per_client_step, foundation_params
 from fedpeat_jax.config import FedConfig, PeftConfig
 from fedpeat_jax.peat.emulator import EmulatorSpec

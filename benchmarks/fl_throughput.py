@@ -39,6 +39,7 @@ from fedpeat_jax.fed import aggregate
 from fedpeat_jax.fed.client import Hyper, local_update
 from fedpeat_jax.fed.simulation import FedData, FedPEAT
 from fedpeat_jax.model import gpt2
+from fedpeat_jax.model.flops import lora_param_count, train_flops_per_token
 
 NAME = "fl_throughput"
 RANK, LOCAL_STEPS = 8, 4
@@ -72,11 +73,7 @@ def client_data(m: int, batch: int, seq: int, vocab: int) -> FedData:
 
 
 def flops_per_client_step(cfg: GPT2Config, depth: int, batch: int, seq: int) -> float:
-    tokens = batch * seq
-    n_matmul = depth * cfg.block_param_count() + cfg.vocab_size * cfg.n_embd
-    d, f = cfg.n_embd, cfg.d_mlp
-    lora = RANK * ((d + 3 * d) + (d + d) + (d + f) + (f + d)) * 4  # four adapter blocks
-    return tokens * (4.0 * n_matmul + 12.0 * depth * seq * d + 6.0 * lora)
+    return batch * seq * train_flops_per_token(cfg, depth, seq, lora_params=lora_param_count(cfg, RANK, 4))  # four adapter blocks
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from benchmarks.common import (
 )
 from fedpeat_jax.config import GPT2Config
 from fedpeat_jax.model import gpt2, hf
+from fedpeat_jax.model.flops import matmul_param_count, train_flops_per_token
 
 NAME = "model_throughput"
 # preset -> (batch, seq_len, timed runs). gpt2 small runs a small batch and fewer runs so that the
@@ -54,12 +55,11 @@ CASES = {"tiny": (16, 64, 5), "default": (8, 256, 5), "gpt2": (2, 128, 3)}
 
 
 def step_flops(cfg: GPT2Config, batch: int, seq: int) -> dict:
-    n_matmul = cfg.n_layer * cfg.block_param_count() + cfg.vocab_size * cfg.n_embd
+    n_matmul = matmul_param_count(cfg, cfg.n_layer)
     tokens = batch * seq
+    total = tokens * train_flops_per_token(cfg, cfg.n_layer, seq, trained_matmul=n_matmul)  # every weight trained
     dense = 6.0 * n_matmul * tokens
-    attention = 12.0 * cfg.n_layer * seq * cfg.n_embd * tokens
-    return {"matmul_params": n_matmul, "tokens": tokens, "dense": dense, "attention": attention,
-            "total": dense + attention}
+    return {"matmul_params": n_matmul, "tokens": tokens, "dense": dense, "attention": total - dense, "total": total}
 
 
 # name -> (GPT2Config changes, loss formulation)

@@ -137,9 +137,9 @@ def main(argv=None):
             sim = make_sim(params, cfg, args.clients, 2, dtype, **({} if chunk is None else {"chunk": chunk}))
             hyper = Hyper.from_config(sim.fed)
             state = sim.init(jax.random.key(0), params, hyper)
-            compiled, compile_s = common.compile_jax(jax.jit(lambda s, p, d, h: sim.round(s, p, d, h)), state, params, data, hyper)
+            compiled, compile_s = common.compile_jax(jax.jit(sim.round), state, params, data, hyper)
 
-            def one_round():
+            def one_round(compiled=compiled, state=state, hyper=hyper):
                 jax.block_until_ready(compiled(state, params, data, hyper))
 
             wall, cpu = timed(one_round, args.runs)

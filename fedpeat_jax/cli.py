@@ -44,11 +44,12 @@ def _text_group(defaults=None) -> Group:
 def _groups_tune():
     from fedpeat_jax.config import FedConfig, PeftConfig
     from fedpeat_jax.tasks import TaskConfig
+    from fedpeat_jax.tune import DEFAULT_PEFT
 
     return [
         _text_group(),
         Group("task", TaskConfig, TaskConfig(), skip=("text",)),
-        Group("peft", PeftConfig, PeftConfig(kind="lora", lora_rank=8, lora_alpha=16.0), skip=("layers",)),
+        Group("peft", PeftConfig, DEFAULT_PEFT, skip=("layers",)),
         Group("fed", FedConfig, FedConfig()),
     ]
 
@@ -137,13 +138,7 @@ def cmd_tune(argv):
     parser.add_argument("--out", default="runs/tune", help="run directory: logs, checkpoints, exported model")
     parser.add_argument("--fresh", action="store_true", help="start over: an existing --out is renamed to <out>.old-<time> (nothing is deleted)")
     parser.add_argument("--cache-dir", default=None)
-    multi = parser.add_argument_group("several processes (jax.distributed; see docs/scale.md)")
-    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address; every process passes the same")
-    multi.add_argument("--num-processes", type=int, default=None, help="processes in the run")
-    multi.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
-    multi.add_argument("--distributed", action="store_true", help="join a run spanning processes with JAX's cluster auto-detection "
-                       "(SLURM, Open MPI, Cloud TPU, Kubernetes); no other option needed")
-    multi.add_argument("--local-devices", type=int, default=None, help="split this process's CPU into this many devices (CPU runs)")
+    _process_options(parser)
     groups = _groups_tune()
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
@@ -154,8 +149,19 @@ def cmd_tune(argv):
     _print_json(summary)
 
 
+def _process_options(parser) -> None:
+    """The options joining a run spanning processes (tune and sweep); `_join_processes` acts on them."""
+    multi = parser.add_argument_group("several processes (jax.distributed; see docs/scale.md)")
+    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address; every process passes the same")
+    multi.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    multi.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
+    multi.add_argument("--distributed", action="store_true", help="join a run spanning processes with JAX's cluster auto-detection "
+                       "(SLURM, Open MPI, Cloud TPU, Kubernetes); no other option needed")
+    multi.add_argument("--local-devices", type=int, default=None, help="split this process's CPU into this many devices (CPU runs)")
+
+
 def _join_processes(args) -> None:
-    """Join a run spanning processes before any computation (tune's --coordinator and friends)."""
+    """Join a run spanning processes before any computation (the options of `_process_options`)."""
     explicit = (args.coordinator, args.num_processes, args.process_id)
     if any(x is not None for x in explicit) and None in explicit:
         raise ValueError("--coordinator, --num-processes and --process-id go together (or use --distributed to auto-detect)")
@@ -171,6 +177,27 @@ def _join_processes(args) -> None:
         import jax
 
         jax.config.update("jax_num_cpu_devices", args.local_devices)
+
+
+@subcommand("sweep", "hyperparameter studies: every run of a structural group vmapped in one compiled call, with a report")
+def cmd_sweep(argv):
+    from fedpeat_jax.sweep import run_spec
+
+    parser = Parser(prog="fedpeat sweep", description="Run a study from a YAML or JSON spec (base settings, numeric axes, seeds, "
+                    "structural axes; grid, random or Optuna search): one compiled call per structural group, checkpoints after every "
+                    "chunk of rounds (rerun to resume), and results.csv/json, report.md, plots and TensorBoard hparams in --out. "
+                    "The spec format: docs/sweep.md.")
+    parser.add_argument("spec", help="the study spec (.yaml, .yml or .json)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a spec field (repeatable): --set base.fed.rounds=20 --set seeds=2 --set axes.client_lr=[1e-3,1e-2]")
+    parser.add_argument("--out", default=None, help="study folder (default: runs/sweep/<spec name>)")
+    parser.add_argument("--fresh", action="store_true", help="start over: an existing --out is renamed to <out>.old-<time> (nothing is deleted)")
+    parser.add_argument("--dry-run", action="store_true", help="check the spec and the data, list the groups, and stop before loading weights")
+    parser.add_argument("--cache-dir", default=None)
+    _process_options(parser)
+    args = parser.parse_args(argv)
+    _join_processes(args)
+    run_spec(args.spec, args.overrides, out=args.out, resume=not args.fresh, cache_dir=args.cache_dir, dry_run=args.dry_run)
 
 
 @subcommand("calibrate", "fit the MEC environment's perplexity response to real FedPEAT runs")

@@ -266,14 +266,14 @@ def shipped_table_for(fm):
     """The shipped calibration table if it was fitted on exactly `fm` (its recorded fingerprint and
     weights sha256 are `fm`'s), else None."""
     from fedpeat_jax.mec.calibration import CalibrationMissingError, default_table
-    from fedpeat_jax.peat.foundation import params_digest
+    from fedpeat_jax.io.fingerprint import tree_digest
 
     try:
         table = default_table()
     except CalibrationMissingError:
         return None
     same = (table.meta.get("model_fingerprint") == fm.info.get("fingerprint")
-            and table.meta.get("model_params_sha256") == params_digest(fm.params))
+            and table.meta.get("model_params_sha256") == tree_digest(fm.params))
     return table if same else None
 
 

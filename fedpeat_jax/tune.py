@@ -25,6 +25,7 @@ from fedpeat_jax.peat.pretrained import load_model, model_config
 from fedpeat_jax.tasks import Task, TaskConfig, plan_task, tokenize_task
 
 EXPORTABLE = ("lora", "bitfit", "full")  # PEFT kinds that merge into plain GPT-2 weights
+DEFAULT_PEFT = PeftConfig(kind="lora", lora_rank=8, lora_alpha=16.0)  # what `fedpeat tune` and `fedpeat sweep` tune by default
 
 
 def _perplexity(nll_and_count) -> Optional[float]:
@@ -83,6 +84,19 @@ def set_aside(path: Path) -> Optional[Path]:
     return target
 
 
+def check_seq_len(task_cfg: TaskConfig, model) -> None:
+    if task_cfg.seq_len > model.n_positions:
+        raise ValueError(f"TaskConfig.seq_len ({task_cfg.seq_len}) exceeds the model's n_positions ({model.n_positions})")
+
+
+def load_task(plan, task_cfg: TaskConfig, preset: str, model_dir=None, cache_dir=None) -> tuple:
+    """(params, model config without dropout, tokenizer, tokenized task) of a planned run: the
+    weights are loaded (or the foundation model pretrained) only here, after every check."""
+    params, model, tokenizer = load_model(preset, model_dir, cache_dir)
+    model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    return params, model, tokenizer, tokenize_task(plan, task_cfg, tokenizer)
+
+
 def run_tune(task_cfg: TaskConfig, peft_cfg: PeftConfig, fed_cfg: FedConfig, *, preset: str = "default", model_dir=None,
              out="runs/tune", resume: bool = True, cache_dir=None, show_progress: bool = True,
              log: Callable[[str], None] = print) -> dict:
@@ -98,8 +112,7 @@ def run_tune(task_cfg: TaskConfig, peft_cfg: PeftConfig, fed_cfg: FedConfig, *, 
     shape = model_config(preset, model_dir)  # config.json only: no weights yet
     fed_cfg.validate(model=shape)
     peft_cfg.validate(shape)
-    if task_cfg.seq_len > shape.n_positions:
-        raise ValueError(f"TaskConfig.seq_len ({task_cfg.seq_len}) exceeds the model's n_positions ({shape.n_positions})")
+    check_seq_len(task_cfg, shape)
     plan = plan_task(task_cfg, cache_dir)  # every data check, before any weights are loaded or pretrained
     try:
         fed_cfg.validate(n_clients=plan.n_clients)
@@ -110,9 +123,7 @@ def run_tune(task_cfg: TaskConfig, peft_cfg: PeftConfig, fed_cfg: FedConfig, *, 
                          "'dirichlet' with TaskConfig.n_clients makes any number") from None
     log(f"data: {plan.summary}")
 
-    params, model, tokenizer = load_model(preset, model_dir, cache_dir)
-    model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-    task = tokenize_task(plan, task_cfg, tokenizer)
+    params, model, tokenizer, task = load_task(plan, task_cfg, preset, model_dir, cache_dir)
     if task.heldout is None:
         log("no held-out text (TextConfig.heldout_docs / heldout_fraction): no perplexity is measured or reported")
     out = Path(out).expanduser()
@@ -148,4 +159,4 @@ def run_tune(task_cfg: TaskConfig, peft_cfg: PeftConfig, fed_cfg: FedConfig, *, 
     return summary
 
 
-__all__ = ["run_tune", "set_aside", "EXPORTABLE"]
+__all__ = ["run_tune", "set_aside", "check_seq_len", "load_task", "DEFAULT_PEFT", "EXPORTABLE"]

@@ -78,6 +78,7 @@ from fedpeat_jax.io.plots import pyplot  # noqa: E402
 from fedpeat_jax.mec import system  # noqa: E402
 from fedpeat_jax.mec.env import EnvParams  # noqa: E402
 from fedpeat_jax.model import gpt2  # noqa: E402
+from fedpeat_jax.model.flops import train_flops_per_token  # noqa: E402
 from fedpeat_jax.peat import emulator as emu  # noqa: E402
 from fedpeat_jax.peat.train import TrainConfig, lm_objective, step_memory  # noqa: E402
 
@@ -255,14 +256,6 @@ def build_methods(cfg: StudyConfig, params, model: GPT2Config, data: FedData) ->
 # --------------------------------------------------------------------------------------------
 # Costs
 # --------------------------------------------------------------------------------------------
-def flops_per_token(model: GPT2Config, depth: int, seq_len: int, trained_matmul: int, lora_params: int) -> float:
-    """Training FLOPs per token (as benchmarks/fl_throughput.py): forward and activation gradients
-    through every block and the tied LM head (4 N), weight gradients of trained dense weights
-    (2 per weight), attention scores (12 L T d) and LoRA's own matmuls (6 per factor weight)."""
-    n_matmul = depth * model.block_param_count() + model.vocab_size * model.n_embd
-    return 4.0 * n_matmul + 2.0 * trained_matmul + 12.0 * depth * seq_len * model.n_embd + 6.0 * lora_params
-
-
 def env_device_defaults() -> dict:
     """The FedPEAT-MEC environment's default radio and device numbers (EnvParams field defaults)."""
     fields = EnvParams.__dataclass_fields__
@@ -368,7 +361,7 @@ def run_method(m: Method, cfg: StudyConfig, model: GPT2Config, params, heldout, 
     rounds_axis = [p["round"] for p in runs[0]["curve"]]
     mean_curve = [{"round": rd, "ppl": float(np.mean([run["curve"][i]["ppl"] for run in runs]))} for i, rd in enumerate(rounds_axis)]
     tokens_client = cfg.local_steps * cfg.local_batch * cfg.seq_len
-    fpt = flops_per_token(model, m.depth, cfg.seq_len, m.trained_matmul, m.lora_params)
+    fpt = train_flops_per_token(model, m.depth, cfg.seq_len, trained_matmul=m.trained_matmul, lora_params=m.lora_params)
     median_round = statistics.median(round_seconds)
     clients_per_round = sim.fed.clients_per_round
     flops_round = fpt * tokens_client * clients_per_round

@@ -1,5 +1,6 @@
 """Closed-form checks of fedpeat_jax.fed.aggregate."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,7 @@ import optax
 import pytest
 
 from fedpeat_jax.fed import aggregate as agg
+from fedpeat_jax.fed import drift, server_opt
 
 _jit = jax.jit
 
@@ -21,11 +23,11 @@ def _tree(rng, c, dtype=np.float32):
 def _np_weighted_mean(tree, w):
     w = np.asarray(w, np.float64)
     p = w / w.sum()
-    return jax.tree_util.tree_map(lambda x: np.tensordot(p, np.asarray(x, np.float64), axes=1), tree)
+    return jax.tree.map(lambda x: np.tensordot(p, np.asarray(x, np.float64), axes=1), tree)
 
 
-def _assert_tree_close(a, b, **kw):
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw), a, b)
+def _assert_tree_close(a, b, rtol=1e-7, atol=0.0):
+    chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)  # also checks the two trees' structure
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,11 +52,11 @@ def test_mask_and_zero_examples_exclude_clients():
     m = np.array([1.0, 0.0, 1.0, 1.0, 1.0], np.float32)
     res = jax.jit(agg.fedavg)(t, n, m)
     keep = np.array([0, 3, 4])
-    expect = _np_weighted_mean(jax.tree_util.tree_map(lambda x: x[keep], t), n[keep])
+    expect = _np_weighted_mean(jax.tree.map(lambda x: x[keep], t), n[keep])
     _assert_tree_close(res.mean, expect, rtol=1e-5, atol=1e-6)
     assert res.weights[1] == 0 and res.weights[2] == 0
     # A masked-out client's (huge) values must not matter at all.
-    t2 = jax.tree_util.tree_map(lambda x: x.copy(), t)
+    t2 = jax.tree.map(lambda x: x.copy(), t)
     t2["w"][1] = 1e30
     _assert_tree_close(jax.jit(agg.fedavg)(t2, n, m).mean, res.mean, rtol=0, atol=0)
 
@@ -68,31 +70,37 @@ def test_nan_client_is_excluded_and_reported():
     res = jax.jit(agg.fedavg)(t, n)
     np.testing.assert_array_equal(res.dropped, [False, True, False, True])
     keep = np.array([0, 2])
-    expect = _np_weighted_mean(jax.tree_util.tree_map(lambda x: x[keep], t), n[keep])
+    expect = _np_weighted_mean(jax.tree.map(lambda x: x[keep], t), n[keep])
     _assert_tree_close(res.mean, expect, rtol=1e-5, atol=1e-6)
-    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(res.mean))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(res.mean))
     # A NaN in a masked-out client is neither used nor reported as dropped.
     res2 = _jit(agg.fedavg)(t, n, np.array([1, 0, 1, 1], np.float32))
     np.testing.assert_array_equal(res2.dropped, [False, False, False, True])
 
 
+def _fedavg_params(global_params, client_params, num_examples):
+    """FedAvg on client parameters: the weighted mean, or the old global when no client counts."""
+    res = agg.fedavg(client_params, num_examples)
+    return agg.select_tree(res.empty, global_params, res.mean), res
+
+
 def test_all_dropped_keeps_global_state():
     rng = np.random.default_rng(3)
-    glob = jax.tree_util.tree_map(lambda x: x[0], _tree(rng, 1))
+    glob = jax.tree.map(lambda x: x[0], _tree(rng, 1))
     clients = _tree(rng, 3)
     clients["w"][:, 0, 0] = np.nan
     n = np.ones(3, np.float32)
-    new, res = jax.jit(agg.fedavg_params)(glob, clients, n)
+    new, res = jax.jit(_fedavg_params)(glob, clients, n)
     assert bool(res.empty) and np.all(res.dropped)
     _assert_tree_close(new, glob, rtol=0, atol=0)
     # Same for a momentum server: neither params nor optimizer state may move.
-    tx = agg.server_optimizer("fedavgm", 1.0, momentum=0.9)
+    tx = server_opt.server_optimizer("fedavgm", 1.0, momentum=0.9)
     state = tx.init(glob)
-    delta = jax.tree_util.tree_map(jnp.ones_like, glob)
-    glob1, state1 = jax.jit(agg.server_update, static_argnums=0)(tx, glob, state, delta)
+    delta = jax.tree.map(jnp.ones_like, glob)
+    glob1, state1 = jax.jit(server_opt.server_update, static_argnums=0)(tx, glob, state, delta)
     deltas = agg.client_deltas(clients, glob1)
     r = _jit(agg.fedavg)(deltas, n)
-    glob2, state2 = jax.jit(agg.server_update, static_argnums=0)(tx, glob1, state1, r.mean, r.empty)
+    glob2, state2 = jax.jit(server_opt.server_update, static_argnums=0)(tx, glob1, state1, r.mean, r.empty)
     _assert_tree_close(glob2, glob1, rtol=0, atol=0)
     _assert_tree_close(state2, state1, rtol=0, atol=0)
     # Fully masked round: empty too.
@@ -111,24 +119,24 @@ def test_client_axis_mismatch_is_a_clear_error():
 
 def test_fedopt_sgd_lr1_equals_fedavg():
     rng = np.random.default_rng(4)
-    glob = jax.tree_util.tree_map(lambda x: x[0], _tree(rng, 1))
-    tx = agg.server_optimizer("fedavg", 1.0)
+    glob = jax.tree.map(lambda x: x[0], _tree(rng, 1))
+    tx = server_opt.server_optimizer("fedavg", 1.0)
     state = tx.init(glob)
     n = np.array([3.0, 1.0, 2.0], np.float32)
     for _ in range(3):
         clients = _tree(rng, 3)
-        expect, _ = _jit(agg.fedavg_params)(glob, clients, n)
+        expect, _ = _jit(_fedavg_params)(glob, clients, n)
         r = _jit(agg.fedavg)(agg.client_deltas(clients, glob), n)
-        glob, state = jax.jit(agg.server_update, static_argnums=0)(tx, glob, state, r.mean, r.empty)
+        glob, state = jax.jit(server_opt.server_update, static_argnums=0)(tx, glob, state, r.mean, r.empty)
         _assert_tree_close(glob, expect, rtol=1e-5, atol=1e-5)
 
 
 def _one_leaf_round(name, steps, **kw):
     x = jnp.array([1.0, -2.0, 0.5])
     deltas = [jnp.array([0.3, -0.1, 0.0]), jnp.array([-0.2, 0.4, 1.0])]
-    tx = agg.server_optimizer(name, 0.1, **kw)
+    tx = server_opt.server_optimizer(name, 0.1, **kw)
     st = tx.init(x)
-    step = jax.jit(agg.server_update, static_argnums=0)
+    step = jax.jit(server_opt.server_update, static_argnums=0)
     for d in deltas[:steps]:
         x, st = step(tx, x, st, d)
     return np.asarray(x), [np.asarray(d, np.float64) for d in deltas[:steps]]
@@ -176,10 +184,10 @@ def test_fedavgm_matches_hand_computation():
 
 def test_server_optimizer_errors():
     with pytest.raises(ValueError, match="unknown server optimizer 'fedsgd'"):
-        agg.server_optimizer("fedsgd", 1.0)
+        server_opt.server_optimizer("fedsgd", 1.0)
     with pytest.raises(ValueError, match="unexpected options"):
-        agg.server_optimizer("fedadam", 1.0, momentum=0.9)
-    assert isinstance(agg.server_optimizer("FedYogi", 0.01, tau=1e-2), optax.GradientTransformation)
+        server_opt.server_optimizer("fedadam", 1.0, momentum=0.9)
+    assert isinstance(server_opt.server_optimizer("FedYogi", 0.01, tau=1e-2), optax.GradientTransformation)
 
 
 def test_server_lr_can_be_traced_for_hparam_vmaps():
@@ -187,8 +195,8 @@ def test_server_lr_can_be_traced_for_hparam_vmaps():
     d = jnp.ones(2)
 
     def run(lr):
-        tx = agg.server_optimizer("fedavg", lr)
-        return agg.server_update(tx, x, tx.init(x), d)[0]
+        tx = server_opt.server_optimizer("fedavg", lr)
+        return server_opt.server_update(tx, x, tx.init(x), d)[0]
 
     out = jax.vmap(run)(jnp.array([0.5, 1.0, 2.0]))
     np.testing.assert_allclose(out, [[0.5, 0.5], [1.0, 1.0], [2.0, 2.0]])
@@ -202,9 +210,9 @@ def test_server_lr_can_be_traced_for_hparam_vmaps():
 def test_prox_penalty_value_and_gradient():
     w = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([[3.0]])}
     g = {"a": jnp.array([0.0, 0.0]), "b": jnp.array([[1.0]])}
-    assert float(agg.prox_penalty(w, g, 0.1)) == pytest.approx(0.05 * (1 + 4 + 4))
-    grad = jax.grad(agg.prox_penalty)(w, g, 0.1)
-    _assert_tree_close(grad, {"a": [0.1, 0.2], "b": [[0.2]]}, rtol=1e-6)
+    assert float(drift.prox_penalty(w, g, 0.1)) == pytest.approx(0.05 * (1 + 4 + 4))
+    grad = jax.grad(drift.prox_penalty)(w, g, 0.1)
+    _assert_tree_close(grad, {"a": np.array([0.1, 0.2]), "b": np.array([[0.2]])}, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,28 +223,28 @@ def test_prox_penalty_value_and_gradient():
 def test_scaffold_client_control_and_correction_formulas():
     rng = np.random.default_rng(5)
     c_i, c, x, y = (rng.normal(size=(3, 4)).astype(np.float32) for _ in range(4))
-    out = jax.jit(agg.scaffold_client_control)({"p": c_i}, {"p": c}, {"p": x}, {"p": y}, 5, 0.1)
+    out = jax.jit(drift.scaffold_client_control)({"p": c_i}, {"p": c}, {"p": x}, {"p": y}, 5, 0.1)
     np.testing.assert_allclose(out["p"], c_i - c + (x - y) / 0.5, rtol=1e-5, atol=1e-5)
     # Batched over clients with per-client step counts; K = 0 keeps c_i.
     cb, yb = rng.normal(size=(2, 3, 4)).astype(np.float32), rng.normal(size=(2, 3, 4)).astype(np.float32)
-    out = jax.jit(agg.scaffold_client_control)({"p": cb}, {"p": c}, {"p": x}, {"p": yb}, jnp.array([4, 0]), 0.5)
+    out = jax.jit(drift.scaffold_client_control)({"p": cb}, {"p": c}, {"p": x}, {"p": yb}, jnp.array([4, 0]), 0.5)
     np.testing.assert_allclose(out["p"][0], cb[0] - c + (x - yb[0]) / 2.0, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out["p"][1], cb[1])
     g = rng.normal(size=(3, 4)).astype(np.float32)
-    np.testing.assert_allclose(agg.scaffold_correct_grads({"p": g}, {"p": c_i}, {"p": c})["p"], g - c_i + c, rtol=1e-6)
+    np.testing.assert_allclose(drift.scaffold_correct_grads({"p": g}, {"p": c_i}, {"p": c})["p"], g - c_i + c, rtol=1e-6)
 
 
 def test_scaffold_server_update():
     rng = np.random.default_rng(6)
     n_total = 5
     x = {"p": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
-    state = agg.scaffold_init(x, n_total)
+    state = drift.scaffold_init(x, n_total)
     state = state._replace(c_clients={"p": jnp.asarray(rng.normal(size=(n_total, 3)), jnp.float32)})
     ids = jnp.array([4, 1, 2])
     y = {"p": jnp.asarray(rng.normal(size=(3, 3)), jnp.float32)}
     c_new = {"p": jnp.asarray(rng.normal(size=(3, 3)), jnp.float32)}
     mask = jnp.array([1.0, 1.0, 0.0])
-    new_x, new_state, res = jax.jit(agg.scaffold_server_update)(state, x, y, c_new, ids, mask, None, 0.5)
+    new_x, new_state, res = jax.jit(drift.scaffold_server_update)(state, x, y, c_new, ids, mask, None, 0.5)
     used = [0, 1]
     dy = np.asarray(y["p"])[used] - np.asarray(x["p"])
     np.testing.assert_allclose(new_x["p"], x["p"] + 0.5 * dy.mean(0), rtol=1e-5, atol=1e-6)
@@ -247,7 +255,7 @@ def test_scaffold_server_update():
     np.testing.assert_allclose(new_state.c_clients["p"], expect_clients, rtol=0, atol=0)
     # A NaN client keeps its control variate and does not move x or c.
     c_bad = {"p": c_new["p"].at[0, 0].set(jnp.nan)}
-    new_x2, new_state2, res2 = jax.jit(agg.scaffold_server_update)(state, x, y, c_bad, ids, mask)
+    new_x2, new_state2, res2 = jax.jit(drift.scaffold_server_update)(state, x, y, c_bad, ids, mask)
     assert bool(res2.dropped[0])
     np.testing.assert_allclose(new_x2["p"], x["p"] + dy[1], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(new_state2.c_clients["p"][4], state.c_clients["p"][4])
@@ -266,25 +274,25 @@ def test_scaffold_removes_client_drift_on_quadratics():
     def local(x, ci, c):
         def step(y, _):
             g = a * (y - b)
-            return y - lr * agg.scaffold_correct_grads(g, ci, c), None
+            return y - lr * drift.scaffold_correct_grads(g, ci, c), None
 
         y, _ = jax.lax.scan(step, jnp.broadcast_to(x, (4,)), None, length=K)
         return y
 
     def fedavg_round(x, _):
         y = local(x, jnp.zeros(4), 0.0)
-        return agg.fedavg_params(x, y, ones)[0], None
+        return _fedavg_params(x, y, ones)[0], None
 
     def scaffold_round(carry, _):
         x, st = carry
-        ci = agg.scaffold_cohort_controls(st, ids)
+        ci = drift.scaffold_cohort_controls(st, ids)
         y = local(x, ci, st.c)
-        c_new = agg.scaffold_client_control(ci, st.c, x, y, K, lr)
-        x, st, _ = agg.scaffold_server_update(st, x, y, c_new, ids)
+        c_new = drift.scaffold_client_control(ci, st.c, x, y, K, lr)
+        x, st, _ = drift.scaffold_server_update(st, x, y, c_new, ids)
         return (x, st), None
 
     x_avg, _ = jax.lax.scan(fedavg_round, jnp.float32(0.0), None, length=rounds)
-    init = (jnp.float32(0.0), agg.scaffold_init(jnp.float32(0.0), 4))
+    init = (jnp.float32(0.0), drift.scaffold_init(jnp.float32(0.0), 4))
     (x_sc, _), _ = jax.lax.scan(scaffold_round, init, None, length=rounds)
     assert abs(float(x_sc) - w_star) < 1e-4
     assert abs(float(x_avg) - w_star) > 1e-2
@@ -330,15 +338,16 @@ def test_exact_lora_aggregation_reproduces_weighted_mean_product():
         np.testing.assert_allclose(dd, 2.0 * expect, rtol=1e-4, atol=1e-5)
 
 
-def test_ffa_lora_mean_is_exact():
+def test_fedavg_of_factors_is_exact_when_a_is_shared():
+    # FFA-LoRA (Sun et al. 2024): with a frozen, shared `a`, the plain mean of the factors is the
+    # mean of the products, a @ sum_k p_k b_k == sum_k p_k a @ b_k; the round relies on this.
     rng = np.random.default_rng(8)
     lora = _lora(rng, 3, shared_a=True)
-    glob = jax.tree_util.tree_map(lambda x: x[0], lora)
     n = np.array([1.0, 2.0, 4.0], np.float32)
-    new, res = jax.jit(agg.ffa_lora_aggregate)(glob, lora, n)
+    mean = _jit(agg.fedavg)(lora, n).mean
     exact = _jit(agg.lora_product_mean)(lora, n)
-    for g, t, e in zip(_targets(new), _targets(glob), _targets(exact.mean)):
-        np.testing.assert_array_equal(g["a"], t["a"])
+    for g, t, e in zip(_targets(mean), _targets(lora), _targets(exact.mean)):
+        np.testing.assert_allclose(g["a"], t["a"][0], rtol=1e-6)
         np.testing.assert_allclose(g["a"] @ g["b"], e, rtol=1e-4, atol=1e-5)
     gap = _jit(agg.lora_gap)(lora, n)
     assert float(gap.total_rel) < 1e-5
@@ -347,7 +356,7 @@ def test_ffa_lora_mean_is_exact():
 def test_lora_gap_zero_when_clients_agree_and_positive_otherwise():
     rng = np.random.default_rng(9)
     one = _lora(rng, 1)
-    same = jax.tree_util.tree_map(lambda x: np.repeat(x, 3, axis=0), one)
+    same = jax.tree.map(lambda x: np.repeat(x, 3, axis=0), one)
     n = np.array([1.0, 2.0, 3.0], np.float32)
     gap = jax.jit(agg.lora_gap)(same, n)
     assert float(gap.total_abs) < 1e-4 * float(jnp.linalg.norm(_targets(_jit(agg.lora_product_mean)(same, n).mean)[0]))
@@ -372,11 +381,11 @@ def test_lora_gap_zero_when_clients_agree_and_positive_otherwise():
     np.testing.assert_allclose(gap.total_rel, np.sqrt(sq_abs / sq_norm), rtol=1e-4)
 
 
-def test_lora_mean_is_fedavg_of_factors():
+def test_fedavg_of_a_lora_tree_is_the_mean_of_each_factor():
     rng = np.random.default_rng(10)
     lora = _lora(rng, 3)
     n = np.array([1.0, 1.0, 2.0], np.float32)
-    _assert_tree_close(_jit(agg.lora_mean)(lora, n).mean, _np_weighted_mean(lora, n), rtol=1e-5, atol=1e-6)
+    _assert_tree_close(_jit(agg.fedavg)(lora, n).mean, _np_weighted_mean(lora, n), rtol=1e-5, atol=1e-6)
 
 
 def test_lora_tree_with_foreign_leaf_is_a_clear_error():
@@ -396,10 +405,10 @@ def test_coordinate_median_matches_numpy():
     m = np.array([1, 1, 0, 1, 1, 1], np.float32)
     res = jax.jit(agg.coordinate_median)(t, m)
     keep = [0, 1, 3, 4]  # even count: mean of the middle two
-    _assert_tree_close(res.mean, jax.tree_util.tree_map(lambda x: np.median(x[keep], 0), t), rtol=1e-6)
+    _assert_tree_close(res.mean, jax.tree.map(lambda x: np.median(x[keep], 0), t), rtol=1e-6)
     np.testing.assert_array_equal(res.dropped, [0, 0, 0, 0, 0, 1])
     res = _jit(agg.coordinate_median)(t, np.array([1, 1, 1, 0, 1, 0], np.float32))
-    _assert_tree_close(res.mean, jax.tree_util.tree_map(lambda x: np.median(x[[0, 1, 2, 4]], 0), t), rtol=1e-6)
+    _assert_tree_close(res.mean, jax.tree.map(lambda x: np.median(x[[0, 1, 2, 4]], 0), t), rtol=1e-6)
 
 
 def _np_trimmed(x, beta):
@@ -416,7 +425,7 @@ def test_trimmed_mean_matches_numpy(beta):
     m = np.array([1, 1, 1, 0, 1, 1, 1, 1, 0], np.float32)
     keep = np.flatnonzero(m)
     res = jax.jit(agg.trimmed_mean)(t, beta, m)
-    _assert_tree_close(res.mean, jax.tree_util.tree_map(lambda x: _np_trimmed(x[keep], beta), t), rtol=1e-5, atol=1e-6)
+    _assert_tree_close(res.mean, jax.tree.map(lambda x: _np_trimmed(x[keep], beta), t), rtol=1e-5, atol=1e-6)
 
 
 def test_trimmed_mean_resists_outlier_and_validates_beta():

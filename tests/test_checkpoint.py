@@ -13,20 +13,20 @@ import numpy as np
 import optax
 import pytest
 
-from fedpeat_jax.fed import aggregate as agg
+from fedpeat_jax.fed import drift, server_opt
 from fedpeat_jax.io.checkpoint import CheckpointError, CheckpointManager
 
 
 def _state(seed=0):
     k = jax.random.key(seed)
     params = {"w": jax.random.normal(k, (3, 4)).astype(jnp.bfloat16), "b": jax.random.normal(k, (4,))}
-    tx = agg.server_optimizer("fedadam", 0.1)
+    tx = server_opt.server_optimizer("fedadam", 0.1)
     opt = tx.update(params, tx.init(params), params)[1]  # non-trivial optimizer state
     return {
         "params": params,
         "opt": opt,
         "adam": optax.adam(1e-3).init(params),
-        "scaffold": agg.scaffold_init(params, 3),
+        "scaffold": drift.scaffold_init(params, 3),
         "key": jax.random.fold_in(k, 11),
         "client_keys": jax.random.split(jax.random.key(seed + 1), 5),
         "rbg_key": jax.random.key(seed, impl="rbg"),
@@ -39,8 +39,8 @@ def _state(seed=0):
 
 
 def _assert_same(a, b):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert type(x) is type(y), (type(x), type(y))
         if hasattr(y, "dtype"):
             assert x.dtype == y.dtype
@@ -63,7 +63,7 @@ def test_round_trip_is_exact_including_prng_keys(tmp_path):
     # The restored key continues the same random stream.
     np.testing.assert_array_equal(jax.random.normal(restored["key"], (4,)), jax.random.normal(state["key"], (4,)))
     # Abstract targets work too.
-    abstract = jax.tree_util.tree_map(
+    abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.Array) else x, state
     )
     _assert_same(mgr.restore(3, target=abstract), state)

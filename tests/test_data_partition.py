@@ -204,9 +204,9 @@ def test_client_data_is_a_pytree_that_vmaps_over_clients():
     import jax.numpy as jnp
 
     data = tokenize_clients(natural_clients(_corpus(), min_speeches=2), CharTokenizer(), seq_len=8)
-    leaves = jax.tree_util.tree_leaves(data)
+    leaves = jax.tree.leaves(data)
     assert len(leaves) == 3  # tokens, mask, counts; names are static metadata
-    per_client = jax.vmap(lambda d: jnp.sum(d.mask) + 0 * d.counts)(jax.tree_util.tree_map(jnp.asarray, data))
+    per_client = jax.vmap(lambda d: jnp.sum(d.mask) + 0 * d.counts)(jax.tree.map(jnp.asarray, data))
     assert per_client.tolist() == data.n_tokens.tolist()
 
 

@@ -12,6 +12,7 @@ import pytest
 from fedpeat_jax import cli
 from fedpeat_jax.config import GPT2Config
 from fedpeat_jax.mec.calibration import default_table
+from fedpeat_jax.io.fingerprint import tree_digest
 from fedpeat_jax.model import gpt2, hf
 from fedpeat_jax.peat import foundation
 from fedpeat_jax.peat.foundation import PRETRAIN_PRESETS, FoundationFilesError, load_foundation
@@ -37,7 +38,7 @@ def test_the_default_preset_loads_the_shipped_model_with_its_recorded_checksums(
     assert {v.dtype for v in raw.values()} == {np.dtype(np.float16)}  # compact: 2 bytes a parameter
     assert (SHIPPED / "model.safetensors").stat().st_size < 2.1 * shipped.config.param_count()
     gpt2.check_params(shipped.params, shipped.config)
-    assert foundation.params_digest(shipped.params) == shipped.info["shipped"]["params_sha256"]
+    assert tree_digest(shipped.params) == shipped.info["shipped"]["params_sha256"]
     assert shipped.work_dir != shipped.path  # derived files (distilled emulators) go to the cache, not the package
 
 

@@ -2,26 +2,25 @@
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_reference import CONFIGS, batch, hf_logits, random_hf_model
 from transformers import GPT2LMHeadModel, GPT2Model
 
 from fedpeat_jax import peft
 from fedpeat_jax.config import GPT2Config, PeftConfig
 from fedpeat_jax.model import gpt2, hf
-from hf_reference import CONFIGS, batch, hf_logits, random_hf_model
 
 SHAPE = CONFIGS["odd_heads"]
 CFG = GPT2Config(**SHAPE)
 
 
 def assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(a, b)
 
 
 def perturbed(tree, seed, scale=0.1):

@@ -48,13 +48,13 @@ def test_dp_fedavg_without_noise_is_clipped_mean():
     res = f(jax.random.key(0), t, 0.5, 0.0, mask)
     clipped, _ = jax.jit(agg.clip_by_client_norm)(t, 0.5)
     used = [0, 1, 3]
-    expect = jax.tree_util.tree_map(lambda x: np.asarray(x)[used].sum(0) / 3, clipped)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), res.mean, expect)
+    expect = jax.tree.map(lambda x: np.asarray(x)[used].sum(0) / 3, clipped)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), res.mean, expect)
     np.testing.assert_array_equal(res.dropped, [0, 0, 0, 0, 1])
     assert float(res.num_used) == 3 and float(res.denominator) == 3
     # Fixed (expected) denominator.
     res = f(jax.random.key(0), t, 0.5, 0.0, mask, None, 10.0)
-    jax.tree_util.tree_map(
+    jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, np.asarray(b) * 3 / 10, rtol=1e-5, atol=1e-6), res.mean, expect
     )
 
@@ -139,20 +139,20 @@ def test_secagg_masks_hide_updates_but_sum_is_exact():
     c, fb = 6, 16
     t = _tree(rng, c)
     masked = jax.jit(dp.secagg_mask, static_argnums=3)(jax.random.key(7), t, None, fb)
-    enc = jax.tree_util.tree_map(lambda x: np.asarray(_encode(x, fb, c)[0]), t)
+    enc = jax.tree.map(lambda x: np.asarray(_encode(x, fb, c)[0]), t)
     # Each upload differs from the client's own encoding almost everywhere, and looks uniform.
-    for y, e in zip(jax.tree_util.tree_leaves(masked.masked), jax.tree_util.tree_leaves(enc)):
+    for y, e in zip(jax.tree.leaves(masked.masked), jax.tree.leaves(enc)):
         assert y.dtype == jnp.uint32
         assert np.mean(np.asarray(y) != e) > 0.99
-    big = np.concatenate([np.ravel(y) for y in jax.tree_util.tree_leaves(masked.masked)]) / 2.0**32
+    big = np.concatenate([np.ravel(y) for y in jax.tree.leaves(masked.masked)]) / 2.0**32
     assert abs(big.mean() - 0.5) < 0.05
     # Masks cancel exactly in modular arithmetic: the sum equals the sum of the encodings bit for bit.
-    for y, e in zip(jax.tree_util.tree_leaves(masked.masked), jax.tree_util.tree_leaves(enc)):
+    for y, e in zip(jax.tree.leaves(masked.masked), jax.tree.leaves(enc)):
         np.testing.assert_array_equal(
             np.sum(np.asarray(y, np.uint64), axis=0) % 2**32, np.sum(e.astype(np.uint64), axis=0) % 2**32
         )
     total = jax.jit(dp.secagg_unmask_sum, static_argnums=1)(masked, fb)
-    jax.tree_util.tree_map(
+    jax.tree.map(
         lambda s, x: np.testing.assert_allclose(s, np.sum(x, 0), rtol=0, atol=c * 2.0 ** -(fb + 1) + 1e-6),
         total,
         t,
@@ -169,7 +169,7 @@ def test_secagg_handles_dropouts_and_nan():
     np.testing.assert_array_equal(masked.used, [1, 0, 1, 0, 1])
     np.testing.assert_array_equal(masked.dropped, [0, 0, 0, 1, 0])
     keep = [0, 2, 4]
-    jax.tree_util.tree_map(lambda s, x: np.testing.assert_allclose(s, x[keep].sum(0), atol=1e-4), total, t)
+    jax.tree.map(lambda s, x: np.testing.assert_allclose(s, x[keep].sum(0), atol=1e-4), total, t)
     # The surviving clients' uploads are still masked.
     e0 = np.asarray(_encode(t["b"]["x"][0], dp.DEFAULT_FRAC_BITS, c)[0])
     assert np.mean(np.asarray(masked.masked["b"]["x"][0]) != e0) > 0.99

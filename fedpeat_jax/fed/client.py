@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig
-from fedpeat_jax.fed import aggregate
+from fedpeat_jax.fed import drift
 from fedpeat_jax.model import gpt2
 
 
@@ -100,15 +100,15 @@ def local_update(
     def objective(tree, tok, msk, key):
         loss = loss_fn(tree, tok, msk, key)
         if fed.algorithm == "fedprox":
-            loss = loss + aggregate.prox_penalty(tree, global_tree, hyper.prox_mu)
+            loss = loss + drift.prox_penalty(tree, global_tree, hyper.prox_mu)
         return loss
 
     correct = None
     if control is not None:
-        correct = lambda grads: aggregate.scaffold_correct_grads(grads, control[1], control[0])  # noqa: E731
+        correct = lambda grads: drift.scaffold_correct_grads(grads, control[1], control[0])  # noqa: E731
     tree, loss = local_steps(objective, start, tokens, mask, count, rng, client_optimizer(fed, hyper.client_lr),
                              n_steps=fed.local_steps, batch=batch, correct_grads=correct)
     new_control = None
     if control is not None:
-        new_control = aggregate.scaffold_client_control(control[1], control[0], global_tree, tree, fed.local_steps, hyper.client_lr)
+        new_control = drift.scaffold_client_control(control[1], control[0], global_tree, tree, fed.local_steps, hyper.client_lr)
     return LocalResult(tree, loss, new_control)

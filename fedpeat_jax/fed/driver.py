@@ -18,8 +18,7 @@ The frozen weights, the data and the held-out windows are arguments of every com
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import functools
 import os
 from typing import NamedTuple, Optional
 
@@ -30,8 +29,10 @@ import numpy as np
 from fedpeat_jax.fed import privacy, sharding
 from fedpeat_jax.fed.client import Hyper
 from fedpeat_jax.fed.simulation import FedData, FedPEAT, ServerState
+from fedpeat_jax.io.fingerprint import fingerprint
 from fedpeat_jax.io.checkpoint import CheckpointManager
-from fedpeat_jax.io.logging import RunLogger, progress
+from fedpeat_jax.io.logging import RunLogger
+from fedpeat_jax.io.loop import restore_latest, run_chunks
 from fedpeat_jax.model import gpt2
 
 GiB = 2**30
@@ -42,10 +43,7 @@ def config_fingerprint(sim: FedPEAT, seed: int) -> str:
     with different settings is refused instead of silently mixing two runs. The client chunk and
     the memory budget change how a round is computed, not its result, so they are left out."""
     fed = dataclasses.replace(sim.fed, client_chunk=None, memory_budget_gb=None)
-    peft = None if sim.peft_full is None else dataclasses.asdict(sim.peft_full)
-    blob = json.dumps({"model": dataclasses.asdict(sim.model), "peft": peft, "fed": dataclasses.asdict(fed), "seed": seed},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fingerprint({"model": sim.model, "peft": sim.peft_full, "fed": fed, "seed": seed})
 
 
 def memory_budget(fed) -> float:
@@ -109,6 +107,25 @@ def _host(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
 
 
+_epsilon = functools.lru_cache(maxsize=65536)(privacy.dp_epsilon)  # studies ask for the same (sigma, q, round) often
+
+
+def round_rows(sim: FedPEAT, metrics, start: int, dp_noise: float, sampling_rate: float) -> list:
+    """History rows of rounds start+1 .. start+n from host `RoundMetrics` of (n,) arrays: every
+    metric, the bytes each way, the DP epsilon spent so far (with DP noise) and the round."""
+    fed = sim.fed
+    rows = []
+    for i in range(len(metrics.loss)):
+        step = start + i + 1
+        row = {name: float(getattr(metrics, name)[i]) for name in metrics._fields}
+        row.update(sim.bytes_per_round(int(metrics.participants[i])))
+        if fed.dp_clip is not None and dp_noise > 0:
+            row["epsilon"] = _epsilon(float(dp_noise), sampling_rate, step, fed.dp_delta)
+        row["round"] = step
+        rows.append(row)
+    return rows
+
+
 def train(
     sim: FedPEAT,
     params,
@@ -141,22 +158,10 @@ def train(
     # On a mesh the server state lives replicated on every device (also of every process).
     placement = {} if sim.mesh is None else {"out_shardings": sharding.replicated(sim.mesh)}
     state = jax.jit(sim.init, **placement)(jax.random.key(seed), params, hyper)
-    fingerprint = config_fingerprint(sim, seed)
     primary = jax.process_index() == 0
-
-    manager = None
-    if ckpt_dir is not None:
-        manager = CheckpointManager(ckpt_dir, max_to_keep=2)
-        if resume and manager.latest_step() is not None:
-            meta = manager.metadata()
-            if meta.get("fingerprint") != fingerprint:
-                raise ValueError(
-                    f"checkpoints in {ckpt_dir} belong to a run with other settings (fingerprint "
-                    f"{meta.get('fingerprint')} != {fingerprint}); use another directory or resume=False"
-                )
-            state = manager.restore(target=state)
-        elif not resume and manager.latest_step() is not None:
-            raise ValueError(f"{ckpt_dir} already holds checkpoints; pass resume=True to continue or pick a new directory")
+    manager = None if ckpt_dir is None else CheckpointManager(ckpt_dir, max_to_keep=2)
+    fingerprint = config_fingerprint(sim, seed)
+    state, _ = restore_latest(manager, state, fingerprint, fresh=not resume, hint="pass resume=True to continue or pick a new directory")
     start = int(_host(state.round))
 
     compiled = {}  # chunk length -> compiled run_rounds
@@ -177,40 +182,25 @@ def train(
         sharding.barrier("compiled evaluation")
 
     sampling_rate = fed.clients_per_round / int(data.tokens.shape[0])
+
+    def advance(state, start, n):
+        state, metrics = run_chunk(state, n)
+        rows = round_rows(sim, _host(metrics), start, fed.dp_noise, sampling_rate)
+        if evaluate is not None:
+            total, count = _host(evaluate(state, params, e_tokens, e_mask))
+            rows[-1]["plugin_ppl"] = float(np.exp(total / max(count, 1.0)))
+        return state, rows
+
     logger = RunLogger(logdir, resume_step=start) if logdir is not None and primary else None
-    history, chunks = [], 0
-    bar = progress(rounds, "FedPEAT rounds", initial=start, disable=not (show_progress and primary))
     try:
-        while start < rounds:
-            n = min(fed.rounds_per_chunk, rounds - start)
-            state, metrics = run_chunk(state, n)
-            metrics = _host(metrics)
-            for i in range(n):
-                step = start + i + 1
-                row = {name: float(getattr(metrics, name)[i]) for name in metrics._fields}
-                row.update(sim.bytes_per_round(int(metrics.participants[i])))
-                if fed.dp_clip is not None and fed.dp_noise > 0:
-                    row["epsilon"] = privacy.dp_epsilon(fed.dp_noise, sampling_rate, step, fed.dp_delta)
-                row["round"] = step
-                history.append(row)
-                if logger:
-                    logger.scalars(step, {k: v for k, v in row.items() if k != "round"}, prefix="train/")
-            start += n
-            if evaluate is not None:
-                total, count = _host(evaluate(state, params, e_tokens, e_mask))
-                ppl = float(np.exp(total / max(count, 1.0)))
-                history[-1]["plugin_ppl"] = ppl
-                if logger:
-                    logger.scalars(start, {"plugin_ppl": ppl}, prefix="eval/")
-            if manager is not None:
-                manager.save(start, state, {"fingerprint": fingerprint, "round": start})
-            bar.update(n)
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", **({"ppl": f"{history[-1]['plugin_ppl']:.2f}"} if "plugin_ppl" in history[-1] else {}))
-            chunks += 1
-            if stop_after_chunks is not None and chunks >= stop_after_chunks:
-                break
+        state, history = run_chunks(
+            state, advance, start=start, total=rounds, chunk=fed.rounds_per_chunk, desc="FedPEAT rounds", step_key="round",
+            logger=logger, log_tag=lambda name: "eval/plugin_ppl" if name == "plugin_ppl" else "train/" + name,
+            checkpoints=manager, checkpoint_meta=lambda end: {"fingerprint": fingerprint, "round": end},
+            postfix=lambda row: {"loss": f"{row['loss']:.3f}", **({"ppl": f"{row['plugin_ppl']:.2f}"} if "plugin_ppl" in row else {})},
+            show_progress=show_progress and primary, stop_after_chunks=stop_after_chunks,
+        )
     finally:
-        bar.close()
         if logger:
             logger.close()
         if manager is not None:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedpeat_jax.fed.aggregate import (
-    _expand,
+    expand_weights,
     clip_by_client_norm,
     finite_clients,
     num_clients,
@@ -117,22 +117,22 @@ def dp_fedavg(
     dropped = (w > 0) & ~finite
     w = jnp.where(finite, w, 0.0)
     used = w > 0
-    safe = jax.tree_util.tree_map(lambda x: jnp.where(_expand(used, x), x, 0).astype(x.dtype), updates)
+    safe = jax.tree.map(lambda x: jnp.where(expand_weights(used, x), x, 0).astype(x.dtype), updates)
     clipped_tree, norms = clip_by_client_norm(safe, clip_norm)
-    summed = jax.tree_util.tree_map(
-        lambda x: jnp.sum(x.astype(jnp.float32) * _expand(w, x), axis=0), clipped_tree
+    summed = jax.tree.map(
+        lambda x: jnp.sum(x.astype(jnp.float32) * expand_weights(w, x), axis=0), clipped_tree
     )
     noise = gaussian_noise_like(key, summed, noise_multiplier * clip_norm)
-    noised = jax.tree_util.tree_map(jnp.add, summed, noise)
+    noised = jax.tree.map(jnp.add, summed, noise)
     num_used = jnp.sum(w)
     if expected_weight is None:
         denom = jnp.maximum(num_used, 1.0)
     else:
         denom = jnp.asarray(expected_weight, jnp.float32)
-    leaves_like = jax.tree_util.tree_leaves(updates)
+    leaves_like = jax.tree.leaves(updates)
     mean = jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(summed),
-        [(s / denom).astype(x.dtype) for s, x in zip(jax.tree_util.tree_leaves(noised), leaves_like)],
+        jax.tree.structure(summed),
+        [(s / denom).astype(x.dtype) for s, x in zip(jax.tree.leaves(noised), leaves_like)],
     )
     return DPResult(
         mean=mean,
@@ -385,10 +385,10 @@ def secagg_unmask_sum(masked: SecAggMasked, frac_bits: int = DEFAULT_FRAC_BITS) 
     """Server side: sum the used clients' uploads modulo 2^32 (masks cancel) and decode to float32."""
 
     def one(y):
-        y = jnp.where(_expand(masked.used, y), y, jnp.uint32(0))
+        y = jnp.where(expand_weights(masked.used, y), y, jnp.uint32(0))
         return secagg_decode(jnp.sum(y, axis=0, dtype=jnp.uint32), frac_bits)
 
-    return jax.tree_util.tree_map(one, masked.masked)
+    return jax.tree.map(one, masked.masked)
 
 
 def secure_sum(

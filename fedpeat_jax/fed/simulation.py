@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from fedpeat_jax import peft as peft_lib
 from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig
-from fedpeat_jax.fed import aggregate, stream
+from fedpeat_jax.fed import aggregate, drift, server_opt, stream
 from fedpeat_jax.fed.client import Hyper, local_update
 from fedpeat_jax.fed.data import FedData
 from fedpeat_jax.fed.learner import Learner
@@ -145,12 +145,12 @@ class FedPEAT:
         hyper = hyper if hyper is not None else Hyper.from_config(self.fed)
         k_tree, k_run = jax.random.split(key)
         tree = self.learner.init(k_tree, params)
-        tx = aggregate.server_optimizer(self.fed.server_optimizer, hyper.server_lr)
+        tx = server_opt.server_optimizer(self.fed.server_optimizer, hyper.server_lr)
         delta = control = clients = None
         if self.fed.lora_aggregation == "exact":
             delta = aggregate.map_lora_targets(stream._dense_zeros, tree["blocks"]["lora"])
         if self.fed.algorithm == "scaffold":
-            scaffold = aggregate.scaffold_init(tree, self.n_clients)
+            scaffold = drift.scaffold_init(tree, self.n_clients)
             control, clients = scaffold.c, scaffold.c_clients
         if self.fed.algorithm == "local":
             clients = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_clients,) + x.shape), tree)
@@ -318,8 +318,8 @@ class FedPEAT:
                 # FLoRA: clients merge the exact product and restart LoRA from a fresh shared A, B = 0.
                 tree = self.learner.init(jax.random.fold_in(k_agg, 1), params)
             else:
-                tx = aggregate.server_optimizer(fed.server_optimizer, hyper.server_lr)
-                tree, opt_state = aggregate.server_update(tx, tree, opt_state, mean, empty)
+                tx = server_opt.server_optimizer(fed.server_optimizer, hyper.server_lr)
+                tree, opt_state = server_opt.server_update(tx, tree, opt_state, mean, empty)
         return ServerState(tree, opt_state, delta_acc, control, store, state.round + 1, state.key)
 
     # ----------------------------------------------------------------------------------------

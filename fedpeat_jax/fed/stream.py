@@ -140,19 +140,19 @@ def add(totals: Totals, chunk: Chunk, fed: FedConfig, cohort: Optional[Cohort] =
     dropped = jnp.sum((chunk.weight > 0) & ~finite).astype(jnp.int32)
     payload, kept = totals.payload, None
     if kind == "mean":
-        payload = jax.tree.map(jnp.add, payload, aggregate._weighted_sum(chunk.deltas, w))
+        payload = jax.tree.map(jnp.add, payload, aggregate.weighted_sum(chunk.deltas, w))
     elif kind in ("norm_bound", "dp"):
-        safe = jax.tree.map(lambda x: jnp.where(aggregate._expand(used, x), x, 0.0), chunk.deltas)
+        safe = jax.tree.map(lambda x: jnp.where(aggregate.expand_weights(used, x), x, 0.0), chunk.deltas)
         clipped, _ = aggregate.clip_by_client_norm(safe, fed.norm_bound if kind == "norm_bound" else fed.dp_clip)
         weights = w if kind == "norm_bound" else used.astype(jnp.float32)  # DP-FedAvg: unit weights
-        payload = jax.tree.map(jnp.add, payload, aggregate._weighted_sum(clipped, weights))
+        payload = jax.tree.map(jnp.add, payload, aggregate.weighted_sum(clipped, weights))
     elif kind == "scaffold":
-        dy = aggregate._weighted_sum(chunk.deltas, w)
-        dc = aggregate._weighted_sum(chunk.control_delta, used.astype(jnp.float32))
+        dy = aggregate.weighted_sum(chunk.deltas, w)
+        dc = aggregate.weighted_sum(chunk.control_delta, used.astype(jnp.float32))
         payload = jax.tree.map(jnp.add, payload, (dy, dc))
     elif kind == "exact_lora":
-        stacked = aggregate.map_lora_targets(lambda t: aggregate._stack_target(t, w), chunk.trees["blocks"]["lora"])
-        products = aggregate.map_lora_targets(lambda t: aggregate._product(t["a"], t["b"]), stacked)
+        stacked = aggregate.map_lora_targets(lambda t: aggregate.stack_target(t, w), chunk.trees["blocks"]["lora"])
+        products = aggregate.map_lora_targets(lambda t: aggregate.lora_product(t["a"], t["b"]), stacked)
         payload = jax.tree.map(jnp.add, payload, products)
     elif kind == "secure":
         scale = w / jnp.where(cohort.total_weight > 0, cohort.total_weight, 1.0)

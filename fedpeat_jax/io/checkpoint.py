@@ -98,7 +98,7 @@ def _abstract_target(target: PyTree) -> PyTree:
             return jax.eval_shape(jax.random.key_data, x)
         return x
 
-    return jax.tree_util.tree_map(one, target)
+    return jax.tree.map(one, target)
 
 
 def _decode_keys(restored: PyTree, impls: dict, target: Optional[PyTree]) -> PyTree:
@@ -109,7 +109,7 @@ def _decode_keys(restored: PyTree, impls: dict, target: Optional[PyTree]) -> PyT
             # abstract (ShapeDtypeStruct) targets alike.
             return jax.random.wrap_key_data(r, impl=t.dtype) if _is_typed_key(t) else r
 
-        return jax.tree_util.tree_map(with_target, target, restored)
+        return jax.tree.map(with_target, target, restored)
 
     def without_target(path, r):
         impl = impls.get(_path_str(path))

@@ -190,10 +190,10 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
               model_fingerprint: Optional[str] = None) -> CalibrationTable:
     """Run every (level, participation) FedPEAT run, fit the table, write it to `out`. The table's
     meta records which model it belongs to: `model_fingerprint` (the foundation model's settings,
-    when it is one) and the sha256 of the exact weights (`peat.foundation.params_digest`)."""
+    when it is one) and the sha256 of the exact weights (`io.fingerprint.tree_digest`)."""
     from fedpeat_jax.fed.simulation import FedPEAT
     from fedpeat_jax.io.logging import progress
-    from fedpeat_jax.peat.foundation import params_digest
+    from fedpeat_jax.io.fingerprint import tree_digest
     from fedpeat_jax.tasks import build_task, device_population
 
     model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
@@ -225,7 +225,7 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
     bar.close()
     meta = {
         "model_fingerprint": model_fingerprint,
-        "model_params_sha256": params_digest(params),
+        "model_params_sha256": tree_digest(params),
         "calibrate_config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
         "peft": {"kind": "lora", "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha},
         "clients": n_clients,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 from fedpeat_jax import data as data_lib
 from fedpeat_jax.config import Config, GPT2Config
 from fedpeat_jax.data.source import TextConfig
+from fedpeat_jax.io.fingerprint import fingerprint
 from fedpeat_jax.io.checkpoint import CheckpointManager
 from fedpeat_jax.io.logging import RunLogger
 from fedpeat_jax.io.machine import machine_info
@@ -184,9 +184,8 @@ def distill(
 # Cached distilled emulators of a foundation model
 # --------------------------------------------------------------------------------------------
 def distilled_dir(foundation: Foundation, spec: emu.EmulatorSpec, cfg: DistillConfig) -> Path:
-    blob = json.dumps({"spec": dataclasses.asdict(spec), "distill": dataclasses.asdict(cfg),
-                       "foundation": foundation.info.get("fingerprint")}, sort_keys=True)
-    return foundation.work_dir / "emulators" / f"{spec.name}-distill-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    key = fingerprint({"spec": spec, "distill": cfg, "foundation": foundation.info.get("fingerprint")}, length=12)
+    return foundation.work_dir / "emulators" / f"{spec.name}-distill-{key}"
 
 
 def load_distilled(

@@ -43,6 +43,7 @@ from fedpeat_jax import data as data_lib
 from fedpeat_jax.config import Config, GPT2Config
 from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.io.checkpoint import CheckpointManager
+from fedpeat_jax.io.fingerprint import fingerprint as fingerprint_of, tree_digest
 from fedpeat_jax.io.logging import RunLogger
 from fedpeat_jax.io.machine import machine_info
 from fedpeat_jax.model import gpt2, hf
@@ -165,12 +166,8 @@ def fingerprint(model: GPT2Config, pretrain: PretrainConfig) -> str:
     pretraining settings, held-out plays, corpus checksum)."""
     settings = fingerprinted_settings(pretrain)
     fields = WEIGHT_FIELDS + (DROPOUT_FIELDS if pretrain.dropout else ())
-    blob = json.dumps(
-        {"format": FORMAT_VERSION, "model": {name: getattr(model, name) for name in fields}, "pretrain": settings,
-         "corpus": data_lib.corpus_digest(pretrain.text)},
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return fingerprint_of({"format": FORMAT_VERSION, "model": {name: getattr(model, name) for name in fields}, "pretrain": settings,
+                           "corpus": data_lib.corpus_digest(pretrain.text)}, length=12)
 
 
 def resolve_settings(preset: str, model: Optional[GPT2Config] = None, pretrain_config: Optional[PretrainConfig] = None) -> tuple:
@@ -402,15 +399,6 @@ def shipped_fingerprint(preset: str) -> Optional[str]:
     return read_info(path)["fingerprint"] if (path / INFO_FILE).is_file() else None
 
 
-def params_digest(params) -> str:
-    """sha256 of the float32 values of a params tree: which exact weights a result was measured on."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        digest.update(jax.tree_util.keystr(path).encode())
-        digest.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
-    return digest.hexdigest()
-
-
 def heldout_perplexity(fm: Foundation, *, windows: int = 0, cache_dir=None) -> dict:
     """`evaluate_perplexity` of `fm` on its pretraining text's held-out documents, in its pretraining's
     windows; `windows` > 0 keeps only the first that many (a fast, fixed subset)."""
@@ -443,7 +431,7 @@ def ship(fm: Foundation, dest, *, command: str, cache_dir=None) -> Foundation:
             "command": command,
             "weights_dtype": SHIPPED_DTYPE,
             "float32_heldout_ppl": fm.info["heldout_ppl"],
-            "params_sha256": params_digest(params),
+            "params_sha256": tree_digest(params),
             "machine": machine_info(),  # of this export and its evaluation ("machine" is the pretraining's)
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
@@ -471,7 +459,6 @@ __all__ = [
     "verify_files",
     "read_info",
     "shipped_fingerprint",
-    "params_digest",
     "heldout_perplexity",
     "ship",
     "file_lock",

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from fedpeat_jax.config import Config, GPT2Config, PeftConfig
-from fedpeat_jax.io.logging import progress
+from fedpeat_jax.io.loop import restore_latest, run_chunks
 from fedpeat_jax.model import gpt2
 
 PyTree = Any
@@ -225,39 +225,30 @@ def fit(
     start = time.perf_counter()
     data, frozen = jax.device_put((data, frozen))  # once, not at every chunk
     runner = _runner(loss_fn, cfg)
-    state = init_state(trainable, cfg)
-    resumed_from = None
-    if checkpoints is not None and checkpoints.latest_step() is not None:
-        state = checkpoints.restore(target=state)
-        resumed_from = int(state.step)
-        if resumed_from > cfg.steps:
-            raise ValueError(f"checkpoint in {checkpoints.directory} is at step {resumed_from}, past cfg.steps={cfg.steps}")
+    state, resumed_from = restore_latest(checkpoints, init_state(trainable, cfg))
+    if resumed_from is not None and resumed_from > cfg.steps:
+        raise ValueError(f"checkpoint in {checkpoints.directory} is at step {resumed_from}, past cfg.steps={cfg.steps}")
 
-    history, train_seconds, compile_seconds, steps_done = [], 0.0, 0.0, 0
-    step = int(state.step)
-    with progress(cfg.steps, desc, initial=step, disable=not show_progress) as bar:
-        while step < cfg.steps:
-            n = min(cfg.chunk, cfg.steps - step)
-            run, seconds = runner.compiled(state, frozen, data, n)
-            compile_seconds += seconds
-            t0 = time.perf_counter()
-            state, metrics = run(state, frozen, data)
-            record = {k: float(v) for k, v in jax.device_get(metrics).items()}  # blocks: honest timing
-            train_seconds += time.perf_counter() - t0
-            steps_done += n
-            step += n
-            if not np.isfinite(record["loss"]):
-                raise FloatingPointError(f"{desc}: loss became {record['loss']} by step {step}; lower the learning rate")
-            record["step"] = step
-            history.append(record)
-            if logger is not None:
-                logger.scalars(step, {k: v for k, v in record.items() if k != "step"}, prefix=log_prefix)
-            if checkpoints is not None:
-                checkpoints.save(step, state, {"step": step, "desc": desc})
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-            bar.update(n)
-    if checkpoints is not None:
-        checkpoints.wait_until_finished()
+    timing = {"train": 0.0, "compile": 0.0, "steps": 0}
+
+    def advance(state, step, n):
+        run, seconds = runner.compiled(state, frozen, data, n)
+        t0 = time.perf_counter()
+        state, metrics = run(state, frozen, data)
+        record = {k: float(v) for k, v in jax.device_get(metrics).items()}  # blocks: honest timing
+        timing["train"] += time.perf_counter() - t0
+        timing["compile"] += seconds
+        timing["steps"] += n
+        if not np.isfinite(record["loss"]):
+            raise FloatingPointError(f"{desc}: loss became {record['loss']} by step {step + n}; lower the learning rate")
+        return state, [dict(record, step=step + n)]
+
+    state, history = run_chunks(
+        state, advance, start=int(state.step), total=cfg.steps, chunk=cfg.chunk, desc=desc, logger=logger,
+        log_tag=lambda name: log_prefix + name, checkpoints=checkpoints,
+        checkpoint_meta=lambda step: {"step": step, "desc": desc}, show_progress=show_progress,
+    )
+    train_seconds, compile_seconds, steps_done = timing["train"], timing["compile"], timing["steps"]
     steps_per_s = steps_done / train_seconds if steps_done else float("nan")
     return TrainResult(state.params, history, steps_per_s, time.perf_counter() - start, compile_seconds, resumed_from)
 

@@ -55,7 +55,7 @@ import optax
 from flax import struct
 
 from fedpeat_jax import hashrand
-from fedpeat_jax.config import Config, _require
+from fedpeat_jax.config import Config, require
 
 PyTree = Any
 
@@ -122,29 +122,29 @@ class SABPPOConfig(Config):
     def validate(self) -> None:
         for name in ("num_envs", "num_steps", "total_timesteps", "update_epochs", "num_minibatches"):
             v = getattr(self, name)
-            _require(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1,
+            require(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1,
                      f"SABPPOConfig.{name} must be an integer >= 1, got {v!r}")
-        _require(self.total_timesteps >= self.batch_size,
+        require(self.total_timesteps >= self.batch_size,
                  f"SABPPOConfig.total_timesteps ({self.total_timesteps}) must be at least one update of "
                  f"num_envs * num_steps = {self.batch_size} env steps")
-        _require(self.batch_size % self.num_minibatches == 0,
+        require(self.batch_size % self.num_minibatches == 0,
                  f"SABPPOConfig.num_minibatches ({self.num_minibatches}) must divide num_envs * num_steps "
                  f"({self.batch_size})")
-        _require(self.lr > 0 and math.isfinite(self.lr), f"SABPPOConfig.lr must be finite and > 0, got {self.lr}")
-        _require(0 <= self.gamma <= 1, f"SABPPOConfig.gamma must be in [0, 1], got {self.gamma}")
-        _require(0 <= self.gae_lambda <= 1, f"SABPPOConfig.gae_lambda must be in [0, 1], got {self.gae_lambda}")
-        _require(self.clip_eps > 0, f"SABPPOConfig.clip_eps must be > 0, got {self.clip_eps}")
-        _require(self.clip_mode in CLIP_MODES, f"SABPPOConfig.clip_mode must be one of {CLIP_MODES}, got {self.clip_mode!r}")
-        _require(self.ent_coef >= 0, f"SABPPOConfig.ent_coef must be >= 0, got {self.ent_coef}")
-        _require(self.vf_coef >= 0, f"SABPPOConfig.vf_coef must be >= 0, got {self.vf_coef}")
-        _require(self.max_grad_norm > 0, f"SABPPOConfig.max_grad_norm must be > 0, got {self.max_grad_norm}")
-        _require(self.adam_eps > 0, f"SABPPOConfig.adam_eps must be > 0, got {self.adam_eps}")
-        _require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
+        require(self.lr > 0 and math.isfinite(self.lr), f"SABPPOConfig.lr must be finite and > 0, got {self.lr}")
+        require(0 <= self.gamma <= 1, f"SABPPOConfig.gamma must be in [0, 1], got {self.gamma}")
+        require(0 <= self.gae_lambda <= 1, f"SABPPOConfig.gae_lambda must be in [0, 1], got {self.gae_lambda}")
+        require(self.clip_eps > 0, f"SABPPOConfig.clip_eps must be > 0, got {self.clip_eps}")
+        require(self.clip_mode in CLIP_MODES, f"SABPPOConfig.clip_mode must be one of {CLIP_MODES}, got {self.clip_mode!r}")
+        require(self.ent_coef >= 0, f"SABPPOConfig.ent_coef must be >= 0, got {self.ent_coef}")
+        require(self.vf_coef >= 0, f"SABPPOConfig.vf_coef must be >= 0, got {self.vf_coef}")
+        require(self.max_grad_norm > 0, f"SABPPOConfig.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        require(self.adam_eps > 0, f"SABPPOConfig.adam_eps must be > 0, got {self.adam_eps}")
+        require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
                  f"SABPPOConfig.hidden_sizes must be one or more layer widths >= 1, got {self.hidden_sizes}")
-        _require(self.activation in ACTIVATIONS,
+        require(self.activation in ACTIVATIONS,
                  f"SABPPOConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        _require(self.obs_clip > 0, f"SABPPOConfig.obs_clip must be > 0, got {self.obs_clip}")
-        _require(self.reward_clip > 0, f"SABPPOConfig.reward_clip must be > 0, got {self.reward_clip}")
+        require(self.obs_clip > 0, f"SABPPOConfig.obs_clip must be > 0, got {self.obs_clip}")
+        require(self.reward_clip > 0, f"SABPPOConfig.reward_clip must be > 0, got {self.reward_clip}")
 
     @property
     def batch_size(self) -> int:

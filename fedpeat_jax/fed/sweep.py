@@ -1,0 +1,409 @@
+"""Many federated runs of one configuration in one compiled program: the engine of `fedpeat sweep`.
+
+A *cohort* is a set of runs that share every static setting (one `FedPEAT`: model, PEFT module,
+FedConfig) and differ in their seed and their traced hyperparameters (`Hyper`). `run_cohort`
+advances all of them `FedConfig.rounds_per_chunk` rounds at a time:
+
+  * one compiled program per chunk length: `jax.vmap` over runs of (the rounds in a `lax.scan`,
+    the held-out evaluation, a finiteness check); the frozen weights, the client data and the
+    held-out windows are shared arguments (`in_axes=None`), never constants of the program;
+  * the run axis in chunks of `run_chunk` runs: as many as fit the memory budget by XLA's memory
+    analysis of the compiled program (`Cohort.fit`), a multiple of the devices, split over a 1-D
+    "runs" mesh spanning every device of every process (runs never communicate);
+  * a run whose update, training loss, state or held-out loss stops being finite is stopped: it
+    keeps its last finite state and its history up to the round it diverged, and leaves the run
+    axis (later chunks pack only the live runs); the other runs are independent lanes of the
+    vmap and do not notice;
+  * after every chunk of rounds the states, metrics and divergence records of all runs are
+    checkpointed atomically; a cohort killed at any moment resumes from its last checkpoint and
+    ends as an uninterrupted one (every random draw derives from (seed, round)).
+
+Run i of a cohort equals `driver.train` with the same seed and hyperparameters (same rounds, same
+evaluation points, rows of the same form).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from fedpeat_jax.fed import driver, sharding
+from fedpeat_jax.fed.client import Hyper
+from fedpeat_jax.fed.simulation import FedData, FedPEAT, RoundMetrics, ServerState
+from fedpeat_jax.io.checkpoint import CheckpointManager
+from fedpeat_jax.io.fingerprint import fingerprint as settings_fingerprint
+from fedpeat_jax.io.loop import restore_latest, run_chunks
+
+RUNS = "runs"  # the mesh axis the run axis is split over
+
+# Why a run was stopped (index 0: it was not).
+REASONS = ("", "the global update is not finite", "every client's update is not finite", "the training loss is not finite",
+           "the server state is not finite", "the held-out loss is not finite")
+
+
+def run_mesh(devices=None):
+    """A 1-D mesh named "runs" over `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), (RUNS,), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def place(tree, mesh=None):
+    """Shared arguments (weights, data, held-out windows) on the device, or replicated over the
+    mesh; arrays already placed so are kept, so cohorts of several groups share one copy."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, tree)
+    whole = NamedSharding(mesh, P())
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding == whole:
+            return x
+        return sharding.replicate(x, mesh)
+
+    return jax.tree.map(put, tree)
+
+
+# Compiled programs by everything they depend on (configuration, shapes, devices, runs, rounds):
+# the weights and data are arguments, so cohorts of the same configuration share them.
+_COMPILED: "collections.OrderedDict" = collections.OrderedDict()
+MAX_COMPILED = 32
+
+
+class RunsTooBig(ValueError):
+    """The compiled program of `runs` runs at once does not fit the memory budget."""
+
+    def __init__(self, message: str, runs: int, need: float, budget: float, fits: int):
+        super().__init__(message)
+        self.runs, self.need, self.budget, self.fits = runs, need, budget, fits
+
+
+def _finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def _bytes(tree) -> int:
+    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _as(x, dtype):
+    """`x` with `dtype`: placed arrays are kept (no copy), anything else becomes numpy."""
+    return x if isinstance(x, jax.Array) and x.dtype == dtype else np.asarray(x, dtype)
+
+
+def _take(tree, idx):
+    return jax.tree.map(lambda x: x[idx], tree)
+
+
+class Cohort:
+    """Compiled programs advancing runs of one `FedPEAT` configuration, on one device or a mesh.
+
+    States travel as host (numpy) pytrees with a leading run axis and the PRNG key as key data,
+    so that runs can be packed into run chunks, stopped and checkpointed between calls.
+    """
+
+    def __init__(self, sim: FedPEAT, params, data: FedData, *, eval_data: Optional[tuple] = None, server_data: Optional[tuple] = None,
+                 mesh=None):
+        if sim.mesh is not None:
+            raise ValueError("a cohort splits its runs over devices: build its FedPEAT without a client mesh")
+        self.sim, self.mesh = sim, mesh
+        self.n_devices = 1 if mesh is None else int(mesh.size)
+        if eval_data is not None:
+            eval_data = (_as(eval_data[0], np.int32), _as(eval_data[1], np.float32))
+            if eval_data[0].shape[0] == 0:
+                raise ValueError("eval_data holds no held-out windows; pass eval_data=None to run without evaluation")
+        if server_data is not None:
+            server_data = (_as(server_data[0], np.int32), _as(server_data[1], np.float32))
+        shared = (params, FedData(*data), eval_data, server_data)
+        self.shared_bytes = _bytes(shared)
+        self.shared = place(shared, mesh)
+        self.sampling_rate = sim.fed.clients_per_round / int(data.tokens.shape[0])
+        shapes = jax.tree.map(lambda x: (tuple(np.shape(x)), str(x.dtype)), shared)
+        devices = None if mesh is None else tuple(d.id for d in mesh.devices.flat)
+        fed = sim.fed.replace(memory_budget_gb=None)  # the budget chooses programs, it does not change them
+        self._signature = (sim.model, sim.peft, fed, sim.n_clients, devices, str(jax.tree.structure(shared)), str(shapes))
+
+    # ----------------------------------------------------------------------------------------
+    # Programs
+    # ----------------------------------------------------------------------------------------
+    def _jit(self, fn, n_run_args: int, donate: tuple = ()):
+        """jit `fn` whose first `n_run_args` arguments carry the run axis (split over the mesh)
+        and whose other arguments are shared; outputs come back whole to every process."""
+        if self.mesh is None:
+            return jax.jit(fn, donate_argnums=donate)
+        runs, whole = NamedSharding(self.mesh, P(RUNS)), NamedSharding(self.mesh, P())
+        return jax.jit(fn, in_shardings=(runs,) * n_run_args + (whole,) * 4, out_shardings=whole, donate_argnums=donate)
+
+    def _put(self, tree):
+        """Host arrays with a leading run axis, as (global) arrays split over the mesh."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        runs = NamedSharding(self.mesh, P(RUNS))
+        return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), runs, lambda index: np.asarray(x)[index]), tree)
+
+    def _start(self, seed, hyper, params):
+        return self.sim.init(jax.random.key(seed), params, hyper)
+
+    def _init_program(self, seeds, hypers, params, data, eval_data, server_data):
+        state = jax.vmap(self._start, in_axes=(0, 0, None))(seeds, hypers, params)
+        return state._replace(key=jax.random.key_data(state.key))
+
+    def _zero_program(self, seeds, hypers, params, data, eval_data, server_data):
+        def one(seed, hyper):
+            return self.sim.eval_nll(self._start(seed, hyper, params), params, *eval_data)
+
+        return jax.vmap(one)(seeds, hypers)
+
+    def _chunk_program(self, n_rounds: int):
+        sim = self.sim
+
+        def one(state, hyper, params, data, eval_data, server_data):
+            state = state._replace(key=jax.random.wrap_key_data(state.key))
+            state, metrics = sim.run_rounds(state, params, data, n_rounds, hyper, server_data)
+            finite = _finite(state._replace(key=None, round=None))
+            nll = (jnp.zeros(()), jnp.zeros(())) if eval_data is None else sim.eval_nll(state, params, *eval_data)
+            return state._replace(key=jax.random.key_data(state.key)), metrics, nll, finite
+
+        return jax.vmap(one, in_axes=(0, 0, None, None, None, None))
+
+    def _abstract_runs(self, n: int):
+        seeds = jax.ShapeDtypeStruct((n,), jnp.int32)
+        hypers = Hyper(*(jax.ShapeDtypeStruct((n,), jnp.float32) for _ in Hyper._fields))
+        states = jax.eval_shape(self._init_program, seeds, hypers, *self.shared)
+        return seeds, hypers, states
+
+    def _program(self, key: tuple, fn, run_args: tuple, donate: tuple = ()):
+        """`fn(*run_args, *shared)` compiled for the abstract `run_args`, cached under `key` and
+        the cohort's configuration and shapes (so a resumed or repeated study does not compile again)."""
+        key = key + self._signature
+        if key not in _COMPILED:
+            _COMPILED[key] = self._jit(fn, len(run_args), donate).lower(*run_args, *self.shared).compile()
+            sharding.barrier(f"sweep compiled {key[:3]}")
+            while len(_COMPILED) > MAX_COMPILED:
+                _COMPILED.popitem(last=False)
+        _COMPILED.move_to_end(key)
+        return _COMPILED[key]
+
+    def compiled(self, n_rounds: int, run_chunk: int):
+        """The compiled program advancing `run_chunk` runs by `n_rounds` rounds (cached)."""
+        _, hypers, states = self._abstract_runs(run_chunk)
+        return self._program(("chunk", n_rounds, run_chunk), self._chunk_program(n_rounds), (states, hypers), donate=(0,))
+
+    def state_bytes(self, n_runs: int = 1) -> int:
+        """Bytes of `n_runs` runs' server states (what the host keeps between chunks)."""
+        return _bytes(self._abstract_runs(n_runs)[2])
+
+    # ----------------------------------------------------------------------------------------
+    # Memory
+    # ----------------------------------------------------------------------------------------
+    def fit(self, n_runs: int, n_rounds: int, run_chunk: Optional[int] = None) -> int:
+        """Runs per call whose compiled program fits `driver.memory_budget`: `run_chunk` if given
+        (else RunsTooBig), otherwise every run at once or, when that does not fit, the fewest equal
+        calls the memory analysis says fit (re-checked), a multiple of the devices."""
+        dev, budget = self.n_devices, driver.memory_budget(self.sim.fed)
+        want = dev * math.ceil((run_chunk or n_runs) / dev)
+        while True:
+            need = driver.round_memory(self.compiled(n_rounds, want))
+            if need <= budget:
+                return want
+            per_run = max((need - self.shared_bytes) / (want / dev), 1.0)
+            fits = dev * int(max(budget - self.shared_bytes, 0) / per_run)
+            if run_chunk is not None or want <= dev:
+                raise RunsTooBig(
+                    f"{want} runs at once need {driver._size(need)}, more than the memory budget of {driver._size(budget)} "
+                    f"(FedConfig.memory_budget_gb); about {fits} fit", want, need, budget, fits)
+            calls = math.ceil(n_runs / max(fits, dev))  # as few calls as fit, of equal size (little padding)
+            want = max(dev, min(want - dev, dev * math.ceil(n_runs / calls / dev)))
+
+    # ----------------------------------------------------------------------------------------
+    # Calls
+    # ----------------------------------------------------------------------------------------
+    def _run(self, program, run_args: tuple, run_chunk: int):
+        """`program` over the runs of `run_args` (host, leading run axis) `run_chunk` at a time,
+        the last chunk padded with copies of its last run; host outputs for the real runs."""
+        n = len(jax.tree.leaves(run_args)[0])
+        outs = []
+        for start in range(0, n, run_chunk):
+            idx = np.arange(start, min(start + run_chunk, n))
+            padded = np.concatenate([idx, np.full(run_chunk - len(idx), idx[-1])])
+            out = program(*self._put(_take(run_args, padded)), *self.shared)
+            outs.append(_take(driver._host(out), slice(0, len(idx))))
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+    def _chunk_for(self, n_runs: int, cap: int) -> int:
+        return min(cap, self.n_devices * math.ceil(n_runs / self.n_devices))
+
+    def init(self, seeds: np.ndarray, hypers: Hyper, run_chunk: int):
+        """Host states of runs starting from `seeds` with `hypers` (the key as key data)."""
+        run_chunk = self._chunk_for(len(seeds), run_chunk)
+        seeds_a, hypers_a, _ = self._abstract_runs(run_chunk)
+        program = self._program(("init", run_chunk), self._init_program, (seeds_a, hypers_a))
+        return self._run(program, (seeds, hypers), run_chunk)
+
+    def zero_shot(self, seeds: np.ndarray, hypers: Hyper, run_chunk: int) -> tuple:
+        """Held-out (nll, count) of the untrained state of each of `seeds`."""
+        run_chunk = self._chunk_for(len(seeds), run_chunk)
+        seeds_a, hypers_a, _ = self._abstract_runs(run_chunk)
+        program = self._program(("zero", run_chunk), self._zero_program, (seeds_a, hypers_a))
+        return self._run(program, (seeds, hypers), run_chunk)
+
+    def advance(self, states, hypers: Hyper, n_rounds: int, run_chunk: int) -> tuple:
+        """Run `n_rounds` rounds of every run in `states` (host, leading run axis); returns host
+        (states, metrics (runs, n_rounds), (nll, count), finite)."""
+        return self._run(self.compiled(n_rounds, run_chunk), (states, hypers), run_chunk)
+
+
+# --------------------------------------------------------------------------------------------
+# The host loop
+# --------------------------------------------------------------------------------------------
+class CohortResult(NamedTuple):
+    states: ServerState  # host arrays with a leading run axis (key as key data); a stopped run keeps its last finite state
+    histories: list  # per run: `driver.train`'s rows (plugin_ppl at chunk ends), up to the round a stopped run diverged
+    zero_shot: np.ndarray  # (runs,) plug-in perplexity before training (NaN without held-out windows)
+    diverged: dict  # run -> {"round": round it diverged at, "reason": text}
+    run_chunk: int  # runs per compiled call
+    done: bool  # every round ran (False after stop_after_chunks)
+    chunks_run: int  # chunks of rounds run by this call (a resumed cohort skips the ones done)
+
+
+def _chunks(rounds: int, per_chunk: int) -> list:
+    return [min(per_chunk, rounds - s) for s in range(0, rounds, per_chunk)]
+
+
+def fingerprint(sim: FedPEAT, seeds, hypers: Hyper, rounds: int) -> str:
+    """A digest of everything that determines a cohort's results (settings, seeds, hyperparameters, rounds)."""
+    return settings_fingerprint({"sim": driver.config_fingerprint(sim, 0), "seeds": np.asarray(seeds).tolist(),
+                                 "hypers": [np.asarray(h, np.float32).tolist() for h in hypers], "rounds": rounds})
+
+
+def _empty_record(states, n_runs: int, rounds: int, n_evals: int) -> dict:
+    nan = lambda *shape: np.full(shape, np.nan)  # noqa: E731
+    return {"states": states, "metrics": {name: nan(n_runs, rounds) for name in RoundMetrics._fields},
+            "eval_nll": nan(n_runs, n_evals), "eval_count": nan(n_runs, n_evals), "zero": nan(n_runs, 2),
+            "stopped": np.full(n_runs, -1, np.int32), "reason": np.zeros(n_runs, np.int32)}
+
+
+def _first_bad_round(metrics) -> np.ndarray:
+    """(runs, n) -> per run the index of its first round whose update, clients or loss are not
+    finite (n when none), and the reason code."""
+    norm, used, dropped, loss = (np.asarray(getattr(metrics, f), np.float64) for f in ("update_norm", "participants", "dropped", "loss"))
+    codes = np.zeros(norm.shape, np.int32)
+    codes = np.where((used > 0) & ~np.isfinite(loss), 3, codes)
+    codes = np.where((used == 0) & (dropped > 0), 2, codes)
+    codes = np.where(~np.isfinite(norm), 1, codes)
+    bad = codes > 0
+    first = np.where(bad.any(axis=1), bad.argmax(axis=1), norm.shape[1])
+    return first, codes[np.arange(len(first)), np.minimum(first, norm.shape[1] - 1)] * (first < norm.shape[1])
+
+
+def _update(record: dict, idx: np.ndarray, start: int, e: int, out: tuple) -> None:
+    """Fold one chunk's outputs for runs `idx` into the record; stop the runs that diverged."""
+    states, metrics, (nll, count), finite = out
+    n = np.asarray(metrics.loss).shape[1]
+    first, code = _first_bad_round(metrics)
+    code = np.where((first == n) & ~finite, 4, code)
+    code = np.where((code == 0) & (count > 0) & ~np.isfinite(nll), 5, code)
+    ok = code == 0
+    for name in RoundMetrics._fields:
+        values = np.asarray(getattr(metrics, name), np.float64)
+        kept = np.where(np.arange(n)[None, :] <= first[:, None], values, np.nan)  # a diverged run's rows stop at its bad round
+        record["metrics"][name][idx, start:start + n] = kept
+    shown = first == n  # the chunk's evaluation belongs to the history unless a round before it diverged
+    record["eval_nll"][idx[shown], e] = nll[shown]
+    record["eval_count"][idx[shown], e] = count[shown]
+    live = idx[ok]
+    record["states"] = jax.tree.map(lambda s, v: _assign(s, live, v[ok]), record["states"], states)
+    record["stopped"][idx[~ok]] = start + np.minimum(first[~ok], n - 1) + 1
+    record["reason"][idx[~ok]] = code[~ok]
+
+
+def _assign(store: np.ndarray, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
+    store = np.array(store)  # restored checkpoints may be read-only
+    store[idx] = values
+    return store
+
+
+def _histories(sim: FedPEAT, record: dict, hypers: Hyper, rounds: int, per_chunk: int, sampling_rate: float) -> list:
+    ends = np.cumsum(_chunks(rounds, per_chunk))
+    out = []
+    for r in range(len(hypers.client_lr)):
+        done = int(np.sum(~np.isnan(record["metrics"]["participants"][r])))  # rounds it ran (a stopped run: to its bad round)
+        metrics = RoundMetrics(*(record["metrics"][name][r, :done] for name in RoundMetrics._fields))
+        rows = driver.round_rows(sim, metrics, 0, float(hypers.dp_noise[r]), sampling_rate)
+        for e, end in enumerate(ends):
+            count = record["eval_count"][r, e]
+            if end <= done and np.isfinite(count) and count > 0:
+                rows[end - 1]["plugin_ppl"] = float(np.exp(record["eval_nll"][r, e] / max(count, 1.0)))
+        out.append(rows)
+    return out
+
+
+def run_cohort(cohort: Cohort, seeds, hypers: Hyper, *, rounds: Optional[int] = None, run_chunk: Optional[int] = None, ckpt_dir=None,
+               resume: bool = True, on_progress: Optional[Callable[[int, dict], None]] = None,
+               stop_after_chunks: Optional[int] = None) -> CohortResult:
+    """Train run i from `seeds[i]` with `Hyper(*(h[i] for h in hypers))` for `rounds` rounds
+    (default `FedConfig.rounds`), all runs together; see the module docstring.
+
+    run_chunk:  runs per compiled call (None: as many as fit the memory budget).
+    ckpt_dir:   checkpoint after every chunk of rounds; with `resume`, continue from the newest.
+    on_progress(run_rounds, info): called after every chunk of rounds with the run-rounds just done.
+    stop_after_chunks: stop early (simulates an interruption in tests).
+    """
+    sim = cohort.sim
+    rounds = sim.fed.rounds if rounds is None else int(rounds)
+    seeds = np.asarray(seeds, np.int32)
+    hypers = Hyper(*(np.asarray(h, np.float32) for h in hypers))
+    if seeds.ndim != 1 or any(h.shape != seeds.shape for h in hypers):
+        raise ValueError("seeds must be (runs,) and every Hyper field of that shape (one entry per run)")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    n_runs, chunks = len(seeds), _chunks(rounds, sim.fed.rounds_per_chunk)
+    run_chunk = cohort.fit(n_runs, chunks[0], run_chunk)
+    digest = fingerprint(sim, seeds, hypers, rounds)
+
+    per_chunk = sim.fed.rounds_per_chunk
+    manager = None if ckpt_dir is None else CheckpointManager(ckpt_dir, max_to_keep=2)
+    try:
+        template = _empty_record(cohort.init(seeds, hypers, run_chunk), n_runs, rounds, len(chunks))
+        record, start = restore_latest(manager, template, digest, fresh=not resume, hint="resume, or pick a new directory")
+        start = start or 0
+        if start == 0 and cohort.shared[2] is not None:
+            unique, first = np.unique(seeds, return_index=True)
+            zero = np.stack(cohort.zero_shot(unique, _take(hypers, first), run_chunk), axis=1).astype(np.float64)  # as checkpointed
+            record["zero"] = zero[np.searchsorted(unique, seeds)]
+
+        def advance(record, begin, n):
+            live = np.flatnonzero(record["stopped"] < 0)
+            if len(live):
+                out = cohort.advance(_take(record["states"], live), _take(hypers, live), n, run_chunk)
+                _update(record, live, begin, begin // per_chunk, out)
+            if on_progress is not None:
+                on_progress(len(live) * n, {"round": begin + n, "rounds": rounds, "live": int(np.sum(record["stopped"] < 0)), "runs": n_runs})
+            return record, [{"round": begin + n}]
+
+        record, done_rows = run_chunks(record, advance, start=start, total=rounds, chunk=per_chunk, desc="sweep rounds", step_key="round",
+                                       checkpoints=manager, checkpoint_meta=lambda end: {"fingerprint": digest, "round": end},
+                                       show_progress=False, stop_after_chunks=stop_after_chunks)
+    finally:
+        if manager is not None:
+            manager.close()
+    finished = (done_rows[-1]["round"] if done_rows else start) >= rounds
+    return _result(cohort, record, hypers, rounds, run_chunk, finished, len(done_rows))
+
+
+def _result(cohort: Cohort, record: dict, hypers: Hyper, rounds: int, run_chunk: int, done: bool, chunks_run: int) -> CohortResult:
+    sim = cohort.sim
+    zero = record["zero"]
+    zero_ppl = np.where(zero[:, 1] > 0, np.exp(zero[:, 0] / np.maximum(zero[:, 1], 1.0)), np.nan)
+    diverged = {int(r): {"round": int(record["stopped"][r]), "reason": REASONS[int(record["reason"][r])]}
+                for r in np.flatnonzero(record["stopped"] >= 0)}
+    histories = _histories(sim, record, hypers, rounds, sim.fed.rounds_per_chunk, cohort.sampling_rate)
+    return CohortResult(record["states"], histories, zero_ppl, diverged, run_chunk, done, chunks_run)
+
+
+__all__ = ["Cohort", "CohortResult", "REASONS", "RunsTooBig", "fingerprint", "place", "run_cohort", "run_mesh"]

@@ -1,0 +1,30 @@
+"""Hyperparameter studies (`fedpeat sweep`): a spec, samplers, one compiled call per structural
+group (`fed.sweep`), and the report.
+
+    from fedpeat_jax.sweep import run_spec
+    result = run_spec("study.yaml", ["base.fed.rounds=20"], out="runs/sweep/study")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run_spec(path, overrides=(), *, out=None, resume: bool = True, cache_dir=None, dry_run: bool = False, show_progress: bool = True,
+             log=print) -> dict:
+    """Load and check the spec at `path` (with `KEY=VALUE` overrides) and run its study in `out`
+    (default runs/sweep/<name>); prints where the report is."""
+    from fedpeat_jax.sweep import federated, report, spec as spec_lib
+
+    spec = spec_lib.load(path, overrides)
+    out = Path(out if out is not None else Path("runs") / "sweep" / spec.name)
+    result = federated.run(spec, out, resume=resume, cache_dir=cache_dir, show_progress=show_progress, log=log, dry_run=dry_run)
+    if result.get("files"):
+        layout = federated.layout(spec)
+        best = [f"  group {g['group']} ({g['label']}): {report.best_line(g, layout)}" for g in result["summary"]]
+        log("\n".join(["best settings (seed mean ± standard error):", *best]))
+        log(f"report: {result['files']['report']}")
+    return result
+
+
+__all__ = ["run_spec"]
