@@ -40,10 +40,10 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runnable as a plain script
 
-from benchmarks import common
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from fedpeat_jax.config import GPT2Config
 from fedpeat_jax.mec import FedPEATMEC, FedPEATTwin, NumpyFedPEAT, synthetic_table
 

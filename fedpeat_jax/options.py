@@ -21,8 +21,9 @@ import json
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
 
 def _scalar(kind) -> Callable:
     """Parse one command-line word as `kind` (int, float, bool or str)."""

@@ -21,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from fedpeat_jax.config import Config
 from fedpeat_jax.data.source import TextConfig
@@ -97,7 +98,7 @@ class QuickstartConfig(Config):
             raise ValueError(f"QuickstartConfig.calibrate_clients must be client counts >= 1, got {self.calibrate_clients}")
 
     @classmethod
-    def tiny(cls) -> "QuickstartConfig":
+    def tiny(cls) -> QuickstartConfig:
         return cls(preset="tiny", seq_len=32, rounds=4, clients_per_round=4, local_steps=2, offsite_steps=6, offsite_eval_windows=8,
                    calibrate_levels=(0, 2), calibrate_clients=(2, 4), calibrate_rounds=3, controller_steps=4096, controller_envs=8,
                    eval_episodes=4)
@@ -205,7 +206,8 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
         return {"rows": result["rows"], "pattern_holds": result["pattern_holds"]}
 
     def calibrate():
-        from fedpeat_jax.mec.calibrate import CalibrateConfig, calibrate as fit
+        from fedpeat_jax.mec.calibrate import CalibrateConfig
+        from fedpeat_jax.mec.calibrate import calibrate as fit
         from fedpeat_jax.tasks import plan_task
 
         fm = foundation()
@@ -265,8 +267,8 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
 def shipped_table_for(fm):
     """The shipped calibration table if it was fitted on exactly `fm` (its recorded fingerprint and
     weights sha256 are `fm`'s), else None."""
-    from fedpeat_jax.mec.calibration import CalibrationMissingError, default_table
     from fedpeat_jax.io.fingerprint import tree_digest
+    from fedpeat_jax.mec.calibration import CalibrationMissingError, default_table
 
     try:
         table = default_table()

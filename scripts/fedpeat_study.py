@@ -121,7 +121,7 @@ class StudyConfig:
     methods: tuple = METHODS
 
     @classmethod
-    def tiny(cls, **overrides) -> "StudyConfig":
+    def tiny(cls, **overrides) -> StudyConfig:
         base = dict(preset="tiny", seq_len=32, max_examples=8, eval_windows=16, rounds=2, clients_per_round=2, local_steps=2,
                     lora_rank=4, lora_alpha=8.0, k=1, eval_every=1, eval_batch=8, local_eval_clients=2)
         return cls(**{**base, **overrides})
@@ -483,7 +483,7 @@ def to_markdown(res: dict) -> str:
         "step peak MiB | GFLOP per client-round | round s | MEC latency s (first round) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, m in mth.items():
+    for _key, m in mth.items():
         ppl = f"{m['final_ppl']:.2f}" + (f" ± {m['final_ppl_std']:.2f}" if m.get("final_ppl_std") is not None else "")
         lines.append(
             f"| {m['label']} | {m['trainable_params']:,} | {ppl} | {_mib(m['bytes_up_per_device_per_round'])} / "

@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
 
     metrics = jax.device_get(metrics)
     evals, evals_sampled = [], []
-    for r, (point, _) in enumerate(runs):
+    for r in range(len(runs)):
         state = jax.tree.map(lambda x: x[r], states)
         kw = dict(env=env, env_params=state.hparams.env_params, episodes=args.eval_episodes, rng=args.eval_seed)
         evals.append(B.evaluate(B.sabppo_policy(trainer, state), **kw))
@@ -171,7 +171,7 @@ def main(argv=None) -> dict:
 
     configs = []
     ret = np.asarray(metrics["episode_return"], dtype=np.float64)  # (runs, updates)
-    for i, point in enumerate(points):
+    for _i, point in enumerate(points):
         idx = [r for r, (p, _) in enumerate(runs) if p is point]
         er = np.array([evals[r]["return_mean"] for r in idx])
         tail = max(1, cfg.num_updates // 10)

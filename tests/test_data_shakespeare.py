@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from fedpeat_jax.data import shakespeare as shk
-from fedpeat_jax.data.partition import DEFAULT_HELDOUT_PLAYS
 from fedpeat_jax.data.corpus import Corpus, Speech, corpus_stats, format_stats
+from fedpeat_jax.data.partition import DEFAULT_HELDOUT_PLAYS
 from fedpeat_jax.data.shakespeare import (
     CorpusUnavailableError,
     canonical_roles,

@@ -11,8 +11,8 @@ import pytest
 
 from fedpeat_jax import cli
 from fedpeat_jax.config import GPT2Config
-from fedpeat_jax.mec.calibration import default_table
 from fedpeat_jax.io.fingerprint import tree_digest
+from fedpeat_jax.mec.calibration import default_table
 from fedpeat_jax.model import gpt2, hf
 from fedpeat_jax.peat import foundation
 from fedpeat_jax.peat.foundation import PRETRAIN_PRESETS, FoundationFilesError, load_foundation

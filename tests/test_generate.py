@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_reference import CONFIGS, random_hf_model
 
 from fedpeat_jax import peft
 from fedpeat_jax.config import PeftConfig
 from fedpeat_jax.model import generate as gen
 from fedpeat_jax.model import gpt2, hf
-from hf_reference import CONFIGS, random_hf_model
 
 SHAPE = CONFIGS["odd_heads"]
 T, N = 9, 12  # prompt length, new tokens; every test uses 3 prompts, so most calls share one compile

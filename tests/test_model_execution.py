@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_reference import CONFIGS, batch, hf_logits, random_hf_model
 
 from fedpeat_jax import peft
 from fedpeat_jax.config import GPT2Config, PeftConfig
 from fedpeat_jax.model import gpt2, hf
-from hf_reference import CONFIGS, batch, hf_logits, random_hf_model
 
 SHAPE = CONFIGS["odd_heads"]
 

@@ -5,9 +5,9 @@ import functools
 import jax
 import numpy as np
 import pytest
+from hf_reference import CONFIGS, batch, hf_logits, random_hf_model
 
 from fedpeat_jax.model import gpt2, hf
-from hf_reference import CONFIGS, batch, hf_logits, random_hf_model
 
 
 @functools.partial(jax.jit, static_argnames="config")

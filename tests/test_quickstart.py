@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-
 ENV = {**os.environ, "FEDPEAT_NO_PROGRESS": "1"}
 
 

@@ -14,7 +14,8 @@ import yaml
 from fedpeat_jax import cli
 from fedpeat_jax.config import GPT2Config
 from fedpeat_jax.fed import sweep as engine
-from fedpeat_jax.sweep import federated, search, spec as spec_lib
+from fedpeat_jax.sweep import federated, search
+from fedpeat_jax.sweep import spec as spec_lib
 
 WORDS = ("river mill stone meadow lantern harbour orchard winter letter garden candle bridge shepherd "
          "quiet bright slowly under across towards whispered carried remembered gathered").split()

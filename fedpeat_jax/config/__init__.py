@@ -23,7 +23,15 @@ from fedpeat_jax.config.fed import (
     FedConfig,
     adapter_layers,
 )
-from fedpeat_jax.config.model import ATTENTION_IMPLS, DTYPES, GPT2_PRESETS, LORA_TARGETS, PEFT_KINDS, GPT2Config, PeftConfig
+from fedpeat_jax.config.model import (
+    ATTENTION_IMPLS,
+    DTYPES,
+    GPT2_PRESETS,
+    LORA_TARGETS,
+    PEFT_KINDS,
+    GPT2Config,
+    PeftConfig,
+)
 
 __all__ = [
     "AGGREGATIONS", "ALGORITHMS", "ATTENTION_IMPLS", "CLIENT_OPTIMIZERS", "Config", "DTYPES", "FedConfig", "GPT2Config",

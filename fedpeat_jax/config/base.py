@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def require(ok: bool, message: str) -> None:
     """Raise ValueError(message) unless `ok`: the one way configs state their range checks."""
     if not ok:
@@ -105,7 +106,7 @@ def _coerce(value, hint):
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
@@ -167,7 +168,7 @@ def docstring_entries(doc: str) -> dict:
     return entries
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_sources(cls) -> dict:
     """{field: {"doc", "default_src", "annotation", "section"}} of a dataclass, from its source.
 

@@ -8,7 +8,6 @@ from typing import Optional
 from fedpeat_jax.config.base import Config, require
 from fedpeat_jax.config.model import GPT2Config
 
-
 CLIENT_OPTIMIZERS = ("sgd", "adam")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 ALGORITHMS = ("fedavg", "fedprox", "scaffold", "local")

@@ -90,7 +90,7 @@ class GPT2Config(Config):
         return self.embedding_param_count() + self.n_layer * self.block_param_count() + 2 * self.n_embd
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "GPT2Config":
+    def preset(cls, name: str, **overrides) -> GPT2Config:
         if name not in GPT2_PRESETS:
             raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(GPT2_PRESETS)}")
         return dataclasses.replace(GPT2_PRESETS[name], **overrides)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 SPELLINGS = ("modern", "folio", "custom")
 
@@ -64,7 +65,7 @@ class Corpus:
             out.setdefault(s.client, []).append(s.text)
         return out
 
-    def select(self, plays: Optional[Iterable[str]] = None, exclude: Iterable[str] = ()) -> "Corpus":
+    def select(self, plays: Optional[Iterable[str]] = None, exclude: Iterable[str] = ()) -> Corpus:
         """The speeches of `plays` (all when None) minus those of `exclude`.
 
         Unknown play names are an error: a typo in a held-out list would otherwise silently leak

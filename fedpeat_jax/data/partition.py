@@ -15,8 +15,9 @@ targets `tokens[..., 1:]` and target weights `mask[..., 1:]`.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from flax import struct

@@ -26,8 +26,9 @@ import sys
 import tarfile
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 from fedpeat_jax.data.corpus import Corpus, Speech
 

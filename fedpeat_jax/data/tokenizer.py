@@ -6,8 +6,9 @@ which both the tokenizers trained here and real GPT-2's satisfy (as `PreTrainedT
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 EOS_TOKEN = "<|endoftext|>"  # GPT-2's only special token: end of text, and here also bos and pad
 

@@ -23,8 +23,8 @@ learning?" (norm bounding).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,8 @@ are masked out of the loss.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ class Hyper(NamedTuple):
     dp_noise: jax.Array
 
     @classmethod
-    def from_config(cls, fed: FedConfig) -> "Hyper":
+    def from_config(cls, fed: FedConfig) -> Hyper:
         f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
         return cls(f(fed.client_lr), f(fed.server_lr), f(fed.prox_mu), f(fed.dp_noise))
 

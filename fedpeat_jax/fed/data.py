@@ -22,7 +22,7 @@ class FedData(NamedTuple):
     levels: jax.Array  # (C,) int32, index into FedConfig.emulator_levels of the emulator each holds
 
     @classmethod
-    def from_arrays(cls, tokens, mask, counts, levels=None) -> "FedData":
+    def from_arrays(cls, tokens, mask, counts, levels=None) -> FedData:
         tokens = jnp.asarray(tokens, jnp.int32)
         if tokens.ndim != 3:
             raise ValueError(f"client tokens must be (clients, examples, seq_len), got shape {tokens.shape}")

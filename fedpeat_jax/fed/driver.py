@@ -29,8 +29,8 @@ import numpy as np
 from fedpeat_jax.fed import privacy, sharding
 from fedpeat_jax.fed.client import Hyper
 from fedpeat_jax.fed.simulation import FedData, FedPEAT, ServerState
-from fedpeat_jax.io.fingerprint import fingerprint
 from fedpeat_jax.io.checkpoint import CheckpointManager
+from fedpeat_jax.io.fingerprint import fingerprint
 from fedpeat_jax.io.logging import RunLogger
 from fedpeat_jax.io.loop import restore_latest, run_chunks
 from fedpeat_jax.model import gpt2

@@ -22,7 +22,8 @@ from fedpeat_jax import peft as peft_lib
 from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig
 from fedpeat_jax.fed.client import batch_loss
 from fedpeat_jax.model import gpt2
-from fedpeat_jax.peat.emulator import EmulatorSpec, build as build_emulator
+from fedpeat_jax.peat.emulator import EmulatorSpec
+from fedpeat_jax.peat.emulator import build as build_emulator
 
 
 class Learner:

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedpeat_jax.fed.aggregate import (
-    expand_weights,
     clip_by_client_norm,
+    expand_weights,
     finite_clients,
     num_clients,
 )

@@ -10,7 +10,8 @@ FedAvgM is Hsu et al. 2019.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp

@@ -114,7 +114,7 @@ class FedPEAT:
         self.n_clients = n_clients
         self.mesh = mesh  # a `sharding.client_mesh()` to split each chunk's clients over devices
 
-    def replace(self, **fed_changes) -> "FedPEAT":
+    def replace(self, **fed_changes) -> FedPEAT:
         """The same simulation with some FedConfig fields changed."""
         return FedPEAT(self.model, self.peft, self.fed.replace(**fed_changes), self.n_clients, self.mesh)
 

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fedpeat_jax.fed import driver, sharding
 from fedpeat_jax.fed.client import Hyper
@@ -70,7 +72,7 @@ def place(tree, mesh=None):
 
 # Compiled programs by everything they depend on (configuration, shapes, devices, runs, rounds):
 # the weights and data are arguments, so cohorts of the same configuration share them.
-_COMPILED: "collections.OrderedDict" = collections.OrderedDict()
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
 MAX_COMPILED = 32
 
 

@@ -301,7 +301,7 @@ class CheckpointManager:
     def close(self) -> None:
         self._finalizer()  # closes orbax's manager once
 
-    def __enter__(self) -> "CheckpointManager":
+    def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, *exc) -> None:

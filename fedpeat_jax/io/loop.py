@@ -16,7 +16,8 @@ scalars per logged step, each holding its step under `step_key`.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from fedpeat_jax.io.logging import progress
 

@@ -49,7 +49,7 @@ def machine_info() -> dict:
     except AttributeError:
         usable = os.cpu_count()
     return {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_model": _cpu_model(),

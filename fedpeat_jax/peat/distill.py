@@ -30,8 +30,8 @@ import numpy as np
 from fedpeat_jax import data as data_lib
 from fedpeat_jax.config import Config, GPT2Config
 from fedpeat_jax.data.source import TextConfig
-from fedpeat_jax.io.fingerprint import fingerprint
 from fedpeat_jax.io.checkpoint import CheckpointManager
+from fedpeat_jax.io.fingerprint import fingerprint
 from fedpeat_jax.io.logging import RunLogger
 from fedpeat_jax.io.machine import machine_info
 from fedpeat_jax.model import gpt2, hf

@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import jax
-import numpy as np
 
 from fedpeat_jax import data as data_lib
 from fedpeat_jax.config import Config, GPT2Config
 from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.io.checkpoint import CheckpointManager
-from fedpeat_jax.io.fingerprint import fingerprint as fingerprint_of, tree_digest
+from fedpeat_jax.io.fingerprint import fingerprint as fingerprint_of
+from fedpeat_jax.io.fingerprint import tree_digest
 from fedpeat_jax.io.logging import RunLogger
 from fedpeat_jax.io.machine import machine_info
 from fedpeat_jax.model import gpt2, hf
@@ -106,7 +106,7 @@ class PretrainConfig(Config):
         self.train_config()  # validates steps, batch, lr, warmup...
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig.of("PretrainConfig", 
+        return TrainConfig.of("PretrainConfig",
             steps=self.steps, batch=self.batch, lr=self.lr, warmup=self.warmup, final_lr_ratio=self.final_lr_ratio,
             weight_decay=self.weight_decay, chunk=self.chunk, seed=self.seed,
         )

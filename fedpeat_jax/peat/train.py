@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,7 @@ class TrainConfig(Config):
             raise ValueError("TrainConfig.weight_decay and TrainConfig.clip must be >= 0")
 
     @classmethod
-    def of(cls, owner: str, **fields) -> "TrainConfig":
+    def of(cls, owner: str, **fields) -> TrainConfig:
         """The TrainConfig that config class `owner` (PretrainConfig, ...) builds from its own fields of the same
         names; its errors name `owner`'s fields, so that the command line maps them to the owner's options."""
         try:

@@ -14,7 +14,8 @@ def run_spec(path, overrides=(), *, out=None, resume: bool = True, cache_dir=Non
              log=print) -> dict:
     """Load and check the spec at `path` (with `KEY=VALUE` overrides) and run its study in `out`
     (default runs/sweep/<name>); prints where the report is."""
-    from fedpeat_jax.sweep import federated, report, spec as spec_lib
+    from fedpeat_jax.sweep import federated, report
+    from fedpeat_jax.sweep import spec as spec_lib
 
     spec = spec_lib.load(path, overrides)
     out = Path(out if out is not None else Path("runs") / "sweep" / spec.name)

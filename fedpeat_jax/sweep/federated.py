@@ -23,8 +23,9 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -188,7 +189,8 @@ def run(spec: Spec, out, *, resume: bool = True, cache_dir=None, show_progress: 
     """Run (or resume) the study of `spec` in `out`; returns {"done", "records", "rows", "summary", "files", "timing"}."""
     import jax
 
-    from fedpeat_jax.fed import sharding, sweep as engine
+    from fedpeat_jax.fed import sharding
+    from fedpeat_jax.fed import sweep as engine
     from fedpeat_jax.fed.simulation import FedPEAT
     from fedpeat_jax.io.logging import progress
     from fedpeat_jax.tune import load_task, set_aside

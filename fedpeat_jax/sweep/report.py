@@ -215,7 +215,7 @@ def plot_best_curves(rows: list, layout: Layout, path: Path) -> Optional[Path]:
         curves = {}
         for r in mine:
             curves.setdefault(r["seed"], []).append((r[layout.step], r[layout.objective]))
-        for seed, pts in curves.items():
+        for _seed, pts in curves.items():
             pts.sort()
             ax.plot(*zip(*pts), color=f"C{i % 10}", lw=0.7, alpha=0.35)
         steps = sorted({s for pts in curves.values() for s, _ in pts})
