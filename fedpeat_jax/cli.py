@@ -310,7 +310,7 @@ def cmd_calibrate(argv):
     from fedpeat_jax.mec.calibrate import CalibrateConfig, calibrate
     from fedpeat_jax.mec.calibration import DEFAULT_TABLE_PATH
 
-    parser = argparse.ArgumentParser(prog="fedpeat calibrate", description="Run FedPEAT for every emulator size and participation level, fit ppl_inf(k) and eta(k), write the table the environment loads.")
+    parser = argparse.ArgumentParser(prog="fedpeat calibrate", description="Run FedPEAT device rounds for every emulator size and participation level and server-only rounds for every server data domain, fit the two-source response, write the table the environment loads.")
     parser.add_argument("--config", default=None, help="JSON file with a 'calibrate' section")
     parser.add_argument("--preset", default="default", help="foundation model preset (ignored with --model-dir)")
     parser.add_argument("--model-dir", default=None, help="a local Hugging Face GPT-2 directory")
@@ -320,18 +320,20 @@ def cmd_calibrate(argv):
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     cfg = build_configs(args, table, groups)["calibrate"]
-    model = model_config(args.preset, args.model_dir)
-    bad = [k for k in cfg.levels if k > model.n_layer - 4]
-    if bad:
-        raise ValueError(f"CalibrateConfig.levels {bad} larger than the model's middle ({model.n_layer - 4} blocks)")
+    cfg.check_model(model_config(args.preset, args.model_dir))
     params, model, tokenizer = load_model(args.preset, args.model_dir, args.cache_dir)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     source = "fedpeat calibrate " + " ".join(argv)
     result = calibrate(cfg, params, model, tokenizer, model_name=args.model_dir or args.preset, cache_dir=args.cache_dir, out=out, source=source.strip())
     print(f"calibration table: {out}")
+    fit = result.meta["fit"]
     for k, p, e in zip(result.k, result.ppl_inf, result.eta):
-        print(f"  k={k}: ppl_inf={p:.2f} eta={e:.3f} (max rel. error {result.meta['fit'][str(k)]['max_rel_error']:.3f})")
+        print(f"  devices k={k}: ppl_inf={p:.2f} eta={e:.3f} (max rel. error {fit['levels'][str(k)]['max_rel_error']:.3f})")
+    for domain, resp in result.server.items():
+        print(f"  server {domain}: ppl_inf={resp.ppl_inf:.2f} eta={resp.eta:.3f} (max rel. error {fit['server'][domain]['max_rel_error']:.3f})")
+    if "mixed" in result.meta:
+        print(f"  server + devices (not fitted): max rel. error of the prediction {result.meta['mixed']['max_rel_error']:.3f}")
 
 
 @subcommand("distill", "distill an emulator's middle blocks from the full middle (LM + 30 x KD)")

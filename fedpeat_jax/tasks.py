@@ -2,8 +2,11 @@
 
 The foundation model is pretrained on modern spelling; the federated clients tune it on the
 First Folio's original spelling, a natural domain shift. Whole held-out plays measure plug-in
-perplexity; the roles too small to be clients (fewer than `min_speeches` speeches) are the
-server's own data when it takes part. A folder of the user's own text files works the same way.
+perplexity. The server's own data (used when it takes part) is either the devices' own domain
+(`server_domain="target"`: the roles too small to be clients, or a sample of the clients' text)
+or public text of another domain (`"modern"`: the modern-spelling text of the training plays,
+which the MEC environment's calibration and live mode give the server). A folder of the user's
+own text files works the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from fedpeat_jax import data as data_lib
 from fedpeat_jax.fed.simulation import FedData
 
 PARTITIONS = ("natural", "iid", "dirichlet")
+SERVER_DOMAINS = ("modern", "target")  # the server's own data: public modern-spelling text, or the devices' domain
 
 
 @dataclass(frozen=True)
@@ -35,11 +39,15 @@ class TaskConfig:
     max_examples: Optional[int] = 32  # windows kept per client (bounds the padded client axis)
     max_clients: Optional[int] = None  # keep only the largest clients
     max_eval_windows: Optional[int] = 256
+    server_domain: str = "target"  # one of SERVER_DOMAINS (the MEC environment's calibration and live mode use "modern")
+    server_windows: Optional[int] = None  # windows of server data kept (None: max_eval_windows)
     seed: int = 0
 
     def __post_init__(self):
         if self.partition not in PARTITIONS:
             raise ValueError(f"TaskConfig.partition must be one of {PARTITIONS}, got {self.partition!r}")
+        if self.server_domain not in SERVER_DOMAINS:
+            raise ValueError(f"TaskConfig.server_domain must be one of {SERVER_DOMAINS}, got {self.server_domain!r}")
         if self.spelling not in ("folio", "modern"):
             raise ValueError(f"TaskConfig.spelling must be 'folio' or 'modern', got {self.spelling!r}")
         for name in ("n_clients", "seq_len", "min_speeches"):
@@ -51,7 +59,7 @@ class TaskConfig:
             raise ValueError(f"TaskConfig.test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.dirichlet_alpha <= 0:
             raise ValueError(f"TaskConfig.dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
-        for name in ("max_examples", "max_clients", "max_eval_windows"):
+        for name in ("max_examples", "max_clients", "max_eval_windows", "server_windows"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"TaskConfig.{name} must be None or >= 1, got {value}")
@@ -83,6 +91,12 @@ def _load_corpus(cfg: TaskConfig, cache_dir=None):
     return data_lib.load_text_folder(cfg.corpus)
 
 
+def _modern_server_texts(cache_dir=None) -> list:
+    """Public text of another domain for the server: the modern-spelling speeches of the training
+    plays (the foundation model's own pretraining text; the held-out plays stay out)."""
+    return data_lib.pretraining_texts(data_lib.load_shakespeare("modern", cache_dir=cache_dir))
+
+
 def build_task(cfg: TaskConfig, tokenizer, cache_dir=None) -> Task:
     corpus = _load_corpus(cfg, cache_dir)
     train_corpus, held_corpus = data_lib.split_heldout(corpus)
@@ -107,14 +121,16 @@ def build_task(cfg: TaskConfig, tokenizer, cache_dir=None) -> Task:
     fed_data = FedData.from_arrays(client_data.tokens, client_data.mask, client_data.counts)
     test_texts = [t for ex in test.examples for t in ex]
     held_texts = [s.text for s in held_corpus.speeches] or test_texts  # a user's corpus may have no held-out plays
-    if not server_texts:  # no natural leftovers: the server holds a sample of the clients' text
+    if cfg.server_domain == "modern":
+        server_texts = _modern_server_texts(cache_dir)
+    elif not server_texts:  # no natural leftovers: the server holds a sample of the clients' text
         server_texts = [t for ex in train.examples[:: max(1, len(train) // 20)] for t in ex]
     return Task(
         train=fed_data,
         names=client_data.names,
         client_test=_windows(test_texts, tokenizer, cfg.seq_len, cfg.max_eval_windows, cfg.seed),
         heldout=_windows(held_texts, tokenizer, cfg.seq_len, cfg.max_eval_windows, cfg.seed),
-        server=_windows(server_texts, tokenizer, cfg.seq_len, cfg.max_eval_windows, cfg.seed),
+        server=_windows(server_texts, tokenizer, cfg.seq_len, cfg.server_windows or cfg.max_eval_windows, cfg.seed),
         n_tokens=int(np.asarray(client_data.mask).sum()),
     )
 

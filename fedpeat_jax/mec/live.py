@@ -4,9 +4,10 @@
 radio, latency, memory and reward) in which device n is a real federated client (one (play,
 role) of the Folio-spelling task) and the perplexity comes from the model, not from the
 calibrated response curve: each step runs one :meth:`FedPEAT.round` in which exactly the devices
-that took part within their memory train LoRA on the emulator level the action gave them, the
-server tunes on its own data with the full model when the action says so, the updates are
-aggregated, and the reward uses the measured held-out plug-in perplexity. The federated server
+that took part within their memory and the round's deadline train LoRA on the emulator level the
+action gave them, the server tunes on its own data (public modern-spelling text by default: another
+domain than the devices') with the full model when the action says so and it meets the deadline,
+the updates are aggregated, and the reward uses the measured held-out plug-in perplexity. The federated server
 state lives in ``state.learner`` and is reset with the episode.
 
 Cost: each level's devices run vmapped on that level's shared emulator, with N client slots per
@@ -31,7 +32,8 @@ import numpy as np
 from fedpeat_jax.config import FedConfig, PeftConfig
 from fedpeat_jax.fed.client import Hyper
 from fedpeat_jax.fed.simulation import FedData, FedPEAT
-from fedpeat_jax.mec.env import EnvParams, FedPEATMEC, RoundOutcome, make_params
+from fedpeat_jax.mec.env import FedPEATMEC, RoundOutcome
+from fedpeat_jax.mec.params import EnvParams, make_params
 
 
 @dataclass(frozen=True)
@@ -48,13 +50,15 @@ class LiveConfig:
     seq_len: int = 64
     max_examples: int = 16  # windows per client
     eval_windows: int = 32  # held-out windows behind each step's perplexity
-    server: bool = True  # the server holds the task's server data and may take part
+    server: bool = True  # the server holds its own data and may take part
+    server_domain: str = "modern"  # its data: "modern" (public modern-spelling text) or "target" (the devices' domain)
+    server_windows: int = 32  # windows of server data (as in `fedpeat calibrate`)
     seed: int = 0
 
     def __post_init__(self):
         if self.emulator_k is not None:
             object.__setattr__(self, "emulator_k", tuple(int(k) for k in self.emulator_k))
-        for name in ("n_devices", "local_steps", "local_batch", "lora_rank", "max_examples", "eval_windows"):
+        for name in ("n_devices", "local_steps", "local_batch", "lora_rank", "max_examples", "eval_windows", "server_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LiveConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
@@ -74,13 +78,13 @@ class LiveFedPEATMEC(FedPEATMEC):
     data:        FedData with exactly N clients; device n trains on client n - 1
     heldout:     (tokens, mask) windows of the plug-in perplexity
     server_data: (tokens, mask) of the server's own tuning (needs ``server_participation``)
-    The measured zero-shot plug-in perplexity becomes ``params.ppl0`` (every episode starts there).
+    The measured zero-shot plug-in perplexity becomes ``params.ppl0`` (every episode starts there)
+    and ``ppl_ref`` (the perplexity term of the reward is 1 there).
     """
 
     native_batch = False  # one federated state per environment: batch with jax.vmap
 
-    def __init__(self, sim: FedPEAT, data: FedData, heldout, params: EnvParams, *, server_data=None, seed: int = 0,
-                 final_observation: bool = False):
+    def __init__(self, sim: FedPEAT, data: FedData, heldout, params: EnvParams, *, server_data=None, seed: int = 0):
         n, ks = params.n_devices, tuple(int(k) for k in np.asarray(params.level_k))
         if int(data.tokens.shape[0]) != n:
             raise ValueError(f"live mode needs one client per device: data has {data.tokens.shape[0]} clients, params.n_devices = {n}")
@@ -101,7 +105,7 @@ class LiveFedPEATMEC(FedPEATMEC):
         self.fresh_learner = sim.init(jax.random.key(seed))
         self.client_examples = jnp.asarray(data.counts, jnp.float32)
         ppl0 = float(jax.jit(self.plugin_perplexity)(self.fresh_learner))
-        super().__init__(params.replace(ppl0=ppl0), final_observation=final_observation)
+        super().__init__(params.replace(ppl0=ppl0, ppl_ref=ppl0))
         self._step_vmappable = self._step_native  # plain vmap semantics: the round is not laid out for trailing batch axes
 
     def reset_batch(self, key, num_envs: int, params=None):
@@ -114,9 +118,9 @@ class LiveFedPEATMEC(FedPEATMEC):
         nll, count = self.sim.eval_nll(learner, *self.heldout)
         return jnp.exp(nll / count).astype(jnp.float32)
 
-    def _fresh_devices(self, u, params):
+    def _fresh_state(self, u, params):
         # Devices hold their real clients' data; the federated state starts from the foundation model.
-        fresh = super()._fresh_devices(u, params)
+        fresh = super()._fresh_state(u, params)
         return fresh.replace(data=self.client_examples, learner=self.fresh_learner)
 
     def learn(self, state, params, outcome: RoundOutcome):
@@ -136,7 +140,7 @@ class LiveFedPEATMEC(FedPEATMEC):
 
 
 def make_live_env(foundation=None, config: LiveConfig = LiveConfig(), *, calibration=None, cache_dir=None,
-                  final_observation: bool = False, **env_overrides) -> LiveFedPEATMEC:
+                  **env_overrides) -> LiveFedPEATMEC:
     """A live environment on ``foundation`` (default: the cached default model) and the Folio task.
 
     The env's workload (local steps, batch, sequence length) is the real one, so its latency and
@@ -152,17 +156,18 @@ def make_live_env(foundation=None, config: LiveConfig = LiveConfig(), *, calibra
     model = fnd.config.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     if cfg.seq_len > model.n_positions:
         raise ValueError(f"LiveConfig.seq_len ({cfg.seq_len}) exceeds the model's n_positions ({model.n_positions})")
-    task = build_task(TaskConfig(seq_len=cfg.seq_len, max_examples=cfg.max_examples, max_eval_windows=cfg.eval_windows, seed=cfg.seed),
-                      fnd.tokenizer, cache_dir=cache_dir)
+    task_cfg = TaskConfig(seq_len=cfg.seq_len, max_examples=cfg.max_examples, max_eval_windows=cfg.eval_windows,
+                          server_domain=cfg.server_domain, server_windows=cfg.server_windows, seed=cfg.seed)
+    task = build_task(task_cfg, fnd.tokenizer, cache_dir=cache_dir)
     task = device_population(task, cfg.n_devices, cfg.seed)  # the clients `fedpeat calibrate` measures
     data = task.train
     counts = np.asarray(data.counts, np.float64)
     server_data = task.server if cfg.server else None
     env_params = make_params(
-        model, calibration, peft=cfg.peft(), n_devices=cfg.n_devices, emulator_k=cfg.emulator_k,
+        model, calibration, peft=cfg.peft(), n_devices=cfg.n_devices, emulator_k=cfg.emulator_k, server_domain=cfg.server_domain,
         **{"local_steps": float(cfg.local_steps), "batch_size": float(cfg.local_batch), "seq_len": float(cfg.seq_len),
            "data_min": float(counts.min()), "data_max": float(counts.max()),
-           "server_data": float(len(task.server[0])) if cfg.server else 0.0, "server_enabled": 1.0 if cfg.server else 0.0,
+           "server_data": float(len(task.server[0])), "server_enabled": 1.0 if cfg.server else 0.0,
            **env_overrides},
     )
     ks = tuple(int(k) for k in np.asarray(env_params.level_k))
@@ -170,8 +175,7 @@ def make_live_env(foundation=None, config: LiveConfig = LiveConfig(), *, calibra
                     local_steps=cfg.local_steps, local_batch=cfg.local_batch, client_lr=cfg.client_lr,
                     server_participation=cfg.server, log_lora_gap=False, seed=cfg.seed)
     sim = FedPEAT(fnd.params, model, cfg.peft(), fed)
-    return LiveFedPEATMEC(sim, data, task.heldout, env_params, server_data=server_data, seed=cfg.seed,
-                          final_observation=final_observation)
+    return LiveFedPEATMEC(sim, data, task.heldout, env_params, server_data=server_data, seed=cfg.seed)
 
 
 __all__ = ["LiveConfig", "LiveFedPEATMEC", "make_live_env"]
