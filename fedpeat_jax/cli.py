@@ -193,11 +193,11 @@ def cmd_data(argv):
             print(data_lib.format_stats(corpus))
 
 
-@subcommand("pretrain", "pretrain (or reuse) the project's foundation model")
+@subcommand("pretrain", "pretrain the project's foundation model here (or reuse the cached one)")
 def cmd_pretrain(argv):
     from fedpeat_jax.peat import foundation
 
-    parser = argparse.ArgumentParser(prog="fedpeat pretrain", description="Pretrain a small GPT-2 on the modern-spelling plays (held-out plays excluded); cached for reuse.")
+    parser = argparse.ArgumentParser(prog="fedpeat pretrain", description="Pretrain a small GPT-2 on the modern-spelling plays (held-out plays excluded); cached for reuse. Other commands use the model shipped with the package unless given this one with --model-dir.")
     parser.add_argument("--preset", default="default", choices=sorted(foundation.PRETRAIN_PRESETS))
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--config", default=None, help="JSON file with a 'pretrain' section")
@@ -207,7 +207,7 @@ def cmd_pretrain(argv):
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     configs = build_configs(args, table, groups)
-    result = foundation.load_foundation(args.preset, cache_dir=args.cache_dir, pretrain_config=configs["pretrain"])
+    result = foundation.load_foundation(args.preset, cache_dir=args.cache_dir, pretrain_config=configs["pretrain"], shipped=False)
     info = result.info
     print(f"foundation model: {result.path}")
     for key in ("heldout_ppl", "train_seconds", "train_tokens_per_s"):
@@ -325,7 +325,11 @@ def cmd_calibrate(argv):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     source = "fedpeat calibrate " + " ".join(argv)
-    result = calibrate(cfg, params, model, tokenizer, model_name=args.model_dir or args.preset, cache_dir=args.cache_dir, out=out, source=source.strip())
+    from fedpeat_jax.peat import foundation
+
+    fingerprint = None if args.model_dir else foundation.fingerprint(*foundation.resolve_settings(args.preset))
+    result = calibrate(cfg, params, model, tokenizer, model_name=args.model_dir or args.preset, cache_dir=args.cache_dir, out=out,
+                       source=source.strip(), model_fingerprint=fingerprint)
     print(f"calibration table: {out}")
     fit = result.meta["fit"]
     for k, p, e in zip(result.k, result.ppl_inf, result.eta):

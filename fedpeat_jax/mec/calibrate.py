@@ -233,9 +233,12 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
               model_fingerprint: Optional[str] = None) -> CalibrationTable:
     """Run every device, server-only and mixed FedPEAT run, fit the table, write it to `out`.
 
-    ``model_fingerprint`` (the foundation model's, when it is one) is recorded in the table's meta.
+    The table's meta records which model it belongs to: ``model_fingerprint`` (the foundation
+    model's settings, when it is one) and the sha256 of the exact weights
+    (``peat.foundation.params_digest``).
     """
     from fedpeat_jax.io.logging import progress
+    from fedpeat_jax.peat.foundation import params_digest
     from fedpeat_jax.tasks import TaskConfig, build_task, device_population
 
     model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
@@ -290,6 +293,7 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
     curves = {str(k): [{"ppl": c[0].tolist(), "data_fraction": c[1].tolist()} for c in cs] for k, cs in measured.items()}
     meta = {
         "model_fingerprint": model_fingerprint,
+        "model_params_sha256": params_digest(params),
         "calibrate_config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
         "peft": {"kind": "lora", "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha},
         "clients": n_clients,

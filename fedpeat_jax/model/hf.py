@@ -67,6 +67,9 @@ WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX)
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
+# Dtypes weights may be saved in (numpy has no bfloat16).
+WEIGHT_DTYPES = {"float32": np.float32, "float16": np.float16}
+
 # GELU variants equal to GPT-2's tanh approximation (what gpt2.block computes).
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
@@ -123,7 +126,7 @@ def to_hf_config(config: GPT2Config, **overrides):
 
     Token ids (bos/eos/pad) are not part of our config: they keep transformers' defaults (50256)
     when the vocabulary holds that id, else None, unless given in `overrides`. The compute dtype
-    is not exported: weights are always saved in float32.
+    is not exported: weights are saved in float32 unless `save_pretrained(weights_dtype=...)` says otherwise.
     """
     from transformers import GPT2Config as HFGPT2Config
 
@@ -236,12 +239,12 @@ def _natural(name: str):
     return [int(p) if p.isdigit() else p for p in name.split(".")]
 
 
-def state_dict_from_params(params, prefix: str = PREFIX) -> dict:
-    """A GPT2LMHeadModel state dict (float32 numpy, `transformer.` keys, no tied `lm_head`)."""
+def state_dict_from_params(params, prefix: str = PREFIX, dtype=np.float32) -> dict:
+    """A GPT2LMHeadModel state dict (numpy in `dtype`, `transformer.` keys, no tied `lm_head`)."""
     out = {}
     for name, path in TOP_LEVEL.items():
-        out[prefix + name] = np.asarray(_get(params, path), np.float32)
-    stacked = {name: np.asarray(_get(params["blocks"], path), np.float32) for name, path in PER_BLOCK.items()}
+        out[prefix + name] = np.asarray(_get(params, path), np.float32).astype(dtype)
+    stacked = {name: np.asarray(_get(params["blocks"], path), np.float32).astype(dtype) for name, path in PER_BLOCK.items()}
     for i in range(stacked["ln_1.weight"].shape[0]):
         for name, value in stacked.items():
             out[f"{prefix}h.{i}.{name}"] = np.ascontiguousarray(value[i])
@@ -374,15 +377,20 @@ def save_pretrained(
     tokenizer=None,
     overwrite: bool = False,
     hf_config_overrides: Optional[dict] = None,
+    weights_dtype: str = "float32",
 ) -> Path:
     """Write config.json + model.safetensors that `GPT2LMHeadModel.from_pretrained(path)` loads.
 
     A PEFT state is merged first (LoRA, BitFit, full); adapters and soft prompts change the
     architecture, so exporting them raises ValueError. `tokenizer` (a transformers tokenizer) is
     saved alongside. The directory is written atomically (temp dir + rename); an existing
-    non-empty `path` is replaced only with `overwrite=True`.
+    non-empty `path` is replaced only with `overwrite=True`. `weights_dtype` "float16" halves the
+    file (loading upcasts to float32 again).
     """
     from safetensors.numpy import save_file
+
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"save_pretrained: weights_dtype must be one of {WEIGHT_DTYPES}, got {weights_dtype!r}")
 
     if peft_state is not None:
         if peft_config is None:
@@ -399,7 +407,7 @@ def save_pretrained(
     with _atomic_directory(path, overwrite) as tmp:
         to_hf_config(config, **(hf_config_overrides or {})).to_json_file(str(tmp / CONFIG_FILE))
         # "format": "pt" is the metadata transformers expects on safetensors files.
-        save_file(state_dict_from_params(params), str(tmp / SAFETENSORS), metadata={"format": "pt"})
+        save_file(state_dict_from_params(params, dtype=WEIGHT_DTYPES[weights_dtype]), str(tmp / SAFETENSORS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return path

@@ -180,7 +180,7 @@ def distill(
 def distilled_dir(foundation: Foundation, spec: emu.EmulatorSpec, cfg: DistillConfig) -> Path:
     blob = json.dumps({"spec": dataclasses.asdict(spec), "distill": dataclasses.asdict(cfg),
                        "foundation": foundation.info.get("fingerprint")}, sort_keys=True)
-    return foundation.path / "emulators" / f"{spec.name}-distill-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    return foundation.work_dir / "emulators" / f"{spec.name}-distill-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def load_distilled(

@@ -1,16 +1,25 @@
 """The project's own foundation model: a small GPT-2 pretrained on the modern-spelling plays.
 
-    fm = load_foundation()                 # cached after the first call
+    fm = load_foundation()                 # the model shipped with the package (no pretraining)
     fm.params, fm.config, fm.tokenizer, fm.path, fm.info["heldout_ppl"]
+    fm = load_foundation(shipped=False)    # pretrained here (cached after the first call)
+
+The shipped model (`fedpeat_jax/assets/foundation/default/`) is the "default" preset exactly as
+`fedpeat pretrain` makes it, its weights rounded to float16 (`scripts/ship_foundation.py` writes
+it); its foundation.json records the pretraining settings and record, the held-out perplexity
+measured with the rounded weights and the sha256 of every file. Every foundation directory with
+recorded checksums is verified before it is loaded: a missing, truncated or altered file raises
+`FoundationFilesError` (a ValueError: the CLI prints its one line and exits 2).
 
 Pretraining (`pretrain`): train a byte-level BPE on the training plays (held-out plays excluded),
 cut the eos-separated speech stream into windows, train with `peat.train.fit` (progress bar,
 TensorBoard + metrics.jsonl, an orbax checkpoint per chunk so an interrupted run resumes), measure
 held-out perplexity, and export Hugging Face format (config.json + model.safetensors + tokenizer
 files) to `<cache>/foundation/<preset>-<fingerprint>`. The fingerprint hashes everything that
-changes the result (model shape, pretraining settings, held-out plays, corpus checksum), so a
-changed setting never silently reuses a stale model. `foundation.json` is written last and marks
-the directory complete; a lock file keeps two processes from pretraining the same model at once.
+changes the result (the model fields in WEIGHT_FIELDS, pretraining settings, held-out plays,
+corpus checksum), so a changed setting never silently reuses a stale model. `foundation.json` is
+written last and marks the directory complete; a lock file keeps two processes from pretraining
+the same model at once.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import jax
+import numpy as np
 
 from fedpeat_jax import data as data_lib
 from fedpeat_jax.config import GPT2Config
@@ -40,6 +50,13 @@ from fedpeat_jax.peat.train import TrainConfig, evaluate_perplexity, fit, lm_obj
 
 FORMAT_VERSION = 1  # bump when pretraining code changes its result for the same settings
 INFO_FILE = "foundation.json"
+SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "assets" / "foundation"  # one folder per preset
+SHIPPED_DTYPE = "float16"  # 10 mantissa bits: the held-out perplexity moves by well under 0.1%
+SUBSET_WINDOWS = 16  # the held-out windows whose perplexity a fast test re-measures
+
+
+class FoundationFilesError(ValueError):
+    """A foundation model's file is missing or differs from the sha256 its foundation.json records."""
 
 
 @dataclass(frozen=True)
@@ -107,15 +124,32 @@ class Foundation(NamedTuple):
     tokenizer: Any  # transformers PreTrainedTokenizerFast
     path: Path
     info: dict  # the contents of foundation.json (held-out perplexity, timings, settings)
+    work_dir: Path  # where files derived from it are cached (distilled emulators): `path`, or the cache for the shipped model
+
+    @property
+    def shipped(self) -> bool:
+        """Whether this is the model shipped with the package."""
+        return "shipped" in self.info
+
+
+# The GPT2Config fields that decide the pretrained weights: the shape, plus initialisation and
+# compute precision. A whitelist, so execution-only fields (rematerialisation, attention kernel)
+# never change a fingerprint. Dropout rates count only when pretraining uses dropout.
+WEIGHT_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "d_mlp", "layer_norm_epsilon",
+                 "initializer_range", "dtype")
+DROPOUT_FIELDS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
 
 
 def fingerprint(model: GPT2Config, pretrain: PretrainConfig) -> str:
-    """Short hash of everything that determines the pretrained weights."""
+    """Short hash of everything that determines the pretrained weights (model fields in WEIGHT_FIELDS,
+    pretraining settings, held-out plays, corpus checksum)."""
     settings = dataclasses.asdict(pretrain)
     if settings["layerdrop"] == 0.0:  # added later: left out when off, so earlier caches stay valid
         del settings["layerdrop"], settings["layerdrop_span"]
+    fields = WEIGHT_FIELDS + (DROPOUT_FIELDS if pretrain.dropout else ())
     blob = json.dumps(
-        {"format": FORMAT_VERSION, "model": dataclasses.asdict(model), "pretrain": settings, "corpus": SDIST_SHA256},
+        {"format": FORMAT_VERSION, "model": {name: getattr(model, name) for name in fields}, "pretrain": settings,
+         "corpus": SDIST_SHA256},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -251,9 +285,10 @@ def pretrain(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     hf.save_pretrained(result.params, model, out, tokenizer=tokenizer, overwrite=True)
+    info["sha256"] = file_checksums(out)
     write_json_atomic(out / INFO_FILE, info)  # last: marks the directory complete
     shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
-    return Foundation(result.params, model, tokenizer, out, info)
+    return Foundation(result.params, model, tokenizer, out, info, out)
 
 
 def load_foundation(
@@ -262,17 +297,23 @@ def load_foundation(
     cache_dir=None,
     model: Optional[GPT2Config] = None,
     pretrain_config: Optional[PretrainConfig] = None,
+    shipped: bool = True,
     allow_pretrain: bool = True,
     show_progress: bool = True,
 ) -> Foundation:
-    """The cached foundation model of `preset`, pretraining it first if it is not cached yet."""
+    """The foundation model of `preset`: the one shipped with the package when it has these
+    settings (and `shipped`), else the cached one, pretraining it first if it is not cached yet."""
     model, pcfg = resolve_settings(preset, model, pretrain_config)
+    fp = fingerprint(model, pcfg)
+    if shipped and shipped_fingerprint(preset) == fp:
+        work_dir = data_lib.resolve_cache_dir(cache_dir) / "foundation" / f"shipped-{preset}-{fp}"
+        return open_foundation(SHIPPED_ROOT / preset, work_dir=work_dir)
     path = foundation_dir(preset, cache_dir=cache_dir, model=model, pretrain_config=pcfg)
     with file_lock(path.with_name(path.name + ".lock")):
         if not (path / INFO_FILE).is_file():
             if not allow_pretrain:
                 raise FileNotFoundError(
-                    f"no foundation model for preset {preset!r} in {path}; run `python scripts/pretrain.py --preset {preset}` "
+                    f"no foundation model for preset {preset!r} in {path}; run `fedpeat pretrain --preset {preset}` "
                     "(or call load_foundation with allow_pretrain=True)"
                 )
             return pretrain(
@@ -281,14 +322,114 @@ def load_foundation(
     return open_foundation(path)
 
 
-def open_foundation(path) -> Foundation:
-    """A foundation model from an exported directory (ours, written by `pretrain`)."""
+def open_foundation(path, *, work_dir=None) -> Foundation:
+    """A foundation model from an exported directory (ours, written by `pretrain` or `ship`),
+    its files checked against the sha256 recorded in its foundation.json first."""
     path = Path(path)
-    info_file = path / INFO_FILE
-    if not info_file.is_file():
+    if not (path / INFO_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a complete foundation model directory (no {INFO_FILE})")
+    info = read_info(path)
+    verify_files(path, info.get("sha256", {}))
     params, config = hf.load_pretrained(path)
-    return Foundation(params, config, hf.load_tokenizer(path), path, json.loads(info_file.read_text()))
+    return Foundation(params, config, hf.load_tokenizer(path), path, info, Path(work_dir) if work_dir is not None else path)
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums and the shipped model
+# --------------------------------------------------------------------------------------------
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_checksums(path: Path) -> dict:
+    """{file name: sha256} of every file of a foundation directory but foundation.json itself."""
+    return {f.name: file_sha256(f) for f in sorted(Path(path).iterdir()) if f.is_file() and f.name != INFO_FILE}
+
+
+def verify_files(path: Path, checksums: dict) -> None:
+    """Raise FoundationFilesError, naming the file, unless every file has its recorded sha256."""
+    for name, expected in sorted(checksums.items()):
+        file = Path(path) / name
+        if not file.is_file():
+            raise FoundationFilesError(f"foundation model file {file} is missing: restore it (reinstall the package for the shipped model)")
+        got = file_sha256(file)
+        if got != expected:
+            raise FoundationFilesError(
+                f"foundation model file {file} is corrupt or truncated ({file.stat().st_size:,} bytes, sha256 {got[:16]}... "
+                f"where {INFO_FILE} records {expected[:16]}...): restore it (reinstall the package for the shipped model)"
+            )
+
+
+def read_info(path: Path) -> dict:
+    """The foundation.json of a foundation directory (FoundationFilesError if it is damaged)."""
+    info_file = Path(path) / INFO_FILE
+    try:
+        info = json.loads(info_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FoundationFilesError(f"foundation model file {info_file} is damaged ({err}): restore it") from None
+    if not isinstance(info, dict) or "fingerprint" not in info:
+        raise FoundationFilesError(f"foundation model file {info_file} is damaged (no fingerprint): restore it")
+    return info
+
+
+def shipped_fingerprint(preset: str) -> Optional[str]:
+    """The fingerprint of the model shipped for `preset`, or None when none ships."""
+    path = SHIPPED_ROOT / preset
+    return read_info(path)["fingerprint"] if (path / INFO_FILE).is_file() else None
+
+
+def params_digest(params) -> str:
+    """sha256 of the float32 values of a params tree: which exact weights a result was measured on."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+    return digest.hexdigest()
+
+
+def heldout_perplexity(fm: Foundation, *, windows: int = 0, cache_dir=None) -> dict:
+    """`evaluate_perplexity` of `fm` on the modern-spelling held-out plays, in its pretraining's
+    windows; `windows` > 0 keeps only the first that many (a fast, fixed subset)."""
+    pcfg = fm.info["pretrain"]
+    _, held_texts = pretraining_texts(tuple(pcfg["heldout_plays"]), cache_dir=cache_dir)
+    tokens, mask = data_lib.eval_windows(held_texts, fm.tokenizer, pcfg["seq_len"])
+    if windows:
+        tokens, mask = tokens[:windows], mask[:windows]
+    return evaluate_perplexity(fm.params, tokens, mask, fm.config, batch=pcfg["eval_batch"])
+
+
+def ship(fm: Foundation, dest, *, command: str, cache_dir=None) -> Foundation:
+    """Write `fm` as a shipped model: float16 weights, tokenizer, and a foundation.json with the
+    pretraining record, the held-out perplexity of the ROUNDED weights (all windows and the first
+    SUBSET_WINDOWS), the command, the machine and every file's sha256."""
+    dest = Path(dest)
+    hf.save_pretrained(fm.params, fm.config, dest, tokenizer=fm.tokenizer, overwrite=True, weights_dtype=SHIPPED_DTYPE)
+    params, config = hf.load_pretrained(dest)
+    rounded = fm._replace(params=params, config=config, path=dest, work_dir=dest)
+    full = heldout_perplexity(rounded, cache_dir=cache_dir)
+    subset = heldout_perplexity(rounded, windows=SUBSET_WINDOWS, cache_dir=cache_dir)
+    info = {
+        **{k: v for k, v in fm.info.items() if k != "sha256"},
+        "heldout_ppl": full["ppl"],
+        "heldout_nll": full["nll"],
+        "heldout_tokens": full["tokens"],
+        "heldout_subset": {"windows": SUBSET_WINDOWS, "ppl": subset["ppl"], "nll": subset["nll"], "tokens": subset["tokens"]},
+        "shipped": {
+            "command": command,
+            "weights_dtype": SHIPPED_DTYPE,
+            "float32_heldout_ppl": fm.info["heldout_ppl"],
+            "params_sha256": params_digest(params),
+            "machine": machine_info(),  # of this export and its evaluation ("machine" is the pretraining's)
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+        "sha256": file_checksums(dest),
+    }
+    write_json_atomic(dest / INFO_FILE, info)
+    return rounded._replace(info=info)
 
 
 __all__ = [
@@ -303,6 +444,15 @@ __all__ = [
     "pretrain",
     "load_foundation",
     "open_foundation",
+    "FoundationFilesError",
+    "SHIPPED_ROOT",
+    "file_checksums",
+    "verify_files",
+    "read_info",
+    "shipped_fingerprint",
+    "params_digest",
+    "heldout_perplexity",
+    "ship",
     "file_lock",
     "write_json_atomic",
 ]
