@@ -167,7 +167,7 @@ def predict_mixed(table: CalibrationTable, ppl0: float, dev_fractions, srv_fract
     dev_eta = float(np.interp(k, table.k, table.eta))
     out = [float(ppl0)]
     for fd, fs in zip(dev_fractions, srv_fractions):
-        out.append(float(system.two_source_perplexity(out[-1], dev_inf, dev_eta * fd, srv.ppl_inf, srv.eta * fs)))
+        out.append(float(system.two_source_perplexity(out[-1], dev_inf, dev_eta, fd, srv.ppl_inf, srv.eta, fs)))
     return np.asarray(out)
 
 

@@ -3,10 +3,11 @@
 The environment's perplexity follows a two-source response model (``system.two_source_perplexity``,
 ``docs/system_model.md``): the devices' data pulls the held-out plug-in perplexity towards
 ``ppl_inf(kbar)`` at rate ``eta(kbar)`` per unit of the devices' data fraction, the server's own
-data towards its domain's ``ppl_inf`` at its own ``eta``::
+data towards its domain's ``ppl_inf`` at its own ``eta``, each scaled by its FedAvg weight in the
+round (its share of the round's data)::
 
-    a_dev = eta(kbar) * phi_dev,   a_srv = eta_srv * phi_srv,   A = a_dev + a_srv
-    ppl_t = P* + (ppl_{t-1} - P*) * exp(-A),   P* = (a_dev ppl_inf(kbar) + a_srv ppl_inf_srv) / A
+    a_dev = w_dev eta(kbar) phi_dev,   a_srv = w_srv eta_srv phi_srv,   w_j = phi_j / (phi_dev + phi_srv)
+    ppl_t = P* + (ppl_{t-1} - P*) * exp(-A),   A = a_dev + a_srv,   P* = (a_dev ppl_inf(kbar) + a_srv ppl_inf_srv) / A
 
 with one (ppl_inf, eta) per emulator level k (middle blocks the emulator keeps), interpolated
 linearly in k, one per server data domain, and ``ppl0`` the plug-in perplexity of the untuned

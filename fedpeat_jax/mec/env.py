@@ -29,7 +29,7 @@ fails (a violation: penalized, its data does not count, its time still counts). 
 the chosen emulator once its download finished before the deadline. The devices' data that made
 it (fraction phi_dev of all devices' data, mean emulator size kbar) and the server's data (phi_srv
 = server_data / all devices' data) each pull the perplexity towards their own calibrated fixed
-point (``system.two_source_perplexity``).
+point, each with its FedAvg weight (``system.two_source_perplexity``).
 
 Reward (every term documented with its range in docs/system_model.md)::
 
@@ -310,8 +310,8 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
         """The two-source response model: the devices' pull at kbar and the server's pull."""
         dev_inf = system.interp_clamped(outcome.k_bar, params.cal_k, params.cal_ppl_inf, jnp)
         dev_eta = system.interp_clamped(outcome.k_bar, params.cal_k, params.cal_eta, jnp)
-        return system.two_source_perplexity(ppl, dev_inf, dev_eta * outcome.data_fraction, params.srv_ppl_inf,
-                                            params.srv_eta * outcome.server_fraction, jnp)
+        return system.two_source_perplexity(ppl, dev_inf, dev_eta, outcome.data_fraction, params.srv_ppl_inf,
+                                            params.srv_eta, outcome.server_fraction, jnp)
 
     def _round(self, state: EnvState, action, params: EnvParams):
         """Run the round chosen by ``action`` from ``state`` (devices have not moved yet)."""

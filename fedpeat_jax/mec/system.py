@@ -53,14 +53,16 @@ Delay:
                        empty round
 
 Perplexity surrogate (response model fitted by the calibration): every data source pulls the
-perplexity towards its own fixed point with a strength proportional to its data,
+perplexity towards its own fixed point P_j with a strength a_j,
 
 * dp/ds = -sum_j a_j (p - P_j) over one round (s from 0 to 1), whose solution is
-  ppl_t = P* + (ppl_{t-1} - P*) exp(-A),  A = sum_j a_j,  P* = sum_j a_j P_j / A
-  with a_j = eta_j * data_fraction_j. Two sources: the devices (P, eta piecewise-linear in the
+  ppl_t = P* + (ppl_{t-1} - P*) exp(-A),  A = sum_j a_j,  P* = sum_j a_j P_j / A,
+* a_j = omega_j eta_j phi_j: eta_j phi_j is the pull of a round with source j alone (phi_j its data
+  as a fraction of all devices' data), omega_j = phi_j / sum_i phi_i its FedAvg weight in a round
+  that averages both sources' updates. Two sources: the devices (P, eta piecewise-linear in the
   data-weighted mean emulator size kbar, clamped outside the calibrated range) and the server's
   own data (its domain's P, eta). One source alone is the single-curve model
-  ppl_t = P + (ppl_{t-1} - P) exp(-eta * data_fraction_t).
+  ppl_t = P + (ppl_{t-1} - P) exp(-eta * phi_t).
 """
 
 from __future__ import annotations
@@ -334,17 +336,19 @@ def surrogate_perplexity(ppl_prev: Array, ppl_inf: Array, eta: Array, data_fract
     return ppl_inf + (ppl_prev - ppl_inf) * xp.exp(-eta * data_fraction)
 
 
-def two_source_perplexity(ppl_prev: Array, dev_ppl_inf: Array, dev_pull: Array, srv_ppl_inf: Array, srv_pull: Array,
-                          xp=np) -> Array:
-    """Devices and server data pulling together (module docstring): pulls a = eta * data_fraction.
+def two_source_perplexity(ppl_prev: Array, dev_ppl_inf: Array, dev_eta: Array, dev_fraction: Array, srv_ppl_inf: Array,
+                          srv_eta: Array, srv_fraction: Array, xp=np) -> Array:
+    """Devices and server data pulling together (module docstring), each pull weighted by its FedAvg weight.
 
-    ppl_t = ppl_{t-1} + (P* - ppl_{t-1}) (1 - exp(-A)) with A = a_dev + a_srv and P* their
-    pull-weighted fixed point; unchanged when nobody brings data (A = 0).
+    ppl_t = ppl_{t-1} + (P* - ppl_{t-1}) (1 - exp(-A)); unchanged when nobody brings data.
     """
-    total = dev_pull + srv_pull
+    total = dev_fraction + srv_fraction
     safe = xp.where(total > 0, total, 1.0)
-    target = (dev_pull * dev_ppl_inf + srv_pull * srv_ppl_inf) / safe
-    return ppl_prev + (target - ppl_prev) * -xp.expm1(-total)
+    dev_pull = dev_eta * dev_fraction * (dev_fraction / safe)
+    srv_pull = srv_eta * srv_fraction * (srv_fraction / safe)
+    pull = dev_pull + srv_pull
+    target = (dev_pull * dev_ppl_inf + srv_pull * srv_ppl_inf) / xp.where(pull > 0, pull, 1.0)
+    return ppl_prev + (target - ppl_prev) * -xp.expm1(-pull)
 
 
 __all__ = [

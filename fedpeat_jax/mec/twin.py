@@ -184,8 +184,11 @@ class NumpyFedPEAT:
         data_all = state.data.sum(axis=0)
         data_ok = (ok * state.data).sum(axis=0)
         k_bar = np.where(data_ok > 0, (ok * state.data * k).sum(axis=0) / np.where(data_ok > 0, data_ok, 1.0), 0.0)
-        pull_dev = np.interp(k_bar, p.cal_k, p.cal_eta) * data_ok / data_all
-        pull_srv = p.srv_eta * server_ok * p.server_data / data_all
+        # each source's pull: eta * its fraction of all devices' data * its FedAvg weight in the round
+        data_srv = server_ok * p.server_data
+        used = np.where(data_ok + data_srv > 0, data_ok + data_srv, 1.0)
+        pull_dev = np.interp(k_bar, p.cal_k, p.cal_eta) * (data_ok / data_all) * (data_ok / used)
+        pull_srv = p.srv_eta * (data_srv / data_all) * (data_srv / used)
         pull = pull_dev + pull_srv
         target = np.where(pull > 0, (pull_dev * np.interp(k_bar, p.cal_k, p.cal_ppl_inf) + pull_srv * p.srv_ppl_inf)
                           / np.where(pull > 0, pull, 1.0), state.ppl)
