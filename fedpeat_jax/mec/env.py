@@ -85,8 +85,10 @@ from fedpeat_jax import cpu_tricks
 from fedpeat_jax.mec import system
 from fedpeat_jax.mec.params import PRESETS, EnvParams, make_params, preset_params, reference_latency, validate_params
 from fedpeat_jax.mec.spaces import (
+    AgentLayout,
     MultiDiscrete,
     action_nvec,
+    agent_layout,
     check_action_shape,
     clip_action,
     decode_action,
@@ -188,6 +190,10 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
 
     def action_space(self, params: Optional[EnvParams] = None) -> MultiDiscrete:
         return MultiDiscrete(self._nvec)
+
+    def agent_layout(self, params: Optional[EnvParams] = None) -> AgentLayout:
+        """Where each device's observation features and action branches sit (for device-shared networks)."""
+        return agent_layout(self.default_params if params is None else params)
 
     def observation_space(self, params: Optional[EnvParams] = None) -> gx_spaces.Box:
         return gx_spaces.Box(-jnp.inf, jnp.inf, self.obs_shape, jnp.float32)

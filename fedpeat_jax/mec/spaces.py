@@ -31,6 +31,8 @@ Observation (float32 vector of length 7N + 4, feature-major; ranges in docs/syst
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +44,31 @@ N_DEVICE_FEATURES = 7
 N_GLOBAL_FEATURES = 4
 DEVICE_FEATURES = ("gain", "distance", "flops", "mem_capacity", "data", "stored_level", "took_part")
 GLOBAL_FEATURES = ("time", "ppl_gap", "last_latency", "server_took_part")
+
+
+class AgentLayout(NamedTuple):
+    """How the observation and the action branches are laid out per device (for agents that share
+    weights across devices, e.g. SABPPO's ``network="devices"``).
+
+    Observation: ``device_features`` rows of ``n_devices`` (feature-major), then ``global_features``.
+    Action: the ``global_branches`` first, then for each entry of ``device_branches`` one branch of
+    that size per device (branch-major): here (2,) then (2, m, L).
+    """
+
+    n_devices: int
+    device_features: int
+    global_features: int
+    global_branches: tuple
+    device_branches: tuple
+
+    def nvec(self) -> tuple:
+        return tuple(self.global_branches) + tuple(b for b in self.device_branches for _ in range(self.n_devices))
+
+
+def agent_layout(params) -> AgentLayout:
+    """The :class:`AgentLayout` of an environment with these parameters."""
+    m, L = int(np.shape(params.level_k)[-1]), int(np.shape(params.bw_weights)[-1])
+    return AgentLayout(int(params.n_devices), N_DEVICE_FEATURES, N_GLOBAL_FEATURES, (2,), (2, m, L))
 
 
 def obs_size(n_devices: int) -> int:
@@ -140,12 +167,14 @@ class MultiDiscrete(spaces.Space):
 
 
 __all__ = [
+    "AgentLayout",
     "DEVICE_FEATURES",
     "GLOBAL_FEATURES",
     "MultiDiscrete",
     "N_DEVICE_FEATURES",
     "N_GLOBAL_FEATURES",
     "action_nvec",
+    "agent_layout",
     "check_action_shape",
     "clip_action",
     "decode_action",

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedpeat_jax.rl import sabppo as _sabppo
+from fedpeat_jax.rl import sabppo as _sabppo  # noqa: F401  (type hints)
 from fedpeat_jax.rl.distributions import mode_branches, sample_branches
 from fedpeat_jax.rl.normalize import normalize_obs
 
@@ -138,18 +138,16 @@ def without_server(policy) -> Policy:
 # =============================================================================================
 @dataclass(frozen=True)
 class _SABPPOApply:
+    network: Any  # the trainer's flax module (hashable)
     nvec: tuple
-    hidden_sizes: tuple
-    activation: str
     normalize_obs: bool
     obs_clip: float
     deterministic: bool
 
     def __call__(self, params, obs, state, env_params, rng):
         net_params, obs_rms = params
-        network = _sabppo.ActorCritic(nvec=self.nvec, hidden_sizes=self.hidden_sizes, activation=self.activation)
         x = normalize_obs(obs.astype(jnp.float32), obs_rms if self.normalize_obs else None, self.obs_clip)
-        logits, _ = network.apply(net_params, x)
+        logits, _ = self.network.apply(net_params, x)
         if self.deterministic:
             return mode_branches(logits, self.nvec)
         return sample_branches(rng, logits, self.nvec)
@@ -163,8 +161,8 @@ def sabppo_policy(trainer: "_sabppo.Trainer", state: "_sabppo.TrainState", deter
     if jnp.ndim(state.update) != 0:
         raise ValueError("sabppo_policy needs the state of ONE run; slice a vmapped state first, "
                          "e.g. jax.tree.map(lambda x: x[i], states)")
-    apply = _SABPPOApply(nvec=tuple(trainer.nvec), hidden_sizes=cfg.hidden_sizes, activation=cfg.activation,
-                         normalize_obs=cfg.normalize_obs, obs_clip=cfg.obs_clip, deterministic=bool(deterministic))
+    apply = _SABPPOApply(network=trainer.network, nvec=tuple(trainer.nvec), normalize_obs=cfg.normalize_obs,
+                         obs_clip=cfg.obs_clip, deterministic=bool(deterministic))
     return Policy(apply=apply, params=(state.params, state.obs_rms), name=name)
 
 

@@ -49,7 +49,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,12 +59,14 @@ from fedpeat_jax import cpu_tricks
 from fedpeat_jax.config import _require
 from fedpeat_jax.cpu_tricks import compiler_options
 from fedpeat_jax.rl.distributions import branch_softmax, sample_with_log_probs
+from fedpeat_jax.rl.networks import ACTIVATIONS, ActorCritic, make_network
 from fedpeat_jax.rl.normalize import RunningMeanStd, normalize_obs, rms_init, rms_update
+from fedpeat_jax.rl.vec_env import env_nvec, vec_env
 
 PyTree = Any
 
 CLIP_MODES = ("joint", "branch")
-ACTIVATIONS = ("tanh", "relu")
+NETWORKS = ("auto", "mlp", "devices")
 
 
 # =============================================================================================
@@ -96,11 +97,12 @@ class SABPPOConfig:
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     adam_eps: float = 1e-5
+    network: str = "auto"  # "mlp", "devices" (weights shared by the devices), "auto": devices where the env allows
     hidden_sizes: tuple = (64, 64)
     activation: str = "tanh"
     normalize_obs: bool = True
-    # Off by default: the MEC latency term is heavy-tailed (Rayleigh deep fades), the running return
-    # std is dominated by rare huge rounds and scaled rewards learned much slower in our runs.
+    # Off by default: the MEC rewards are of order 1 per round by design (docs/system_model.md), and
+    # return-scaled rewards learned more slowly there in our runs.
     normalize_reward: bool = False
     normalize_advantages: bool = True
     obs_clip: float = 10.0
@@ -132,6 +134,7 @@ class SABPPOConfig:
         _require(self.adam_eps > 0, f"SABPPOConfig.adam_eps must be > 0, got {self.adam_eps}")
         _require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
                  f"SABPPOConfig.hidden_sizes must be one or more layer widths >= 1, got {self.hidden_sizes}")
+        _require(self.network in NETWORKS, f"SABPPOConfig.network must be one of {NETWORKS}, got {self.network!r}")
         _require(self.activation in ACTIVATIONS,
                  f"SABPPOConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         _require(self.obs_clip > 0, f"SABPPOConfig.obs_clip must be > 0, got {self.obs_clip}")
@@ -185,30 +188,6 @@ def stack_hparams(hparams: Sequence[HParams]) -> HParams:
 
 
 # =============================================================================================
-# Network: shared trunk, one logit block per branch (one Dense split by nvec), one value head
-# =============================================================================================
-class ActorCritic(nn.Module):
-    """Shared MLP trunk -> (branch logits (..., sum nvec), value (...))."""
-
-    nvec: tuple
-    hidden_sizes: tuple = (64, 64)
-    activation: str = "tanh"
-
-    @nn.compact
-    def __call__(self, obs: jax.Array):
-        act = nn.tanh if self.activation == "tanh" else nn.relu
-        x = obs
-        for width in self.hidden_sizes:
-            x = act(nn.Dense(width, kernel_init=nn.initializers.orthogonal(math.sqrt(2.0)),
-                             bias_init=nn.initializers.zeros)(x))
-        logits = nn.Dense(int(sum(self.nvec)), kernel_init=nn.initializers.orthogonal(0.01),
-                          bias_init=nn.initializers.zeros, name="branch_logits")(x)
-        value = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0), bias_init=nn.initializers.zeros,
-                         name="value")(x)
-        return logits, value[..., 0]
-
-
-# =============================================================================================
 # Losses and advantages
 # =============================================================================================
 def compute_gae(rewards, values, dones, last_value, gamma, gae_lambda):
@@ -254,54 +233,6 @@ def clipped_policy_loss(logp_b, old_logp_b, advantages, clip_eps, mode: str = "j
 
 
 # =============================================================================================
-# Batched environment: batch axis LEADING for the network, native layout for FedPEATMEC
-# =============================================================================================
-class _VecEnv(NamedTuple):
-    reset: Callable  # (key, params) -> obs (E, D), state
-    step: Callable  # (key, state, action (E, A), params) -> obs, state, reward (E,), done (E,), info
-
-
-def _vec_env(env, num_envs: int, scalar_action: bool = False) -> _VecEnv:
-    """FedPEATMEC's fused ``reset_batch``/``step_batch`` (env axis trailing) where available,
-    else ``jax.vmap`` of the gymnax six-value ``reset``/``step`` with one key per environment.
-    ``scalar_action``: the env takes a scalar action (a ``Discrete`` space: the single branch)."""
-    if getattr(env, "native_batch", False):
-
-        def reset(key, params):
-            obs, state = env.reset_batch(key, num_envs, params)
-            return obs.T, state
-
-        def step(key, state, action, params):
-            obs, state, reward, terminated, truncated, info = env.step_batch(key, state, action.T, params)
-            return obs.T, state, reward, jnp.logical_or(terminated, truncated), info
-
-        return _VecEnv(reset, step)
-
-    def reset(key, params):
-        return jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key, num_envs), params)
-
-    def step(key, state, action, params):
-        action = action[:, 0] if scalar_action else action
-        obs, state, reward, terminated, truncated, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-            jax.random.split(key, num_envs), state, action, params)
-        return obs, state, reward, jnp.logical_or(terminated, truncated), info
-
-    return _VecEnv(reset, step)
-
-
-def _env_nvec(env, env_params) -> tuple:
-    if hasattr(env, "nvec"):
-        return tuple(int(n) for n in np.asarray(env.nvec))
-    space = env.action_space(env_params)
-    if hasattr(space, "nvec"):
-        return tuple(int(n) for n in np.asarray(space.nvec))
-    if hasattr(space, "n"):
-        return (int(space.n),)
-    raise ValueError(f"cannot read the action branches of {type(env).__name__}: its action space "
-                     f"{space!r} has neither nvec nor n")
-
-
-# =============================================================================================
 # Training state
 # =============================================================================================
 @struct.dataclass
@@ -335,7 +266,7 @@ class Trainer(NamedTuple):
     """The pure functions of one SABPPO setup (all jittable, all vmappable over seeds/hparams)."""
 
     config: SABPPOConfig
-    network: ActorCritic
+    network: Any  # the flax module (networks.ActorCritic or networks.DeviceActorCritic)
     nvec: tuple
     default_hparams: Callable  # () -> HParams
     init: Callable  # (rng, hparams=None) -> TrainState
@@ -368,11 +299,12 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
     if not isinstance(config, SABPPOConfig):
         raise TypeError(f"config must be an SABPPOConfig, got {type(config).__name__}")
     env_params = env.default_params if env_params is None else env_params
-    nvec = _env_nvec(env, env_params)
+    nvec = env_nvec(env, env_params)
     n_branches = len(nvec)
-    network = ActorCritic(nvec=nvec, hidden_sizes=config.hidden_sizes, activation=config.activation)
+    layout = env.agent_layout(env_params) if hasattr(env, "agent_layout") else None
+    network = make_network(config.network, nvec, config.hidden_sizes, config.activation, layout)
     space = env.action_space(env_params)
-    venv = _vec_env(env, config.num_envs, scalar_action=not hasattr(space, "nvec") and hasattr(space, "n"))
+    venv = vec_env(env, config.num_envs, scalar_action=not hasattr(space, "nvec") and hasattr(space, "n"))
     num_updates_total = config.num_updates
     E, T = config.num_envs, config.num_steps
 
