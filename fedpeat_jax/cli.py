@@ -415,12 +415,12 @@ def cmd_train_controller(argv):
 @subcommand("live", "run controllers in the live MEC environment (real FedPEAT rounds in every step)")
 def cmd_live(argv):
     from fedpeat_jax.mec import live
-    from fedpeat_jax.rl import baselines as B, live_eval
+    from fedpeat_jax.rl import live_eval
 
     parser = argparse.ArgumentParser(prog="fedpeat live", description="The MEC environment in live mode: every step runs a real jitted FedPEAT round of the chosen devices, emulators and server participation on the default foundation model, and the reward uses the measured held-out perplexity. Compares a trained controller (--controller) with baselines from the same start.")
     parser.add_argument("--controller", default=None, help="a `fedpeat train-controller` run directory (its policy must match the env's layout: default settings do)")
     parser.add_argument("--seed-index", type=int, default=0, help="which seed's policy of a multi-seed controller run")
-    parser.add_argument("--baselines", default="greedy,all_largest", help="comma-separated baselines from: " + ", ".join(("random", "all_largest", "greedy", "no_server")) + " (empty: none)")
+    parser.add_argument("--baselines", default="best_rule,greedy", help="comma-separated baselines from: " + ", ".join(live_eval.BASELINES) + " (best_rule: the best simple fixed rule, searched on the calibrated surrogate with the live parameters; empty: none)")
     parser.add_argument("--rounds", type=int, default=10, help="live rounds per policy")
     parser.add_argument("--out", default="runs/live", help="folder for live.json, live.md and live.png")
     parser.add_argument("--cache-dir", default=None)
@@ -432,17 +432,16 @@ def cmd_live(argv):
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     names = [n for n in args.baselines.split(",") if n]
-    env = live.make_live_env(config=cfg, cache_dir=args.cache_dir)
-    available = B.baseline_policies(env)
-    unknown = sorted(set(names) - set(available))
+    unknown = sorted(set(names) - set(live_eval.BASELINES))
     if unknown:
-        raise ValueError(f"--baselines: unknown {unknown}; choose from {sorted(available)}")
+        raise ValueError(f"--baselines: unknown {unknown}; choose from {list(live_eval.BASELINES)}")
+    env = live.make_live_env(config=cfg, cache_dir=args.cache_dir)
     policies = {}
     if args.controller:
         from fedpeat_jax.rl.controller import load_policy
 
         policies["sabppo"], _, _ = load_policy(args.controller, env, seed_index=args.seed_index)
-    policies.update({n: available[n] for n in names})
+    policies.update(live_eval.baselines(env, names))
     if not policies:
         raise ValueError("nothing to run: give --controller and/or --baselines")
     result = live_eval.compare(env, policies, args.rounds, seed=cfg.seed)

@@ -256,7 +256,7 @@ def evaluate_controller(trainer: Trainer, states, env, env_params, controller: C
         "per_seed": per_seed,
     }
     for name in ("perplexity_mean", "final_perplexity_mean", "latency_mean", "memory_mean", "violations_mean",
-                 "participants_mean"):
+                 "stragglers_mean", "participants_mean", "data_fraction_mean"):
         sabppo[name] = float(np.mean([r[name] for r in per_seed]))
     greedy_n = controller.greedy_devices or None
     policies = B.baseline_policies(env, greedy_n)
