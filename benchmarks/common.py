@@ -64,7 +64,9 @@ def median_time(
 # Dense matmul peak
 # --------------------------------------------------------------------------------------------
 def matmul_peak(dtype: str = "float32", n: int = 2048, runs: int = 5) -> dict:
-    """Achieved FLOP/s of a jitted (n x n) @ (n x n) matmul in `dtype` (2 n^3 FLOPs per call).
+    """Achieved FLOP/s of a jitted (n x n) @ (n x n) matmul in `dtype` (2 n^3 FLOPs per call);
+    bfloat16 operands accumulate into a float32 result, the kernel `gpt2.matmul` runs in bfloat16
+    compute (with AVX512-BF16 it is the fastest bfloat16 matmul XLA's CPU backend has).
 
     The reference for model FLOP utilization: what this machine's XLA backend reaches on the
     friendliest dense kernel, measured in the same run as the model.
@@ -72,11 +74,17 @@ def matmul_peak(dtype: str = "float32", n: int = 2048, runs: int = 5) -> dict:
     rs = np.random.RandomState(0)
     a = jnp.asarray(rs.standard_normal((n, n)), dtype)
     b = jnp.asarray(rs.standard_normal((n, n)), dtype)
-    matmul, compile_s = compile_jax(jax.jit(jnp.matmul), a, b)
+    matmul, compile_s = compile_jax(jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)), a, b)
     timing = median_time(matmul, a, b, runs=runs, warmup=1)
     flops = 2.0 * n**3
     return {"dtype": dtype, "n": n, "flops_per_call": flops, "flops_per_s": flops / timing["median_s"],
             "compile_s": compile_s, **timing}
+
+
+def best_peaks(measurements: list) -> dict:
+    """Per kind, the highest of repeated peak measurements ({kind: matmul_peak(...)} dicts): other
+    load can only lower a measurement, so the maximum is the closest to the machine's real peak."""
+    return {k: max((m[k] for m in measurements), key=lambda r: r["flops_per_s"]) for k in measurements[0]}
 
 
 def torch_matmul_peak(n: int = 2048, runs: int = 5) -> dict:
@@ -87,6 +95,32 @@ def torch_matmul_peak(n: int = 2048, runs: int = 5) -> dict:
     timing = median_time(torch.matmul, a, b, runs=runs, warmup=1, sync=lambda out: out)
     flops = 2.0 * n**3
     return {"dtype": "float32", "n": n, "flops_per_call": flops, "flops_per_s": flops / timing["median_s"], **timing}
+
+
+# --------------------------------------------------------------------------------------------
+# The PyTorch twin of an emulator with LoRA (the baselines' client model)
+# --------------------------------------------------------------------------------------------
+def torch_lora_emulator(params, cfg, spec, rank: int, threads: int | None = None):
+    """A transformers GPT2LMHeadModel holding `spec`'s emulator of `params`, with an HF peft LoRA
+    of rank `rank` (alpha 2 * rank, no dropout) on the four dense layers of the adapter blocks:
+    the same trainable parameters as fedpeat_jax's LoRA on that emulator. In train mode."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    from fedpeat_jax.model import hf
+    from fedpeat_jax.peat.emulator import build
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model = GPT2LMHeadModel(hf.to_hf_config(spec.emulator_config(cfg)))
+    state = {k: torch.as_tensor(np.array(v, np.float32)) for k, v in hf.state_dict_from_params(build(params, spec)).items()}
+    model.load_state_dict(state, strict=False)  # the tied lm_head follows wte
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+                      layers_to_transform=list(spec.emulator_adapter_ids), lora_dropout=0.0)
+    model = get_peft_model(model, lora)
+    model.train()
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +171,9 @@ __all__ = [
     "compile_jax",
     "median_time",
     "matmul_peak",
+    "best_peaks",
     "torch_matmul_peak",
+    "torch_lora_emulator",
     "write_json",
     "write_markdown",
     "markdown_table",

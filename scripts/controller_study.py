@@ -107,7 +107,7 @@ def live_part(args, out: Path, runs: Path) -> dict:
     rounds = args.live_rounds
     env = live.make_live_env(config=live.LiveConfig(), max_steps_in_episode=rounds)
     config = SABPPOConfig(total_timesteps=64 * 50 * 4 if args.quick else 500_000, num_steps=rounds)
-    train_controller(config, env.default_params, runs / "controller_live",
+    train_controller(config, env.default_params.surrogate(), runs / "controller_live",
                      controller=ControllerConfig(eval_episodes=64, rule_search_episodes=0, behaviour_episodes=0))
     policy, _, _ = load_policy(runs / "controller_live", env)
     policies = {"sabppo": policy, **live_eval.baselines(env, ("best_rule", "greedy", "all_devices"), search_episodes=16 if args.quick else 64)}

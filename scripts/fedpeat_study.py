@@ -31,13 +31,10 @@ Methods (every one starts from the foundation model, so round 0 is its zero-shot
                            trained on the full model (emulator k = whole middle): the emulator's
                            own cost, isolated.
 
-FedPEAT (1, 2, optional) runs the library's `FedPEAT.round`. Methods 3 and 4 train outside the
-adapter, which `FedPEAT` does not express, so `FullModelFed` below repeats its round: the same
-client sampling (`FedPEAT.sample` with the keys of `FedPEAT.round_keys`), client keys, local Adam
-steps (`client.local_train`, or `local_train_tree`, its copy for a whole-model trainable tree),
-example-weighted FedAvg and server update (`aggregate.fedavg`, `aggregate.server_update`). Every run
-checks that this loop, given FedPEAT's own emulator and LoRA, reproduces `FedPEAT.round`
-(`consistency_check`, recorded as `full_model_loop_check`).
+Every method is a configuration of the library's one round, `FedPEAT.round`: (3) is
+`FedConfig.trainable="all_blocks"`, (4) `trainable="model"` (both with the whole middle as the
+"emulator"), (5) `algorithm="local"` on round 0's cohort; the script only configures, runs and
+reports.
 
 Reported per method: held-out plug-in perplexity (the tuned parameters in the full model, on the
 task's held-out Folio plays) after the rounds and its curve; bytes sent per device per round (up
@@ -63,8 +60,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -75,10 +71,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_info  # noqa: E402
-from fedpeat_jax import peft as peft_lib  # noqa: E402
 from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig  # noqa: E402
-from fedpeat_jax.fed import aggregate  # noqa: E402
-from fedpeat_jax.fed.client import Hyper, batch_loss, client_optimizer, local_steps, local_train  # noqa: E402
+from fedpeat_jax.fed.client import Hyper  # noqa: E402
 from fedpeat_jax.fed.simulation import FedData, FedPEAT  # noqa: E402
 from fedpeat_jax.io.plots import pyplot  # noqa: E402
 from fedpeat_jax.mec import system  # noqa: E402
@@ -133,160 +127,79 @@ class StudyConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Federated tuning of a whole-model tree (what FedPEAT, tied to the adapter, does not express)
-# --------------------------------------------------------------------------------------------
-class RunState(NamedTuple):
-    tree: Any  # the global trainable tree
-    opt_state: Any  # server optimizer state
-    round: jax.Array  # () int32
-    key: jax.Array  # the run key: FedPEAT.round_keys(state) reads .key and .round
-
-
-class RoundInfo(NamedTuple):
-    loss: jax.Array
-    participants: jax.Array
-
-
-def local_train_tree(frozen, global_tree, tokens, mask, count, rng, hyper: Hyper, *, loss: Callable, fed: FedConfig, n_steps: int, batch: int):
-    """`client.local_train` for any trainable tree: `loss(tree, frozen, tokens, mask, key)`, with
-    the library's own local steps (sampling, step keys, client optimizer; FedAvg, no prox or
-    SCAFFOLD); `consistency_check` runs it on FedPEAT's LoRA against `FedPEAT.round`. Returns
-    (tree, mean loss over the steps).
-    """
-    return local_steps(lambda tree, tok, msk, key: loss(tree, frozen, tok, msk, key), global_tree, tokens, mask, count, rng,
-                       client_optimizer(fed, hyper.client_lr), n_steps=n_steps, batch=batch)
-
-
-def whole_model_loss(model: GPT2Config):
-    """Next-token loss with the whole GPT-2 params as the trainable tree (full fine-tuning)."""
-
-    def loss(tree, frozen, tokens, mask, key):
-        return batch_loss(tree, None, tokens, mask, key, model, None)
-
-    return loss
-
-
-def peft_loss(model: GPT2Config, peft: PeftConfig):
-    """Next-token loss of a PEFT state on a frozen base (what `local_train` optimizes)."""
-
-    def loss(tree, frozen, tokens, mask, key):
-        return batch_loss(frozen, tree, tokens, mask, key, model, peft)
-
-    return loss
-
-
-class FullModelFed:
-    """Federated tuning of `init_tree(key)` with `FedPEAT.round`'s sampling, keys, local steps and
-    FedAvg (single emulator level, FedAvg server optimizer, no DP/robust/SCAFFOLD/server).
-
-    ref:      a FedPEAT with the same FedConfig (its `sample` draws the clients)
-    frozen:   the frozen tree each client's loss sees (None for full fine-tuning)
-    local_fn: (frozen, global_tree, tokens, mask, count, key, hyper) -> (tree, loss)
-    """
-
-    def __init__(self, ref: FedPEAT, frozen, init_tree: Callable, local_fn: Callable):
-        fed = ref.fed
-        if len(fed.emulator_levels) != 1 or fed.server_participation or fed.dp_clip is not None or fed.aggregation != "mean" or fed.algorithm != "fedavg":
-            raise ValueError("FullModelFed repeats FedPEAT.round for one level, FedAvg, no server, DP, robust aggregation or SCAFFOLD")
-        self.ref, self.fed, self.frozen, self.init_tree, self.local_fn = ref, fed, frozen, init_tree, local_fn
-
-    def init(self, key: jax.Array, hyper: Hyper) -> RunState:
-        k_tree, k_run = jax.random.split(key)  # as FedPEAT.init
-        tree = self.init_tree(k_tree)
-        tx = aggregate.server_optimizer(self.fed.server_optimizer, hyper.server_lr)
-        return RunState(tree, tx.init(tree), jnp.zeros((), jnp.int32), k_run)
-
-    def round(self, state: RunState, data: FedData, hyper: Hyper):
-        k_sample, k_train, _, _ = FedPEAT.round_keys(state)
-        (ids, ok), = self.ref.sample(k_sample, data.levels)
-        keys = FedPEAT.client_keys(k_train, 0, ids.shape[0])
-        trees, losses = jax.vmap(self.local_fn, in_axes=(None, None, 0, 0, 0, 0, None))(
-            self.frozen, state.tree, data.tokens[ids], data.mask[ids], data.counts[ids], keys, hyper
-        )
-        counts = data.counts[ids].astype(jnp.float32)
-        agg = aggregate.fedavg(aggregate.client_deltas(trees, state.tree), counts, ok.astype(jnp.float32))
-        tx = aggregate.server_optimizer(self.fed.server_optimizer, hyper.server_lr)
-        tree, opt_state = aggregate.server_update(tx, state.tree, state.opt_state, agg.mean, agg.empty)
-        used = agg.weights > 0
-        n_used = used.sum()
-        loss = jnp.where(n_used > 0, jnp.sum(jnp.where(used, losses, 0.0)) / jnp.maximum(n_used, 1), jnp.nan)
-        return RunState(tree, opt_state, state.round + 1, state.key), RoundInfo(loss, n_used.astype(jnp.int32))
-
-
-class LocalState(NamedTuple):
-    trees: Any  # per-client PEFT states, leading cohort axis
-    ids: jax.Array  # (C,) the cohort's client ids
-    valid: jax.Array  # (C,) bool
-    round: jax.Array
-    key: jax.Array
-
-
-class LocalOnly:
-    """Each cohort client tunes FedPEAT's LoRA on its emulator with its own data, never aggregated."""
-
-    def __init__(self, sim: FedPEAT):
-        if len(sim.fed.emulator_levels) != 1:
-            raise ValueError("LocalOnly uses one emulator level")
-        self.sim = sim
-        self.base = jax.jit(emu.build, static_argnums=1)(sim.params, sim.specs[0])
-        self.train = lambda *a: local_train(
-            *a, model=sim.specs[0].emulator_config(sim.model), peft=sim.peft_emulators[0], fed=sim.fed,
-            n_steps=sim.fed.local_steps, batch=sim.fed.local_batch,
-        )
-
-    def init(self, key: jax.Array, hyper: Hyper, data: FedData) -> LocalState:
-        state = self.sim.init(key, hyper)  # FedPEAT's own LoRA init and run key
-        (ids, ok), = self.sim.sample(FedPEAT.round_keys(state)[0], data.levels)  # round 0's clients
-        trees = jax.tree.map(lambda x: jnp.broadcast_to(x, (ids.shape[0],) + x.shape), state.peft)
-        return LocalState(trees, ids, ok, state.round, state.key)
-
-    def round(self, state: LocalState, data: FedData, hyper: Hyper):
-        _, k_train, _, _ = FedPEAT.round_keys(state)
-        keys = FedPEAT.client_keys(k_train, 0, state.ids.shape[0])
-        ids = state.ids
-        res = jax.vmap(self.train, in_axes=(None, 0, 0, 0, 0, 0, None))(
-            self.base, state.trees, data.tokens[ids], data.mask[ids], data.counts[ids], keys, hyper
-        )
-        keep = lambda new, old: jnp.where(state.valid.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
-        trees = jax.tree.map(keep, res.peft, state.trees)
-        n = state.valid.sum()
-        loss = jnp.sum(jnp.where(state.valid, res.loss, 0.0)) / jnp.maximum(n, 1)
-        return LocalState(trees, ids, state.valid, state.round + 1, state.key), RoundInfo(loss, n.astype(jnp.int32))
-
-
-# --------------------------------------------------------------------------------------------
-# Methods: how each is built, run, evaluated and costed
+# Methods: each is a configuration of the library's one round (`FedPEAT`); this script only
+# configures, runs and reports
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Method:
     key: str
     description: str
-    hyper: Hyper
-    lr: float
-    init: Callable  # (seed, data) -> state (jitted: one compile instead of many eager ops)
-    round: Callable  # (state, data, hyper) -> (state, info with .loss, .participants)
-    eval: Callable  # (state, tokens, mask) -> (totals (E,), counts (E,)) one row per evaluated model
-    trainable_params: int
-    on_device_params: int
-    bytes_up: int  # per device per round
-    bytes_down: int
-    one_time_download_bytes: int  # the frozen part a device must hold before its first round
-    clients_per_round: int  # devices that train in one simulated round
-    depth: int  # blocks the device runs
-    emulator: str
-    mem_args: Callable  # state -> (objective, trainable, frozen) of one local step, for step_memory
-    mec_k: int  # middle blocks the device holds (MEC model)
-    lora_params: int  # LoRA factor parameters (FLOPs)
-    trained_matmul: int  # trained dense weights (their weight gradients: FLOPs)
-    aggregated: bool = True
+    sim: FedPEAT
+    data: FedData  # the clients it trains (local-only: its fixed cohort)
+    eval_clients: int = 0  # local-only: evaluate this many clients' own trees (0: the global tree)
 
+    @property
+    def learner(self):
+        return self.sim.learner
 
-def n_params(tree) -> int:
-    return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+    @property
+    def aggregated(self) -> bool:
+        return self.sim.fed.algorithm != "local"
+
+    @property
+    def trainable_params(self) -> int:
+        return self.learner.param_count()
+
+    @property
+    def on_device_params(self) -> int:
+        in_place = self.learner.kind == "model" or (self.learner.peft_full.kind == "full")  # trained weights replace frozen ones
+        return self.learner.device_params(0) + (0 if in_place else self.trainable_params)
+
+    @property
+    def bytes_up(self) -> int:
+        return self.sim.bytes_per_round(1)["bytes_up"] if self.aggregated else 0
+
+    @property
+    def bytes_down(self) -> int:
+        return self.sim.bytes_per_round(1)["bytes_down"] if self.aggregated else 0
+
+    @property
+    def one_time_download_bytes(self) -> int:
+        """The frozen part a device holds before its first round (full fine-tuning receives the
+        whole model every round instead)."""
+        return 0 if self.learner.kind == "model" else BYTES_PER_PARAM * (self.on_device_params - self.trainable_params)
+
+    @property
+    def depth(self) -> int:
+        return self.learner.model_levels[0].n_layer
+
+    @property
+    def mec_k(self) -> int:
+        return self.learner.specs[0].k
+
+    @property
+    def lora_params(self) -> int:
+        return self.trainable_params if self.learner.peft_full is not None and self.learner.peft_full.kind == "lora" else 0
+
+    @property
+    def trained_matmul(self) -> int:
+        """Trained dense weights (their weight gradients cost FLOPs)."""
+        model = self.sim.model
+        if self.learner.kind == "model":
+            return model.n_layer * model.block_param_count() + model.vocab_size * model.n_embd
+        return self.trainable_params if self.learner.peft_full.kind == "full" else 0
+
+    def step_memory_args(self, state, params) -> tuple:
+        """(objective, trainable, frozen) of one local step, for `peat.train.step_memory`."""
+        learner = self.learner
+        if learner.kind == "model":
+            return lm_objective(self.sim.model, None), state.trainable, None
+        tree = state.trainable if self.eval_clients == 0 else jax.tree.map(lambda x: x[0], state.clients)
+        return lm_objective(learner.model_levels[0], learner.peft_levels[0]), tree, learner.frozen(params, 0)
 
 
 def study_fed_config(cfg: StudyConfig) -> FedConfig:
-    """The FedConfig every method shares (client lr and emulator level set per method)."""
+    """The FedConfig every method shares (client lr, what is trained and the emulator set per method)."""
     return FedConfig(clients_per_round=cfg.clients_per_round, rounds=cfg.rounds, local_steps=cfg.local_steps, local_batch=cfg.local_batch,
                      client_lr=cfg.lr_lora, adapter_l=cfg.l, adapter_r=cfg.r, emulator_levels=(cfg.k,), log_lora_gap=False,
                      eval_batch=cfg.eval_batch)
@@ -296,131 +209,47 @@ def study_lora(cfg: StudyConfig) -> PeftConfig:
     return PeftConfig(kind="lora", lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
 
 
-def fedpeat_method(key: str, params, model: GPT2Config, fed: FedConfig, peft: PeftConfig, n_clients: int, description: str) -> tuple:
-    """(sim, Method) of a method the library's FedPEAT runs."""
-    sim = FedPEAT(params, model, peft, fed, n_clients=n_clients)
-    spec = sim.specs[0]
-    hyper = Hyper.from_config(fed)
-    emulator_params = jax.jit(emu.build, static_argnums=1)(params, spec)
-    trainable = n_params(jax.eval_shape(lambda: sim.init(jax.random.key(0), hyper).peft))
-    on_device = n_params(emulator_params) + (0 if peft.kind == "full" else trainable)  # "full": adapter trained in place
-    sent = sim.bytes_per_round(1)
-    objective = lm_objective(spec.emulator_config(model), sim.peft_emulators[0])
-    return sim, Method(
-        key=key, description=description, hyper=hyper, lr=fed.client_lr,
-        init=jax.jit(lambda seed, data: sim.init(jax.random.key(seed), hyper)),
-        round=sim.round,
-        eval=lambda s, tok, msk: jax.tree.map(lambda x: x[None], sim.eval_nll(s, tok, msk)),
-        trainable_params=trainable, on_device_params=on_device, bytes_up=int(sent["bytes_up"]), bytes_down=int(sent["bytes_down"]),
-        one_time_download_bytes=BYTES_PER_PARAM * (on_device - trainable), clients_per_round=fed.clients_per_round,
-        depth=spec.depth, emulator=spec.name,
-        mem_args=lambda s: (objective, s.peft, emulator_params),  # a PEFT state has the same shapes on emulator and full model
-        mec_k=spec.k, lora_params=trainable if peft.kind == "lora" else 0, trained_matmul=trainable if peft.kind == "full" else 0,
-    )
+def local_cohort(sim: FedPEAT, params, data: FedData, seed: int) -> FedData:
+    """The clients FedPEAT samples in its round 0 for `seed`: local-only's fixed cohort."""
+    state = jax.jit(sim.init)(jax.random.key(seed), params)
+    (ids, ok), = sim.sample(FedPEAT.round_keys(state)[0], data.levels)
+    ids = np.asarray(ids)[np.asarray(ok)]
+    return FedData(*(x[ids] for x in data))
 
 
-def lora_full_model_method(ref: FedPEAT, params, model: GPT2Config, fed: FedConfig, lora: PeftConfig, eval_batch: int) -> Method:
-    """(3) LoRA in every block of the full model (FedIT), outside FedPEAT's adapter placement."""
-    lora_all = lora.replace(layers=None)
-    hyper = Hyper.from_config(fed)
-
-    def local_fn(frozen, global_tree, tokens, mask, count, key, hyper):
-        res = local_train(frozen, global_tree, tokens, mask, count, key, hyper, model=model, peft=lora_all, fed=fed,
-                          n_steps=fed.local_steps, batch=fed.local_batch)
-        return res.peft, res.loss
-
-    runner = FullModelFed(ref, params, lambda k: peft_lib.init(k, params, model, lora_all), local_fn)
-    trainable = n_params(jax.eval_shape(lambda: runner.init_tree(jax.random.key(0))))
-    full = model.param_count()
-    objective = lm_objective(model, lora_all)
-    return Method(
-        key="fed_lora_full_model", description=f"LoRA r={lora.lora_rank} in every block, tuned on the full model (no emulator)",
-        hyper=hyper, lr=fed.client_lr,
-        init=jax.jit(lambda seed, data: runner.init(jax.random.key(seed), hyper)),
-        round=runner.round,
-        eval=lambda s, tok, msk: jax.tree.map(lambda x: x[None], gpt2.evaluate_nll(params, s.tree, tok, msk, model, lora_all, eval_batch)),
-        trainable_params=trainable, on_device_params=full + trainable,
-        bytes_up=BYTES_PER_PARAM * trainable, bytes_down=BYTES_PER_PARAM * trainable,
-        one_time_download_bytes=BYTES_PER_PARAM * full, clients_per_round=fed.clients_per_round,
-        depth=model.n_layer, emulator="none (full model)",
-        mem_args=lambda s: (objective, s.tree, params),
-        mec_k=model.n_layer - fed.adapter_l - fed.adapter_r, lora_params=trainable, trained_matmul=0,
-    )
-
-
-def full_ft_method(ref: FedPEAT, params, model: GPT2Config, fed: FedConfig, eval_batch: int) -> Method:
-    """(4) Full fine-tuning: the whole GPT-2 params tree is the trainable tree."""
-    hyper = Hyper.from_config(fed)
-    loss = whole_model_loss(model)
-
-    def local_fn(frozen, global_tree, tokens, mask, count, key, hyper):
-        return local_train_tree(frozen, global_tree, tokens, mask, count, key, hyper, loss=loss, fed=fed, n_steps=fed.local_steps,
-                                batch=fed.local_batch)
-
-    runner = FullModelFed(ref, None, lambda k: jax.tree.map(jnp.array, params), local_fn)
-    full = model.param_count()
-    objective = lm_objective(model, None)
-    return Method(
-        key="fed_full_ft", description="every parameter of the model (embeddings, blocks, final LayerNorm), the whole model sent both ways",
-        hyper=hyper, lr=fed.client_lr,
-        init=jax.jit(lambda seed, data: runner.init(jax.random.key(seed), hyper)),
-        round=runner.round,
-        eval=lambda s, tok, msk: jax.tree.map(lambda x: x[None], gpt2.evaluate_nll(s.tree, None, tok, msk, model, None, eval_batch)),
-        trainable_params=full, on_device_params=full,
-        bytes_up=BYTES_PER_PARAM * full, bytes_down=BYTES_PER_PARAM * full,
-        one_time_download_bytes=0, clients_per_round=fed.clients_per_round, depth=model.n_layer, emulator="none (full model)",
-        mem_args=lambda s: (objective, s.tree, None),
-        mec_k=model.n_layer - fed.adapter_l - fed.adapter_r, lora_params=0,
-        trained_matmul=model.n_layer * model.block_param_count() + model.vocab_size * model.n_embd,
-    )
-
-
-def local_only_method(sim: FedPEAT, base: Method, n_eval: int, eval_batch: int) -> Method:
-    """(5) FedPEAT's LoRA on the emulator, each cohort client on its own: nothing is sent."""
-    local = LocalOnly(sim)
-
-    def local_eval(s, tok, msk):
-        trees = jax.tree.map(lambda x: x[:n_eval], s.trees)
-        return jax.vmap(lambda t: gpt2.evaluate_nll(sim.params, t, tok, msk, sim.model, sim.peft_full, eval_batch))(trees)
-
-    n = sim.fed.clients_per_round
-    return dataclasses.replace(
-        base, key="local_lora",
-        description=f"FedPEAT's LoRA on the {sim.specs[0].name} emulator, each of round 0's {n} clients alone every round, no aggregation; "
-                    f"perplexity: mean over {n_eval} of them",
-        init=jax.jit(lambda seed, data: local.init(jax.random.key(seed), base.hyper, data)),
-        round=local.round, eval=local_eval,
-        mem_args=lambda s: base.mem_args(SimpleNamespace(peft=jax.tree.map(lambda x: x[0], s.trees))),
-        bytes_up=0, bytes_down=0, aggregated=False,
-    )
-
-
-def build_methods(cfg: StudyConfig, params, model: GPT2Config, data: FedData) -> tuple:
-    """({method key: Method} in the order of cfg.methods, the FedPEAT of method (1): the reference)."""
+def build_methods(cfg: StudyConfig, params, model: GPT2Config, data: FedData) -> dict:
+    """{method key: Method} in the order of cfg.methods."""
     n_clients = int(data.tokens.shape[0])
     n_middle = model.n_layer - cfg.l - cfg.r
-    fed = study_fed_config(cfg)
-    lora = study_lora(cfg)
+    fed, lora = study_fed_config(cfg), study_lora(cfg)
+    full = fed.replace(emulator_levels=(n_middle,))
     spec_name = emu.EmulatorSpec(model.n_layer, cfg.l, cfg.r, cfg.k).name
     full_name = emu.EmulatorSpec(model.n_layer, cfg.l, cfg.r, n_middle).name
-    methods = {}
-    ref, methods["fedpeat_lora"] = fedpeat_method("fedpeat_lora", params, model, fed, lora, n_clients,
-                                                  f"LoRA r={cfg.lora_rank} in the adapter blocks, tuned on the {spec_name} layer-drop emulator")
-    if "fed_full_adapter" in cfg.methods:
-        _, methods["fed_full_adapter"] = fedpeat_method("fed_full_adapter", params, model, fed.replace(client_lr=cfg.lr_full), PeftConfig(kind="full"),
-                                                        n_clients, f"every weight of the adapter blocks, tuned on the {spec_name} emulator")
-    if "fed_lora_full_model" in cfg.methods:
-        methods["fed_lora_full_model"] = lora_full_model_method(ref, params, model, fed, lora, cfg.eval_batch)
-    if "fed_full_ft" in cfg.methods:
-        methods["fed_full_ft"] = full_ft_method(ref, params, model, fed.replace(client_lr=cfg.lr_full), cfg.eval_batch)
-    if "local_lora" in cfg.methods:
-        n_eval = cfg.clients_per_round if cfg.local_eval_clients == 0 else min(cfg.local_eval_clients, cfg.clients_per_round)
-        methods["local_lora"] = local_only_method(ref, methods["fedpeat_lora"], n_eval, cfg.eval_batch)
-    if "fed_lora_adapter_full_model" in cfg.methods:
-        _, methods["fed_lora_adapter_full_model"] = fedpeat_method(
-            "fed_lora_adapter_full_model", params, model, fed.replace(emulator_levels=(n_middle,)), lora, n_clients,
-            f"LoRA r={cfg.lora_rank} in the adapter blocks, tuned on the full model ({full_name}: no layer dropped)")
-    return {k: methods[k] for k in cfg.methods}, ref
+    fedpeat = FedPEAT(model, lora, fed, n_clients=n_clients)
+    cohort = local_cohort(fedpeat, params, data, cfg.seeds[0])
+    n_eval = cfg.clients_per_round if cfg.local_eval_clients == 0 else min(cfg.local_eval_clients, cfg.clients_per_round)
+    n_cohort = int(cohort.tokens.shape[0])
+    build = {
+        "fedpeat_lora": lambda: Method(
+            "fedpeat_lora", f"LoRA r={cfg.lora_rank} in the adapter blocks, tuned on the {spec_name} layer-drop emulator", fedpeat, data),
+        "fed_full_adapter": lambda: Method(
+            "fed_full_adapter", f"every weight of the adapter blocks, tuned on the {spec_name} emulator",
+            FedPEAT(model, PeftConfig(kind="full"), fed.replace(client_lr=cfg.lr_full), n_clients=n_clients), data),
+        "fed_lora_full_model": lambda: Method(
+            "fed_lora_full_model", f"LoRA r={cfg.lora_rank} in every block, tuned on the full model (no emulator)",
+            FedPEAT(model, lora, full.replace(trainable="all_blocks"), n_clients=n_clients), data),
+        "fed_full_ft": lambda: Method(
+            "fed_full_ft", "every parameter of the model (embeddings, blocks, final LayerNorm), the whole model sent both ways",
+            FedPEAT(model, lora, full.replace(trainable="model", client_lr=cfg.lr_full), n_clients=n_clients), data),
+        "local_lora": lambda: Method(
+            "local_lora", f"FedPEAT's LoRA on the {spec_name} emulator, each of round 0's {n_cohort} clients alone every round, "
+            f"no aggregation; perplexity: mean over {n_eval} of them",
+            FedPEAT(model, lora, fed.replace(algorithm="local", clients_per_round=n_cohort), n_clients=n_cohort), cohort, n_eval),
+        "fed_lora_adapter_full_model": lambda: Method(
+            "fed_lora_adapter_full_model", f"LoRA r={cfg.lora_rank} in the adapter blocks, tuned on the full model ({full_name}: no layer dropped)",
+            FedPEAT(model, lora, full, n_clients=n_clients), data),
+    }
+    return {k: build[k]() for k in cfg.methods}
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,25 +310,31 @@ def _shapes(tree) -> tuple:
     return (jax.tree.structure(tree), tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves(tree)))
 
 
-def run_method(m: Method, cfg: StudyConfig, model: GPT2Config, data: FedData, heldout, log, memory_cache: Optional[dict] = None,
-               compiled: Optional[dict] = None) -> dict:
+def run_method(m: Method, cfg: StudyConfig, model: GPT2Config, params, heldout, log, memory_cache: Optional[dict] = None) -> dict:
     """Compile, measure memory, run every seed with evaluations; returns the method's results."""
+    sim, data = m.sim, m.data
+    hyper = Hyper.from_config(sim.fed)
     tok, msk = heldout
     eval_rounds = sorted({r for r in range(cfg.eval_every, cfg.rounds + 1, cfg.eval_every)} | {cfg.rounds})
-    state = m.init(cfg.seeds[0], data)
+    init = jax.jit(sim.init)
+    state = init(jax.random.key(cfg.seeds[0]), params, hyper)
     t0 = time.perf_counter()
-    round_c = jax.jit(m.round).lower(state, data, m.hyper).compile()
+    round_c = jax.jit(sim.round).lower(state, params, data, hyper).compile()
     round_compile = time.perf_counter() - t0
-    if compiled is not None:
-        compiled[m.key] = round_c
+
+    def evaluate(s, p, t, k):
+        if m.eval_clients == 0:
+            return jax.tree.map(lambda x: x[None], sim.eval_nll(s, p, t, k))
+        return jax.vmap(lambda i: sim.eval_nll(s, p, t, k, client=i))(jnp.arange(m.eval_clients))
+
     t0 = time.perf_counter()
-    eval_c = jax.jit(m.eval).lower(state, tok, msk).compile()
+    eval_c = jax.jit(evaluate).lower(state, params, tok, msk).compile()
     eval_compile = time.perf_counter() - t0
     round_memory = round_c.memory_analysis()
 
-    objective, trainable, frozen = m.mem_args(state)
+    objective, trainable, frozen = m.step_memory_args(state, params)
     example = {"tokens": data.tokens[0, : cfg.local_batch], "mask": data.mask[0, : cfg.local_batch]}
-    tcfg = TrainConfig(steps=2, batch=cfg.local_batch, lr=m.lr, weight_decay=0.0, clip=0.0)  # plain Adam, as the clients
+    tcfg = TrainConfig(steps=2, batch=cfg.local_batch, lr=sim.fed.client_lr, weight_decay=0.0, clip=0.0)  # plain Adam, as the clients
     memory_key = (objective, _shapes(trainable), _shapes(frozen), tcfg)
     memory_cache = {} if memory_cache is None else memory_cache
     if memory_key not in memory_cache:  # local-only runs FedPEAT's very step: compile it once
@@ -508,18 +343,18 @@ def run_method(m: Method, cfg: StudyConfig, model: GPT2Config, data: FedData, he
 
     runs, round_seconds, eval_seconds = [], [], []
     for seed in cfg.seeds:
-        state = m.init(seed, data)
-        curve = [{"round": 0, "ppl": float(np.mean(_ppl(*jax.device_get(eval_c(state, tok, msk)))))}]  # the untuned model: zero-shot
+        state = init(jax.random.key(seed), params, hyper)
+        curve = [{"round": 0, "ppl": float(np.mean(_ppl(*jax.device_get(eval_c(state, params, tok, msk)))))}]  # the untuned model: zero-shot
         losses = []
         for r in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
-            state, info = round_c(state, data, m.hyper)
+            state, info = round_c(state, params, data, hyper)
             jax.block_until_ready(state)
             round_seconds.append(time.perf_counter() - t0)
             losses.append(float(info.loss))
             if r in eval_rounds:
                 t0 = time.perf_counter()
-                totals, counts = jax.device_get(eval_c(state, tok, msk))
+                totals, counts = jax.device_get(eval_c(state, params, tok, msk))
                 eval_seconds.append(time.perf_counter() - t0)
                 ppls = _ppl(totals, counts)
                 point = {"round": r, "ppl": float(np.mean(ppls)), "train_loss": losses[-1]}
@@ -535,12 +370,15 @@ def run_method(m: Method, cfg: StudyConfig, model: GPT2Config, data: FedData, he
     tokens_client = cfg.local_steps * cfg.local_batch * cfg.seq_len
     fpt = flops_per_token(model, m.depth, cfg.seq_len, m.trained_matmul, m.lora_params)
     median_round = statistics.median(round_seconds)
-    flops_round = fpt * tokens_client * m.clients_per_round
+    clients_per_round = sim.fed.clients_per_round
+    flops_round = fpt * tokens_client * clients_per_round
+    spec = sim.learner.specs[0]
     return {
         "label": LABELS[m.key],
         "description": m.description,
-        "emulator": m.emulator,
-        "client_lr": m.lr,
+        "emulator": spec.name if sim.learner.kind == "adapter" and spec.k < spec.n_middle else "none (full model)",
+        "client_lr": sim.fed.client_lr,
+        "config": {"trainable": sim.fed.trainable, "algorithm": sim.fed.algorithm, "peft_kind": sim.peft.kind, "emulator_levels": list(sim.fed.emulator_levels)},
         "aggregated": m.aggregated,
         "trainable_params": m.trainable_params,
         "on_device_params": m.on_device_params,
@@ -553,7 +391,7 @@ def run_method(m: Method, cfg: StudyConfig, model: GPT2Config, data: FedData, he
         "tokens_per_client_per_round": tokens_client,
         "flops_per_token": fpt,
         "flops_per_client_per_round": fpt * tokens_client,
-        "clients_per_round": m.clients_per_round,
+        "clients_per_round": clients_per_round,
         "round_seconds": round_seconds,
         "round_seconds_median": median_round,
         "round_gflops_per_s": flops_round / median_round / 1e9,
@@ -566,32 +404,6 @@ def run_method(m: Method, cfg: StudyConfig, model: GPT2Config, data: FedData, he
         "curve": mean_curve,
         "runs": runs,
     }
-
-
-def consistency_check(ref: FedPEAT, m: Method, round_compiled, data: FedData, seed: int) -> dict:
-    """Does `FullModelFed` + `local_train_tree` (how methods 3 and 4 run) reproduce `FedPEAT.round`?
-    Both run one round from the same state on FedPEAT's own emulator and LoRA; relative max
-    difference of the new global state, and of the mean training loss."""
-    spec = ref.specs[0]
-    loss = peft_loss(spec.emulator_config(ref.model), ref.peft_emulators[0])
-    fed = ref.fed
-
-    def local_fn(frozen, global_tree, tokens, mask, count, key, hyper):
-        return local_train_tree(frozen, global_tree, tokens, mask, count, key, hyper, loss=loss, fed=fed, n_steps=fed.local_steps,
-                                batch=fed.local_batch)
-
-    runner = FullModelFed(ref, jax.jit(emu.build, static_argnums=1)(ref.params, spec), None, local_fn)
-    state = m.init(seed, data)
-    mine = RunState(state.peft, state.opt_state, state.round, state.key)
-    ref_state, ref_info = round_compiled(state, data, m.hyper)
-    my_state, my_info = jax.jit(runner.round)(mine, data, m.hyper)
-    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(ref_state.peft), jax.tree.leaves(my_state.tree)))
-    scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(ref_state.peft))
-    rel = diff / max(scale, 1e-30)
-    loss_diff = abs(float(ref_info.loss) - float(my_info.loss))
-    same_clients = int(ref_info.participants) == int(my_info.participants)
-    return {"max_abs_diff": diff, "relative_diff": rel, "loss_diff": loss_diff, "same_participants": same_clients,
-            "passed": bool(rel < 1e-4 and loss_diff < 1e-4 and same_clients)}
 
 
 def run_study(cfg: StudyConfig, *, cache_dir=None, log=print) -> dict:
@@ -613,22 +425,17 @@ def run_study(cfg: StudyConfig, *, cache_dir=None, log=print) -> dict:
     zero_shot = float(_ppl(zs_total, zs_count))
     log(f"{cfg.preset}: {model.param_count():,} parameters; {int(data.tokens.shape[0])} clients; held-out zero-shot perplexity {zero_shot:.2f}")
 
-    methods, ref = build_methods(cfg, params, model, data)
+    methods = build_methods(cfg, params, model, data)
     env = env_device_defaults()
-    results, memory_cache, compiled = {}, {}, {}
+    results, memory_cache = {}, {}
     for key, m in methods.items():
         log(f"[{key}] {m.description}")
         t0 = time.perf_counter()
-        results[key] = run_method(m, cfg, model, data, heldout, log, memory_cache, compiled)
+        results[key] = run_method(m, cfg, model, params, heldout, log, memory_cache)
         results[key]["mec"] = mec_latency(m, model, cfg, env)
         results[key]["wall_seconds"] = time.perf_counter() - t0
         log(f"[{key}] final plug-in ppl {results[key]['final_ppl']:.2f}, {results[key]['round_seconds_median']:.2f} s/round, "
             f"{results[key]['wall_seconds']:.0f} s in all")
-    check = None
-    if {"fed_lora_full_model", "fed_full_ft"} & set(methods):
-        check = consistency_check(ref, methods["fedpeat_lora"], compiled["fedpeat_lora"], data, cfg.seeds[0])
-        log(f"full-model loop vs FedPEAT.round on FedPEAT's LoRA: relative difference {check['relative_diff']:.2e}, "
-            f"{'PASSED' if check['passed'] else 'FAILED: methods 3 and 4 are not run like FedPEAT'}")
 
     spec = emu.EmulatorSpec(model.n_layer, cfg.l, cfg.r, cfg.k)
     return {
@@ -641,7 +448,6 @@ def run_study(cfg: StudyConfig, *, cache_dir=None, log=print) -> dict:
                  "heldout_windows": int(heldout[0].shape[0]), "heldout_tokens": int(np.asarray(heldout[1])[:, 1:].sum()),
                  "heldout": "the held-out plays in First Folio spelling (TaskConfig default)"},
         "zero_shot_ppl": zero_shot,
-        "full_model_loop_check": check,
         "mec_parameters": {**env, "distance_m": env["cell_radius"] / math.sqrt(2.0), "fading": 1.0, "bandwidth_share": 1.0 / env["n_devices"],
                            "flops_per_s": 0.5 * (env["flops_min"] + env["flops_max"]), "tokens_per_round": cfg.local_steps * cfg.local_batch * cfg.seq_len},
         "methods": results,
@@ -725,10 +531,8 @@ def to_markdown(res: dict) -> str:
         f"{mec['pl_const_db']} + {mec['pl_exp_db']} log10(d/km), compute {mec['flops_per_s'] / 1e12:.1f} TFLOP/s at utilization "
         f"{mec['utilization']}, {mec['q_bits']:.0f}-bit payloads, this study's workload ({mec['tokens_per_round']} tokens per round). "
         "Steady rounds download and upload the trained part and compute; the first round also downloads the emulator / model.",
-        "- Methods (3) and (4) run in the script's own loop (FedPEAT ties the trained part to the adapter blocks): FedPEAT's client "
-        "sampling, keys, local Adam steps and FedAvg. Check: the loop given FedPEAT's emulator and LoRA reproduces `FedPEAT.round` "
-        + ("(relative difference {:.1e}, {}).".format(res["full_model_loop_check"]["relative_diff"], "passed" if res["full_model_loop_check"]["passed"] else "FAILED")
-           if res.get("full_model_loop_check") else "(not run)."),
+        "- Every method is a configuration of the library's one round (`FedPEAT`: `FedConfig.trainable` 'adapter', 'all_blocks' or "
+        "'model'; `algorithm='local'` for local-only): the same client sampling, keys, local Adam steps and FedAvg.",
         f"- Perplexity of local-only: mean over the evaluated clients of each one's own plug-in perplexity (`local_eval_clients` = "
         f"{cfg['local_eval_clients']}).",
         f"- Machine: {machine.get('cpu_model')}, {machine.get('cpus_usable')} usable CPUs, jax {machine.get('jax')} ({machine.get('jax_backend')}); "

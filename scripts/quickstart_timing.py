@@ -81,6 +81,7 @@ class LoadSampler(threading.Thread):
     def __init__(self, period: float = SAMPLE_S):
         super().__init__(daemon=True)
         self.period, self.samples, self.stopped = period, [], threading.Event()
+        self.start_ticks = tree_ticks(os.getpid())
 
     def run(self) -> None:
         me = os.getpid()
@@ -95,9 +96,11 @@ class LoadSampler(threading.Thread):
             t0, busy0, own0 = t1, busy1, own1
 
     def stop(self) -> dict:
+        """Stop sampling (after the quickstart exited, so that its CPU time is in this process's cutime)."""
         self.stopped.set()
         self.join()
-        return summarize_load(self.samples, self.period)
+        return {**summarize_load(self.samples, self.period),
+                "own_cpu_seconds": round((tree_ticks(os.getpid()) - self.start_ticks) / HZ, 1)}
 
 
 def summarize_load(samples: list, period: float) -> dict:
@@ -178,7 +181,8 @@ def load_line(load: dict) -> str:
                else "the machine was otherwise quiet")
     return (f"- Load during the run ({load['samples']} samples, every {load['sample_seconds']:.0f} s): other processes used "
             f"{load['other_cores_mean']:.2f} cores on average (at most {load['other_cores_max']:.2f}; more than half a core in "
-            f"{100 * load['other_busy_fraction']:.0f}% of the samples), the quickstart {load['own_cores_mean']:.2f}; 1-minute load "
+            f"{100 * load['other_busy_fraction']:.0f}% of the samples), the quickstart {load['own_cores_mean']:.2f} "
+            f"({load['own_cpu_seconds']:,.0f} CPU-seconds in all); 1-minute load "
             f"average {load['loadavg_1_min']:.2f} to {load['loadavg_1_max']:.2f}: {verdict} "
             f"(threshold {load['shared_cpu_threshold_cores']} cores).")
 

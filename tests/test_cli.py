@@ -35,7 +35,7 @@ def test_help_of_every_subcommand(name, capsys):
         (["tune", "--emulator-levels", "9", "--preset", "tiny"], "--emulator-levels (FedConfig.emulator_levels) [9] larger than the model's middle"),
         (["tune", "--kind", "nonsense"], "--kind (PeftConfig.kind) must be one of"),
         (["tune", "--partition", "random"], "--partition (TaskConfig.partition) must be one of"),
-        (["tune", "--model-dir", "/nonexistent/gpt2"], "/nonexistent/gpt2/config.json not found"),
+        (["tune", "--model-dir", "/nonexistent/gpt2"], "model directory /nonexistent/gpt2 does not exist"),
         (["calibrate", "--levels", "3,1"], "--levels (CalibrateConfig.levels) must be strictly increasing"),
         (["calibrate", "--adapter-l", "4", "--adapter-r", "4"], "leaves no middle block in the 8-block model"),
         (["calibrate", "--server-domains", "modern,klingon"], "must be distinct names from ('modern', 'target')"),
@@ -49,11 +49,17 @@ def test_help_of_every_subcommand(name, capsys):
         (["train-controller", "--num-envs", "0"], "--num-envs (SABPPOConfig.num_envs) must be an integer >= 1"),
     ],
 )
-def test_bad_values_name_the_option(args, message):
-    out = fedpeat(*args)
-    assert out.returncode == 2, out.stderr
-    assert message in out.stderr
-    assert "Traceback" not in out.stderr
+def test_bad_values_name_the_option(args, message, capsys):
+    assert cli.main(args) == 2  # in-process: main is exactly what the `fedpeat` script runs
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith(f"fedpeat {args[0]}: error: "), err
+
+
+def test_a_bad_value_from_the_shell_exits_2_with_one_line():
+    out = fedpeat("tune", "--client-lr", "-1")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "--client-lr (FedConfig.client_lr) must be > 0" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_unknown_option_and_subcommand_are_refused():

@@ -10,7 +10,7 @@ import pytest
 
 from fedpeat_jax.data import shakespeare as shk
 from fedpeat_jax.data.partition import DEFAULT_HELDOUT_PLAYS
-from fedpeat_jax.data.corpus import Corpus, Speech, corpus_stats, format_stats, load_text_folder
+from fedpeat_jax.data.corpus import Corpus, Speech, corpus_stats, format_stats
 from fedpeat_jax.data.shakespeare import (
     CorpusUnavailableError,
     canonical_roles,
@@ -133,28 +133,12 @@ def test_load_shakespeare_from_a_texts_dir_excludes_poems_and_metadata():
 
 
 def test_corpus_select_refuses_unknown_plays():
-    corpus = Corpus((Speech("a", "X", "t"), Speech("b", "Y", "u")), "custom")
+    corpus = Corpus((Speech("a", "X", "t"), Speech("b", "Y", "u")), "modern")
     assert corpus.select(exclude=["a"]).plays == ("b",)
     with pytest.raises(ValueError, match="unknown play"):
         corpus.select(exclude=["hamlett"])
-
-
-def test_load_text_folder_files_and_paragraph_groups(tmp_path):
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "a.txt").write_text("one\n\ntwo\n\n\nthree\n")
-    (tmp_path / "sub" / "b.txt").write_text("only paragraph\n")
-    (tmp_path / "ignored.md").write_text("not a txt file")
-    whole = load_text_folder(tmp_path)
-    assert [(s.play, s.role) for s in whole.speeches] == [("a", "document"), ("sub/b", "document")]
-    grouped = load_text_folder(tmp_path, paragraphs_per_group=2)
-    assert [(s.play, s.role, s.text) for s in grouped.speeches] == [
-        ("a", "part0000", "one"),
-        ("a", "part0000", "two"),
-        ("a", "part0001", "three"),
-        ("sub/b", "part0000", "only paragraph"),
-    ]
-    with pytest.raises(FileNotFoundError, match="no files"):
-        load_text_folder(tmp_path, pattern="*.csv")
+    with pytest.raises(ValueError, match="unknown document"):  # a user's text speaks of documents
+        Corpus(corpus.speeches, "custom").select(exclude=["hamlett"])
 
 
 # --- fetching and caching, no network -----------------------------------------------------------

@@ -6,6 +6,8 @@ levels and server choice, then the plug-in perplexity) and against the surrogate
 representative case runs by default; the rest with --runslow.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,13 +48,16 @@ def _env_params(**overrides):
 def _sim(server=True):
     fed = FedConfig(clients_per_round=N * len(KS), level_slots=(N,) * len(KS), emulator_levels=KS, local_steps=2,
                     local_batch=2, client_lr=1e-2, server_participation=server, log_lora_gap=False)
-    return FedPEAT(gpt2.init(jax.random.key(0), MODEL), MODEL, PEFT, fed)
+    return FedPEAT(MODEL, PEFT, fed)
+
+
+WEIGHTS = gpt2.init(jax.random.key(0), MODEL)
 
 
 @pytest.fixture(scope="module")
 def live():
     data, server, heldout = _task()
-    return LiveFedPEATMEC(_sim(), data, heldout, _env_params(), server_data=server)
+    return LiveFedPEATMEC(_sim(), WEIGHTS, data, heldout, _env_params(), server_data=server)
 
 
 def _action(participate, level, server=1):
@@ -62,7 +67,7 @@ def _action(participate, level, server=1):
 @pytest.mark.slow
 def test_reset_starts_from_the_measured_zero_shot_perplexity(live):
     obs, state = live.reset(jax.random.key(0), live.default_params)
-    assert float(state.ppl) == pytest.approx(float(live.plugin_perplexity(live.fresh_learner)))
+    assert float(state.ppl) == pytest.approx(float(live.plugin_perplexity(live.default_params.fresh_learner, live.default_params)))
     assert float(live.default_params.ppl0) == pytest.approx(float(state.ppl))
     np.testing.assert_array_equal(np.asarray(state.data), [4.0, 3.0, 2.0])  # devices hold their clients' data
     assert obs.shape == live.obs_shape
@@ -76,12 +81,12 @@ def test_a_live_step_is_the_simulators_round_with_the_chosen_devices(live):
 
     data, _, heldout = _task()
     sim = live.sim
-    ref, metrics = jax.jit(lambda s: sim.round(s, data._replace(levels=jnp.asarray(level)), Hyper.from_config(sim.fed),
-                                               live.server_data, available=jnp.array([True, False, True]),
+    ref, metrics = jax.jit(lambda s: sim.round(s, WEIGHTS, data._replace(levels=jnp.asarray(level)), Hyper.from_config(sim.fed),
+                                               live.default_params.server_windows, available=jnp.array([True, False, True]),
                                                server_available=jnp.asarray(False)))(state.learner)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
-                 (stepped.learner.peft, stepped.learner.opt_state, stepped.learner.round), (ref.peft, ref.opt_state, ref.round))
-    nll, count = sim.eval_nll(ref, *(jnp.asarray(x) for x in heldout))
+                 (stepped.learner.trainable, stepped.learner.opt_state, stepped.learner.round), (ref.trainable, ref.opt_state, ref.round))
+    nll, count = sim.eval_nll(ref, WEIGHTS, *(jnp.asarray(x) for x in heldout))
     assert float(info["perplexity"]) == pytest.approx(float(np.exp(nll / count)), rel=1e-5)
     assert int(info["clients_trained"]) == 2 == int(metrics.participants)
     assert float(info["perplexity"]) < float(state.ppl)  # two clients' tuning already helps on this task
@@ -90,7 +95,7 @@ def test_a_live_step_is_the_simulators_round_with_the_chosen_devices(live):
 
 @pytest.mark.slow
 def test_physics_is_the_surrogate_environments(live):
-    surrogate = FedPEATMEC(live.default_params)
+    surrogate = FedPEATMEC(live.default_params.surrogate())
     action = _action([1, 1, 0], [0, 1, 1])
     _, s_live = live.reset(jax.random.key(3), live.default_params)
     _, s_sur = surrogate.reset(jax.random.key(3))
@@ -107,7 +112,7 @@ def test_devices_over_memory_train_nobody(live):
     _, stepped, _, _, _, info = live.step(jax.random.key(1), state, _action([1, 1, 1], [1, 1, 1], server=0), params)
     assert int(info["violations"]) == N and int(info["clients_trained"]) == 0
     assert float(info["perplexity"]) == pytest.approx(float(state.ppl), rel=1e-6)  # nothing was learned
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), stepped.learner.peft, state.learner.peft)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), stepped.learner.trainable, state.learner.trainable)
 
 
 @pytest.mark.slow
@@ -133,14 +138,35 @@ def test_stragglers_do_not_train(live):
     assert float(info["perplexity"]) == pytest.approx(float(state.ppl), rel=1e-6)
 
 
+def test_the_lowered_live_step_holds_no_weights_or_data():
+    """The frozen weights, the clients' data and the held-out windows reach the compiled step as
+    arguments (LiveParams), never as constants: two environments that differ only in them lower
+    to the same program, whose text is far smaller than the weights."""
+    data, server, heldout = _task()
+    other_weights = gpt2.init(jax.random.key(1), MODEL)
+    other_data = data._replace(tokens=(data.tokens + 1) % 61)
+    texts = []
+    for weights, d in ((WEIGHTS, data), (other_weights, other_data)):
+        env = LiveFedPEATMEC(_sim(), weights, d, heldout, _env_params(), server_data=server)
+        params = env.default_params
+        _, state = env.reset(jax.random.key(0), params)
+        lowered = jax.jit(lambda k, s, a, p, env=env: env.step(k, s, a, p)).lower(
+            jax.random.key(1), state, _action([1, 0, 1], [1, 0, 1]), params)
+        texts.append(lowered.as_text())
+    assert texts[0] == texts[1]
+    # no constant in the program is as large as the smallest weight matrix (hex constants: 2 characters a byte)
+    largest_constant = max((len(h) // 2 for h in re.findall(r'dense<"0x([0-9A-Fa-f]+)"', texts[0])), default=0)
+    assert largest_constant < min(x.nbytes for x in jax.tree.leaves(WEIGHTS) if x.ndim == 2)
+
+
 def test_bad_live_setups_are_refused():
     data, server, heldout = _task()
     with pytest.raises(ValueError, match="one client per device"):
-        LiveFedPEATMEC(_sim(), data, heldout, _env_params(n_devices=2), server_data=server)
+        LiveFedPEATMEC(_sim(), WEIGHTS, data, heldout, _env_params(n_devices=2), server_data=server)
     with pytest.raises(ValueError, match="emulator_levels"):
-        LiveFedPEATMEC(_sim(), data, heldout, _env_params(emulator_k=(0, 1)), server_data=server)
+        LiveFedPEATMEC(_sim(), WEIGHTS, data, heldout, _env_params(emulator_k=(0, 1)), server_data=server)
     with pytest.raises(ValueError, match="server_data"):
-        LiveFedPEATMEC(_sim(server=False), data, heldout, _env_params(), server_data=server)
+        LiveFedPEATMEC(_sim(server=False), WEIGHTS, data, heldout, _env_params(), server_data=server)
     with pytest.raises(ValueError, match="n_devices must be >= 1"):
         LiveConfig(n_devices=0)
 

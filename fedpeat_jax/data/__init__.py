@@ -1,14 +1,17 @@
-"""Data layer: the offline Shakespeare corpus (or a user's folder of text), federated partitions,
-and tokenizers. Nothing here imports a higher layer of fedpeat_jax."""
+"""Data layer: the offline Shakespeare corpus or a user's own text (`TextConfig` says which),
+federated partitions, and tokenizers. Nothing here imports a higher layer of fedpeat_jax."""
 
 from fedpeat_jax.data.corpus import (
     Corpus,
     CorpusStats,
+    NotTextError,
     Speech,
+    TextFileWarning,
     corpus_stats,
     format_stats,
     load_text_folder,
     split_paragraphs,
+    split_windows,
 )
 from fedpeat_jax.data.partition import (
     DEFAULT_HELDOUT_PLAYS,
@@ -40,6 +43,14 @@ from fedpeat_jax.data.shakespeare import (
     resolve_cache_dir,
     shakespeare_texts_dir,
 )
+from fedpeat_jax.data.source import (
+    TextConfig,
+    corpus_digest,
+    heldout_documents,
+    load_corpus,
+    split_corpus,
+    training_and_heldout_texts,
+)
 from fedpeat_jax.data.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_bpe_tokenizer
 
 __all__ = [
@@ -48,8 +59,17 @@ __all__ = [
     "Speech",
     "corpus_stats",
     "format_stats",
+    "NotTextError",
+    "TextFileWarning",
     "load_text_folder",
     "split_paragraphs",
+    "split_windows",
+    "TextConfig",
+    "corpus_digest",
+    "heldout_documents",
+    "load_corpus",
+    "split_corpus",
+    "training_and_heldout_texts",
     "DEFAULT_HELDOUT_PLAYS",
     "DEFAULT_MIN_SPEECHES",
     "ClientData",

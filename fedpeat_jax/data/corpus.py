@@ -1,14 +1,17 @@
 """The corpus data model shared by every text source: speeches, corpora, statistics.
 
-A `Corpus` is an ordered tuple of `Speech`es. Each speech belongs to a *document* (`play`: a play
-id for Shakespeare, a file name for a user's folder) and a *speaker* (`role`). The pair
-`(play, role)` is the natural federated client (LEAF's Shakespeare clients), so any corpus a user
-brings can be partitioned the same way as the default one.
+A `Corpus` is an ordered tuple of `Speech`es: the examples of the text. Each belongs to a
+*document* (`play`: a play id for Shakespeare, a file for a user's text) and a *speaker* (`role`:
+a Shakespeare role; empty for a user's text). The pair `(play, role)` is the natural federated
+client: LEAF's (play, role) clients for Shakespeare, one client per file for a user's text.
+Messages and statistics speak of plays, roles and speeches only for Shakespeare, and of
+documents and examples otherwise.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +22,12 @@ SPELLINGS = ("modern", "folio", "custom")
 
 @dataclass(frozen=True)
 class Speech:
-    """One uninterrupted speech: the lines one role speaks before another role speaks."""
+    """One example: for Shakespeare, the lines one role speaks before another role speaks; for
+    a user's text, a paragraph or a window of words."""
 
-    play: str  # document id: "hamlet", or a file stem for a user's folder
-    role: str  # speaker within the document: "HAMLET", or a paragraph group "part0003"
-    text: str  # the spoken lines, joined by "\n", stage directions removed
+    play: str  # document id: "hamlet", or a file's path in a user's folder ("books/emma")
+    role: str  # speaker within the document ("HAMLET"); "" for a user's text
+    text: str  # the spoken lines joined by "\n" (stage directions removed), or the paragraph/window
 
     @property
     def client(self) -> tuple:
@@ -71,7 +75,8 @@ class Corpus:
         drop = set(exclude)
         unknown = sorted((keep | drop) - known)
         if unknown:
-            raise ValueError(f"unknown play(s) {unknown}; this corpus has {sorted(known)}")
+            what = "document(s)" if self.spelling == "custom" else "play(s)"
+            raise ValueError(f"unknown {what} {unknown}; this corpus has {sorted(known)}")
         kept = tuple(s for s in self.speeches if s.play in keep and s.play not in drop)
         return Corpus(kept, self.spelling)
 
@@ -94,6 +99,12 @@ class CorpusStats:
     largest_roles: tuple  # ((play, role, speeches), ...) for the five largest roles
 
     def __str__(self) -> str:
+        if self.spelling == "custom":
+            top = ", ".join(f"{p} ({n})" for p, _, n in self.largest_roles)
+            return (
+                f"your text: {self.plays} documents, {self.speeches:,} examples, {self.characters:,} characters; "
+                f"median {self.speeches_per_role_median:g} examples per document; largest documents: {top}"
+            )
         top = ", ".join(f"{p}/{r} ({n})" for p, r, n in self.largest_roles)
         return (
             f"{self.spelling} corpus: {self.plays} plays, {self.roles} (play, role) pairs, "
@@ -130,16 +141,31 @@ def format_stats(corpus: Corpus) -> str:
         entry[0].add(s.role)
         entry[1] += 1
         entry[2] += len(s.text)
-    width = max((len(p) for p in per_play), default=4)
+    width = max((len(p) for p in per_play), default=8)
+    if corpus.spelling == "custom":
+        lines = [str(stats), f"  {'document':<{width}}  {'examples':>8}  {'characters':>10}"]
+        lines += [f"  {doc:<{width}}  {n:>8}  {chars:>10,}" for doc, (_, n, chars) in per_play.items()]
+        return "\n".join(lines)
     lines = [str(stats), f"  {'play':<{width}}  {'roles':>5}  {'speeches':>8}  {'characters':>10}"]
     for play, (roles, n, chars) in per_play.items():
         lines.append(f"  {play:<{width}}  {len(roles):>5}  {n:>8}  {chars:>10,}")
     return "\n".join(lines)
 
 
-# --- a user's own folder of text files --------------------------------------------------------
+# --- a user's own text files ----------------------------------------------------------------
 
+UNITS = ("paragraph", "window")
+UNDECODABLE = ("error", "skip")
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+_WORD = re.compile(r"\S+")
+
+
+class TextFileWarning(UserWarning):
+    """A file of a user's corpus was skipped (empty, or not text and `undecodable="skip"`)."""
+
+
+class NotTextError(ValueError):
+    """A file of a user's corpus is not text in the expected encoding."""
 
 
 def split_paragraphs(text: str) -> list:
@@ -148,41 +174,88 @@ def split_paragraphs(text: str) -> list:
     return [p.strip() for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
 
 
-def load_text_folder(
-    folder,
-    *,
-    pattern: str = "*.txt",
-    paragraphs_per_group: Optional[int] = None,
-    encoding: str = "utf-8",
-) -> Corpus:
-    """Load every file matching `pattern` under `folder` (recursively, sorted) as a document.
+def split_windows(text: str, words: int) -> list:
+    """Consecutive pieces of `words` whitespace-separated words each (the last may be shorter),
+    cut from the text itself, so line breaks inside a piece are kept."""
+    if words < 1:
+        raise ValueError(f"words per window must be >= 1, got {words}")
+    spans = [m.span() for m in _WORD.finditer(text)]
+    return [text[spans[i][0] : spans[min(i + words, len(spans)) - 1][1]] for i in range(0, len(spans), words)]
 
-    paragraphs_per_group=None: each file is one speech, role "document" (one client per file).
-    paragraphs_per_group=k:    each paragraph is a speech and consecutive groups of k paragraphs
-                               share a role "part0000", "part0001", ..., so a long file yields
-                               several (file, group) clients that partition like (play, role).
-    Document ids are the paths relative to `folder` without the suffix ("books/emma").
-    """
-    root = Path(folder).expanduser()
+
+def read_text_file(path: Path, encoding: str = "utf-8") -> str:
+    """The file's text; a NotTextError naming the file if it is not text in `encoding`."""
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise NotTextError(f"{path} is not a text file (it contains NUL bytes)")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise NotTextError(f"{path} is not valid {encoding} text (byte {e.start}: {e.reason})") from None
+
+
+def text_files(source, pattern: str = "*.txt") -> list:
+    """The files of a corpus: `source` itself if it is a file, else every file under the folder
+    `source` matching `pattern` (recursively, sorted)."""
+    root = Path(source).expanduser()
+    if root.is_file():
+        return [root]
     if not root.is_dir():
-        raise FileNotFoundError(f"text folder {root} does not exist or is not a directory")
-    if paragraphs_per_group is not None and paragraphs_per_group < 1:
-        raise ValueError(f"paragraphs_per_group must be None or >= 1, got {paragraphs_per_group}")
+        raise FileNotFoundError(f"{root} does not exist (expected a folder of text files or one text file)")
     files = sorted(p for p in root.rglob(pattern) if p.is_file())
     if not files:
-        raise FileNotFoundError(f"no files matching {pattern!r} under {root}")
+        present = sorted(p.name for p in root.iterdir())[:8]
+        raise FileNotFoundError(f"no files matching {pattern!r} under {root} (it holds {present or 'nothing'})")
+    return files
+
+
+def document_id(path: Path, source) -> str:
+    """A document's name: its path relative to the corpus folder without the suffix ("books/emma")."""
+    root = Path(source).expanduser()
+    return path.stem if root.is_file() else path.relative_to(root).with_suffix("").as_posix()
+
+
+def load_text_folder(
+    source,
+    *,
+    pattern: str = "*.txt",
+    unit: str = "paragraph",
+    window_words: int = 128,
+    encoding: str = "utf-8",
+    undecodable: str = "error",
+) -> Corpus:
+    """A user's corpus: every file of `text_files(source, pattern)` is a document (the `play` of
+    its speeches, with an empty `role`), cut into examples:
+
+    unit="paragraph": blank-line separated paragraphs;
+    unit="window":    consecutive windows of `window_words` words (for text without blank lines).
+
+    Empty files are skipped with a `TextFileWarning`. A file that is not text in `encoding` (or
+    holds NUL bytes) raises a ValueError naming it, or with `undecodable="skip"` is skipped with a
+    warning.
+    """
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    if undecodable not in UNDECODABLE:
+        raise ValueError(f"undecodable must be one of {UNDECODABLE}, got {undecodable!r}")
+    files = text_files(source, pattern)
     speeches = []
     for path in files:
-        doc = path.relative_to(root).with_suffix("").as_posix()
-        text = path.read_text(encoding=encoding)
-        if paragraphs_per_group is None:
-            if text.strip():
-                speeches.append(Speech(doc, "document", text.strip()))
+        try:
+            text = read_text_file(path, encoding)
+        except NotTextError as e:
+            if undecodable == "error":
+                raise
+            warnings.warn(f"skipped {e}", TextFileWarning, stacklevel=2)
             continue
-        for i, paragraph in enumerate(split_paragraphs(text)):
-            speeches.append(Speech(doc, f"part{i // paragraphs_per_group:04d}", paragraph))
+        pieces = split_paragraphs(text) if unit == "paragraph" else split_windows(text, window_words)
+        if not pieces:
+            warnings.warn(f"skipped {path}: it holds no text", TextFileWarning, stacklevel=2)
+            continue
+        doc = document_id(path, source)
+        speeches.extend(Speech(doc, "", piece) for piece in pieces)
     if not speeches:
-        raise ValueError(f"all {len(files)} files matching {pattern!r} under {root} are empty")
+        raise ValueError(f"no text in the {len(files)} file(s) of {Path(source).expanduser()} (every one is empty or was skipped)")
     return Corpus(tuple(speeches), "custom")
 
 
@@ -193,6 +266,14 @@ __all__ = [
     "CorpusStats",
     "corpus_stats",
     "format_stats",
+    "UNITS",
+    "UNDECODABLE",
+    "TextFileWarning",
+    "NotTextError",
     "split_paragraphs",
+    "split_windows",
+    "read_text_file",
+    "text_files",
+    "document_id",
     "load_text_folder",
 ]

@@ -89,7 +89,8 @@ class TextClients:
 def natural_clients(
     corpus: Corpus, *, min_speeches: int = DEFAULT_MIN_SPEECHES, exclude_plays=None
 ) -> TextClients:
-    """LEAF's clients: one per (play, role) with at least `min_speeches` speeches, named "play/role".
+    """LEAF's clients: one per (play, role) with at least `min_speeches` speeches, named "play/role";
+    for a user's text (empty roles) one per document, named after it.
 
     exclude_plays: plays left out entirely. None = DEFAULT_HELDOUT_PLAYS for a Shakespeare corpus,
     nothing for a user's corpus; pass () to keep every play.
@@ -97,9 +98,11 @@ def natural_clients(
     if min_speeches < 1:
         raise ValueError(f"min_speeches must be >= 1, got {min_speeches}")
     kept = corpus.select(exclude=_excluded(corpus, exclude_plays))
-    pairs = [(f"{play}/{role}", texts) for (play, role), texts in kept.clients().items() if len(texts) >= min_speeches]
+    pairs = [(f"{play}/{role}" if role else play, texts) for (play, role), texts in kept.clients().items() if len(texts) >= min_speeches]
     if not pairs:
-        raise ValueError(f"no (play, role) has >= {min_speeches} speeches; lower min_speeches")
+        what = "document has" if corpus.spelling == "custom" else "(play, role) has"
+        unit = "examples" if corpus.spelling == "custom" else "speeches"
+        raise ValueError(f"no {what} >= {min_speeches} {unit}; lower min_speeches")
     return TextClients(tuple(n for n, _ in pairs), tuple(t for _, t in pairs))
 
 

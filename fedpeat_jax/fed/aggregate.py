@@ -557,21 +557,28 @@ def _safe_ratio(num: Array, den: Array) -> Array:
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.where(num > 0, jnp.inf, 0.0))
 
 
-def lora_gap(client_lora: PyTree, num_examples: Array, mask: Optional[Array] = None) -> LoraGap:
-    """Diagnostic of the FedIT inexactness: ``||mean(a) mean(b) - mean(a b)||_F`` (weighted means
-    with the same guarded weights as :func:`fedavg`); zero when all clients agree, and for FFA-LoRA
-    (shared ``a``). Norms are taken over all stacked layers of a target."""
-    p, _, empty = _lora_weights(client_lora, num_examples, mask)
+def lora_sums(client_lora: PyTree, w: Array) -> PyTree:
+    """Per target, the weighted sums ``(sum_k w_k a_k, sum_k w_k b_k, sum_k w_k a_k @ b_k)`` that
+    :func:`lora_gap` needs; sums over chunks of clients add up (the round streams them)."""
 
     def one(t):
-        a_bar = _weighted_sum(t["a"], p)
-        b_bar = _weighted_sum(t["b"], p)
-        s = _stack_target(t, p)
-        prod_mean = _product(s["a"], s["b"])
-        diff = _product(a_bar, b_bar) - prod_mean
+        s = _stack_target(t, w)
+        return {"a": _weighted_sum(t["a"], w), "b": _weighted_sum(t["b"], w), "ab": _product(s["a"], s["b"])}
+
+    return map_lora_targets(one, client_lora)
+
+
+def lora_gap_from_sums(sums: PyTree, total: Array, empty: Array) -> LoraGap:
+    """:class:`LoraGap` from :func:`lora_sums` accumulated with total weight `total`."""
+    scale = 1.0 / jnp.where(total > 0, total, 1.0)
+
+    def one(t):
+        prod_mean = t["ab"] * scale
+        diff = _product(t["a"] * scale, t["b"] * scale) - prod_mean
         return jnp.sqrt(jnp.sum(diff * diff)), jnp.sqrt(jnp.sum(prod_mean * prod_mean))
 
-    pairs = map_lora_targets(one, client_lora)
+    is_sums = lambda x: isinstance(x, Mapping) and "ab" in x  # noqa: E731
+    pairs = jax.tree_util.tree_map(one, sums, is_leaf=is_sums)
     is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
     gap_abs = jax.tree_util.tree_map(lambda t: t[0], pairs, is_leaf=is_pair)
     norms = jax.tree_util.tree_map(lambda t: t[1], pairs, is_leaf=is_pair)
@@ -579,6 +586,14 @@ def lora_gap(client_lora: PyTree, num_examples: Array, mask: Optional[Array] = N
     total_abs = jnp.sqrt(sum(g * g for g in jax.tree_util.tree_leaves(gap_abs)))
     total_norm = jnp.sqrt(sum(n * n for n in jax.tree_util.tree_leaves(norms)))
     return LoraGap(gap_abs, gap_rel, total_abs, _safe_ratio(total_abs, total_norm), empty)
+
+
+def lora_gap(client_lora: PyTree, num_examples: Array, mask: Optional[Array] = None) -> LoraGap:
+    """Diagnostic of the FedIT inexactness: ``||mean(a) mean(b) - mean(a b)||_F`` (weighted means
+    with the same guarded weights as :func:`fedavg`); zero when all clients agree, and for FFA-LoRA
+    (shared ``a``). Norms are taken over all stacked layers of a target."""
+    p, _, empty = _lora_weights(client_lora, num_examples, mask)
+    return lora_gap_from_sums(lora_sums(client_lora, p), jnp.float32(1.0), empty)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -668,6 +683,8 @@ __all__ = [
     "ffa_lora_aggregate",
     "finite_clients",
     "lora_gap",
+    "lora_gap_from_sums",
+    "lora_sums",
     "lora_mean",
     "lora_product_mean",
     "lora_stack",

@@ -314,6 +314,23 @@ def _pair_key(key: Array, i: Array, j: Array) -> Array:
     return jax.random.fold_in(jax.random.fold_in(key, lo), hi)
 
 
+def secagg_pair_masks(key: Array, i: Array, members: Array, size: int) -> Array:
+    """Client ``i``'s signed sum of pair masks, ``sum_{j > i} r_ij - sum_{j < i} r_ji (mod 2^32)``,
+    over the other `members` ((C,) bool) of the masking cohort; zeros when ``i`` is not a member.
+    One uniform uint32 stream of length `size` per pair, from the pair key, scanned over partner
+    offsets so memory stays ``O(size)``."""
+    c = members.shape[0]
+
+    def body(acc, o):
+        j = (i + o) % c
+        r = jax.random.bits(_pair_key(key, i, j), (size,), jnp.uint32)
+        r = jnp.where(members[i] & members[j], r, jnp.uint32(0))
+        return jnp.where(i < j, acc + r, acc - r), None  # uint32 wraps mod 2^32
+
+    out, _ = jax.lax.scan(body, jnp.zeros((size,), jnp.uint32), jnp.arange(1, c))
+    return out
+
+
 def secagg_mask(key: Array, updates: PyTree, mask: Optional[Array] = None, frac_bits: int = DEFAULT_FRAC_BITS) -> SecAggMasked:
     """Pairwise-masked uploads (Bonawitz et al. 2017, without the secret sharing).
 
@@ -354,19 +371,7 @@ def secagg_mask(key: Array, updates: PyTree, mask: Optional[Array] = None, frac_
     encoded = jnp.where(used[:, None], encoded, jnp.uint32(0))
     saturated = used & jnp.any(sat, axis=1)
     size = flat.shape[1]
-
-    def client_masks(i):
-        # Signed sum of client i's pair masks over partners j = (i + o) mod C, o = 1..C-1.
-        def body(acc, o):
-            j = (i + o) % c
-            r = jax.random.bits(_pair_key(key, i, j), (size,), jnp.uint32)
-            r = jnp.where(used[i] & used[j], r, jnp.uint32(0))
-            return jnp.where(i < j, acc + r, acc - r), None  # uint32 wraps mod 2^32
-
-        out, _ = jax.lax.scan(body, jnp.zeros((size,), jnp.uint32), jnp.arange(1, c))
-        return out
-
-    masks = jax.vmap(client_masks)(jnp.arange(c))
+    masks = jax.vmap(lambda i: secagg_pair_masks(key, i, used, size))(jnp.arange(c))
     masked = jnp.where(used[:, None], encoded + masks, jnp.uint32(0))
     out, offset = [], 0
     for x in leaves:
@@ -409,6 +414,7 @@ __all__ = [
     "secagg_decode",
     "secagg_encode",
     "secagg_mask",
+    "secagg_pair_masks",
     "secagg_unmask_sum",
     "secure_sum",
 ]

@@ -1,10 +1,14 @@
-"""Spreading the client axis over devices (and hosts) with `jax.sharding`.
+"""Spreading the client axis over devices, and over processes, with `jax.sharding`.
 
 Clients are independent within a round, so the only layout needed is the client axis split over
-a one-dimensional mesh named "clients": the frozen base and the global state are replicated,
-every per-client array is sharded, and XLA inserts the all-reduce of the aggregation itself.
-Beyond one host, call `initialize_distributed()` first on every process; the mesh then spans
-all processes' devices and each process feeds its own clients.
+a one-dimensional mesh named "clients": the frozen weights and the server state are replicated,
+each chunk's per-client arrays are sharded, and XLA inserts the reductions of the streamed
+aggregate itself. The client data is sharded too, so each device holds only its share.
+
+Beyond one process (several hosts, or several processes on one machine), every process calls
+`initialize_distributed()` before any computation; the mesh from `client_mesh()` then spans all
+processes' devices, each process passes only its own clients' data
+(`fed.data.from_process_local`), and the jitted round runs as one program over all of them.
 """
 
 from __future__ import annotations
@@ -12,9 +16,34 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "clients"
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, local_cpu_devices: Optional[int] = None) -> None:
+    """Join a run spanning processes (`jax.distributed.initialize`). With no arguments JAX detects
+    the cluster (SLURM, Open MPI, Cloud TPU, Kubernetes...); on one machine give the coordinator
+    ("127.0.0.1:PORT"), the process count and this process's id. On CPUs, `local_cpu_devices`
+    splits each process's CPU into that many devices, and collectives go through gloo."""
+    if local_cpu_devices is not None:
+        jax.config.update("jax_num_cpu_devices", int(local_cpu_devices))
+    if jax.config.jax_platforms in (None, "", "cpu") or local_cpu_devices is not None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+
+
+def barrier(name: str, timeout_s: float = 900.0) -> None:
+    """Wait until every process reaches `name` (no-op in one process). Processes compile at
+    different speeds, and gloo gives up setting up a collective when a peer is 30 s late: meet
+    here, through the coordination service, before running a freshly compiled program."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the coordination-service client; JAX's own multihost code uses it too
+
+    distributed.global_state.client.wait_at_barrier(f"fedpeat:{name}", timeout_in_ms=int(timeout_s * 1000))
 
 
 def client_mesh(devices: Optional[list] = None) -> Mesh:
@@ -43,11 +72,18 @@ def constrain_clients(tree, mesh: Optional[Mesh]):
 
 
 def shard_clients(tree, mesh: Mesh):
-    """Place arrays with a leading client axis on the mesh, split along that axis."""
+    """Place arrays with a leading client axis on the mesh, split along that axis (one process;
+    see `fed.data.from_process_local` for several)."""
     return jax.device_put(tree, client_sharding(mesh))
 
 
-def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None, process_id: Optional[int] = None) -> None:
-    """Join a multi-host run (a thin wrapper of `jax.distributed.initialize`; arguments may also
-    come from the cluster environment, e.g. SLURM or TPU metadata)."""
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+def replicate(tree, mesh: Mesh):
+    """The same values on every device of the mesh, also when it spans processes (every process
+    passes the same host values, e.g. the frozen weights each one loaded)."""
+    sharding = replicated(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)

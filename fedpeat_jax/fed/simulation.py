@@ -1,23 +1,28 @@
-"""FedPEAT rounds: every sampled client tunes its PEFT state on its emulator, in one jitted call.
+"""Federated rounds: every sampled client tunes its trainable tree, in one jitted call.
 
 One round (`FedPEAT.round`):
   1. sample clients deterministically from (seed, round), separately for each emulator level,
      into a fixed number of slots per level (`FedConfig.slots`): shapes stay static and each
      client pays for its own emulator only;
-  2. each level's clients run `client.local_train` vmapped over the client axis, with that
-     level's emulator shared (`in_axes=None`); optionally the server trains on its own data with
+  2. each level's clients train in chunks of `FedConfig.client_chunk`: `client.local_update`
+     vmapped over the chunk, with that level's frozen weights shared (`in_axes=None`), and a
+     `lax.scan` over the chunks that folds each chunk into the running aggregate (`fed.stream`),
+     so memory is flat in clients per round; optionally the server trains on its own data with
      the full model and joins as one more client;
-  3. the deltas are aggregated (FedAvg / robust / DP / secure sum / exact LoRA) with non-finite
-     clients dropped, and a FedOpt server optimizer applies the mean delta.
+  3. the aggregate (FedAvg / robust / DP / secure sum / exact LoRA / SCAFFOLD), with non-finite
+     clients dropped, moves the global tree through the FedOpt server optimizer.
 
-Several rounds run inside one jitted `lax.scan` (`run_rounds`); the host loop in `run` only
-evaluates, logs, checkpoints and shows progress. Everything a run needs beyond the static configs
-is an argument (params, data, `Hyper`), so `jax.vmap` over seeds and hyperparameters works.
+What is trained is `fed.learner`'s choice (`FedConfig.trainable`): FedPEAT's PEFT module on
+emulators, a PEFT module or every weight on the full model; `algorithm="local"` keeps each
+client's own tree instead of aggregating. Several rounds run inside one jitted `lax.scan`
+(`run_rounds`); `fed.driver` runs the host loop. The frozen weights `params`, the data and the
+`Hyper` values are arguments of every method, never constants of the compiled program, so
+`jax.vmap` over seeds and hyperparameters works and a compile does not embed the model.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -25,36 +30,23 @@ import jax.numpy as jnp
 
 from fedpeat_jax import peft as peft_lib
 from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig
-from fedpeat_jax.fed import aggregate, privacy
-from fedpeat_jax.fed.client import Hyper, local_train
+from fedpeat_jax.fed import aggregate, stream
+from fedpeat_jax.fed.client import Hyper, local_update
+from fedpeat_jax.fed.data import FedData
+from fedpeat_jax.fed.learner import Learner
 from fedpeat_jax.fed.sharding import constrain_clients
-from fedpeat_jax.model import gpt2
-from fedpeat_jax.peat.emulator import EmulatorSpec, build as build_emulator
 
+DEFAULT_CLIENT_CHUNK = 32  # clients vmapped at once when FedConfig.client_chunk is None
 
-class FedData(NamedTuple):
-    """Client data with a leading client axis (padded, masked)."""
-
-    tokens: jax.Array  # (C, N, T) int32
-    mask: jax.Array  # (C, N, T) float32, 1 on real tokens
-    counts: jax.Array  # (C,) int32, real examples per client
-    levels: jax.Array  # (C,) int32, index into FedConfig.emulator_levels of the emulator each holds
-
-    @classmethod
-    def from_arrays(cls, tokens, mask, counts, levels=None) -> "FedData":
-        tokens = jnp.asarray(tokens, jnp.int32)
-        if tokens.ndim != 3:
-            raise ValueError(f"client tokens must be (clients, examples, seq_len), got shape {tokens.shape}")
-        counts = jnp.asarray(counts, jnp.int32)
-        levels = jnp.zeros(tokens.shape[0], jnp.int32) if levels is None else jnp.asarray(levels, jnp.int32)
-        return cls(tokens, jnp.asarray(mask, jnp.float32), counts, levels)
+__all__ = ["DEFAULT_CLIENT_CHUNK", "FedData", "FedPEAT", "RoundMetrics", "ServerState", "chunk_layout"]
 
 
 class ServerState(NamedTuple):
-    peft: Any  # the global PEFT state
+    trainable: Any  # the global trainable tree (a PEFT state, or the model's weights)
     opt_state: Any  # the server optimizer's state
-    adapter_delta: Any  # exact-LoRA mode: dense deltas merged into the adapter kernels so far
-    scaffold: Any  # SCAFFOLD control variates (None unless algorithm == "scaffold")
+    adapter_delta: Any  # exact-LoRA mode: dense deltas merged into the tuned blocks' kernels so far
+    control: Any  # SCAFFOLD's server control variate c (None otherwise)
+    clients: Any  # per-client trees over all N clients: SCAFFOLD's c_i, or local-only's own trees
     round: jax.Array  # () int32, rounds done
     key: jax.Array  # the run's base key; round r uses fold_in(key, r)
 
@@ -64,77 +56,100 @@ class RoundMetrics(NamedTuple):
     participants: jax.Array  # clients whose update entered the aggregate
     examples: jax.Array  # training examples those clients hold (the round's data)
     dropped: jax.Array  # clients dropped for a non-finite update
-    update_norm: jax.Array  # norm of the applied mean delta
-    lora_gap: jax.Array  # relative ||mean(a) mean(b) - mean(a b)|| (0 when not LoRA)
+    update_norm: jax.Array  # norm of the applied change of the global tree
+    lora_gap: jax.Array  # relative ||mean(a) mean(b) - mean(a b)|| (0 when not tracked)
+
+
+def chunk_layout(n_slots: int, chunk: int, n_devices: int = 1) -> tuple:
+    """(number of chunks, clients per chunk) for `n_slots` clients at most `chunk` at a time:
+    chunks of equal size (at most n_chunks - 1 padded slots), a multiple of `n_devices` so that
+    each chunk splits evenly over the devices."""
+    n_chunks = math.ceil(n_slots / chunk)
+    size = math.ceil(n_slots / n_chunks)
+    return n_chunks, math.ceil(size / n_devices) * n_devices
 
 
 def _tree_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-class FedPEAT:
-    """A FedPEAT simulation of one model, PEFT kind and federated configuration.
+def _pad_to(x, n: int):
+    """`x` (leading axis m <= n) extended to n rows by repeating its last row."""
+    return x[jnp.minimum(jnp.arange(n), x.shape[0] - 1)]
 
-    >>> sim = FedPEAT(params, model_cfg, peft_cfg, fed_cfg)
-    >>> state = sim.init(jax.random.key(0))
-    >>> state, metrics = sim.run_rounds(state, data, n_rounds=5)
+
+class FedPEAT:
+    """Federated tuning of one model shape, PEFT kind and federated configuration.
+
+    >>> sim = FedPEAT(model_cfg, peft_cfg, fed_cfg, n_clients=len(data.counts))
+    >>> state = sim.init(jax.random.key(0), params)
+    >>> state, metrics = jax.jit(sim.run_rounds, static_argnums=3)(state, params, data, 5)
     """
 
-    def __init__(self, params, model: GPT2Config, peft: PeftConfig, fed: FedConfig, n_clients: Optional[int] = None, mesh=None):
+    def __init__(self, model: GPT2Config, peft: PeftConfig, fed: FedConfig, n_clients: Optional[int] = None, mesh=None):
         # Validate everything before anything is traced or compiled.
         model.validate()
-        peft.validate(model.replace(n_layer=fed.adapter_l + fed.adapter_r + 1))
         fed.validate(n_clients=n_clients, model=model)
-        gpt2.check_params(params, model)
-        if peft.kind in ("prompt", "none"):
-            raise ValueError(f"FedPEAT tunes a PEFT module inside the adapter blocks; kind {peft.kind!r} has none")
-        if fed.lora_aggregation == "exact":
-            if peft.kind != "lora":
-                raise ValueError("FedConfig.lora_aggregation='exact' needs PeftConfig.kind='lora'")
-            if fed.server_optimizer != "fedavg" or fed.aggregation != "mean" or fed.dp_clip is not None or fed.algorithm == "scaffold":
-                raise ValueError("exact LoRA aggregation (FLoRA) combines only with server_optimizer='fedavg', aggregation='mean', no DP and no SCAFFOLD")
-        if fed.algorithm == "scaffold" and fed.client_optimizer != "sgd":
-            raise ValueError("SCAFFOLD's control-variate update assumes plain SGD: set client_optimizer='sgd'")
-        self.params, self.model, self.fed = params, model, fed
-        self.specs = tuple(EmulatorSpec(model.n_layer, fed.adapter_l, fed.adapter_r, k) for k in fed.emulator_levels)
-        self.peft_full = self.specs[0].full_peft(peft)  # PEFT on the full model's adapter blocks (plug-in)
-        self.peft_emulators = tuple(spec.emulator_peft(peft) for spec in self.specs)
+        if fed.trainable != "model" and peft.kind in ("prompt", "none"):
+            raise ValueError(f"FedPEAT tunes a PEFT module inside the model's blocks; PeftConfig.kind {peft.kind!r} has none")
+        if fed.lora_aggregation == "exact" and peft.kind != "lora":
+            raise ValueError("FedConfig.lora_aggregation='exact' needs PeftConfig.kind='lora'")
+        if fed.algorithm in ("scaffold", "local") and n_clients is None:
+            raise ValueError(f"FedConfig.algorithm={fed.algorithm!r} keeps a tree per client: pass n_clients to FedPEAT")
+        self.learner = Learner(model, peft, fed)
+        self.model, self.peft, self.fed = model, peft, fed
+        self.specs = self.learner.specs
+        self.peft_full = self.learner.peft_full  # the PEFT config on the full model (plug-in)
         self.n_clients = n_clients
-        self.mesh = mesh  # a `sharding.client_mesh()` to split each round's clients over devices
+        self.mesh = mesh  # a `sharding.client_mesh()` to split each chunk's clients over devices
+
+    def replace(self, **fed_changes) -> "FedPEAT":
+        """The same simulation with some FedConfig fields changed."""
+        return FedPEAT(self.model, self.peft, self.fed.replace(**fed_changes), self.n_clients, self.mesh)
+
+    @property
+    def client_chunk(self) -> int:
+        return self.fed.client_chunk or DEFAULT_CLIENT_CHUNK
+
+    @property
+    def effective_chunk(self) -> int:
+        """Clients trained at once in the largest level's chunks."""
+        return min(self.client_chunk, max(self.fed.slots))
+
+    @property
+    def n_devices(self) -> int:
+        return 1 if self.mesh is None else int(self.mesh.size)
+
+    @property
+    def track_gap(self) -> bool:
+        p = self.peft_full
+        return self.fed.log_lora_gap and p is not None and p.kind == "lora" and not p.lora_freeze_a and self.fed.algorithm != "local"
 
     # ----------------------------------------------------------------------------------------
     # State
     # ----------------------------------------------------------------------------------------
-    def init(self, key: jax.Array, hyper: Optional[Hyper] = None) -> ServerState:
+    def init(self, key: jax.Array, params, hyper: Optional[Hyper] = None) -> ServerState:
         hyper = hyper if hyper is not None else Hyper.from_config(self.fed)
-        k_peft, k_run = jax.random.split(key)
-        state = peft_lib.init(k_peft, self.params, self.model, self.peft_full)
+        k_tree, k_run = jax.random.split(key)
+        tree = self.learner.init(k_tree, params)
         tx = aggregate.server_optimizer(self.fed.server_optimizer, hyper.server_lr)
-        delta = None
+        delta = control = clients = None
         if self.fed.lora_aggregation == "exact":
-            delta = jax.tree.map(
-                lambda t: jnp.zeros(t["a"].shape[:-1] + t["b"].shape[-1:], jnp.float32),
-                state["blocks"]["lora"],
-                is_leaf=lambda t: isinstance(t, dict) and "a" in t,
-            )
-        scaffold = None
+            delta = aggregate.map_lora_targets(stream._dense_zeros, tree["blocks"]["lora"])
         if self.fed.algorithm == "scaffold":
-            scaffold = aggregate.scaffold_init(state, self._n_clients_required())
-        return ServerState(state, tx.init(state), delta, scaffold, jnp.zeros((), jnp.int32), k_run)
+            scaffold = aggregate.scaffold_init(tree, self.n_clients)
+            control, clients = scaffold.c, scaffold.c_clients
+        if self.fed.algorithm == "local":
+            clients = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_clients,) + x.shape), tree)
+        return ServerState(tree, tx.init(tree), delta, control, clients, jnp.zeros((), jnp.int32), k_run)
 
-    def _n_clients_required(self) -> int:
-        if self.n_clients is None:
-            raise ValueError("SCAFFOLD keeps a control variate per client: pass n_clients to FedPEAT")
-        return self.n_clients
-
-    def base_params(self, state: ServerState, level: Optional[int] = None):
-        """Frozen weights the clients of `level` train on (the full model when level is None),
-        with exact-LoRA deltas merged into the adapter kernels."""
-        params = self.params
-        if state.adapter_delta is not None:
-            blocks = peft_lib.lora.add_to_kernels(params["blocks"], state.adapter_delta, self.specs[0].adapter_ids)
-            params = dict(params, blocks=blocks)
-        return params if level is None else build_emulator(params, self.specs[level])
+    def base_params(self, state: ServerState, params):
+        """The frozen full-model weights the clients' trees apply to, with the exact-LoRA deltas
+        merged so far added to the tuned blocks' kernels."""
+        if state.adapter_delta is None:
+            return params
+        blocks = peft_lib.lora.add_to_kernels(params["blocks"], state.adapter_delta, self.learner.tuned_blocks)
+        return dict(params, blocks=blocks)
 
     # ----------------------------------------------------------------------------------------
     # Sampling
@@ -156,9 +171,6 @@ class FedPEAT:
             out.append((ids.astype(jnp.int32), -neg < 2.0))
         return out
 
-    # ----------------------------------------------------------------------------------------
-    # One round
-    # ----------------------------------------------------------------------------------------
     @staticmethod
     def round_keys(state: ServerState):
         """(sample, train, server, aggregate) keys of the round `state.round`: every random draw
@@ -170,7 +182,10 @@ class FedPEAT:
         """Keys of the `n` client slots of emulator level `level`."""
         return jax.random.split(jax.random.fold_in(k_train, level), n)
 
-    def round(self, state: ServerState, data: FedData, hyper: Hyper, server_data=None, available=None, server_available=None):
+    # ----------------------------------------------------------------------------------------
+    # One round
+    # ----------------------------------------------------------------------------------------
+    def round(self, state: ServerState, params, data: FedData, hyper: Hyper, server_data=None, available=None, server_available=None):
         """One federated round (pure; jit it or scan it).
 
         `available` (C,) bool limits sampling to those clients; `server_available` () bool turns
@@ -179,142 +194,140 @@ class FedPEAT:
         fed = self.fed
         k_sample, k_train, k_server, k_agg = self.round_keys(state)
         groups = self.sample(k_sample, data.levels, available)
+        base = self.base_params(state, params)
 
-        states, counts, valid, losses, ids_all, controls = [], [], [], [], [], []
-        for j, (ids, ok) in enumerate(groups):
-            if ids.shape[0] == 0:
-                continue
-            train = functools.partial(
-                local_train,
-                model=self.specs[j].emulator_config(self.model),
-                peft=self.peft_emulators[j],
-                fed=fed,
-                n_steps=fed.local_steps,
-                batch=fed.local_batch,
-            )
-            control = None
-            if state.scaffold is not None:
-                control = (state.scaffold.c, aggregate.scaffold_cohort_controls(state.scaffold, ids))
-            keys = self.client_keys(k_train, j, ids.shape[0])
-            base = self.base_params(state, j)
-            # Frozen base and global state shared (None); data, keys and control variates per client.
-            in_axes = (None, None, 0, 0, 0, 0, None, None if control is None else (None, 0))
-            per_client = constrain_clients((data.tokens[ids], data.mask[ids], data.counts[ids], keys), self.mesh)
-            res = jax.vmap(lambda *a: train(*a[:-1], control=a[-1]), in_axes=in_axes)(
-                base, state.peft, *per_client, hyper, control
-            )
-            states.append(res.peft)
-            counts.append(data.counts[ids].astype(jnp.float32))
-            valid.append(ok)
-            losses.append(res.loss)
-            ids_all.append(ids)
-            controls.append(res.control)
-
+        weights = [data.counts[ids].astype(jnp.float32) * ok for ids, ok in groups]
         if fed.server_participation:
             if server_data is None:
                 raise ValueError("FedConfig.server_participation needs server_data (tokens, mask) for the server's own tuning")
+            on = jnp.ones(()) if server_available is None else jnp.asarray(server_available, jnp.float32)
+            weights.append(jnp.reshape(server_data[0].shape[0] * on, (1,)).astype(jnp.float32))
+        weights = jnp.concatenate(weights)
+        cohort = stream.Cohort(jax.random.fold_in(k_agg, 2), weights > 0, jnp.sum(weights))
+
+        totals = stream.init(fed, state.trainable, self.track_gap)
+        store, kept, offset = state.clients, [], 0
+        for j, (ids, ok) in enumerate(groups):
+            n = ids.shape[0]
+            if n == 0:
+                continue
+            keys = self.client_keys(k_train, j, n)
+            slots = offset + jnp.arange(n, dtype=jnp.int32)
+            totals, store, level_kept = self._train_level(j, state, base, store, data, ids, ok, keys, slots, hyper, totals, cohort)
+            kept.append(level_kept)
+            offset += n
+
+        if fed.server_participation:
             s_tokens, s_mask = server_data
-            res = local_train(
-                self.base_params(state), state.peft, s_tokens, s_mask, jnp.int32(s_tokens.shape[0]), k_server, hyper,
-                model=self.model, peft=self.peft_full, fed=fed, n_steps=fed.local_steps, batch=fed.server_batch,
-            )
-            states.append(jax.tree.map(lambda x: x[None], res.peft))
-            counts.append(jnp.asarray([s_tokens.shape[0]], jnp.float32))
-            valid.append(jnp.ones((1,), bool) if server_available is None else jnp.reshape(server_available, (1,)).astype(bool))
-            losses.append(res.loss[None])
+            loss = self.learner.loss(None)
+            frozen = self.learner.frozen(base, None)
+            res = local_update(lambda t, tok, msk, key: loss(t, frozen, tok, msk, key), state.trainable, state.trainable, s_tokens, s_mask,
+                               jnp.int32(s_tokens.shape[0]), k_server, hyper, fed=fed, batch=fed.server_batch)
+            one = lambda x: jnp.asarray(x)[None]  # noqa: E731
+            chunk = stream.Chunk(jax.tree.map(one, res.tree), jax.tree.map(lambda a, b: one(a - b), res.tree, state.trainable),
+                                 weights[-1:], one(res.loss), jnp.asarray([offset], jnp.int32))
+            totals, server_kept = stream.add(totals, chunk, fed, cohort)
+            kept.append(server_kept)
 
-        clients = jax.tree.map(lambda *xs: jnp.concatenate(xs), *states)
-        counts = jnp.concatenate(counts)
-        valid = jnp.concatenate(valid)
-        losses = jnp.concatenate(losses)
-        mask = valid.astype(jnp.float32)
-        deltas = aggregate.client_deltas(clients, state.peft)
-
-        new_peft, opt_state, delta_acc, scaffold, agg = self._aggregate(state, clients, deltas, counts, mask, hyper, k_agg, ids_all, controls)
-        used = agg.weights > 0
-        n_used = used.sum()
+        if stream.rule(fed) == "robust":
+            kept = (jax.tree.map(lambda *xs: jnp.concatenate(xs), *[k[0] for k in kept]), jnp.concatenate([k[1] for k in kept]))
+        new_state = self._apply(state, params, totals, kept, store, hyper, k_agg, cohort)
+        n_used = totals.used
         metrics = RoundMetrics(
-            loss=jnp.where(n_used > 0, jnp.sum(jnp.where(used, losses, 0.0)) / jnp.maximum(n_used, 1), jnp.nan),
-            participants=n_used.astype(jnp.int32),
-            examples=jnp.sum(jnp.where(used, counts, 0.0)),
-            dropped=agg.dropped.sum().astype(jnp.int32),
-            update_norm=_tree_norm(jax.tree.map(lambda a, b: a - b, new_peft, state.peft)),
-            lora_gap=self._lora_gap(clients, counts, mask),
+            loss=jnp.where(n_used > 0, totals.loss / jnp.maximum(n_used, 1), jnp.nan),
+            participants=n_used,
+            examples=totals.weight,
+            dropped=totals.dropped,
+            update_norm=_tree_norm(jax.tree.map(lambda a, b: a - b, new_state.trainable, state.trainable)),
+            lora_gap=stream.gap(totals),
         )
-        new_state = ServerState(new_peft, opt_state, delta_acc, scaffold, state.round + 1, state.key)
         return new_state, metrics
 
-    def _lora_gap(self, clients, counts, mask):
-        if self.peft_full.kind != "lora" or self.peft_full.lora_freeze_a or not self.fed.log_lora_gap:
-            return jnp.zeros(())
-        return aggregate.lora_gap(clients["blocks"]["lora"], counts, mask).total_rel
+    def _train_level(self, j, state, base, store, data, ids, ok, keys, slots, hyper, totals, cohort):
+        """Level j's clients, a chunk at a time: local training vmapped inside a chunk, a scan over
+        chunks folding each into `totals` and writing per-client trees back into `store`."""
+        fed, learner = self.fed, self.learner
+        n_chunks, size = chunk_layout(ids.shape[0], self.client_chunk, self.n_devices)
+        padded = n_chunks * size
+        valid = jnp.arange(padded) < ids.shape[0]
+        chunked = lambda x: x.reshape((n_chunks, size) + x.shape[1:])  # noqa: E731
+        xs = (chunked(_pad_to(ids, padded)), chunked(_pad_to(ok, padded) & valid), chunked(_pad_to(keys, padded)), chunked(_pad_to(slots, padded)))
+        frozen = learner.frozen(base, j)
+        loss = learner.loss(j)
+        kind = stream.rule(fed)
+        store_size = 0 if store is None else jax.tree.leaves(store)[0].shape[0]
 
-    def _aggregate(self, state, clients, deltas, counts, mask, hyper, key, ids_all, controls):
-        """Aggregate the round's deltas into a new global state. Returns
-        (peft, opt_state, adapter_delta, scaffold, AggregateResult)."""
-        fed = self.fed
-        if fed.algorithm == "scaffold":
-            n_train = sum(int(i.shape[0]) for i in ids_all)  # the server (if any) keeps no control variate
-            client_part = jax.tree.map(lambda x: x[:n_train], clients)
-            new_peft, scaffold, agg = aggregate.scaffold_server_update(
-                state.scaffold, state.peft, client_part, jax.tree.map(lambda *xs: jnp.concatenate(xs), *controls),
-                jnp.concatenate(ids_all), mask[:n_train], counts[:n_train], hyper.server_lr,
-            )
-            return new_peft, state.opt_state, None, scaffold, agg
+        def train(start, tokens, mask, count, key, control):
+            return local_update(lambda t, tok, msk, k: loss(t, frozen, tok, msk, k), start, state.trainable, tokens, mask, count, key, hyper,
+                                fed=fed, batch=fed.local_batch, control=control)
 
-        if fed.lora_aggregation == "exact":
-            lora = clients["blocks"]["lora"]
-            agg = aggregate.lora_product_mean(lora, counts, mask, scale=self.peft_full.lora_scale)
-            grown = jax.tree.map(lambda acc, d: acc + hyper.server_lr * d, state.adapter_delta, agg.mean)
-            delta_acc = aggregate.select_tree(agg.empty, state.adapter_delta, grown)
-            # FLoRA: clients merge the exact product and restart LoRA from a fresh shared A, B = 0.
-            fresh = peft_lib.init(jax.random.fold_in(key, 1), self.params, self.model, self.peft_full)
-            return fresh, state.opt_state, delta_acc, None, agg
+        def body(carry, chunk_xs):
+            totals, store = carry
+            c_ids, c_ok, c_keys, c_slots = chunk_xs
+            per_client = constrain_clients((data.tokens[c_ids], data.mask[c_ids], data.counts[c_ids], c_keys), self.mesh)
+            start, control, start_axis, control_axes = state.trainable, None, None, None
+            if kind == "local":
+                start, start_axis = jax.tree.map(lambda x: x[c_ids], store), 0
+            if kind == "scaffold":
+                control, control_axes = (state.control, jax.tree.map(lambda x: x[c_ids], store)), (None, 0)
+            res = jax.vmap(train, in_axes=(start_axis, 0, 0, 0, 0, control_axes))(start, *per_client, control)
+            start_b = start if start_axis == 0 else jax.tree.map(lambda x: x[None], start)
+            deltas = jax.tree.map(lambda a, b: a - b, res.tree, start_b)
+            control_delta = None if control is None else jax.tree.map(lambda a, b: a - b, res.control, control[1])
+            chunk = stream.Chunk(res.tree, deltas, per_client[2].astype(jnp.float32) * c_ok, res.loss, c_slots, control_delta)
+            totals, kept = stream.add(totals, chunk, fed, cohort)
+            if store is not None:  # local-only trees or SCAFFOLD's c_i of the clients used
+                used = stream.used_weights(chunk)[0] > 0
+                written = res.tree if kind == "local" else res.control
+                index = jnp.where(used, c_ids, store_size)
+                store = jax.tree.map(lambda s, v: s.at[index].set(v.astype(s.dtype), mode="drop"), store, written)
+            return (totals, store), kept
 
-        if fed.dp_clip is not None:
-            dp = privacy.dp_fedavg(key, deltas, fed.dp_clip, hyper.dp_noise, mask=mask)
-            agg = aggregate.AggregateResult(dp.mean, mask * (~dp.dropped) / jnp.maximum(dp.num_used, 1.0), dp.dropped, dp.empty)
-        elif fed.aggregation == "median":
-            agg = aggregate.coordinate_median(deltas, mask)
-        elif fed.aggregation == "trimmed_mean":
-            agg = aggregate.trimmed_mean(deltas, fed.trim_fraction, mask)
-        elif fed.aggregation == "norm_bound":
-            agg = aggregate.norm_bounded_mean(deltas, fed.norm_bound, counts, mask)
-        else:
-            agg = aggregate.fedavg(deltas, counts, mask)
-            if fed.secure_aggregation:
-                # The server only learns the sum of masked, weighted uploads; masks cancel in it.
-                weighted = jax.tree.map(lambda d: d * aggregate._expand(agg.weights, d), deltas)
-                summed, _ = privacy.secure_sum(jax.random.fold_in(key, 2), weighted, agg.weights > 0)
-                agg = agg._replace(mean=summed)
-        tx = aggregate.server_optimizer(fed.server_optimizer, hyper.server_lr)
-        new_peft, opt_state = aggregate.server_update(tx, state.peft, state.opt_state, agg.mean, agg.empty)
-        return new_peft, opt_state, state.adapter_delta, state.scaffold, agg
+        (totals, store), kept = jax.lax.scan(body, (totals, store), xs)
+        if kept is not None:
+            kept = jax.tree.map(lambda x: x.reshape((padded,) + x.shape[2:]), kept)
+        return totals, store, kept
+
+    def _apply(self, state, params, totals, kept, store, hyper, k_agg, cohort) -> ServerState:
+        """The new server state from the round's totals."""
+        fed, kind = self.fed, stream.rule(self.fed)
+        tree, opt_state, delta_acc, control = state.trainable, state.opt_state, state.adapter_delta, state.control
+        if kind != "local":
+            mean, empty = stream.mean_delta(totals, kept, fed, state.trainable, k_agg, hyper.dp_noise, cohort)
+            if kind == "scaffold":
+                mean_dy, sum_dc = mean
+                tree = jax.tree.map(lambda x, d: jnp.where(empty, x, x + hyper.server_lr * d).astype(x.dtype), tree, mean_dy)
+                control = jax.tree.map(lambda c, s: (c + s / self.n_clients).astype(c.dtype), control, sum_dc)
+            elif kind == "exact_lora":
+                scale = self.peft_full.lora_scale
+                grown = jax.tree.map(lambda acc, d: acc + hyper.server_lr * scale * d, delta_acc, mean)
+                delta_acc = aggregate.select_tree(empty, delta_acc, grown)
+                # FLoRA: clients merge the exact product and restart LoRA from a fresh shared A, B = 0.
+                tree = self.learner.init(jax.random.fold_in(k_agg, 1), params)
+            else:
+                tx = aggregate.server_optimizer(fed.server_optimizer, hyper.server_lr)
+                tree, opt_state = aggregate.server_update(tx, tree, opt_state, mean, empty)
+        return ServerState(tree, opt_state, delta_acc, control, store, state.round + 1, state.key)
 
     # ----------------------------------------------------------------------------------------
-    # Many rounds, evaluation
+    # Many rounds, evaluation, costs
     # ----------------------------------------------------------------------------------------
-    def run_rounds(self, state: ServerState, data: FedData, n_rounds: int, hyper: Optional[Hyper] = None, server_data=None):
+    def run_rounds(self, state: ServerState, params, data: FedData, n_rounds: int, hyper: Optional[Hyper] = None, server_data=None):
         """`n_rounds` rounds in one `lax.scan` (jit this; `n_rounds` static)."""
         hyper = hyper if hyper is not None else Hyper.from_config(self.fed)
+        return jax.lax.scan(lambda s, _: self.round(s, params, data, hyper, server_data), state, None, length=n_rounds)
 
-        def body(s, _):
-            return self.round(s, data, hyper, server_data)
-
-        return jax.lax.scan(body, state, None, length=n_rounds)
-
-    def eval_nll(self, state: ServerState, tokens: jax.Array, mask: jax.Array, level: Optional[int] = None):
-        """Summed held-out NLL and token count: plug-in (full model, level None) or on emulator
-        `level`. `tokens`/`mask`: (E, T), evaluated in batches of `FedConfig.eval_batch`."""
-        model = self.model if level is None else self.specs[level].emulator_config(self.model)
-        pc = self.peft_full if level is None else self.peft_emulators[level]
-        return gpt2.evaluate_nll(self.base_params(state, level), state.peft, tokens, mask, model, pc, self.fed.eval_batch)
+    def eval_nll(self, state: ServerState, params, tokens: jax.Array, mask: jax.Array, level: Optional[int] = None, client=None):
+        """Summed held-out NLL and token count: the global tree plugged into the full model
+        (level None) or run on emulator `level`; `client` i evaluates local-only client i's own
+        tree instead. `tokens`/`mask`: (E, T), in batches of `FedConfig.eval_batch`."""
+        tree = state.trainable if client is None else jax.tree.map(lambda x: x[client], state.clients)
+        return self.learner.eval_nll(tree, self.base_params(state, params), tokens, mask, level)
 
     def bytes_per_round(self, participants: int) -> dict:
-        """Bytes each way for `participants` devices (float32 PEFT state; FFA-LoRA sends only B)."""
-        trained = self.peft_full.param_count(self.model)
-        up = 4 * trained * participants
+        """Bytes each way for `participants` devices (float32 trainable tree; FFA-LoRA sends only B)."""
+        up = 4 * self.learner.param_count() * participants
         down = up
-        if self.fed.lora_aggregation == "exact":  # FLoRA sends the stacked factors down
-            down = 4 * peft_lib.count(jax.eval_shape(lambda: peft_lib.init(jax.random.key(0), self.params, self.model, self.peft_full))) * participants * participants
+        if self.fed.lora_aggregation == "exact":  # FLoRA sends the stacked factors (A and B) down
+            down = 4 * self.peft_full.replace(lora_freeze_a=False).param_count(self.model) * participants * participants
         return {"bytes_up": up, "bytes_down": down}

@@ -17,12 +17,20 @@
 
 Errors: a missing directory, a missing step, and a corrupt/incomplete or target-mismatched
 checkpoint raise :class:`FileNotFoundError` / :class:`CheckpointError` naming the path.
+
+Unreadable newest checkpoints (a disk filled up, a file truncated by a copy): ``restore()`` and
+``metadata()`` without a step use the newest checkpoint that reads, with a
+:class:`CheckpointWarning` naming the ones skipped; nothing is deleted. When a run saves that
+step number again, the unreadable directory is first renamed ``<step>.unreadable`` (kept for
+inspection), so the run continues exactly as an uninterrupted one from the good checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -40,6 +48,10 @@ _USER_FIELD = "user"
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be read back (corrupt, incomplete, or not like ``target``)."""
+
+
+class CheckpointWarning(UserWarning):
+    """The newest checkpoint could not be read and an older one is used."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,6 +157,10 @@ class CheckpointManager:
             cleanup_tmp_directories=True,
         )
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
+        self._unreadable: set = set()  # steps that failed to restore while an older one restored
+        # Close orbax's threads even when an error leaves the manager unclosed (else the
+        # interpreter's shutdown prints pages of errors from them).
+        self._finalizer = weakref.finalize(self, self._mgr.close)
 
     # ---------------------------------------------------------------------------------------- save
     def save(self, step: int, state: PyTree, metadata: Optional[dict] = None) -> None:
@@ -157,6 +173,8 @@ class CheckpointManager:
             json.dumps(metadata)
         except TypeError as e:
             raise TypeError(f"checkpoint metadata must be JSON-serializable: {e}") from e
+        if step in self._unreadable:
+            self._set_aside(step)
         if step in self.all_steps():
             raise ValueError(f"checkpoint step {step} already exists in {self.directory}")
         raw, impls = _encode_keys(state)
@@ -199,6 +217,38 @@ class CheckpointManager:
     def _step_dir(self, step: int) -> Path:
         return self.directory / str(step)
 
+    def _set_aside(self, step: int) -> Path:
+        """Rename an unreadable step's directory to `<step>.unreadable[-n]` (kept, never deleted)."""
+        target, n = self.directory / f"{step}.unreadable", 1
+        while target.exists():
+            target, n = self.directory / f"{step}.unreadable-{n}", n + 1
+        self._step_dir(step).rename(target)
+        self._unreadable.discard(step)
+        self._mgr.reload()
+        return target
+
+    def _newest_readable(self, read):
+        """`read(step)` of the newest step it succeeds on; the unreadable newer ones are reported
+        (CheckpointWarning) and remembered. Raises CheckpointError if no step reads."""
+        self._resolve(None)  # reloads; FileNotFoundError when there is no checkpoint at all
+        steps, failed = self.all_steps(), []
+        for step in reversed(steps):
+            try:
+                out = read(step)
+            except CheckpointError as e:
+                failed.append((step, e))
+                continue
+            for bad, err in failed:
+                if bad in self._unreadable:
+                    continue  # reported already
+                self._unreadable.add(bad)
+                warnings.warn(f"checkpoint {self._step_dir(bad)} cannot be read ({str(err).splitlines()[0]}); using step {step}, "
+                              f"the newest that can (the unreadable one is kept as {bad}.unreadable once the run passes it)",
+                              CheckpointWarning, stacklevel=3)
+            return out
+        reasons = "; ".join(f"step {s}: {str(e).splitlines()[0]}" for s, e in failed)
+        raise CheckpointError(f"no checkpoint in {self.directory} can be read ({reasons}); move the directory away to start over")
+
     def _restore_meta(self, step: int) -> dict:
         try:
             out = self._mgr.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
@@ -213,18 +263,24 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------- restore
     def metadata(self, step: Optional[int] = None) -> dict:
-        """The user metadata dict saved with ``step`` (default: the latest)."""
+        """The user metadata dict saved with ``step`` (default: the newest readable one)."""
+        if step is None:
+            return self._newest_readable(self._restore_meta)[_USER_FIELD]
         return self._restore_meta(self._resolve(step))[_USER_FIELD]
 
     def restore(self, step: Optional[int] = None, target: Optional[PyTree] = None) -> PyTree:
-        """Read checkpoint ``step`` (default: latest).
+        """Read checkpoint ``step`` (default: the newest readable one, see the module docstring).
 
         With ``target`` (a pytree of arrays, ``jax.ShapeDtypeStruct``s, numpy arrays or Python
         scalars, e.g. the freshly initialized state) the result has its structure, dtypes and
         shardings, and typed keys come back typed. Without ``target`` the result uses orbax's plain
         containers (dicts/lists), with typed keys still re-wrapped by path.
         """
-        step = self._resolve(step)
+        if step is None:
+            return self._newest_readable(lambda s: self._restore_step(s, target))
+        return self._restore_step(self._resolve(step), target)
+
+    def _restore_step(self, step: int, target: Optional[PyTree]) -> PyTree:
         meta = self._restore_meta(step)
         restore_args = ocp.args.StandardRestore(None if target is None else _abstract_target(target))
         try:
@@ -243,7 +299,7 @@ class CheckpointManager:
         self._mgr.wait_until_finished()
 
     def close(self) -> None:
-        self._mgr.close()
+        self._finalizer()  # closes orbax's manager once
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -252,4 +308,4 @@ class CheckpointManager:
         self.close()
 
 
-__all__ = ["CheckpointError", "CheckpointManager"]
+__all__ = ["CheckpointError", "CheckpointWarning", "CheckpointManager"]

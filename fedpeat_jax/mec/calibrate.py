@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedpeat_jax.config import FedConfig, PeftConfig
+from fedpeat_jax.config import Config, FedConfig, PeftConfig
+from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.mec import system
 from fedpeat_jax.mec.calibration import CalibrationTable, ServerResponse, model_shape
 
@@ -42,33 +43,40 @@ SERVER_DOMAINS = ("modern", "target")  # tasks.SERVER_DOMAINS, spelt here to kee
 
 
 @dataclass(frozen=True)
-class CalibrateConfig:
+class CalibrateConfig(Config):
     """What `fedpeat calibrate` measures."""
 
-    levels: tuple = (0, 1, 2, 3, 4)  # emulator sizes k (middle blocks kept)
+    levels: tuple[int, ...] = (0, 1, 2, 3, 4)  # emulator sizes k (middle blocks kept)
     adapter_l: int = 2  # bottom blocks of the adapter (the environment's l)
     adapter_r: int = 2  # top blocks of the adapter (the environment's r)
     population: Optional[int] = 10  # the env's devices: clients whose data the fractions refer to (None: every client)
-    clients_per_round: tuple = (3, 10)  # participation levels (at most the population)
-    server_domains: tuple = SERVER_DOMAINS  # server data domains measured in server-only rounds; the first is the default
+    clients_per_round: tuple[int, ...] = (3, 10)  # participation levels (at most the population)
+    server_domains: tuple[str, ...] = SERVER_DOMAINS  # server data domains measured in server-only rounds; the first is the default
     server_windows: int = 32  # windows of server data (the environment's default server_data)
     mixed_run: bool = True  # also measure server + all devices (a check of the two-source model, not fitted)
     rounds: int = 8
+    """FedPEAT rounds per measured curve (>= 2)."""
     local_steps: int = 4
+    """Local steps per client and round."""
     local_batch: int = 2
+    """Windows per local step."""
     client_lr: float = 3e-3
+    """Client learning rate (Adam)."""
     lora_rank: int = 4
+    """LoRA rank of the PEFT module in the adapter."""
     lora_alpha: float = 32.0
+    """LoRA alpha."""
     seq_len: int = 64
+    """Tokens per window."""
     max_examples: int = 16
+    """Windows kept per client (`TaskConfig.max_examples`)."""
     max_eval_windows: int = 96
+    """Held-out windows for the plug-in perplexity."""
+    text: TextConfig = TextConfig()  # the devices' text (default: Folio-spelling role clients)
     seed: int = 0
+    """Seed of the runs and the task."""
 
-    def __post_init__(self):
-        for name in ("levels", "clients_per_round", "server_domains"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "levels", tuple(int(k) for k in self.levels))
-        object.__setattr__(self, "clients_per_round", tuple(int(c) for c in self.clients_per_round))
+    def validate(self) -> None:
         if not self.levels or list(self.levels) != sorted(set(self.levels)):
             raise ValueError(f"CalibrateConfig.levels must be strictly increasing, got {self.levels}")
         if min(self.levels) < 0:
@@ -110,6 +118,14 @@ class CalibrateConfig:
                     emulator_levels=(self.levels[-1],), adapter_l=self.adapter_l, adapter_r=self.adapter_r,
                     log_lora_gap=False, seed=self.seed)
         return FedConfig(**{**base, **changes})
+
+    def task(self, server_domain: Optional[str] = None):
+        """The TaskConfig of the measured clients (before the population is drawn from them), the
+        server holding ``server_domain`` (default: the first of ``server_domains``)."""
+        from fedpeat_jax.tasks import TaskConfig
+
+        return TaskConfig(text=self.text, seq_len=self.seq_len, max_examples=self.max_examples, max_eval_windows=self.max_eval_windows,
+                          server_domain=server_domain or self.server_domains[0], server_windows=self.server_windows, seed=self.seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,29 +217,30 @@ def fit_table(measured: dict, server: dict, *, model, model_name: str, l: int, r
 # Measurement: real FedPEAT rounds
 # --------------------------------------------------------------------------------------------
 class _Runs:
-    """The FedPEAT calls of a measurement, in one place: build a simulator, init, round, evaluate."""
+    """The FedPEAT calls of a measurement, in one place: build a simulator, init, round, evaluate.
+    The weights, data and held-out windows are arguments of the jitted functions."""
 
     def __init__(self, params, model, peft, heldout):
         self.params, self.model, self.peft = params, model, peft
         self.heldout = tuple(jnp.asarray(x) for x in heldout)
 
-    def curve(self, fed: FedConfig, data, rounds: int, seed: int, server_data=None, devices_on: bool = True) -> np.ndarray:
+    def curve(self, fed: FedConfig, data, rounds: int, seed: int, server_data=None, devices_on: bool = True) -> tuple:
         """Plug-in perplexity after rounds 0..R and the examples each round used (devices, server)."""
         from fedpeat_jax.fed.client import Hyper
         from fedpeat_jax.fed.simulation import FedPEAT
 
-        sim = FedPEAT(self.params, self.model, self.peft, fed, n_clients=int(data.tokens.shape[0]))
+        sim = FedPEAT(self.model, self.peft, fed, n_clients=int(data.tokens.shape[0]))
         hyper = Hyper.from_config(fed)
         available = jnp.full((data.tokens.shape[0],), bool(devices_on))
-        step = jax.jit(lambda s: sim.round(s, data, hyper, server_data, available=available))
-        evaluate = jax.jit(lambda s: sim.eval_nll(s, *self.heldout))
-        state = sim.init(jax.random.key(seed))
+        step = jax.jit(lambda s, p, d, h, srv, avail: sim.round(s, p, d, h, srv, available=avail))
+        evaluate = jax.jit(lambda s, p, h: sim.eval_nll(s, p, *h))
+        state = jax.jit(sim.init)(jax.random.key(seed), self.params)
         ppl, examples = [], []
         for t in range(rounds + 1):
             if t:
-                state, metrics = step(state)
+                state, metrics = step(state, self.params, data, hyper, server_data, available)
                 examples.append(float(metrics.examples))
-            nll, count = jax.device_get(evaluate(state))
+            nll, count = jax.device_get(evaluate(state, self.params, self.heldout))
             ppl.append(float(np.exp(nll / count)))
         return np.asarray(ppl), np.asarray(examples)
 
@@ -239,15 +256,11 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
     """
     from fedpeat_jax.io.logging import progress
     from fedpeat_jax.peat.foundation import params_digest
-    from fedpeat_jax.tasks import TaskConfig, build_task, device_population
+    from fedpeat_jax.tasks import build_task, device_population
 
     model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     cfg.check_model(model)
-    tasks = {}
-    for domain in cfg.server_domains:
-        task_cfg = TaskConfig(seq_len=cfg.seq_len, max_examples=cfg.max_examples, max_eval_windows=cfg.max_eval_windows,
-                              server_domain=domain, server_windows=cfg.server_windows, seed=cfg.seed)
-        tasks[domain] = build_task(task_cfg, tokenizer, cache_dir=cache_dir)
+    tasks = {domain: build_task(cfg.task(domain), tokenizer, cache_dir=cache_dir) for domain in cfg.server_domains}
     task = tasks[cfg.server_domains[0]]
     if cfg.population is not None:
         task = device_population(task, cfg.population, cfg.seed)

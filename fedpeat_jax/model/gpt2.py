@@ -19,6 +19,15 @@ PEFT enters in two ways. Selective kinds ("bitfit", "full") overwrite leaves of 
 live in before the scan; additive kinds ("lora", "adapter") are passed into the scanned block
 function; "prompt" prepends soft tokens at the embedding. The stack is cut into contiguous
 segments with and without PEFT (`peft_segments`), one scan per segment.
+
+Execution options of `GPT2Config` change how the model runs, not what it computes:
+`attention="dot_product"` calls `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU),
+`remat=True` recomputes each block in the backward pass (`jax.checkpoint` in the layer scan:
+activation memory of one block instead of all). With `dtype="bfloat16"` every dense layer and the
+LM head multiply bfloat16 operands into float32 (`matmul`, forward and backward: the native
+kernel of CPUs with AVX512-BF16). The frozen weights may be held in bfloat16; they are cast to the
+compute dtype where used. Training losses come from the hidden states (`loss`, `head_nll`), which
+never build full-vocabulary one-hots.
 """
 
 from __future__ import annotations
@@ -99,12 +108,61 @@ def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
     return y.astype(x.dtype)
 
 
+@jax.custom_batching.custom_vmap
+def _mixed_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """(n, k) @ (k, o), bfloat16 operands, float32 accumulation and result."""
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
+@_mixed_dot.def_vmap
+def _mixed_dot_vmap(axis_size, in_batched, x, w):
+    # XLA's CPU runtime multiplies bfloat16 into float32 only in plain 2-D products (YNNPACK);
+    # a batched one fails to run. With a shared weight the batch joins the rows (one 2-D product:
+    # vmapped clients on a frozen base, the hot path); per-example weights multiply in float32.
+    x_batched, w_batched = in_batched
+    if not w_batched:
+        return jnp.matmul(x, w, preferred_element_type=jnp.float32), True
+    x = x if x_batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+    return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32)), True
+
+
+@jax.custom_vjp
+def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    return _mixed_dot(x, w)
+
+
+def _bf16_matmul_fwd(x, w):
+    return _mixed_dot(x, w), (x, w)
+
+
+def _bf16_matmul_bwd(res, g):
+    # The cotangent rounded to bfloat16 so that the backward products stay bfloat16 x bfloat16
+    # too: autodiff would multiply the float32 cotangent by an upcast weight, at float32 speed.
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = _mixed_dot(g, w.T).astype(x.dtype)
+    dw = _mixed_dot(x.T, g).astype(w.dtype)  # dead code for a frozen w
+    return dx, dw
+
+
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """(N, k) @ (k, n) in float32, or for bfloat16 compute with bfloat16 operands, float32
+    accumulation and a float32 result in the forward and backward passes (the native kernel on
+    CPUs with AVX512-BF16; callers cast the result). Reverse-mode differentiable (custom VJP)."""
+    if x.dtype == jnp.float32:
+        return x @ w.astype(jnp.float32)
+    return _bf16_matmul(x, w.astype(x.dtype))
+
+
 def dense(p: Params, x: jax.Array, lora: Optional[Params] = None, lora_ctx=None) -> jax.Array:
     # Tokens flattened to one matrix axis: XLA's CPU backend runs (B*T, d) @ (d, o) and, above
     # all, the LoRA factors' gradients (contractions over B and T) far faster in 2-D.
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    y = x @ p["kernel"].astype(x.dtype) + p["bias"].astype(x.dtype)
+    y = (matmul(x, p["kernel"]) + p["bias"].astype(jnp.float32)).astype(x.dtype)
     if lora is not None:
         y = y + peft_lib.lora.delta(lora, x, *lora_ctx)
     return y.reshape(shape[:-1] + y.shape[-1:])
@@ -129,12 +187,32 @@ class Ctx(NamedTuple):
 
     config: GPT2Config
     peft_config: Optional[PeftConfig]
-    bias: jax.Array  # additive attention bias, (B, 1, Tq, Tk)
+    bias: Optional[jax.Array]  # additive attention bias (B, 1, Tq, Tk); None: plain causal, Tq == Tk
     train: bool
 
 
 def _split_rng(rng, n):
     return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
+
+
+def attention(q, k, v, bias: Optional[jax.Array], cfg: GPT2Config, rng=None) -> jax.Array:
+    """softmax(q k^T / sqrt(hd) + bias) v over (B, T, H, hd) inputs, the softmax in float32.
+
+    `bias` None means plain causal attention (Tq == Tk), which lets the fused path use its causal
+    kernels instead of reading a bias. `cfg.attention == "dot_product"` runs
+    `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU when it applies, XLA elsewhere);
+    it has no attention dropout, so a train step with dropout (`rng` given) takes the einsum path.
+    """
+    drop = rng is not None and cfg.attn_pdrop > 0
+    if cfg.attention == "dot_product" and not drop:
+        return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
+                                            is_causal=bias is None)
+    if bias is None:
+        bias = attention_bias(None, q.shape[1], k.shape[1])
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    probs = jax.nn.softmax(scores / math.sqrt(cfg.head_dim) + bias, axis=-1)
+    probs = dropout(probs, cfg.attn_pdrop, rng).astype(q.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def block(p: Params, h: jax.Array, ctx: Ctx, peft_p: Optional[Params], rng, kv=None, index=None):
@@ -159,11 +237,7 @@ def block(p: Params, h: jax.Array, ctx: Ctx, peft_p: Optional[Params], rng, kv=N
         k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
         kv = (k, v)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype)).astype(jnp.float32)
-    scores = scores / math.sqrt(cfg.head_dim) + ctx.bias
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = dropout(probs, cfg.attn_pdrop, r_attn).astype(q.dtype)
-    a = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(q.dtype)).reshape(B, T, cfg.n_embd)
+    a = attention(q, k.astype(q.dtype), v.astype(q.dtype), ctx.bias, cfg, r_attn).reshape(B, T, cfg.n_embd)
     a = dense(p["attn"]["c_proj"], a, *maybe_lora("attn", "c_proj"))
     if adapter is not None:
         a = peft_lib.adapters.apply(adapter["attn"], a)
@@ -247,7 +321,12 @@ def run_blocks(
             h, kv = block(x["p"], h, ctx, x["peft"], x["rng"], x["kv"], index)
             return h, kv
 
-        h, kv = jax.lax.scan(step, h, xs, unroll=(stop - start) <= UNROLL_BLOCKS)
+        unroll = (stop - start) <= UNROLL_BLOCKS
+        if ctx.config.remat:
+            # Keep only each block's input for the backward pass and recompute the rest. Rolled:
+            # unrolled, XLA schedules the recomputation early and the memory is not saved.
+            step, unroll = jax.checkpoint(step), False
+        h, kv = jax.lax.scan(step, h, xs, unroll=unroll)
         if cache is not None:
             new_k.append(kv[0])
             new_v.append(kv[1])
@@ -274,19 +353,20 @@ def attention_bias(attention_mask: Optional[jax.Array], q_len: int, k_len: int, 
 def embed(params: Params, input_ids: jax.Array, config: GPT2Config, prompt=None, positions=None, rng=None):
     """Token + position embeddings (with soft prompt tokens prepended when `prompt` is given)."""
     dtype = jnp.dtype(config.dtype)
-    h = jnp.take(params["wte"], input_ids, axis=0)
+    # Summed in float32 whatever the weights' dtype (a frozen base may be held in bfloat16).
+    h = jnp.take(params["wte"], input_ids, axis=0).astype(jnp.float32)
     if prompt is not None:
         h = peft_lib.prompt.prepend(prompt, h)
     if positions is None:
         positions = jnp.arange(h.shape[1])
-    h = h + jnp.take(params["wpe"], positions, axis=0)
+    h = h + jnp.take(params["wpe"], positions, axis=0).astype(jnp.float32)
     return dropout(h.astype(dtype), config.embd_pdrop, rng)
 
 
 def head(params: Params, h: jax.Array, config: GPT2Config) -> jax.Array:
     """Final LayerNorm and the LM head tied to wte; logits in float32."""
     h = layer_norm(params["ln_f"], h, config.layer_norm_epsilon)
-    return (h @ params["wte"].astype(h.dtype).T).astype(jnp.float32)
+    return matmul(h.reshape(-1, h.shape[-1]), params["wte"].T).reshape(h.shape[:-1] + (-1,))
 
 
 def check_inputs(input_ids, config: GPT2Config, peft_config: Optional[PeftConfig] = None, n_layer: Optional[int] = None) -> None:
@@ -329,7 +409,8 @@ def hidden_states(
         attention_mask = jnp.concatenate(
             [jnp.ones((attention_mask.shape[0], n_prompt), attention_mask.dtype), attention_mask], axis=1
         )
-    ctx = Ctx(config, peft_config, attention_bias(attention_mask, h.shape[1], h.shape[1]), rng is not None)
+    bias = None if attention_mask is None else attention_bias(attention_mask, h.shape[1], h.shape[1])
+    ctx = Ctx(config, peft_config, bias, rng is not None)
     peft_blocks = peft.get("blocks") if peft is not None else None
     h, _ = run_blocks(params["blocks"], h, ctx, peft_blocks, r_blocks)
     return h[:, n_prompt:]
@@ -374,6 +455,41 @@ def lm_loss(logits: jax.Array, input_ids: jax.Array, mask: Optional[jax.Array] =
     return total / jnp.maximum(count, 1.0)
 
 
+def head_nll(params: Params, h: jax.Array, input_ids: jax.Array, mask: Optional[jax.Array] = None, *, config: GPT2Config):
+    """`token_nll(head(params, h), input_ids, mask)` from the hidden states `h` (B, T, d), cheaper.
+
+    The head runs on the T-1 positions that predict a token (not on all T, then sliced), and the
+    target logit is the dot product of a position's state with its target's embedding row, so
+    nothing of full-vocabulary size is built besides the logits themselves (no one-hot, no slice
+    copy of the logits). Same (sum, count).
+    """
+    h = layer_norm(params["ln_f"], h[:, :-1], config.layer_norm_epsilon)
+    targets = input_ids[:, 1:]
+    weight = jnp.ones(targets.shape, jnp.float32) if mask is None else mask[:, 1:].astype(jnp.float32)
+    logits = matmul(h.reshape(-1, h.shape[-1]), params["wte"].T).reshape(h.shape[:-1] + (-1,))
+    rows = jnp.take(params["wte"], targets, axis=0).astype(h.dtype)
+    target_logit = jnp.einsum("btd,btd->bt", h, rows, preferred_element_type=jnp.float32)
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+    return (nll * weight).sum(), weight.sum()
+
+
+def loss(
+    params: Params,
+    input_ids: jax.Array,
+    mask: Optional[jax.Array] = None,
+    *,
+    config: GPT2Config,
+    peft: Optional[Params] = None,
+    peft_config: Optional[PeftConfig] = None,
+    rng: Optional[jax.Array] = None,
+) -> jax.Array:
+    """Mean next-token loss of right-padded windows: `mask` (1 on real tokens) weights the targets
+    only, since causal attention never lets a real token see a pad that follows it."""
+    h = hidden_states(params, input_ids, config=config, peft=peft, peft_config=peft_config, rng=rng)
+    total, count = head_nll(params, h, input_ids, mask, config=config)
+    return total / jnp.maximum(count, 1.0)
+
+
 def perplexity(total_nll, count) -> jax.Array:
     return jnp.exp(total_nll / jnp.maximum(count, 1.0))
 
@@ -389,8 +505,8 @@ def evaluate_nll(params, peft_state, tokens, mask, model: GPT2Config, peft: Peft
 
     def body(acc, xs):
         tok, msk = xs
-        logits = apply(params, tok, config=model, peft=peft_state, peft_config=peft)
-        total, count = token_nll(logits, tok, msk)
+        h = hidden_states(params, tok, config=model, peft=peft_state, peft_config=peft)
+        total, count = head_nll(params, h, tok, msk, config=model)
         return (acc[0] + total, acc[1] + count), None
 
     (total, count), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (tokens, mask))

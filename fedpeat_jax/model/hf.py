@@ -262,21 +262,47 @@ def _expect_dir(path: Path) -> None:
         raise NotADirectoryError(f"{str(path)!r} is not a directory (expected {what})")
 
 
+class WeightFileError(ValueError):
+    """A weight file exists but cannot be read (empty, truncated, corrupt, not a weight file)."""
+
+
+def read_json(file: Path) -> dict:
+    """A JSON file of a checkpoint directory; a ValueError naming the file if it is not JSON."""
+    try:
+        return json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+
+
+def _unreadable(file: Path, err: Exception) -> WeightFileError:
+    size = file.stat().st_size
+    what = "is empty (0 bytes)" if size == 0 else f"cannot be read ({size:,} bytes; {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    return WeightFileError(f"weight file {file} {what}: it is probably truncated or corrupt; copy or export it again")
+
+
 def _load_safetensors(file: Path) -> dict:
     from safetensors.numpy import load_file
 
     try:
-        return load_file(str(file))
-    except TypeError:  # numpy has no bfloat16: read through JAX and upcast
-        from safetensors.flax import load_file as load_jax
+        try:
+            return load_file(str(file))
+        except TypeError:  # numpy has no bfloat16: read through JAX and upcast
+            from safetensors.flax import load_file as load_jax
 
-        return {k: np.asarray(v, np.float32) for k, v in load_jax(str(file)).items()}
+            return {k: np.asarray(v, np.float32) for k, v in load_jax(str(file)).items()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type from Rust
+        raise _unreadable(file, e) from e
 
 
 def _load_torch_bin(file: Path) -> dict:
     import torch  # only this format needs torch
 
-    state = torch.load(str(file), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle and zip errors of every kind
+        raise _unreadable(file, e) from e
+    if not isinstance(state, Mapping):
+        raise WeightFileError(f"weight file {file} holds a {type(state).__name__}, not a state dict of tensors")
     return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
 
 
@@ -295,7 +321,10 @@ def load_state_dict(path) -> dict:
     load = _load_safetensors if file.startswith("model.safetensors") else _load_torch_bin
     if not file.endswith(".index.json"):
         return load(path / file)
-    shards = sorted(set(json.loads((path / file).read_text())["weight_map"].values()))
+    index = read_json(path / file)
+    if not isinstance(index.get("weight_map"), Mapping):
+        raise ValueError(f"{path / file} has no 'weight_map' (not a Hugging Face weight index)")
+    shards = sorted(set(index["weight_map"].values()))
     state = {}
     for shard in shards:
         if not (path / shard).is_file():
@@ -315,8 +344,15 @@ def load_pretrained(path, **config_overrides):
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(path)!r} has no {CONFIG_FILE} (a Hugging Face GPT-2 config is required)")
-    config = config_from_hf(json.loads(config_file.read_text()), **config_overrides)
-    return params_from_state_dict(load_state_dict(path), config), config
+    try:
+        config = config_from_hf(read_json(config_file), **config_overrides)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from None
+    state = load_state_dict(path)
+    try:
+        return params_from_state_dict(state, config), config
+    except ValueError as e:
+        raise ValueError(f"the weights in {path} do not match its {CONFIG_FILE}: {e}") from None
 
 
 def from_torch_model(model, **config_overrides):
@@ -335,7 +371,11 @@ def load_tokenizer(path):
         raise FileNotFoundError(f"no tokenizer in {str(path)!r}: expected one of {list(TOKENIZER_FILES)}")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many kinds
+        raise ValueError(f"the tokenizer in {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "its tokenizer files may be corrupt") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,6 +454,8 @@ def save_pretrained(
 
 
 __all__ = [
+    "WeightFileError",
+    "read_json",
     "config_from_hf",
     "to_hf_config",
     "params_from_state_dict",

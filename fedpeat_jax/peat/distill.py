@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedpeat_jax import data as data_lib
-from fedpeat_jax.config import GPT2Config
+from fedpeat_jax.config import Config, GPT2Config
+from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.io.checkpoint import CheckpointManager
 from fedpeat_jax.io.logging import RunLogger
 from fedpeat_jax.io.machine import machine_info
@@ -44,21 +45,29 @@ INFO_FILE = "distill.json"
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(Config):
     """Settings of emulator distillation (LM loss + kd_weight x KD on the pretraining text)."""
 
     steps: int = 200
+    """Optimizer steps."""
     batch: int = 8
+    """Windows per step."""
     seq_len: int = 128
+    """Tokens per window."""
     lr: float = 3e-4  # published: 1e-4 over a full epoch of a large corpus; ours is a short run
     warmup: int = 20
+    """Linear warm-up steps, then cosine decay."""
     final_lr_ratio: float = 0.1
+    """Final learning rate / peak."""
     kd_weight: float = DEFAULT_KD_WEIGHT
+    """Weight of the KD term (published: 30)."""
     eval_windows: int = 64  # fixed held-out windows for the before/after KD and LM numbers
     chunk: int = 20
+    """Steps per jitted call (= checkpoint interval)."""
     seed: int = 0
+    """Seed of batch sampling."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if self.kd_weight < 0:
             raise ValueError(f"DistillConfig.kd_weight must be >= 0, got {self.kd_weight}")
         if self.eval_windows < 1:
@@ -69,9 +78,6 @@ class DistillConfig:
         # No weight decay: it would pull the copied blocks away from the teacher for no gain.
         return TrainConfig.of("DistillConfig", steps=self.steps, batch=self.batch, lr=self.lr, warmup=self.warmup,
                            final_lr_ratio=self.final_lr_ratio, chunk=self.chunk, seed=self.seed)
-
-    def replace(self, **changes) -> "DistillConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def kd_loss(h_teacher: jax.Array, h_student: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -200,7 +206,8 @@ def load_distilled(
             if not allow_distill:
                 raise FileNotFoundError(f"no distilled {spec.name} emulator cached in {path}")
             heldout_plays = tuple(foundation.info.get("heldout_plays", data_lib.DEFAULT_HELDOUT_PLAYS))
-            train_texts, held_texts = pretraining_texts(heldout_plays)
+            text = foundation.info.get("pretrain", {}).get("text")  # a foundation pretrained on a user's text
+            train_texts, held_texts, _ = pretraining_texts(heldout_plays, text=None if text is None else TextConfig(**text))
             windows = data_lib.pretraining_windows(train_texts, foundation.tokenizer, cfg.seq_len)
             held = data_lib.pretraining_windows(held_texts, foundation.tokenizer, cfg.seq_len)
             held = held[np.linspace(0, len(held) - 1, min(cfg.eval_windows, len(held))).round().astype(int)]

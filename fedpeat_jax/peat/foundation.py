@@ -40,8 +40,8 @@ import jax
 import numpy as np
 
 from fedpeat_jax import data as data_lib
-from fedpeat_jax.config import GPT2Config
-from fedpeat_jax.data.shakespeare import SDIST_SHA256
+from fedpeat_jax.config import Config, GPT2Config
+from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.io.checkpoint import CheckpointManager
 from fedpeat_jax.io.logging import RunLogger
 from fedpeat_jax.io.machine import machine_info
@@ -60,30 +60,42 @@ class FoundationFilesError(ValueError):
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(Config):
     """How a foundation model is pretrained (the model's shape is its GPT2Config preset)."""
 
     seq_len: int = 256  # the default model's n_positions: every position embedding gets trained
     steps: int = 300
+    """Optimizer steps."""
     batch: int = 8
+    """Windows per step."""
     lr: float = 2e-3
+    """Peak learning rate (AdamW)."""
     warmup: int = 30
+    """Linear warm-up steps, then cosine decay."""
     final_lr_ratio: float = 0.1
+    """Final learning rate / peak."""
     weight_decay: float = 0.01
+    """AdamW weight decay (kernels and embeddings only)."""
     dropout: bool = False  # well under two epochs: dropout would only slow learning
     # LayerDrop (Fan et al., 2019) on the middle blocks [l, n_layer - r), (l, r) = layerdrop_span:
     # each is skipped with this probability at every step. Off by default: at 0.5 the default
     # model learned to do without its middle blocks, and the offsite pattern did not appear
     layerdrop: float = 0.0
-    layerdrop_span: tuple = (2, 2)
-    heldout_plays: tuple = data_lib.DEFAULT_HELDOUT_PLAYS
+    layerdrop_span: tuple[int, int] = (2, 2)
+    """(l, r): LayerDrop may skip blocks [l, n_layer - r), the offsite-tuning middle."""
+    heldout_plays: tuple[str, ...] = data_lib.DEFAULT_HELDOUT_PLAYS
+    """Plays excluded from pretraining and from the federated clients (held-out evaluation)."""
+    # the text pretrained on: modern-spelling plays by default, or your own (held out: heldout_plays
+    # for Shakespeare, the TextConfig's held-out documents for your text); the tokenizer is trained on it too
+    text: TextConfig = TextConfig(spelling="modern")
     eval_batch: int = 16
+    """Windows per batch of the held-out evaluation."""
     chunk: int = 20
+    """Steps per jitted call (= checkpoint interval)."""
     seed: int = 0
+    """Seed of initialization and batch sampling."""
 
-    def __post_init__(self):
-        object.__setattr__(self, "heldout_plays", tuple(self.heldout_plays))
-        object.__setattr__(self, "layerdrop_span", tuple(int(x) for x in self.layerdrop_span))
+    def validate(self) -> None:
         if not 0.0 <= self.layerdrop < 1.0:
             raise ValueError(f"PretrainConfig.layerdrop must be in [0, 1), got {self.layerdrop}")
         if len(self.layerdrop_span) != 2 or min(self.layerdrop_span) < 0:
@@ -102,9 +114,6 @@ class PretrainConfig:
         """The blocks LayerDrop may skip: the middle [l, n_layer - r) of the offsite-tuning split."""
         l, r = self.layerdrop_span
         return tuple(range(l, n_layer - r))
-
-    def replace(self, **changes) -> "PretrainConfig":
-        return dataclasses.replace(self, **changes)
 
 
 # Pretraining settings per GPT2Config preset. "default" sees 0.61 M tokens (0.56 epoch of the
@@ -140,16 +149,25 @@ WEIGHT_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "d_
 DROPOUT_FIELDS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
 
 
+def fingerprinted_settings(pretrain: PretrainConfig) -> dict:
+    """The pretraining settings that enter the fingerprint: fields added after the first release are
+    left out at their defaults, so earlier caches (and the shipped model) keep their fingerprints."""
+    settings = dataclasses.asdict(pretrain)
+    if settings["layerdrop"] == 0.0:
+        del settings["layerdrop"], settings["layerdrop_span"]
+    if pretrain.text == PretrainConfig.text:
+        del settings["text"]
+    return settings
+
+
 def fingerprint(model: GPT2Config, pretrain: PretrainConfig) -> str:
     """Short hash of everything that determines the pretrained weights (model fields in WEIGHT_FIELDS,
     pretraining settings, held-out plays, corpus checksum)."""
-    settings = dataclasses.asdict(pretrain)
-    if settings["layerdrop"] == 0.0:  # added later: left out when off, so earlier caches stay valid
-        del settings["layerdrop"], settings["layerdrop_span"]
+    settings = fingerprinted_settings(pretrain)
     fields = WEIGHT_FIELDS + (DROPOUT_FIELDS if pretrain.dropout else ())
     blob = json.dumps(
         {"format": FORMAT_VERSION, "model": {name: getattr(model, name) for name in fields}, "pretrain": settings,
-         "corpus": SDIST_SHA256},
+         "corpus": data_lib.corpus_digest(pretrain.text)},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -196,23 +214,22 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def pretraining_texts(heldout_plays=data_lib.DEFAULT_HELDOUT_PLAYS, *, cache_dir=None) -> tuple:
-    """(training speeches, held-out speeches) of the modern-spelling plays: the foundation model's
-    text, also the "general corpus" that emulator distillation uses."""
-    corpus = data_lib.load_shakespeare("modern", cache_dir=cache_dir)
-    return (
-        data_lib.pretraining_texts(corpus, exclude_plays=heldout_plays),
-        data_lib.heldout_texts(corpus, exclude_plays=heldout_plays),
-    )
+def pretraining_texts(heldout_plays=data_lib.DEFAULT_HELDOUT_PLAYS, *, cache_dir=None, text: Optional[TextConfig] = None) -> tuple:
+    """(training examples, held-out examples, held-out document names) of `text` (default: the
+    modern-spelling plays, the "general corpus" that emulator distillation uses too);
+    `heldout_plays` are Shakespeare's held-out plays, a user's text holds out its TextConfig's documents."""
+    text = PretrainConfig.text if text is None else text
+    return data_lib.training_and_heldout_texts(text, cache_dir, heldout_docs=heldout_plays if text.is_shakespeare else None)
 
 
 def pretraining_data(model: GPT2Config, pretrain_config: PretrainConfig, tokenizer_dir: Path, *, cache_dir=None) -> tuple:
-    """(tokenizer, training windows int32[N, T], held-out (tokens, mask)) from the modern plays.
+    """(tokenizer, training windows int32[N, T], held-out (tokens, mask) or None, held-out document
+    names) of the pretraining text.
 
     The tokenizer is trained once and saved in `tokenizer_dir`, so a resumed run sees exactly
     the token ids of the interrupted one.
     """
-    train_texts, held_texts = pretraining_texts(pretrain_config.heldout_plays, cache_dir=cache_dir)
+    train_texts, held_texts, held_docs = pretraining_texts(pretrain_config.heldout_plays, cache_dir=cache_dir, text=pretrain_config.text)
     if (tokenizer_dir / "tokenizer.json").is_file():
         tokenizer = data_lib.load_tokenizer(tokenizer_dir)
     else:
@@ -221,9 +238,10 @@ def pretraining_data(model: GPT2Config, pretrain_config: PretrainConfig, tokeniz
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size {model.vocab_size}")
     windows = data_lib.pretraining_windows(train_texts, tokenizer, pretrain_config.seq_len)
     if len(windows) == 0:
-        raise ValueError(f"the pretraining text gives no full window of {pretrain_config.seq_len} tokens")
-    heldout = data_lib.eval_windows(held_texts, tokenizer, pretrain_config.seq_len)
-    return tokenizer, windows, heldout
+        raise ValueError(f"PretrainConfig.seq_len: the pretraining text of {pretrain_config.text.describe()} gives no full window of "
+                         f"{pretrain_config.seq_len} tokens; lower it or give more text")
+    heldout = data_lib.eval_windows(held_texts, tokenizer, pretrain_config.seq_len) if held_texts else None  # None: no held-out text
+    return tokenizer, windows, heldout, held_docs
 
 
 def pretrain(
@@ -246,7 +264,7 @@ def pretrain(
     if (out / INFO_FILE).is_file() and not overwrite:
         raise FileExistsError(f"a foundation model already exists in {out}; use load_foundation, or overwrite=True")
     run_dir = out.with_name(out.name + ".run")
-    tokenizer, windows, (held_tokens, held_mask) = pretraining_data(model, pcfg, run_dir / "tokenizer", cache_dir=cache_dir)
+    tokenizer, windows, heldout, held_docs = pretraining_data(model, pcfg, run_dir / "tokenizer", cache_dir=cache_dir)
 
     ckpt = CheckpointManager(run_dir / "ckpt", max_to_keep=1)
     resume = ckpt.latest_step()
@@ -259,8 +277,10 @@ def pretrain(
             params, None, {"tokens": windows}, pcfg.train_config(),
             logger=logger, checkpoints=ckpt, desc=f"pretrain {preset}", log_prefix="pretrain/", show_progress=show_progress,
         )
-        held = evaluate_perplexity(result.params, held_tokens, held_mask, model, batch=pcfg.eval_batch)
-        logger.scalars(pcfg.steps, {"heldout_ppl": held["ppl"], "heldout_nll": held["nll"]}, prefix="pretrain/")
+        held = {"ppl": None, "nll": None, "tokens": 0}  # no held-out text: no perplexity
+        if heldout is not None:
+            held = evaluate_perplexity(result.params, *heldout, model, batch=pcfg.eval_batch)
+            logger.scalars(pcfg.steps, {"heldout_ppl": held["ppl"], "heldout_nll": held["nll"]}, prefix="pretrain/")
     ckpt.close()
 
     tokens_per_step = pcfg.batch * pcfg.seq_len
@@ -270,7 +290,7 @@ def pretrain(
         "model": dataclasses.asdict(model),
         "pretrain": dataclasses.asdict(pcfg),
         "param_count": model.param_count(),
-        "heldout_plays": list(pcfg.heldout_plays),
+        "heldout_plays": list(held_docs),  # held-out documents of a user's text
         "heldout_ppl": held["ppl"],
         "heldout_nll": held["nll"],
         "heldout_tokens": held["tokens"],
@@ -392,10 +412,11 @@ def params_digest(params) -> str:
 
 
 def heldout_perplexity(fm: Foundation, *, windows: int = 0, cache_dir=None) -> dict:
-    """`evaluate_perplexity` of `fm` on the modern-spelling held-out plays, in its pretraining's
+    """`evaluate_perplexity` of `fm` on its pretraining text's held-out documents, in its pretraining's
     windows; `windows` > 0 keeps only the first that many (a fast, fixed subset)."""
     pcfg = fm.info["pretrain"]
-    _, held_texts = pretraining_texts(tuple(pcfg["heldout_plays"]), cache_dir=cache_dir)
+    text = TextConfig(**pcfg["text"]) if "text" in pcfg else None  # recorded since a user's text could be pretrained on
+    _, held_texts, _ = pretraining_texts(tuple(pcfg["heldout_plays"]), cache_dir=cache_dir, text=text)
     tokens, mask = data_lib.eval_windows(held_texts, fm.tokenizer, pcfg["seq_len"])
     if windows:
         tokens, mask = tokens[:windows], mask[:windows]

@@ -30,7 +30,8 @@ import numpy as np
 
 from fedpeat_jax import data as data_lib
 from fedpeat_jax import peft as peft_lib
-from fedpeat_jax.config import GPT2Config, PeftConfig
+from fedpeat_jax.config import Config, GPT2Config, PeftConfig
+from fedpeat_jax.data.source import TextConfig, describe_text
 from fedpeat_jax.io.logging import RunLogger
 from fedpeat_jax.io.machine import machine_info
 from fedpeat_jax.peat import emulator as emu
@@ -44,35 +45,47 @@ PEFTS = ("full", "lora")
 
 
 @dataclass(frozen=True)
-class OffsiteConfig:
+class OffsiteConfig(Config):
     """Settings of the offsite-tuning table: emulator shape, fine-tuning runs, evaluation."""
 
     preset: str = "default"
+    """Foundation model preset (`GPT2Config.preset`)."""
     l: int = 2
+    """Bottom adapter blocks."""
     k: int = 2  # middle blocks the emulator keeps (2-2-2 of the default 8-block model)
     r: int = 2
+    """Top adapter blocks."""
     seq_len: int = 128
+    """Tokens per window."""
     steps: int = 100  # optimizer steps of every fine-tuning run
     batch: int = 8
+    """Windows per step."""
     lr: float = 3e-4  # FT and full adapter tuning
     lr_lora: float = 2e-3  # LoRA (scale alpha / r = 8 on top)
     warmup: int = 10
+    """Warm-up steps of every fine-tuning run."""
     lora_rank: int = 4
+    """LoRA rank of the 'lora' adapter tuning."""
     lora_alpha: float = 32.0
+    """LoRA alpha."""
     # dropout of every fine-tuning run (embedding, attention, residual, LoRA): the published
     # setting (GPT-2 trains with 0.1; LoRA dropout 0.1); evaluation never drops
     dropout: float = 0.1
     eval_windows: int = 128  # held-out windows evaluated, spread evenly over the plays (0: all)
     eval_batch: int = 16
-    emulators: tuple = EMULATORS
-    pefts: tuple = PEFTS
+    """Windows per evaluation batch."""
+    emulators: tuple[str, ...] = EMULATORS
+    """Emulator kinds: 'layer-drop' and/or 'distilled'."""
+    pefts: tuple[str, ...] = PEFTS
+    """Adapter tuning kinds: 'full' and/or 'lora'."""
     ft_lora: bool = False  # also FT with LoRA in every block (the paper's efficiency baseline)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    """Distillation settings of the 'distilled' emulator (the CLI's `distill` group)."""
+    text: TextConfig = TextConfig()  # the fine-tuning text (its training documents) and the held-out documents
     seed: int = 0
+    """Seed of every run."""
 
-    def __post_init__(self):
-        object.__setattr__(self, "emulators", tuple(self.emulators))
-        object.__setattr__(self, "pefts", tuple(self.pefts))
+    def validate(self) -> None:
         bad = [e for e in self.emulators if e not in EMULATORS] + [p for p in self.pefts if p not in PEFTS]
         if bad:
             raise ValueError(f"unknown emulator/PEFT kind(s) {bad}; emulators: {EMULATORS}, PEFTs: {PEFTS}")
@@ -90,9 +103,6 @@ class OffsiteConfig:
     def peft(self, kind: str) -> PeftConfig:
         return PeftConfig(kind=kind, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=self.dropout)
 
-    def replace(self, **changes) -> "OffsiteConfig":
-        return dataclasses.replace(self, **changes)
-
 
 def spread(n: int, limit: int) -> np.ndarray:
     """`limit` indices spread evenly over range(n) (all of them when limit is 0 or >= n)."""
@@ -101,13 +111,31 @@ def spread(n: int, limit: int) -> np.ndarray:
     return np.linspace(0, n - 1, limit).round().astype(int)
 
 
+def task_texts(text: TextConfig, heldout_plays=data_lib.DEFAULT_HELDOUT_PLAYS) -> tuple:
+    """(training examples, held-out examples, held-out documents) of the fine-tuning text:
+    Shakespeare holds out `heldout_plays` (the foundation model's), a user's text its
+    TextConfig's held-out documents. Needs no model, so a user's text is checked first."""
+    train, held, docs = data_lib.training_and_heldout_texts(text, heldout_docs=heldout_plays if text.is_shakespeare else None)
+    if not held:
+        raise ValueError(f"TextConfig.heldout_docs: the offsite table compares held-out perplexities, and {text.describe()} has no held-out documents")
+    return train, held, docs
+
+
+def task_data(text: TextConfig, tokenizer, seq_len: int, heldout_plays, eval_windows: int = 0, texts=None) -> tuple:
+    """(training windows int32[N, T], held-out (tokens, mask), held-out documents) of the
+    fine-tuning text (`texts`: its `task_texts`, when already loaded)."""
+    train_texts, held_texts, held_docs = texts if texts is not None else task_texts(text, heldout_plays)
+    train = data_lib.pretraining_windows(train_texts, tokenizer, seq_len)
+    if len(train) == 0:
+        raise ValueError(f"OffsiteConfig.seq_len: the training documents of {text.describe()} give no full window of {seq_len} tokens")
+    tokens, mask = data_lib.eval_windows(held_texts, tokenizer, seq_len)
+    keep = spread(len(tokens), eval_windows)
+    return train, (tokens[keep], mask[keep]), held_docs
+
+
 def folio_data(tokenizer, seq_len: int, heldout_plays, eval_windows: int = 0) -> tuple:
     """(training windows int32[N, T], held-out (tokens, mask)) of the Folio-spelling plays."""
-    corpus = data_lib.load_shakespeare("folio")
-    train = data_lib.pretraining_windows(data_lib.pretraining_texts(corpus, exclude_plays=heldout_plays), tokenizer, seq_len)
-    tokens, mask = data_lib.eval_windows(data_lib.heldout_texts(corpus, exclude_plays=heldout_plays), tokenizer, seq_len)
-    keep = spread(len(tokens), eval_windows)
-    return train, (tokens[keep], mask[keep])
+    return task_data(TextConfig(), tokenizer, seq_len, heldout_plays, eval_windows)[:2]
 
 
 def _display_path(path) -> str:
@@ -166,13 +194,14 @@ def check_pattern(row: dict) -> dict:
 def run_table(cfg: OffsiteConfig = OffsiteConfig(), *, foundation: Optional[Foundation] = None, logdir=None, show_progress: bool = True) -> dict:
     """Every run of the table; returns the JSON-ready result (see `to_markdown`)."""
     start = time.perf_counter()
+    texts = None if cfg.text.is_shakespeare else task_texts(cfg.text)  # a user's text is checked before any model is loaded
     fm = foundation if foundation is not None else load_foundation(cfg.preset, show_progress=show_progress)
     model = fm.config
     if cfg.seq_len > model.n_positions:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's n_positions {model.n_positions}")
     spec = emu.EmulatorSpec(model.n_layer, cfg.l, cfg.r, cfg.k)
-    heldout_plays = tuple(fm.info.get("heldout_plays", data_lib.DEFAULT_HELDOUT_PLAYS))
-    windows, (held_tokens, held_mask) = folio_data(fm.tokenizer, cfg.seq_len, heldout_plays, cfg.eval_windows)
+    windows, (held_tokens, held_mask), heldout_plays = task_data(
+        cfg.text, fm.tokenizer, cfg.seq_len, tuple(fm.info.get("heldout_plays", data_lib.DEFAULT_HELDOUT_PLAYS)), cfg.eval_windows, texts)
 
     def ppl(params, config, state=None, peft=None):
         return evaluate_perplexity(params, held_tokens, held_mask, config, state, peft, cfg.eval_batch)["ppl"]
@@ -225,11 +254,11 @@ def run_table(cfg: OffsiteConfig = OffsiteConfig(), *, foundation: Optional[Foun
         "emulator": {"name": spec.name, "middle_ids": list(spec.middle_ids), "adapter_ids": list(spec.adapter_ids)},
         "foundation": {
             "path": _display_path(fm.path), "fingerprint": fm.info.get("fingerprint"), "modern_heldout_ppl": fm.info.get("heldout_ppl"),
-            "param_count": model.param_count(),
+            "param_count": model.param_count(), "pretraining_text": describe_text(fm.info["pretrain"].get("text", {"spelling": "modern"})) if "pretrain" in fm.info else "text this project did not record",
         },
         "data": {
             "train_windows": int(len(windows)), "seq_len": cfg.seq_len, "train_tokens_seen": cfg.steps * cfg.batch * cfg.seq_len,
-            "heldout_plays": list(heldout_plays), "heldout_windows": int(len(held_tokens)), "heldout_tokens": int(held_mask[:, 1:].sum()),
+            "corpus": cfg.text.describe(), "heldout_plays": list(heldout_plays), "heldout_windows": int(len(held_tokens)), "heldout_tokens": int(held_mask[:, 1:].sum()),
         },
         "rows": rows,
         "layer_drop_zero_shot": depth_sweep,
@@ -249,15 +278,23 @@ def to_markdown(result: dict) -> str:
     cfg, data, fm = result["config"], result["data"], result["foundation"]
     em = result["emulator"]
     sweep = result["layer_drop_zero_shot"]
+    folio = describe_text(cfg.get("text", {})) == TextConfig().describe()  # results written before `text` existed are Folio
+    pretrained = fm.get("pretraining_text", "Shakespeare (modern spelling)")
+    own = fm["modern_heldout_ppl"]
+    if pretrained == "Shakespeare (modern spelling)":
+        about = f"modern-spelling held-out perplexity {own:.2f}"
+    else:
+        about = f"pretrained on {pretrained}" + ("" if own is None else f", held-out perplexity {own:.2f}")
     lines = [
-        "# Offsite tuning on our data",
+        "# Offsite tuning on our data" if folio else f"# Offsite tuning on {data['corpus']}",
         "",
-        f"Foundation model `{cfg['preset']}` ({fm['param_count']:,} parameters, modern-spelling held-out perplexity "
-        f"{fm['modern_heldout_ppl']:.2f}); emulator {em['name']} keeps middle blocks {em['middle_ids']}, adapter blocks "
+        f"Foundation model `{cfg['preset'] if pretrained == 'Shakespeare (modern spelling)' else fm['path']}` ({fm['param_count']:,} parameters, {about}); emulator {em['name']} keeps middle blocks {em['middle_ids']}, adapter blocks "
         f"{em['adapter_ids']}. Fine-tuning: {cfg['steps']} steps x {cfg['batch']} windows x {cfg['seq_len']} tokens of "
-        f"First-Folio-spelling text ({data['train_windows']} training windows); lr {cfg['lr']:g} (FT, full adapter), "
+        + ("First-Folio-spelling text" if folio else f"the training documents of {data['corpus']}")
+        + f" ({data['train_windows']} training windows); lr {cfg['lr']:g} (FT, full adapter), "
         f"{cfg['lr_lora']:g} (LoRA r={cfg['lora_rank']}, alpha={cfg['lora_alpha']:g}). Perplexity on {data['heldout_tokens']:,} "
-        f"tokens of the held-out plays {', '.join(data['heldout_plays'])} in Folio spelling (lower is better).",
+        + (f"tokens of the held-out plays {', '.join(data['heldout_plays'])} in Folio spelling (lower is better)." if folio
+           else f"tokens of the held-out documents {', '.join(data['heldout_plays'])} (lower is better)."),
         "",
         "| emulator | adapter tuning | " + " | ".join(SETTINGS) + " | pattern |",
         "|---|---|" + "---|" * len(SETTINGS) + "---|",
@@ -308,4 +345,4 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SETTINGS", "OffsiteConfig", "spread", "folio_data", "n_params", "tune", "check_pattern", "run_table", "to_markdown"]
+__all__ = ["SETTINGS", "OffsiteConfig", "spread", "task_texts", "task_data", "folio_data", "n_params", "tune", "check_pattern", "run_table", "to_markdown"]

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedpeat_jax.config import GPT2Config, PeftConfig
+from fedpeat_jax.config import Config, GPT2Config, PeftConfig
 from fedpeat_jax.io.logging import progress
 from fedpeat_jax.model import gpt2
 
@@ -41,20 +40,28 @@ DECAYED_LEAVES = ("kernel", "wte", "wpe")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     steps: int
+    """Optimizer steps."""
     batch: int
+    """Examples per step, drawn uniformly with replacement inside jit."""
     lr: float
+    """Peak learning rate (AdamW)."""
     warmup: int = 0  # linear warm-up steps, then cosine decay to lr * final_lr_ratio
     final_lr_ratio: float = 0.1
+    """Final learning rate / peak."""
     weight_decay: float = 0.0
+    """AdamW weight decay (kernels and embeddings only)."""
     clip: float = 1.0  # global gradient norm; 0 disables clipping
     b1: float = 0.9
+    """Adam beta1."""
     b2: float = 0.95
+    """Adam beta2."""
     chunk: int = 50  # optimizer steps per jitted call
     seed: int = 0
+    """Seed of batch sampling and dropout."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
         for name in ("steps", "batch", "chunk"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
@@ -76,9 +83,6 @@ class TrainConfig:
             return cls(**fields)
         except ValueError as err:
             raise ValueError(str(err).replace("TrainConfig.", f"{owner}.")) from None
-
-    def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:

@@ -60,7 +60,7 @@ def add_to_kernels(blocks: dict, updates: dict, ids) -> dict:
     for group, layers in updates.items():
         out[group] = dict(out[group])
         for name, update in layers.items():
-            kernel = out[group][name]["kernel"]
+            kernel = jnp.asarray(out[group][name]["kernel"])  # weights loaded from disk may be numpy
             out[group][name] = dict(out[group][name], kernel=kernel.at[index].add(update.astype(kernel.dtype)))
     return out
 

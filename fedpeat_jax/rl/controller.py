@@ -37,6 +37,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from fedpeat_jax.config import Config
 from fedpeat_jax.io.checkpoint import CheckpointManager
 from fedpeat_jax.io.logging import RunLogger, progress, read_metrics
 from fedpeat_jax.io.plots import pyplot
@@ -49,7 +50,7 @@ CONFIG_FILE = "controller.json"
 
 
 @dataclass(frozen=True)
-class ControllerConfig:
+class ControllerConfig(Config):
     """How ``train_controller`` runs SABPPO (the agent itself is configured by SABPPOConfig)."""
 
     seeds: int = 1  # independent runs, vmapped in one compiled call
@@ -57,15 +58,14 @@ class ControllerConfig:
     chunk_updates: int = 10  # PPO updates per jitted chunk (= checkpoint and log interval)
     eval_episodes: int = 1024  # episodes per policy in the final evaluation (same draws for all)
     eval_seed: int = 12345
+    """Seed of the evaluation episodes (the same draws for SABPPO and every baseline)."""
     greedy_devices: int = 0  # devices the greedy baseline picks; 0: ceil(N / 2)
     rule_search_episodes: int = 64  # episodes per rule when searching the best simple fixed rule (0: no search)
     rule_finalists: int = 8  # best rules re-run on eval_episodes fresh episodes before the best is chosen
     behaviour_episodes: int = 64  # episodes behind behaviour.png (0: no plot)
     deterministic_eval: bool = True  # evaluate SABPPO by its most likely action per branch
     keep_checkpoints: int = 2
-
-    def __post_init__(self):
-        self.validate()
+    """Checkpoints kept in `out/checkpoints`."""
 
     def validate(self) -> None:
         for name in ("seeds", "chunk_updates", "eval_episodes", "keep_checkpoints"):
@@ -350,7 +350,9 @@ def load_policy(out_dir, env, env_params=None, seed_index: int = 0, deterministi
         raise ValueError(f"seed_index must be in 0..{controller.seeds - 1}, got {seed_index}")
     env_params = env.default_params if env_params is None else env_params
     # The checkpoint holds training states of the calibrated environment; a live environment
-    # shares its observation and action layout but carries a federated state, so restore with that.
+    # shares its observation and action layout but carries a federated state, so restore with that,
+    # and with the MEC numbers alone (a live env's LiveParams also carry its weights and data).
+    env_params = env_params.surrogate() if hasattr(env_params, "surrogate") else env_params
     from fedpeat_jax.mec import FedPEATMEC
 
     trainer = make_trainer(config, FedPEATMEC(env_params) if isinstance(env, FedPEATMEC) else env, env_params)

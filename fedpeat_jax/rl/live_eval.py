@@ -27,7 +27,7 @@ def baselines(env: FedPEATMEC, names, search_episodes: int = 64, seed: int = 0) 
     out = {}
     for name in names:
         if name == "best_rule":
-            found = search_rules(FedPEATMEC(env.default_params), episodes=search_episodes, rng=seed)
+            found = search_rules(FedPEATMEC(env.default_params.surrogate()), episodes=search_episodes, rng=seed)
             out[name] = found["policy"]._replace(name=f"best_rule: {found['description']}")
         elif name in available:
             out[name] = available[name]
@@ -44,14 +44,14 @@ def run_policy(env: FedPEATMEC, policy, rounds: int, seed: int = 0, params: Opti
 
     policy = as_policy(policy)
     params = env.default_params if params is None else params
-    act = jax.jit(lambda pp, obs, state, key: policy.apply(pp, obs, state, params, key))
+    act = jax.jit(lambda pp, ep, obs, state, key: policy.apply(pp, obs, state, ep, key))  # params are arguments: a live env's hold weights
     key = jax.random.key(seed)
     key, k_reset = jax.random.split(key)
     obs, state = env.reset(k_reset, params)
     records, bar = [], progress(rounds, desc, disable=not show_progress)
     for t in range(rounds):
         key, k_act, k_step = jax.random.split(key, 3)
-        action = act(policy.params, obs, state, k_act)
+        action = act(policy.params, params, obs, state, k_act)
         obs, state, reward, _, _, info = env.step(k_step, state, action, params)
         choice = decode_action(np.asarray(action), env.n_devices)
         records.append({

@@ -56,7 +56,7 @@ import optax
 from flax import struct
 
 from fedpeat_jax import cpu_tricks
-from fedpeat_jax.config import _require
+from fedpeat_jax.config import Config, _require
 from fedpeat_jax.cpu_tricks import compiler_options
 from fedpeat_jax.rl.distributions import branch_softmax, sample_with_log_probs
 from fedpeat_jax.rl.networks import ACTIVATIONS, ActorCritic, make_network
@@ -73,7 +73,7 @@ NETWORKS = ("auto", "mlp", "devices")
 # Configuration
 # =============================================================================================
 @dataclass(frozen=True)
-class SABPPOConfig:
+class SABPPOConfig(Config):
     """Static settings of an SABPPO run (shapes, loop lengths, options) and hyperparameter defaults.
 
     ``lr``, ``ent_coef``, ``clip_eps``, ``vf_coef``, ``max_grad_norm``, ``gamma`` and
@@ -82,35 +82,50 @@ class SABPPOConfig:
     """
 
     num_envs: int = 64
+    """Parallel environments per update."""
     num_steps: int = 50  # rollout length per update (env steps per environment)
     total_timesteps: int = 1_000_000
+    """Environment steps per run; updates = total_timesteps // (num_envs * num_steps)."""
     update_epochs: int = 4
+    """Passes over each rollout."""
     num_minibatches: int = 16  # minibatches of 200 at the default sizes: learned faster than 4 on the MEC env
     lr: float = 3e-4
+    """Adam learning rate (default of `HParams.lr`)."""
     anneal_lr: bool = True
+    """Anneal the learning rate linearly to 0 over the run."""
     gamma: float = 0.99
+    """Discount (default of `HParams.gamma`)."""
     gae_lambda: float = 0.95
+    """GAE lambda (default of `HParams.gae_lambda`)."""
     clip_eps: float = 0.2
+    """PPO clip range (default of `HParams.clip_eps`); also clips the value update."""
     clip_mode: str = "joint"  # "joint": clip pi/pi_old of the whole action; "branch": per branch
     clip_value: bool = True  # PPO-style clipping of the value update
     ent_coef: float = 0.01
+    """Entropy bonus weight on the sum of branch entropies (default of `HParams.ent_coef`)."""
     vf_coef: float = 0.5
+    """Value-loss weight (default of `HParams.vf_coef`)."""
     max_grad_norm: float = 0.5
+    """Global gradient-norm clip (default of `HParams.max_grad_norm`)."""
     adam_eps: float = 1e-5
-    network: str = "auto"  # "mlp", "devices" (weights shared by the devices), "auto": devices where the env allows
-    hidden_sizes: tuple = (64, 64)
+    """Adam epsilon."""
+    network: str = "auto"
+    """'mlp' (trunk over the flat observation), 'devices' (trunk and heads shared by the devices; needs env.agent_layout()), 'auto' (devices where the env allows)."""
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    """Widths of the shared trunk (the per-device encoder with network='devices')."""
     activation: str = "tanh"
+    """Trunk activation: 'tanh' or 'relu'."""
     normalize_obs: bool = True
+    """Running mean/variance observation normalization (kept in the training state)."""
     # Off by default: the MEC rewards are of order 1 per round by design (docs/system_model.md), and
     # return-scaled rewards learned more slowly there in our runs.
     normalize_reward: bool = False
     normalize_advantages: bool = True
+    """Normalize advantages per minibatch."""
     obs_clip: float = 10.0
+    """Clip of the normalized observation."""
     reward_clip: float = 10.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in np.atleast_1d(self.hidden_sizes)))
-        self.validate()
+    """Clip of the scaled reward (normalize_reward only)."""
 
     def validate(self) -> None:
         for name in ("num_envs", "num_steps", "total_timesteps", "update_epochs", "num_minibatches"):

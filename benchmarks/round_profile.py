@@ -1,0 +1,150 @@
+"""Profile one vectorized FedPEAT round: time, MFU and where the time goes.
+
+    python -m benchmarks.round_profile                           # default model, 16 clients, float32, all cores
+    python -m benchmarks.round_profile --dtype bfloat16 --cores 1 --trace
+    python benchmarks/round_profile.py --code /path/to/other/checkout       # the same round on other code
+
+The round is the one benchmarks/fl_throughput.py times (2-2-2 emulator of the default model, LoRA
+r=8 on the adapter blocks, 4 local Adam steps of 2 x 64 tokens per client, FedAvg), built with
+`fl_throughput.make_sim` of the checkout `--code` names (default: this one), so before/after
+figures come from one script; the matmul peaks always come from this script's benchmarks/common.py.
+Reported: median wall time and process CPU time per round, MFU against the matmul peak of the same
+dtype measured in this run on the same cores (bfloat16: float32 accumulation), and with --trace
+the share of each kind of XLA operation in the round (from a jax.profiler trace).
+
+`--cores 1` pins the process to one core before XLA starts, so XLA runs single-threaded and the
+CPU time per round is the work itself: on a machine shared with other jobs that is the figure to
+compare (wall time is not), together with a peak measured the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import importlib.util
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def timed(fn, runs: int):
+    """Median (wall, CPU) seconds of `fn()` over `runs` calls after one warm-up."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(runs):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def op_kind(name: str, hlo: str) -> str:
+    """A readable kind for an XLA thunk name: library (YNNPACK) fusions and dots by output shape,
+    other fusions by their name without the number."""
+    m = re.search(r"^\s*(?:ROOT )?%?" + re.escape(name) + r" = (\S+) ", hlo, re.M)
+    shape = m.group(1) if m else "?"
+    if name.startswith("ynn_fusion") or name.startswith("dot"):
+        return f"matmul {shape.split('{')[0]}"
+    return re.sub(r"[\d.]+$", "", name)
+
+
+def trace_breakdown(fn, hlo: str, top: int) -> list:
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            fn()
+        data = jax.profiler.ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
+    kinds = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if "python" in line.name:
+                continue
+            for ev in line.events:
+                if "Thunk" not in ev.name and "Await" not in ev.name:
+                    kinds[op_kind(ev.name, hlo)] += ev.duration_ns
+    total = sum(kinds.values())
+    return [(k, v / total) for k, v in kinds.most_common(top)]
+
+
+def own_common():
+    """This script's benchmarks/common.py, whichever checkout --code imports the round from."""
+    spec = importlib.util.spec_from_file_location("_round_profile_common", HERE / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--cores", type=int, default=0, help="pin to this many cores before XLA starts (0: all usable)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--code", type=Path, default=HERE.parent, help="checkout whose fedpeat_jax and fl_throughput build the round")
+    parser.add_argument("--trace", action="store_true", help="also show the share of each kind of XLA operation")
+    args = parser.parse_args(argv)
+    usable = sorted(os.sched_getaffinity(0))
+    if args.cores:
+        if not 1 <= args.cores <= len(usable):
+            parser.error(f"--cores must be in 1..{len(usable)}")
+        os.sched_setaffinity(0, usable[: args.cores])
+    if not (args.code / "fedpeat_jax").is_dir() or not (args.code / "benchmarks" / "fl_throughput.py").is_file():
+        parser.error(f"--code: {args.code} is not a fedpeat_jax checkout with benchmarks/fl_throughput.py")
+    sys.path.insert(0, str(args.code.resolve()))
+
+    import jax
+
+    from benchmarks.fl_throughput import LOCAL_STEPS, client_data, flops_per_client_step, make_sim
+    from fedpeat_jax.config import GPT2Config
+    from fedpeat_jax.fed.client import Hyper
+    from fedpeat_jax.model import gpt2
+
+    common = own_common()
+    cfg = GPT2Config.preset("default", embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    params = gpt2.init(jax.random.key(0), cfg)
+    sim = make_sim(params, cfg, args.clients, 2, args.dtype)
+    data = client_data(args.clients, 2, 64, cfg.vocab_size)
+    hyper = Hyper.from_config(sim.fed)
+    state = sim.init(jax.random.key(0), params, hyper)
+    compiled, compile_s = common.compile_jax(jax.jit(lambda s, p, d: sim.round(s, p, d, hyper)), state, params, data)
+
+    def one_round():
+        jax.block_until_ready(compiled(state, params, data))
+
+    wall, cpu = timed(one_round, args.runs)
+    peak = common.matmul_peak(args.dtype)
+    peak_cpu = peak["flops_per_call"] / statistics.median(timed_calls(peak, common, args.dtype))
+    flops = flops_per_client_step(cfg, 6, 2, 64) * args.clients * LOCAL_STEPS
+    print(f"code {args.code} ({args.dtype}, {args.clients} clients, {len(os.sched_getaffinity(0))} core(s), "
+          f"load {os.getloadavg()[0]:.2f}; compile {compile_s:.0f} s)")
+    print(f"round: wall {wall:.2f} s, CPU {cpu:.2f} s; {flops / 1e9:.0f} GFLOP")
+    print(f"MFU (wall) {flops / wall / peak['flops_per_s']:.1%} of the {args.dtype} peak {peak['flops_per_s'] / 1e9:.1f} GFLOP/s")
+    print(f"MFU (CPU time) {flops / cpu / peak_cpu:.1%} of the {args.dtype} peak in CPU time {peak_cpu / 1e9:.1f} GFLOP/cpu-s")
+    if args.trace:
+        for kind, share in trace_breakdown(one_round, compiled.as_text(), 25):
+            print(f"  {100 * share:5.1f}%  {kind}")
+
+
+def timed_calls(peak: dict, common, dtype: str) -> list:
+    """CPU seconds of the peak's matmul, called again (the peak dict has wall times only)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    n = peak["n"]
+    a = jnp.asarray(np.random.RandomState(0).standard_normal((n, n)), dtype)
+    fn, _ = common.compile_jax(jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)), a, a)
+    return [timed(lambda: jax.block_until_ready(fn(a, a)), 1)[1] for _ in range(5)]
+
+
+if __name__ == "__main__":
+    main()
