@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     act_buf = torch.zeros((T, E, len(nvec)), dtype=torch.long)
     logp_buf, rew_buf, done_buf, val_buf = (torch.zeros((T, E)) for _ in range(4))
     obs, _ = envs.reset(seed=args.seed)
-    obs, done = torch.as_tensor(obs), torch.zeros(E)
+    obs, done = torch.as_tensor(np.array(obs)), torch.zeros(E)  # a copy: the env hands out read-only arrays
     ep_return, finished, started = np.zeros(E), [], time.time()
     for update in range(args.total_timesteps // (E * T)):
         for t in range(T):
@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
             act_buf[t], logp_buf[t], val_buf[t] = action, logp, value
             obs, reward, term, trunc, _ = envs.step(action.numpy())
             rew_buf[t] = torch.as_tensor(reward, dtype=torch.float32)
-            obs, done = torch.as_tensor(obs), torch.as_tensor(term | trunc, dtype=torch.float32)
+            obs, done = torch.as_tensor(np.array(obs)), torch.as_tensor(term | trunc, dtype=torch.float32)
             ep_return += reward
             finished += ep_return[term | trunc].tolist()
             ep_return[term | trunc] = 0.0
