@@ -88,12 +88,15 @@ def evaluate_on_twin(act, env_params, episodes: int, seed: int) -> dict:
 def run_sabppo(args, env_params) -> dict:
     from fedpeat_jax.mec import FedPEATMEC
     from fedpeat_jax.rl import sabppo
-    from fedpeat_jax.rl.sabppo import SABPPOConfig, make_trainer, mode_branches, normalize_obs, sample_branches
+    from fedpeat_jax.rl.distributions import mode_branches, sample_branches
+    from fedpeat_jax.rl.normalize import normalize_obs
+    from fedpeat_jax.rl.sabppo import SABPPOConfig, make_trainer
 
     env = FedPEATMEC(env_params)
     cfg = SABPPOConfig(num_envs=args.num_envs, num_steps=args.num_steps, total_timesteps=args.total_timesteps,
                        update_epochs=args.epochs, num_minibatches=args.minibatches, hidden_sizes=args.hidden,
-                       lr=args.lr, normalize_obs=True, normalize_reward=False)
+                       lr=args.lr, normalize_obs=True, normalize_reward=False,
+                       network="mlp")  # SB3's network: an MLP over the flat observation (equal settings)
     trainer = make_trainer(cfg, env, env_params)
     key = jax.random.key(args.seed)
     train, compile_s = compile_jax(sabppo.jit(trainer.train), key)

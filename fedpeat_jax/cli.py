@@ -207,7 +207,7 @@ def cmd_calibrate(argv):
     from fedpeat_jax.peat.pretrained import load_model, model_config
     from fedpeat_jax.tasks import plan_task
 
-    parser = Parser(prog="fedpeat calibrate", description="Run FedPEAT for every emulator size and participation level, fit ppl_inf(k) and eta(k), write the table the environment loads.")
+    parser = Parser(prog="fedpeat calibrate", description="Run FedPEAT device rounds for every emulator size and participation level and server-only rounds for every server data domain, fit the two-source response, write the table the environment loads.")
     parser.add_argument("--config", default=None, help="JSON file with 'text' and 'calibrate' sections")
     parser.add_argument("--preset", default="default", help="foundation model preset (ignored with --model-dir)")
     parser.add_argument("--model-dir", default=None, help="a local Hugging Face GPT-2 directory")
@@ -218,9 +218,7 @@ def cmd_calibrate(argv):
     args = parser.parse_args(argv)
     cfg = build_configs(args, table, groups)["calibrate"]
     model = model_config(args.preset, args.model_dir)
-    bad = [k for k in cfg.levels if k > model.n_layer - 4]
-    if bad:
-        raise ValueError(f"CalibrateConfig.levels {bad} larger than the model's middle ({model.n_layer - 4} blocks)")
+    cfg.check_model(model)
     plan = plan_task(cfg.task(), args.cache_dir)  # the text's checks, before any weights are loaded
     if not plan.heldout:
         raise ValueError(f"TextConfig.heldout_fraction: calibration measures held-out perplexity, and {cfg.text.describe()} holds none out")
@@ -239,8 +237,13 @@ def cmd_calibrate(argv):
     result = calibrate(cfg, params, model, tokenizer, model_name=args.model_dir or args.preset, cache_dir=args.cache_dir, out=out,
                        source=source.strip(), model_fingerprint=fingerprint)
     print(f"calibration table: {out}")
+    fit = result.meta["fit"]
     for k, p, e in zip(result.k, result.ppl_inf, result.eta):
-        print(f"  k={k}: ppl_inf={p:.2f} eta={e:.3f} (max rel. error {result.meta['fit'][str(k)]['max_rel_error']:.3f})")
+        print(f"  devices k={k}: ppl_inf={p:.2f} eta={e:.3f} (max rel. error {fit['levels'][str(k)]['max_rel_error']:.3f})")
+    for domain, resp in result.server.items():
+        print(f"  server {domain}: ppl_inf={resp.ppl_inf:.2f} eta={resp.eta:.3f} (max rel. error {fit['server'][domain]['max_rel_error']:.3f})")
+    if "mixed" in result.meta:
+        print(f"  server + devices (not fitted): max rel. error of the prediction {result.meta['mixed']['max_rel_error']:.3f}")
 
 
 @subcommand("distill", "distill an emulator's middle blocks from the full middle (LM + 30 x KD)")
@@ -329,12 +332,12 @@ def cmd_train_controller(argv):
 @subcommand("live", "run controllers in the live MEC environment (real FedPEAT rounds in every step)")
 def cmd_live(argv):
     from fedpeat_jax.mec import live
-    from fedpeat_jax.rl import baselines as B, live_eval
+    from fedpeat_jax.rl import live_eval
 
     parser = Parser(prog="fedpeat live", description="The MEC environment in live mode: every step runs a real jitted FedPEAT round of the chosen devices, emulators and server participation on the default foundation model, and the reward uses the measured held-out perplexity. Compares a trained controller (--controller) with baselines from the same start.")
     parser.add_argument("--controller", default=None, help="a `fedpeat train-controller` run directory (its policy must match the env's layout: default settings do)")
     parser.add_argument("--seed-index", type=int, default=0, help="which seed's policy of a multi-seed controller run")
-    parser.add_argument("--baselines", default="greedy,all_largest", help="comma-separated baselines from: " + ", ".join(("random", "all_largest", "greedy", "no_server")) + " (empty: none)")
+    parser.add_argument("--baselines", default="best_rule,greedy", help="comma-separated baselines from: " + ", ".join(live_eval.BASELINES) + " (best_rule: the best simple fixed rule, searched on the calibrated surrogate with the live parameters; empty: none)")
     parser.add_argument("--rounds", type=int, default=10, help="live rounds per policy")
     parser.add_argument("--out", default="runs/live", help="folder for live.json, live.md and live.png")
     parser.add_argument("--cache-dir", default=None)
@@ -346,17 +349,16 @@ def cmd_live(argv):
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     names = [n for n in args.baselines.split(",") if n]
-    env = live.make_live_env(config=cfg, cache_dir=args.cache_dir)
-    available = B.baseline_policies(env)
-    unknown = sorted(set(names) - set(available))
+    unknown = sorted(set(names) - set(live_eval.BASELINES))
     if unknown:
-        raise ValueError(f"--baselines: unknown {unknown}; choose from {sorted(available)}")
+        raise ValueError(f"--baselines: unknown {unknown}; choose from {list(live_eval.BASELINES)}")
+    env = live.make_live_env(config=cfg, cache_dir=args.cache_dir)
     policies = {}
     if args.controller:
         from fedpeat_jax.rl.controller import load_policy
 
         policies["sabppo"], _, _ = load_policy(args.controller, env, seed_index=args.seed_index)
-    policies.update({n: available[n] for n in names})
+    policies.update(live_eval.baselines(env, names))
     if not policies:
         raise ValueError("nothing to run: give --controller and/or --baselines")
     result = live_eval.compare(env, policies, args.rounds, seed=cfg.seed)

@@ -3,12 +3,16 @@
 Default: the First Folio's spelling of the plays, one client per (play, role) (LEAF's clients).
 The foundation model is pretrained on modern spelling, so tuning on the Folio is a natural domain
 shift; whole held-out plays measure plug-in perplexity, and the roles too small to be clients
-are the server's own data when it takes part.
+are the server's own data when it takes part (`server_domain="target"`).
 
 Your own text (`TaskConfig.text`, a folder of text files or one file): one client per document
 ("natural"), or its examples (paragraphs or windows of words) dealt IID or by a Dirichlet over
 documents; held-out documents measure plug-in perplexity, and documents too small to be clients
 are the server's data.
+
+The server's own data can instead be public text of another domain (`server_domain="modern"`:
+the modern-spelling text of Shakespeare's training plays, the foundation model's own
+pretraining text), as the MEC environment's calibration and live mode give it.
 
 Two stages, so that every data check runs before a model is loaded or pretrained:
 
@@ -29,6 +33,7 @@ from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.fed.simulation import FedData
 
 PARTITIONS = ("natural", "iid", "dirichlet")
+SERVER_DOMAINS = ("modern", "target")  # the server's own data: public modern-spelling text, or the devices' domain
 
 
 @dataclass(frozen=True)
@@ -52,12 +57,16 @@ class TaskConfig(Config):
     max_clients: Optional[int] = None  # keep only the largest clients
     max_eval_windows: Optional[int] = 256
     """Windows kept of each evaluation set (client test, held-out text, server data); None keeps all."""
+    server_domain: str = "target"  # one of SERVER_DOMAINS (the MEC environment's calibration and live mode use "modern")
+    server_windows: Optional[int] = None  # windows of server data kept (None: max_eval_windows)
     seed: int = 0
     """Seed of the partition, the split and the window subsampling."""
 
     def validate(self) -> None:
         if self.partition not in PARTITIONS:
             raise ValueError(f"TaskConfig.partition must be one of {PARTITIONS}, got {self.partition!r}")
+        if self.server_domain not in SERVER_DOMAINS:
+            raise ValueError(f"TaskConfig.server_domain must be one of {SERVER_DOMAINS}, got {self.server_domain!r}")
         for name in ("n_clients", "min_client_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TaskConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -67,7 +76,7 @@ class TaskConfig(Config):
             raise ValueError(f"TaskConfig.test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.dirichlet_alpha <= 0:
             raise ValueError(f"TaskConfig.dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
-        for name in ("max_examples", "max_clients", "max_eval_windows"):
+        for name in ("max_examples", "max_clients", "max_eval_windows", "server_windows"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"TaskConfig.{name} must be None or >= 1, got {value}")
@@ -137,6 +146,12 @@ def _partition(cfg: TaskConfig, train_corpus) -> tuple:
         ) from None
 
 
+def _modern_server_texts(cache_dir=None) -> list:
+    """Public text of another domain for the server: the modern-spelling speeches of Shakespeare's
+    training plays (the foundation model's own pretraining text; the held-out plays stay out)."""
+    return data_lib.pretraining_texts(data_lib.load_shakespeare("modern", cache_dir=cache_dir))
+
+
 def plan_task(cfg: TaskConfig, cache_dir=None) -> TextTask:
     """The text-level task: loads and checks the corpus, holds out documents, partitions the rest.
     Every problem with the data is a ValueError naming the option, raised before any model exists."""
@@ -150,7 +165,9 @@ def plan_task(cfg: TaskConfig, cache_dir=None) -> TextTask:
         order = np.argsort([-n for n in clients.sizes], kind="stable")[: cfg.max_clients]
         clients = data_lib.TextClients(tuple(clients.names[i] for i in order), tuple(clients.examples[i] for i in order))
     train, test = data_lib.train_test_split(clients, cfg.test_fraction, seed=cfg.seed)
-    if not server:  # no natural leftovers: the server holds a sample of the clients' text
+    if cfg.server_domain == "modern":
+        server = _modern_server_texts(cache_dir)
+    elif not server:  # no natural leftovers: the server holds a sample of the clients' text
         server = [t for ex in train.examples[:: max(1, len(train) // 20)] for t in ex]
     examples, docs, _ = _words(corpus)
     names = ", ".join(held_docs[:4]) + (", ..." if len(held_docs) > 4 else "")
@@ -179,7 +196,7 @@ def tokenize_task(plan: TextTask, cfg: TaskConfig, tokenizer) -> Task:
         names=client_data.names,
         client_test=_windows([t for ex in plan.test.examples for t in ex], tokenizer, cfg.seq_len, cap, seed),
         heldout=_windows(plan.heldout, tokenizer, cfg.seq_len, cap, seed),
-        server=_windows(plan.server, tokenizer, cfg.seq_len, cap, seed),
+        server=_windows(plan.server, tokenizer, cfg.seq_len, cfg.server_windows or cap, seed),
         n_tokens=int(np.asarray(client_data.mask).sum()),
     )
 
@@ -202,4 +219,4 @@ def device_population(task: Task, n: int, seed: int = 0) -> Task:
     return task._replace(train=train, names=tuple(task.names[i] for i in ids), n_tokens=int(np.asarray(train.mask).sum()))
 
 
-__all__ = ["PARTITIONS", "TaskConfig", "TextTask", "Task", "plan_task", "tokenize_task", "build_task", "device_population"]
+__all__ = ["PARTITIONS", "SERVER_DOMAINS", "TaskConfig", "TextTask", "Task", "plan_task", "tokenize_task", "build_task", "device_population"]

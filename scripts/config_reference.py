@@ -57,7 +57,7 @@ SECTIONS = [
     ("fedpeat_jax.peat.distill", "DistillConfig", "Emulator distillation (LM + kd_weight x KD)."),
     ("fedpeat_jax.peat.offsite", "OffsiteConfig", "The offsite-tuning table (Full ZS ... OT Plug-in)."),
     ("fedpeat_jax.mec.calibrate", "CalibrateConfig", "The real FedPEAT runs that calibrate the MEC environment's perplexity response."),
-    ("fedpeat_jax.mec.env", "EnvParams", "Every number of the MEC environment (a pytree: vmappable, sweepable). Build it with `make_params` / `preset_params`, not by hand; see [system_model.md](system_model.md) for the equations. The CLI exposes only `--env-preset` and `--calibration` (`fedpeat train-controller`); set other fields in Python (`preset_params('default', w_latency=0.5)`) or sweep them with `scripts/sweep.py --grid`."),
+    ("fedpeat_jax.mec.params", "EnvParams", "Every number of the MEC environment (a pytree: vmappable, sweepable). Build it with `make_params` / `preset_params`, not by hand; see [system_model.md](system_model.md) for the equations. The CLI exposes only `--env-preset` and `--calibration` (`fedpeat train-controller`); set other fields in Python (`preset_params('default', w_latency=0.5)`) or sweep them with `scripts/sweep.py --grid`."),
     ("fedpeat_jax.rl.sabppo", "SABPPOConfig", "Static settings of an SABPPO run and the defaults of its traced hyperparameters."),
     ("fedpeat_jax.rl.controller", "ControllerConfig", "How `train_controller` runs, checkpoints and evaluates SABPPO."),
     ("fedpeat_jax.quickstart", "QuickstartConfig", "Sizes of every stage of `fedpeat quickstart`."),
@@ -78,12 +78,12 @@ NOTES = {
         "+mobility_step": "Random-walk step: (dx, dy) ~ U[-step, step]^2, distance clipped into [min_distance, cell_radius].",
         "+device_power_w": "Device transmit power, W.",
         "+bs_power_w": "Base-station transmit power, W, split over the devices in proportion to their shares.",
-        "+mem_choices": "Device memory capacities, one drawn uniformly per device at reset.",
         "+n_adapter": "Adapter blocks on every device.",
         "+k_full": "Middle blocks of the full model; the server trains with k = k_full.",
         "+cal_k": "Calibrated emulator levels of the table.",
         "+cal_ppl_inf": "Converged plug-in perplexity per calibrated level.",
         "+cal_eta": "Rate of approach per calibrated level, per unit data fraction.",
+        "+mem_choices": "Device memory capacities, one drawn uniformly per device at reset (make_params: one class per emulator level).",
         "max_steps_in_episode": "Rounds per episode T (truncation).",
         "n_devices": "Devices N (static: fixes array shapes; the server is extra).",
         "noise_psd_w_hz": "Noise power spectral density N0 in W/Hz (-174 dBm/Hz).",
@@ -93,10 +93,13 @@ NOTES = {
         "flops_min": "Lower end of the device compute speed f ~ U[flops_min, flops_max], FLOP/s.",
         "flops_max": "Upper end of the device compute speed, FLOP/s.",
         "utilization": "Fraction of peak FLOP/s a device (and the server) achieves.",
-        "data_min": "Lower end of the device data size D ~ U[data_min, data_max], samples.",
-        "data_max": "Upper end of the device data size, samples.",
+        "data_min": "Lower end of the device data size D ~ U[data_min, data_max], examples (make_params: the calibrated population's).",
+        "data_max": "Upper end of the device data size, examples.",
         "server_flops": "Server compute speed, FLOP/s.",
-        "server_data": "Server data size, samples.",
+        "server_data": "Server data size, examples of its own domain (make_params: the calibrated size).",
+        "srv_ppl_inf": "Fixed point the server's data pulls the perplexity towards (its domain's, from the table).",
+        "srv_eta": "Rate of the server's pull per unit of server data / all devices' data (from the table).",
+        "round_deadline": "Round deadline, s: later participants are dropped (stragglers) and the round is capped (make_params: `reference_latency`).",
         "server_enabled": "1: the server may take part (action branch 0); 0: it never does.",
         "local_steps": "Local steps per round.",
         "batch_size": "Sequences per local step.",
@@ -108,13 +111,14 @@ NOTES = {
         "n_embd": "Model width d (activation memory).",
         "n_head": "Attention heads a (activation memory).",
         "ppl0": "Plug-in perplexity before any round (the table's ppl0).",
-        "w_ppl": "Reward weight of ppl / ppl_ref.",
+        "w_ppl": "Reward weight of the perplexity gap (ppl - ppl_best) / (ppl_ref - ppl_best).",
         "w_latency": "Reward weight of latency / latency_ref.",
         "w_memory": "Reward weight of the mean memory ratio M_n / Mcap_n of the participating devices.",
         "w_violation": "Penalty per device whose memory need exceeds its capacity.",
         "w_empty": "Penalty for a round in which nobody (devices or server) takes part.",
-        "ppl_ref": "Perplexity scale of reward and observation (make_params: the table's ppl0).",
-        "latency_ref": "Latency scale of reward and observation (make_params: `reference_latency`).",
+        "ppl_ref": "Perplexity at which the gap term is 1 (make_params: the table's ppl0).",
+        "ppl_best": "Perplexity at which the gap term is 0 (make_params: the table's lowest fixed point).",
+        "latency_ref": "Latency scale of reward and observation (make_params: the round deadline).",
         "gain_db_center": "Channel gain (dB) mapped to 0 in the observation.",
         "gain_db_scale": "dB per unit of the normalized gain observation.",
     },
@@ -473,12 +477,12 @@ def env_extras() -> list:
     import numpy as np
 
     from fedpeat_jax.config import docstring_entries
-    from fedpeat_jax.mec import env as env_mod
+    from fedpeat_jax.mec import params as env_mod
 
     sig = inspect.signature(env_mod.make_params)
     entries = docstring_entries(env_mod.make_params.__doc__)
     out = ["### `make_params` / `preset_params` arguments", "",
-           "[`fedpeat_jax/mec/env.py`](../fedpeat_jax/mec/env.py). `preset_params(name, calibration, **overrides)` is `make_params` "
+           "[`fedpeat_jax/mec/params.py`](../fedpeat_jax/mec/params.py). `preset_params(name, calibration, **overrides)` is `make_params` "
            "with a preset's arguments; `FedPEATMEC(preset=..., calibration=..., **overrides)` calls it. Any other EnvParams field "
            "can be passed as an override.", "",
            "| argument | default | description |", "|---|---|---|"]
@@ -506,7 +510,8 @@ def env_extras() -> list:
             "([`fedpeat_jax/mec/calibration_default.json`](../fedpeat_jax/mec/calibration_default.json)), 4 significant digits:", "",
             "| field | value |", "|---|---|"]
     for name in ("bw_weights", "mem_choices", "seq_len", "p_emb", "p_blk", "p_peft", "n_adapter", "k_full", "n_embd", "n_head",
-                 "level_k", "cal_k", "ppl0", "ppl_ref", "latency_ref"):
+                 "level_k", "cal_k", "ppl0", "ppl_ref", "ppl_best", "srv_ppl_inf", "srv_eta", "server_data", "data_min",
+                 "data_max", "round_deadline", "latency_ref"):
         v = np.asarray(getattr(params, name), dtype=np.float64)
         shown = ", ".join(f"{x:.4g}" for x in v.ravel()) if v.ndim else f"{float(v):.4g}"
         out.append(f"| `{name}` | {'[' + shown + ']' if v.ndim else shown} |")

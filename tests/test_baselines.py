@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from fedpeat_jax.config import GPT2Config
-from fedpeat_jax.mec import FedPEATMEC, decode_action, preset_params, synthetic_table
+from fedpeat_jax.mec import FedPEATMEC, decode_action, encode_action, make_params, preset_params, synthetic_table
+from fedpeat_jax.mec.params import level_memory_bytes
 from fedpeat_jax.rl import baselines as B
+from fedpeat_jax.rl import rules as R
 from fedpeat_jax.rl.sabppo import SABPPOConfig, make_trainer
 
 TABLE = synthetic_table(GPT2Config.preset("default"))
@@ -26,9 +28,11 @@ def env():
 
 @pytest.fixture(scope="module")
 def tight_env():
-    """Memory capacities that fit no emulator (0.2 GB), only the smallest (0.3 GB) or all (1 GB)."""
+    """Memory capacities that fit no emulator, only the smallest, or all (1 GB)."""
+    need = make_params("default", TABLE)
+    need = np.asarray(level_memory_bytes(jax.tree.map(np.asarray, need)))
     return FedPEATMEC(preset="default", calibration=TABLE, n_devices=6, max_steps_in_episode=8,
-                      mem_choices_gb=(0.2, 0.3, 1.0))
+                      mem_choices_gb=(0.9 * need[0] / 1e9, 1.01 * need[0] / 1e9, 1.0))
 
 
 def _first_state(env, seed=0):
@@ -36,14 +40,20 @@ def _first_state(env, seed=0):
 
 
 # ------------------------------------------------------------------------------------ policies
-def test_all_largest_and_no_server_actions(env):
+def test_server_only_and_all_devices_actions(env):
     obs, state = _first_state(env)
     p = env.default_params
-    for policy, server in ((B.all_largest_policy(env), 1), (B.no_server_policy(env), 0)):
-        a = decode_action(np.asarray(policy.apply(policy.params, obs, state, p, jax.random.key(0))), env.n_devices)
-        assert int(a["server"]) == server
-        np.testing.assert_array_equal(a["participate"], 1)
-        np.testing.assert_array_equal(a["level"], int(np.argmax(p.level_k)))
+    act = lambda pol: decode_action(np.asarray(pol.apply(pol.params, obs, state, p, jax.random.key(0))), env.n_devices)  # noqa: E731
+    srv = act(B.server_only_policy(env))
+    assert int(srv["server"]) == 1 and np.all(srv["participate"] == 0)
+    for server in (True, False):
+        a = act(B.all_devices_policy(env, server=server))
+        assert int(a["server"]) == int(server)
+        np.testing.assert_array_equal(a["participate"], 1)  # default capacities: every device holds some emulator
+        need = np.asarray(level_memory_bytes(p))
+        cap = np.asarray(state.mem_capacity)
+        largest = [int(np.flatnonzero(need <= c).max()) for c in cap]
+        np.testing.assert_array_equal(a["level"], largest)
         assert len(set(a["bandwidth"].tolist())) == 1  # equal weights -> equal shares
 
 
@@ -60,11 +70,12 @@ def test_random_policy_is_uniform_over_every_branch(env):
 
 def test_greedy_takes_best_channels_with_the_largest_fitting_emulator(tight_env):
     env, p = tight_env, tight_env.default_params
-    need = np.asarray(B.level_memory_bytes(p))
-    assert need[0] <= 0.3e9 < need[1] and need[-1] <= 1e9  # the capacities split the levels as intended
+    need = np.asarray(level_memory_bytes(p))
+    cap = np.asarray(p.mem_choices)
+    assert cap[0] < need[0] <= cap[1] < need[1] and need[-1] <= cap[2]  # the capacities split the levels as intended
     k_sel = 3
     pol = B.greedy_policy(env, k_sel)
-    act = jax.jit(lambda o, s, k: pol.apply(None, o, s, p, k))
+    act = jax.jit(lambda o, s, k: pol.apply(pol.params, o, s, p, k))
     seen_excluded = seen_small = 0
     for seed in range(12):
         obs, state = _first_state(env, seed)
@@ -100,25 +111,30 @@ def test_without_server_turns_off_the_server_of_any_policy(env):
 
 # ---------------------------------------------------------------------------------- evaluation
 def test_evaluate_reports_every_metric_and_is_reproducible(env):
-    full = B.evaluate(B.all_largest_policy(env), env, episodes=32, rng=3)
-    again = B.evaluate(B.all_largest_policy(env), env, episodes=32, rng=3)
-    off = B.evaluate(B.no_server_policy(env), env, episodes=32, rng=3)
+    full = B.evaluate(B.all_devices_policy(env), env, episodes=32, rng=3)
+    again = B.evaluate(B.all_devices_policy(env), env, episodes=32, rng=3)
+    off = B.evaluate(B.all_devices_policy(env, server=False), env, episodes=32, rng=3)
     assert full == again
     for name in B.EPISODE_METRICS:
         assert np.isfinite(full[f"{name}_mean"]) and np.isfinite(full[f"{name}_std"])
     assert full["completed_fraction"] == 1.0  # every episode runs from reset to its last round
     assert full["participants_mean"] == pytest.approx(env.n_devices + 1)
     assert off["participants_mean"] == pytest.approx(env.n_devices)
-    assert full["violations_mean"] == 0.0  # default capacities hold every emulator of this model
+    assert full["violations_mean"] == 0.0  # the largest emulator that fits never exceeds a capacity
     np.testing.assert_allclose(full["total_latency_mean"], full["latency_mean"] * 8, rtol=1e-5)
-    # the same fading draws, without the server's data: perplexity falls more slowly
-    assert off["final_perplexity_mean"] > full["final_perplexity_mean"]
+    # the same draws; the synthetic server data ('modern', another domain) pulls the perplexity up
+    assert off["final_perplexity_mean"] < full["final_perplexity_mean"]
 
 
 def test_evaluate_counts_memory_violations(tight_env):
-    r = B.evaluate(B.all_largest_policy(tight_env), tight_env, episodes=16, rng=0)
+    n, top = tight_env.n_devices, tight_env.n_levels - 1
+
+    def largest(obs, state, env_params, rng):  # every device on the largest emulator, fitting or not
+        return encode_action(jnp.ones(n, jnp.int32), jnp.full(n, top, jnp.int32), jnp.zeros(n, jnp.int32))
+
+    r = B.evaluate(largest, tight_env, episodes=16, rng=0)
     g = B.evaluate(B.greedy_policy(tight_env, 6), tight_env, episodes=16, rng=0)
-    assert r["violations_mean"] > 0  # largest emulator on 0.2/0.3 GB devices fails
+    assert r["violations_mean"] > 0  # the largest emulator on small devices fails
     assert g["violations_mean"] == 0.0  # greedy never exceeds the capacity
 
 
@@ -146,6 +162,51 @@ def test_sabppo_policy_evaluates_without_recompiling_for_new_weights(env):
         B.sabppo_policy(trainer, batched)
 
 
+# ---------------------------------------------------------------------------------------- rules
+def test_rules_match_a_numpy_reference_ranking(env):
+    obs, state = _first_state(env, 3)
+    p = env.default_params
+    apply = R.RuleApply(env.n_devices, env.n_bw_levels)
+    keys = {"channel": state.gain, "compute": state.flops, "data": state.data}
+    for score, values in keys.items():
+        for n in (1, 2, env.n_devices):
+            a = decode_action(np.asarray(apply(R.Rule.of(0, score, n, 0), obs, state, p, None)), env.n_devices)
+            expected = np.zeros(env.n_devices, int)
+            expected[np.argsort(-np.asarray(values))[:n]] = 1
+            np.testing.assert_array_equal(a["participate"], expected)
+            assert int(a["server"]) == 0 and np.all(a["level"] == 0)
+    grid = R.rule_grid(env)
+    n_rules = 1 + 2 * len(R.SCORES) * env.n_devices * (env.n_levels + 1) * len(R.BANDWIDTH_RULES)
+    assert grid.n.shape == (n_rules,)
+
+
+def test_exchange_first_bandwidth_favours_devices_that_download(env):
+    obs, state = _first_state(env)
+    p = env.default_params
+    state = state.replace(stored_level=state.stored_level.at[0].set(1))  # device 1 already holds level 1
+    a = decode_action(np.asarray(R.RuleApply(env.n_devices, env.n_bw_levels)(R.Rule.of(1, "channel", env.n_devices, 1, "exchange_first"),
+                                                                             obs, state, p, None)), env.n_devices)
+    assert a["bandwidth"][0] == 0 and np.all(a["bandwidth"][1:] == env.n_bw_levels - 1)
+
+
+def test_rule_search_finds_the_best_rule_on_its_own_draws(env):
+    res = R.search_rules(env, episodes=4, finalists=3, final_episodes=8, rng=0)
+    assert len(res["screen"]) == len(R.rule_grid(env).n) and len(res["finals"]) == 3
+    best = B.evaluate(res["policy"], env, episodes=8, rng=1)
+    assert best["return_mean"] == pytest.approx(max(r for _, r in res["finals"]), rel=1e-5)
+    assert "server" in res["description"]
+
+
+def test_default_problem_has_no_trivial_optimum():
+    """On the defaults, server only and all devices are each beaten by another fixed policy."""
+    env = FedPEATMEC()
+    search = R.search_rules(env, episodes=16, finalists=4, final_episodes=32, rng=0)
+    kw = dict(env=env, episodes=32, rng=7)
+    best = B.evaluate(search["policy"], **kw)["return_mean"]
+    for trivial in (B.server_only_policy(env), B.all_devices_policy(env), B.all_devices_policy(env, server=False)):
+        assert B.evaluate(trivial, **kw)["return_mean"] < best, trivial.name
+
+
 # ----------------------------------------------------------------------------- train_controller
 def test_train_controller_resumes_evaluates_and_plots(tmp_path):
     from fedpeat_jax.rl.controller import ControllerConfig, load_policy, train_controller
@@ -153,7 +214,8 @@ def test_train_controller_resumes_evaluates_and_plots(tmp_path):
     params = preset_params("default", calibration=TABLE, n_devices=2, max_steps_in_episode=5)
     cfg = SABPPOConfig(num_envs=4, num_steps=5, total_timesteps=4 * 5 * 4, num_minibatches=2, update_epochs=1,
                        hidden_sizes=(16,))
-    ctl = ControllerConfig(seeds=2, chunk_updates=2, eval_episodes=16)
+    ctl = ControllerConfig(seeds=2, chunk_updates=2, eval_episodes=16, rule_search_episodes=0,  # searched in its own test
+                           behaviour_episodes=4)
     out = tmp_path / "run"
     env = FedPEATMEC(params)  # one env object for all calls: compiled evaluations are reused
     part = train_controller(cfg, params, out, controller=ctl, env=env, show_progress=False, stop_after_chunks=1)
@@ -164,11 +226,11 @@ def test_train_controller_resumes_evaluates_and_plots(tmp_path):
         train_controller(cfg, params.replace(w_latency=2.0), out, controller=ctl, show_progress=False)
     summary = train_controller(cfg, params, out, controller=ctl, env=env, show_progress=False)
     assert summary["finished"] and summary["resumed"] and summary["updates"] == 4
-    assert set(summary["baselines"]) == {"random", "all_largest", "greedy", "no_server"}
+    assert set(summary["baselines"]) == {"random", "server_only", "all_devices", "greedy"}
     assert len(summary["sabppo"]["per_seed_return_mean"]) == 2
     assert summary["beats_every_baseline"] == all(
         summary["sabppo"]["return_mean"] > b["return_mean"] for b in summary["baselines"].values())
-    for name in ("summary.json", "controller.json", "learning_curve.png", "comparison.png"):
+    for name in ("summary.json", "controller.json", "learning_curve.png", "comparison.png", "behaviour.png"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "summary.json").read_text())["updates"] == 4
     # one log record per update, none duplicated by the resume

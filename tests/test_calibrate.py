@@ -1,20 +1,29 @@
-"""The perplexity calibration: the fit reproduces the curves it was fitted to."""
-
-from types import SimpleNamespace
+"""The perplexity calibration: the fit reproduces the curves it was fitted to, for device rounds and
+server-only rounds alike; the two-source model predicts rounds that combine them."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig
-from fedpeat_jax.fed.simulation import FedData, FedPEAT
+from fedpeat_jax.config import GPT2Config
+from fedpeat_jax.fed.simulation import FedData
 from fedpeat_jax.mec import FedPEATMEC, calibrate
 from fedpeat_jax.model import gpt2
 
 MODEL = GPT2Config(vocab_size=61, n_positions=16, n_embd=16, n_layer=6, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
 
 
-def test_fit_recovers_the_response_model():
+WORKLOAD = {"local_steps": 2, "batch_size": 2, "seq_len": 8}
+
+
+def _fit(measured, server, **kw):
+    settings = dict(model=MODEL, model_name="test", l=2, r=2, ppl0=120.0, population=[6.0] * 12, workload=WORKLOAD,
+                    source="test", meta={"server_examples": {d: 6.0 for d in server}})
+    return calibrate.fit_table(measured, server, **{**settings, **kw})
+
+
+def test_fit_recovers_the_response_model_of_devices_and_of_server_data_that_hurts():
     rng = np.random.default_rng(0)
     truth = {1: (40.0, 3.0), 2: (30.0, 5.0)}
     measured = {}
@@ -23,33 +32,53 @@ def test_fit_recovers_the_response_model():
         for scale in (0.05, 0.2):
             f = scale * rng.uniform(0.5, 1.5, 8)
             measured[k].append((calibrate.simulate(120.0, f, ppl_inf, eta), f))
-    table = calibrate.fit_table(measured, model=MODEL, model_name="test", l=2, r=2, ppl0=120.0, source="test", meta={})
+    f_srv = np.full(8, 0.5)
+    server = {"modern": [(calibrate.simulate(120.0, f_srv, 150.0, 0.4), f_srv)]}  # a fixed point above the start
+    table = _fit(measured, server)
     for k, p, e in zip(table.k, table.ppl_inf, table.eta):
         assert p == pytest.approx(truth[k][0], rel=0.01)
         assert e == pytest.approx(truth[k][1], rel=0.02)
-        assert table.meta["fit"][str(k)]["max_rel_error"] < 1e-3
+        fit = table.meta["fit"]["levels"][str(k)]
+        assert fit["max_rel_error"] < 1e-3 and len(fit["curve_rel_errors"]) == 2
+    srv = table.server_response()
+    assert srv.ppl_inf == pytest.approx(150.0, rel=0.01) and srv.eta == pytest.approx(0.4, rel=0.02) and srv.data == 6.0
+    assert table.server_domain == "modern" and table.workload == {k: float(v) for k, v in WORKLOAD.items()}
 
 
-def test_fit_on_measured_fedpeat_curves_within_tolerance_and_loads_in_env():
+def test_mixed_rounds_predicted_by_the_two_source_model():
+    table = _fit({1: [(calibrate.simulate(120.0, [0.5] * 4, 40.0, 2.0), np.full(4, 0.5))]},
+                 {"modern": [(calibrate.simulate(120.0, [0.5] * 4, 110.0, 1.0), np.full(4, 0.5))]})
+    # one source alone is that source's curve; both together pull towards a point between them
+    only_dev = calibrate.predict_mixed(table, 120.0, [0.5] * 4, [0.0] * 4, 1, "modern")
+    np.testing.assert_allclose(only_dev, calibrate.simulate(120.0, [0.5] * 4, *table.ppl_inf, *table.eta), rtol=1e-9)
+    both = calibrate.predict_mixed(table, 120.0, [0.5] * 4, [0.5] * 4, 1, "modern")
+    assert only_dev[-1] < both[-1] < table.server_response().ppl_inf
+
+
+def test_fit_on_measured_fedpeat_rounds_within_tolerance_and_loads_in_env():
     params = gpt2.init(jax.random.key(0), MODEL)
     rs = np.random.RandomState(0)
-    # A learnable task: every client repeats the same short token pattern.
+    # A learnable task: every client repeats the same short token pattern; the server holds other text.
     pattern = rs.randint(0, 61, 8)
     tokens = np.tile(pattern, (12, 6, 2))
     train = FedData.from_arrays(tokens, np.ones_like(tokens), np.full(12, 6))
-    task = SimpleNamespace(train=train, heldout=(tokens[0], np.ones_like(tokens[0], np.float32)))
+    heldout = (tokens[0], np.ones_like(tokens[0], np.float32))
+    other = rs.randint(0, 61, (6, 16))
+    cfg = calibrate.CalibrateConfig(levels=(1,), clients_per_round=(2, 6), local_steps=2, local_batch=2, client_lr=1e-2,
+                                    lora_rank=2, lora_alpha=8.0, population=None)
+    runs = calibrate._Runs(params, MODEL, cfg.peft(), heldout)
     measured = {}
-    for k in (1,):
-        for m in (2, 6):
-            fed = FedConfig(clients_per_round=m, local_steps=2, local_batch=2, client_lr=1e-2, emulator_levels=(k,), log_lora_gap=False)
-            sim = FedPEAT(MODEL, PeftConfig(kind="lora", lora_rank=2, lora_alpha=8.0), fed, n_clients=12)
-            ppl, fractions = calibrate.measure_curve(sim, params, task, rounds=4, seed=0)
-            assert ppl[-1] < ppl[0]  # tuning helps
-            np.testing.assert_allclose(fractions, m / 12)  # equal clients: fraction = participation
-            measured.setdefault(k, []).append((ppl, fractions))
-    table = calibrate.fit_table(measured, model=MODEL, model_name="test", l=2, r=2, ppl0=float(measured[1][0][0][0]), source="test", meta={})
-    for k in table.k:
-        assert table.meta["fit"][str(k)]["max_rel_error"] < calibrate.FIT_TOLERANCE
+    for m in (2, 6):
+        ppl, used = runs.curve(cfg.fed(clients_per_round=m, emulator_levels=(1,), client_lr=1e-2), train, 4, 0)
+        assert ppl[-1] < ppl[0]  # tuning helps
+        np.testing.assert_allclose(used / 72.0, m / 12)  # equal clients: fraction = participation
+        measured.setdefault(1, []).append((ppl, used / 72.0))
+    server_data = (jnp.asarray(other), jnp.ones((6, 16), jnp.float32))
+    ppl, used = runs.curve(cfg.fed(server_participation=True), train, 4, 0, server_data=server_data, devices_on=False)
+    np.testing.assert_allclose(used, 6.0)  # only the server's examples
+    table = _fit(measured, {"modern": [(ppl, used / 72.0)]}, ppl0=float(measured[1][0][0][0]))
+    for fit in (table.meta["fit"]["levels"]["1"], table.meta["fit"]["server"]["modern"]):
+        assert fit["max_rel_error"] < calibrate.FIT_TOLERANCE
     with pytest.raises(ValueError, match="does not match"):  # a table for another model is refused
         FedPEATMEC(preset="default", calibration=table)
 
@@ -59,6 +88,16 @@ def test_bad_calibrate_config():
         calibrate.CalibrateConfig(levels=(2, 1))
     with pytest.raises(ValueError, match="rounds must be >= 2"):
         calibrate.CalibrateConfig(rounds=1)
+    with pytest.raises(ValueError, match="server_domains"):
+        calibrate.CalibrateConfig(server_domains=("modern", "klingon"))
+    with pytest.raises(ValueError, match="adapter_l"):
+        calibrate.CalibrateConfig(adapter_l=-1)
+    # the adapter split is an option: levels are checked against the middle it leaves
+    calibrate.CalibrateConfig(levels=(0, 4), adapter_l=1, adapter_r=1).check_model(MODEL)
+    with pytest.raises(ValueError, match=r"larger than the model's middle \(2 blocks with l=2, r=2\)"):
+        calibrate.CalibrateConfig(levels=(0, 4)).check_model(MODEL)
+    with pytest.raises(ValueError, match="leaves no middle"):
+        calibrate.CalibrateConfig(adapter_l=3, adapter_r=3).check_model(MODEL)
 
 
 def test_bad_population():

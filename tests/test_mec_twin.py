@@ -2,7 +2,10 @@
 
 The JAX environment and the numpy twin are fed the same uniform draws and must agree on
 observations, rewards and infos within 1e-5 (relative to max(1, |value|); counts and flags
-exactly) over many random episodes. Tables are SYNTHETIC placeholders.
+exactly) over many random episodes that exercise every part of the round: stragglers past the
+deadline, memory violations, server rounds on its own domain, emulator exchanges, empty rounds,
+auto-resets, and invalid actions (out of range, floats), which both treat by the same rule.
+Tables are SYNTHETIC placeholders.
 """
 
 import jax
@@ -14,7 +17,8 @@ from fedpeat_jax.config import GPT2Config
 from fedpeat_jax.mec import FedPEATMEC, FedPEATTwin, NumpyFedPEAT, synthetic_table
 
 TOL = 1e-5
-EXACT = ("violations", "n_participants", "exchanges", "empty_round", "terminated", "truncated", "memory_peak_bytes")
+EXACT = ("violations", "stragglers", "n_participants", "exchanges", "empty_round", "terminated", "truncated",
+         "memory_peak_bytes")
 
 
 def _close(name, got, want):
@@ -26,9 +30,18 @@ def _close(name, got, want):
 CASES = {
     # preset, model, overrides, episodes (batch), rounds
     "default": ("default", "default", {}, 48, 130),
+    "default, in-domain server, tight deadline": ("default", "default", dict(server_domain="target", round_deadline=3.0), 32, 60),
     "gpt2-small mobile, short episodes": ("gpt2-small", "gpt2", dict(mobility_step=40.0, max_steps_in_episode=9), 32, 40),
     "gpt2-xl no server, 3 devices": ("gpt2-xl", "gpt2-xl", dict(server_enabled=0.0, n_devices=3, bw_levels=3, max_steps_in_episode=15), 32, 40),
 }
+
+
+def _invalid(a, rng, nvec):
+    """Some entries out of range (negative or too large) in some episodes: the same rule must apply."""
+    a = a.copy()
+    hit = rng.random(a.shape) < 0.05
+    a[hit] = rng.integers(-3, 8, size=int(hit.sum()))
+    return a
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -47,12 +60,13 @@ def test_jax_env_and_numpy_twin_agree_step_by_step(case):
     _close("reset obs", obs_j, obs_t)
 
     rng = np.random.default_rng(1)
-    seen_violation = seen_empty = seen_trunc = 0
+    seen_violation = seen_empty = seen_trunc = seen_late = 0
     for t in range(rounds):
         u = np.asarray(draw(jax.random.split(jax.random.key(t + 1), n_env)))
         a = twin.sample_actions(rng, (n_env,))
         a[: n + 1, rng.random(n_env) < 0.1] = 0  # some empty rounds
         a[n + 1 : 2 * n + 1, rng.random(n_env) < 0.3] = env.n_levels - 1  # repeated levels: no exchange
+        a = _invalid(a, rng, env.nvec)
         oj, s_j, rj, tej, trj, ij = step(jnp.asarray(u), s_j, jnp.asarray(a, jnp.int32), p)
         ot, s_t, rt, tet, trt, it = twin.step_from_draws(s_t, a, u)
         _close(f"obs t={t}", oj, ot)
@@ -65,11 +79,11 @@ def test_jax_env_and_numpy_twin_agree_step_by_step(case):
                 _close(f"{key} t={t}", ij[key], it[key])
         np.testing.assert_array_equal(np.asarray(s_j.stored_level), s_t.stored_level)
         seen_violation += int(np.sum(it["violations"]))
+        seen_late += int(np.sum(it["stragglers"]))
         seen_empty += int(np.sum(it["empty_round"]))
         seen_trunc += int(np.sum(it["truncated"]))
-    assert seen_empty > 0 and seen_trunc > 0  # the episodes exercised both penalties and auto-resets
-    if preset != "default":
-        assert seen_violation > 0
+    assert seen_empty > 0 and seen_trunc > 0 and seen_violation > 0  # penalties and auto-resets exercised
+    assert seen_late > 0  # stragglers dropped at the deadline
 
 
 def test_gymnasium_twin_matches_the_vectorized_core():
@@ -110,6 +124,34 @@ def test_twin_passes_the_stable_baselines3_checker_and_vec_env():
     assert dones.sum() == 6 and np.all(dones[[4, 9]])  # every env truncated after rounds 5 and 10
 
 
+def test_invalid_actions_follow_one_rule_in_both():
+    """Out-of-range and float entries: the JAX env and the twin clip them into range alike, and the
+    result equals stepping the clipped action; a wrong length fails in both, naming the length."""
+    table = synthetic_table(GPT2Config.preset("default"))
+    env = FedPEATMEC(preset="default", calibration=table)
+    p = env.default_params
+    twin = NumpyFedPEAT(p)
+    u = np.asarray(env.draw(jax.random.key(0)))
+    _, s_j = env.reset_with_draws(jnp.asarray(u), p)
+    _, s_t = twin.reset_from_draws(u)
+    bad = np.array([5] + [-1, 2] * 5 + [7] * 10 + [-4] * 10)
+    fixed = np.clip(bad, 0, env.nvec - 1)
+    step = jax.jit(env.step_with_draws)
+    out_bad, out_fixed = step(jnp.asarray(u), s_j, jnp.asarray(bad), p), step(jnp.asarray(u), s_j, jnp.asarray(fixed), p)
+    tw_bad = twin.step_from_draws(s_t, bad, u)
+    np.testing.assert_array_equal(out_bad[0], out_fixed[0])
+    assert float(out_bad[2]) == float(out_fixed[2])
+    _close("invalid-action obs", out_bad[0], tw_bad[0])
+    _close("invalid-action reward", out_bad[2], tw_bad[2])
+    floats = fixed.astype(np.float64) + 0.7  # truncated toward zero: the same action
+    _close("float-action reward", twin.step_from_draws(s_t, floats, u)[2], tw_bad[2])
+    for wrong in (np.zeros(30, int), np.zeros(32, int)):
+        with pytest.raises(ValueError, match="31 entries"):
+            env.step(jax.random.key(1), jax.tree.map(lambda x: x, s_j), jnp.asarray(wrong), p)
+        with pytest.raises(ValueError, match="31 entries"):
+            twin.step_from_draws(s_t, wrong, u)
+
+
 def test_twin_rejects_bad_actions_and_seeds_reproducibly():
     table = synthetic_table(GPT2Config.preset("default"))
     twin = FedPEATTwin(preset="default", calibration=table)
@@ -122,11 +164,7 @@ def test_twin_rejects_bad_actions_and_seeds_reproducibly():
     step2 = twin.step(a)
     np.testing.assert_array_equal(obs1, obs2)
     np.testing.assert_array_equal(step1[0], step2[0])
-    bad = np.array(a)
-    bad[-1] = 99
-    with pytest.raises(ValueError, match="out of range"):
-        twin.step(bad)
-    with pytest.raises(ValueError, match="entries"):
+    with pytest.raises(ValueError, match="31 entries"):
         twin.step(np.zeros(5, int))
 
 

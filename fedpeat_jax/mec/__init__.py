@@ -3,8 +3,12 @@
 * :mod:`.system`      pure physics functions (radio, payloads, compute, memory, latency, perplexity)
 * :mod:`.calibration` the perplexity response table (``CalibrationTable``, ``load_calibration``)
 * :mod:`.env`         ``FedPEATMEC``, the jitted gymnax environment (registered as ``FedPEAT-MEC-v0``)
+* :mod:`.params`      ``EnvParams``, presets, ``make_params`` (sizes and response from model and table)
+* :mod:`.spaces`      the action / observation layout, the invalid-action rule, ``MultiDiscrete``
 * :mod:`.twin`        ``FedPEATTwin``, the same environment in numpy as a ``gymnasium.Env``,
                       and ``NumpyFedPEAT``, its vectorized numpy core (the test oracle)
+* :mod:`.vector`      ``FedPEATVectorEnv``: a ``gymnasium.vector.VectorEnv`` stepped by the jitted
+                      environment (``gymnasium.make_vec("FedPEAT-MEC-v0", num_envs)``)
 * :mod:`.calibrate`   ``fedpeat calibrate``: real FedPEAT runs -> the calibration table
 * :mod:`.live`        ``LiveFedPEATMEC``: the same environment with a real jitted FedPEAT round
                       in every step (``make_live_env``; ``fedpeat live``)
@@ -30,7 +34,8 @@ Quick start::
     # (``FedPEATMEC(preset=..., calibration=path_or_table)``); ``synthetic_table(model)`` gives a
     # clearly marked placeholder for tests and throughput runs.
 
-    # PyTorch / stable-baselines3 users: FedPEATTwin(...) is the same environment as a gymnasium.Env
+    # PyTorch / stable-baselines3 users: FedPEATTwin(...) is the same environment as a gymnasium.Env,
+    # FedPEATVectorEnv(num_envs) a gymnasium VectorEnv of many, stepped by one jitted call
 """
 
 import gymnax
@@ -43,22 +48,11 @@ from fedpeat_jax.mec.calibration import (
     load_calibration,
     synthetic_table,
 )
-from fedpeat_jax.mec.env import (
-    ENV_ID,
-    PRESETS,
-    EnvParams,
-    EnvState,
-    FedPEATMEC,
-    MultiDiscrete,
-    action_nvec,
-    decode_action,
-    encode_action,
-    make,
-    make_params,
-    preset_params,
-    validate_params,
-)
+from fedpeat_jax.mec.env import ENV_ID, EnvState, FedPEATMEC, RoundOutcome, make
+from fedpeat_jax.mec.params import PRESETS, EnvParams, make_params, preset_params, reference_latency, validate_params
+from fedpeat_jax.mec.spaces import MultiDiscrete, action_nvec, clip_action, decode_action, encode_action
 from fedpeat_jax.mec.twin import FedPEATTwin, NumpyFedPEAT, TwinState
+from fedpeat_jax.mec.vector import FedPEATVectorEnv
 
 if ENV_ID not in gymnax.registered_envs:
     gymnax.register(ENV_ID, FedPEATMEC)
@@ -71,10 +65,13 @@ __all__ = [
     "EnvState",
     "FedPEATMEC",
     "FedPEATTwin",
+    "FedPEATVectorEnv",
     "MultiDiscrete",
     "NumpyFedPEAT",
     "PRESETS",
+    "RoundOutcome",
     "action_nvec",
+    "clip_action",
     "decode_action",
     "default_table",
     "encode_action",
@@ -82,6 +79,7 @@ __all__ = [
     "make",
     "make_params",
     "preset_params",
+    "reference_latency",
     "synthetic_table",
     "system",
     "TwinState",

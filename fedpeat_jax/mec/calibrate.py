@@ -1,21 +1,24 @@
-"""`fedpeat calibrate`: measure real FedPEAT runs and fit the environment's perplexity response.
+"""`fedpeat calibrate`: measure real FedPEAT rounds and fit the environment's perplexity response.
 
-For every emulator level k and participation level (clients per round), run the project's
-FedPEAT simulator on the foundation model and a population of Folio role clients (the
-environment's devices: `population` of them, the same seeded choice the live environment
-trains), measuring the held-out plug-in perplexity after every round and the fraction of the
-population's data the round used. The environment's data fraction means the same thing (the
-participants' share of all devices' data), so the fitted rates hold in its units; fractions of
-a much larger population would make a round of the env's few devices look like hundreds of
-clients' worth of progress. Then fit, per level, the response model of mec_model.md
+Three kinds of runs of the project's FedPEAT simulator on the foundation model, each measuring
+the held-out plug-in perplexity after every round:
 
-    ppl_t = ppl_inf(k) + (ppl_{t-1} - ppl_inf(k)) * exp(-eta(k) * data_fraction_t)
+* **device rounds**, for every emulator size k and participation level (clients per round): a
+  population of Folio role clients (the environment's devices: ``population`` of them, the same
+  seeded choice the live environment trains) tunes LoRA on the l-k-r emulator; the round's data
+  fraction is the participants' share of the population's examples (the environment's phi_dev);
+* **server-only rounds**, for every server data domain: only the server tunes, on the full model,
+  on ``server_windows`` windows of its own data ("modern": public modern-spelling text, the
+  foundation's own domain; "target": the devices' domain); the fraction is server examples /
+  population examples (the environment's phi_srv);
+* one **mixed** run (server on the default domain + every device on the largest level), which is
+  not fitted: it checks how well the fitted two-source model predicts rounds that combine both.
 
-by a grid over ppl_inf (below every measured value) with eta in closed form (least squares on
-log((ppl_t - P) / (ppl_{t-1} - P)) = -eta f_t), keeping the pair whose simulated curves (each
-started from its measured ppl_0 and driven by its measured fractions) best match the
-measurements in log space. The table, with the measured curves and the fit's worst relative
-error, is written as JSON that `FedPEATMEC` loads.
+Every curve is fitted by the single-source response ``ppl_t = P + (ppl_{t-1} - P) exp(-eta f_t)``:
+per emulator level (its curves together) and per server domain, by a grid over (P, eta) refined
+with Nelder-Mead on the simulated curves' log error (each started at its measured ppl_0 and
+driven by its measured fractions). The table holds the fits and, in ``meta``, every measured curve
+with the fit's worst relative error per curve.
 """
 
 from __future__ import annotations
@@ -27,13 +30,16 @@ from pathlib import Path
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedpeat_jax.config import Config, FedConfig, PeftConfig
 from fedpeat_jax.data.source import TextConfig
-from fedpeat_jax.mec.calibration import CalibrationTable, model_shape
+from fedpeat_jax.mec import system
+from fedpeat_jax.mec.calibration import CalibrationTable, ServerResponse, model_shape
 
 FIT_TOLERANCE = 0.10  # stated tolerance: simulated curves within 10% of every measured point
+SERVER_DOMAINS = ("modern", "target")  # tasks.SERVER_DOMAINS, spelt here to keep the import lazy
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,13 @@ class CalibrateConfig(Config):
     """What `fedpeat calibrate` measures."""
 
     levels: tuple[int, ...] = (0, 1, 2, 3, 4)  # emulator sizes k (middle blocks kept)
+    adapter_l: int = 2  # bottom blocks of the adapter (the environment's l)
+    adapter_r: int = 2  # top blocks of the adapter (the environment's r)
     population: Optional[int] = 10  # the env's devices: clients whose data the fractions refer to (None: every client)
     clients_per_round: tuple[int, ...] = (3, 10)  # participation levels (at most the population)
+    server_domains: tuple[str, ...] = SERVER_DOMAINS  # server data domains measured in server-only rounds; the first is the default
+    server_windows: int = 32  # windows of server data (the environment's default server_data)
+    mixed_run: bool = True  # also measure server + all devices (a check of the two-source model, not fitted)
     rounds: int = 8
     """FedPEAT rounds per measured curve (>= 2)."""
     local_steps: int = 4
@@ -68,9 +79,18 @@ class CalibrateConfig(Config):
     def validate(self) -> None:
         if not self.levels or list(self.levels) != sorted(set(self.levels)):
             raise ValueError(f"CalibrateConfig.levels must be strictly increasing, got {self.levels}")
+        if min(self.levels) < 0:
+            raise ValueError(f"CalibrateConfig.levels must be >= 0 middle blocks, got {self.levels}")
         if not self.clients_per_round or min(self.clients_per_round) < 1:
             raise ValueError(f"CalibrateConfig.clients_per_round must be >= 1, got {self.clients_per_round}")
-        for name in ("rounds", "local_steps", "local_batch", "lora_rank", "seq_len", "max_examples", "max_eval_windows"):
+        for name in ("adapter_l", "adapter_r"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CalibrateConfig.{name} must be >= 0, got {getattr(self, name)}")
+        bad = [d for d in self.server_domains if d not in SERVER_DOMAINS]
+        if not self.server_domains or bad or len(set(self.server_domains)) != len(self.server_domains):
+            raise ValueError(f"CalibrateConfig.server_domains must be distinct names from {SERVER_DOMAINS}, got {self.server_domains}")
+        for name in ("rounds", "local_steps", "local_batch", "lora_rank", "seq_len", "max_examples", "max_eval_windows",
+                     "server_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CalibrateConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.population is not None and not 1 <= max(self.clients_per_round) <= self.population:
@@ -78,75 +98,102 @@ class CalibrateConfig(Config):
         if self.rounds < 2:
             raise ValueError(f"CalibrateConfig.rounds must be >= 2 to fit a rate, got {self.rounds}")
 
+    def check_model(self, model) -> None:
+        """Refuse levels or an adapter split that the model (a GPT2Config) does not have."""
+        middle = model.n_layer - self.adapter_l - self.adapter_r
+        if middle < 1:
+            raise ValueError(f"CalibrateConfig.adapter_l + adapter_r ({self.adapter_l} + {self.adapter_r}) leaves no middle "
+                             f"block in the {model.n_layer}-block model")
+        bad = [k for k in self.levels if k > middle]
+        if bad:
+            raise ValueError(f"CalibrateConfig.levels {bad} larger than the model's middle ({middle} blocks with "
+                             f"l={self.adapter_l}, r={self.adapter_r})")
+
     def peft(self) -> PeftConfig:
         return PeftConfig(kind="lora", lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
 
-    def task(self):
-        """The TaskConfig of the measured clients (before the population is drawn from them)."""
+    def fed(self, **changes) -> FedConfig:
+        """The FedConfig of one measured run."""
+        base = dict(clients_per_round=1, local_steps=self.local_steps, local_batch=self.local_batch, client_lr=self.client_lr,
+                    emulator_levels=(self.levels[-1],), adapter_l=self.adapter_l, adapter_r=self.adapter_r,
+                    log_lora_gap=False, seed=self.seed)
+        return FedConfig(**{**base, **changes})
+
+    def task(self, server_domain: Optional[str] = None):
+        """The TaskConfig of the measured clients (before the population is drawn from them), the
+        server holding ``server_domain`` (default: the first of ``server_domains``)."""
         from fedpeat_jax.tasks import TaskConfig
 
-        return TaskConfig(text=self.text, seq_len=self.seq_len, max_examples=self.max_examples, max_eval_windows=self.max_eval_windows, seed=self.seed)
+        return TaskConfig(text=self.text, seq_len=self.seq_len, max_examples=self.max_examples, max_eval_windows=self.max_eval_windows,
+                          server_domain=server_domain or self.server_domains[0], server_windows=self.server_windows, seed=self.seed)
 
 
 # --------------------------------------------------------------------------------------------
 # The fit (pure numpy)
 # --------------------------------------------------------------------------------------------
 def simulate(ppl0: float, fractions, ppl_inf: float, eta: float) -> np.ndarray:
-    """The response model's curve [ppl_0, ppl_1, ...] driven by per-round data fractions."""
+    """The single-source response's curve [ppl_0, ppl_1, ...] driven by per-round data fractions."""
     out = [float(ppl0)]
     for f in fractions:
-        out.append(ppl_inf + (out[-1] - ppl_inf) * np.exp(-eta * f))
+        out.append(float(system.surrogate_perplexity(out[-1], ppl_inf, eta, f)))
     return np.asarray(out)
-
-
-def _fit_eta(curves: list, P: float) -> float:
-    """Least-squares eta for a given ppl_inf P: log((p_t - P) / (p_{t-1} - P)) = -eta f_t."""
-    num = den = 0.0
-    for p, f in curves:
-        gaps = p - P
-        y = np.log(gaps[1:] / gaps[:-1])
-        num += float(np.sum(f * y))
-        den += float(np.sum(f * f))
-    return max(-num / max(den, 1e-12), 1e-6)
 
 
 def _log_error(curves: list, P: float, eta: float) -> float:
     return sum(float(np.sum((np.log(simulate(p[0], f, P, eta)) - np.log(p)) ** 2)) for p, f in curves)
 
 
-def fit_level(curves: list) -> dict:
-    """Fit (ppl_inf, eta) to curves [(ppl array of R+1, fraction array of R)] of one level.
+def curve_errors(curves: list, ppl_inf: float, eta: float) -> list:
+    """Worst relative error max_t |simulated / measured - 1| of each curve."""
+    return [float(np.max(np.abs(simulate(p[0], f, ppl_inf, eta) / p - 1))) for p, f in curves]
 
-    A grid over ppl_inf in (0.3, 0.999) x the lowest measured value, with eta in closed form,
-    gives a start; Nelder-Mead on the simulated curves' log error then refines both jointly.
+
+def fit_level(curves: list) -> dict:
+    """Fit (ppl_inf, eta) to curves [(ppl array of R+1, fraction array of R)] of one level or domain.
+
+    A grid of ppl_inf in [0.3 min, 1.5 max] of the measured values by eta in [1e-3, 30]
+    (log-spaced) gives a start; Nelder-Mead on the simulated curves' log error refines both.
+    The fixed point may lie above the measurements (data that makes the perplexity worse).
     """
     from scipy.optimize import minimize
 
-    floor = min(float(np.min(p)) for p, _ in curves)
-    grid = np.linspace(0.3 * floor, 0.999 * floor, 200)
-    errors = [_log_error(curves, P, _fit_eta(curves, P)) for P in grid]
-    start = float(grid[int(np.argmin(errors))])
+    lo = 0.3 * min(float(np.min(p)) for p, _ in curves)
+    hi = 1.5 * max(float(np.max(p)) for p, _ in curves)
+    grid_p = np.linspace(lo, hi, 121)
+    grid_e = np.geomspace(1e-3, 30.0, 61)
+    errors = np.array([[_log_error(curves, P, e) for e in grid_e] for P in grid_p])
+    i, j = np.unravel_index(int(np.argmin(errors)), errors.shape)
 
-    lo, hi = 0.3 * floor, 0.999 * floor
-
-    def to_ppl(z):  # keeps ppl_inf inside the grid's range (below every measured value)
+    def to_ppl(z):  # keeps ppl_inf inside the grid's range
         return lo + (hi - lo) / (1.0 + np.exp(-z))
 
-    def objective(x):  # x = (squashed ppl_inf, log eta)
-        return _log_error(curves, to_ppl(x[0]), float(np.exp(x[1])))
-
-    u = np.clip((start - lo) / (hi - lo), 1e-6, 1 - 1e-6)
-    x0 = np.array([np.log(u / (1 - u)), np.log(_fit_eta(curves, start))])
-    x = minimize(objective, x0, method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-12, "maxiter": 4000}).x
+    u = np.clip((grid_p[i] - lo) / (hi - lo), 1e-6, 1 - 1e-6)
+    x0 = np.array([np.log(u / (1 - u)), np.log(grid_e[j])])
+    x = minimize(lambda x: _log_error(curves, to_ppl(x[0]), float(np.exp(x[1]))), x0, method="Nelder-Mead",
+                 options={"xatol": 1e-8, "fatol": 1e-12, "maxiter": 4000}).x
     ppl_inf, eta = float(to_ppl(x[0])), float(np.exp(x[1]))
-    rel = max(float(np.max(np.abs(simulate(p[0], f, ppl_inf, eta) / p - 1))) for p, f in curves)
-    return {"ppl_inf": ppl_inf, "eta": eta, "max_rel_error": rel}
+    errs = curve_errors(curves, ppl_inf, eta)
+    return {"ppl_inf": ppl_inf, "eta": eta, "max_rel_error": max(errs), "curve_rel_errors": errs}
 
 
-def fit_table(measured: dict, *, model, model_name: str, l: int, r: int, ppl0: float, source: str, meta: dict) -> CalibrationTable:
-    """A CalibrationTable from {k: [(ppl curve, fractions), ...]}."""
+def predict_mixed(table: CalibrationTable, ppl0: float, dev_fractions, srv_fractions, k: float, domain: str) -> np.ndarray:
+    """The two-source model's curve for rounds with devices (level k) and the server together."""
+    srv = table.server_response(domain)
+    dev_inf = float(np.interp(k, table.k, table.ppl_inf))
+    dev_eta = float(np.interp(k, table.k, table.eta))
+    out = [float(ppl0)]
+    for fd, fs in zip(dev_fractions, srv_fractions):
+        out.append(float(system.two_source_perplexity(out[-1], dev_inf, dev_eta, fd, srv.ppl_inf, srv.eta, fs)))
+    return np.asarray(out)
+
+
+def fit_table(measured: dict, server: dict, *, model, model_name: str, l: int, r: int, ppl0: float, population, workload: dict,
+              source: str, meta: dict) -> CalibrationTable:
+    """A CalibrationTable from device curves {k: [(ppl, fractions), ...]} and server curves {domain: [...]}."""
     ks = sorted(measured)
     fits = {k: fit_level(measured[k]) for k in ks}
+    server_fits = {d: fit_level(curves) for d, curves in server.items()}
+    server_data = meta.get("server_examples", {})
     return CalibrationTable(
         model_name=model_name,
         model=model_shape(model),
@@ -156,83 +203,129 @@ def fit_table(measured: dict, *, model, model_name: str, l: int, r: int, ppl0: f
         ppl_inf=tuple(fits[k]["ppl_inf"] for k in ks),
         eta=tuple(fits[k]["eta"] for k in ks),
         ppl0=ppl0,
+        server={d: ServerResponse(f["ppl_inf"], f["eta"], server_data.get(d, 1.0)) for d, f in server_fits.items()},
+        server_domain=next(iter(server)),
+        population=tuple(population),
+        workload=workload,
         synthetic=False,
         source=source,
-        meta={**meta, "fit": {str(k): fits[k] for k in ks}, "fit_tolerance": FIT_TOLERANCE},
+        meta={**meta, "fit": {"levels": {str(k): fits[k] for k in ks}, "server": server_fits}, "fit_tolerance": FIT_TOLERANCE},
     )
 
 
 # --------------------------------------------------------------------------------------------
-# Measurement: real FedPEAT runs
+# Measurement: real FedPEAT rounds
 # --------------------------------------------------------------------------------------------
-def measure_curve(sim, params, task, rounds: int, seed: int) -> tuple:
-    """(plug-in ppl after rounds 0..R, data fraction of rounds 1..R) of one FedPEAT run."""
-    import jax.numpy as jnp
+class _Runs:
+    """The FedPEAT calls of a measurement, in one place: build a simulator, init, round, evaluate.
+    The weights, data and held-out windows are arguments of the jitted functions."""
 
-    state = jax.jit(sim.init)(jax.random.key(seed), params)
-    heldout = tuple(jnp.asarray(x) for x in task.heldout)
-    evaluate = jax.jit(lambda s, p, h: sim.eval_nll(s, p, *h))
-    run = jax.jit(lambda s, p, d: sim.run_rounds(s, p, d, 1))
-    step = lambda s: run(s, params, task.train)  # noqa: E731
-    total_examples = float(np.asarray(task.train.counts).sum())
-    ppl, fractions = [], []
-    for t in range(rounds + 1):
-        if t:
-            state, metrics = step(state)
-            fractions.append(float(metrics.examples[0]) / total_examples)
-        nll, count = jax.device_get(evaluate(state, params, heldout))
-        ppl.append(float(np.exp(nll / count)))
-    return np.asarray(ppl), np.asarray(fractions)
+    def __init__(self, params, model, peft, heldout):
+        self.params, self.model, self.peft = params, model, peft
+        self.heldout = tuple(jnp.asarray(x) for x in heldout)
+
+    def curve(self, fed: FedConfig, data, rounds: int, seed: int, server_data=None, devices_on: bool = True) -> tuple:
+        """Plug-in perplexity after rounds 0..R and the examples each round used (devices, server)."""
+        from fedpeat_jax.fed.client import Hyper
+        from fedpeat_jax.fed.simulation import FedPEAT
+
+        sim = FedPEAT(self.model, self.peft, fed, n_clients=int(data.tokens.shape[0]))
+        hyper = Hyper.from_config(fed)
+        available = jnp.full((data.tokens.shape[0],), bool(devices_on))
+        step = jax.jit(lambda s, p, d, h, srv, avail: sim.round(s, p, d, h, srv, available=avail))
+        evaluate = jax.jit(lambda s, p, h: sim.eval_nll(s, p, *h))
+        state = jax.jit(sim.init)(jax.random.key(seed), self.params)
+        ppl, examples = [], []
+        for t in range(rounds + 1):
+            if t:
+                state, metrics = step(state, self.params, data, hyper, server_data, available)
+                examples.append(float(metrics.examples))
+            nll, count = jax.device_get(evaluate(state, self.params, self.heldout))
+            ppl.append(float(np.exp(nll / count)))
+        return np.asarray(ppl), np.asarray(examples)
 
 
 def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str = "default", cache_dir=None,
               out: Optional[Path] = None, show_progress: bool = True, source: str = "",
               model_fingerprint: Optional[str] = None) -> CalibrationTable:
-    """Run every (level, participation) FedPEAT run, fit the table, write it to `out`. The table's
-    meta records which model it belongs to: `model_fingerprint` (the foundation model's settings,
-    when it is one) and the sha256 of the exact weights (`io.fingerprint.tree_digest`)."""
-    from fedpeat_jax.fed.simulation import FedPEAT
+    """Run every device, server-only and mixed FedPEAT run, fit the table, write it to `out`.
+
+    The table's meta records which model it belongs to: ``model_fingerprint`` (the foundation
+    model's settings, when it is one) and the sha256 of the exact weights
+    (``io.fingerprint.tree_digest``).
+    """
     from fedpeat_jax.io.logging import progress
     from fedpeat_jax.io.fingerprint import tree_digest
     from fedpeat_jax.tasks import build_task, device_population
 
     model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-    task_cfg = cfg.task()
-    n_middle = model.n_layer - 4
-    bad = [k for k in cfg.levels if k > n_middle]
-    if bad:
-        raise ValueError(f"CalibrateConfig.levels {bad} larger than the model's middle ({n_middle} blocks)")
-    task = build_task(task_cfg, tokenizer, cache_dir=cache_dir)
+    cfg.check_model(model)
+    tasks = {domain: build_task(cfg.task(domain), tokenizer, cache_dir=cache_dir) for domain in cfg.server_domains}
+    task = tasks[cfg.server_domains[0]]
     if cfg.population is not None:
         task = device_population(task, cfg.population, cfg.seed)
-    n_clients = int(task.train.tokens.shape[0])
+    data = task.train
+    n_clients = int(data.tokens.shape[0])
     too_many = [c for c in cfg.clients_per_round if c > n_clients]
     if too_many:
         raise ValueError(f"CalibrateConfig.clients_per_round {too_many} is more than the {n_clients} clients that exist")
-    measured, started = {}, time.time()
-    bar = progress(len(cfg.levels) * len(cfg.clients_per_round) * cfg.rounds, "calibrate (FedPEAT rounds)", disable=not show_progress)
-    ppl0 = None
+    population = np.asarray(data.counts, np.float64)
+    total = float(population.sum())
+    runs = _Runs(params, model, cfg.peft(), task.heldout)
+    n_runs = len(cfg.levels) * len(cfg.clients_per_round) + len(cfg.server_domains) + int(cfg.mixed_run)
+    bar = progress(n_runs * cfg.rounds, "calibrate (FedPEAT rounds)", disable=not show_progress)
+    started = time.time()
+
+    measured, server, server_examples = {}, {}, {}
     for k in cfg.levels:
         for m in cfg.clients_per_round:
-            fed = FedConfig(clients_per_round=m, local_steps=cfg.local_steps, local_batch=cfg.local_batch, client_lr=cfg.client_lr,
-                            emulator_levels=(k,), log_lora_gap=False, seed=cfg.seed)
-            sim = FedPEAT(model, cfg.peft(), fed, n_clients=n_clients)
-            ppl, fractions = measure_curve(sim, params, task, cfg.rounds, cfg.seed)
-            ppl0 = float(ppl[0]) if ppl0 is None else ppl0
-            measured.setdefault(k, []).append((ppl, fractions))
+            ppl, used = runs.curve(cfg.fed(clients_per_round=m, emulator_levels=(k,)), data, cfg.rounds, cfg.seed)
+            measured.setdefault(k, []).append((ppl, used / total))
             bar.update(cfg.rounds)
             bar.set_postfix(k=k, clients=m, ppl=f"{ppl[-1]:.1f}")
+    for domain in cfg.server_domains:
+        server_data = tuple(jnp.asarray(x) for x in tasks[domain].server)
+        server_examples[domain] = float(server_data[0].shape[0])
+        ppl, used = runs.curve(cfg.fed(server_participation=True), data, cfg.rounds, cfg.seed, server_data=server_data,
+                               devices_on=False)
+        server[domain] = [(ppl, used / total)]
+        bar.update(cfg.rounds)
+        bar.set_postfix(server=domain, ppl=f"{ppl[-1]:.1f}")
+    mixed = None
+    if cfg.mixed_run:
+        domain, k = cfg.server_domains[0], cfg.levels[-1]
+        server_data = tuple(jnp.asarray(x) for x in tasks[domain].server)
+        ppl, used = runs.curve(cfg.fed(clients_per_round=n_clients, emulator_levels=(k,), server_participation=True), data,
+                               cfg.rounds, cfg.seed, server_data=server_data)
+        srv_f = np.full(cfg.rounds, server_examples[domain] / total)
+        mixed = {"domain": domain, "k": k, "ppl": ppl, "device_fraction": used / total - srv_f, "server_fraction": srv_f}
+        bar.update(cfg.rounds)
     bar.close()
+
+    ppl0 = float(measured[cfg.levels[0]][0][0][0])
+    curves = {str(k): [{"ppl": c[0].tolist(), "data_fraction": c[1].tolist()} for c in cs] for k, cs in measured.items()}
     meta = {
         "model_fingerprint": model_fingerprint,
         "model_params_sha256": tree_digest(params),
         "calibrate_config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
         "peft": {"kind": "lora", "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha},
         "clients": n_clients,
+        "server_examples": server_examples,
         "seconds": round(time.time() - started, 1),
-        "curves": {str(k): [{"ppl": c[0].tolist(), "data_fraction": c[1].tolist()} for c in curves] for k, curves in measured.items()},
+        "curves": curves,
+        "server_curves": {d: [{"ppl": c[0].tolist(), "data_fraction": c[1].tolist()} for c in cs] for d, cs in server.items()},
     }
-    table = fit_table(measured, model=model, model_name=model_name, l=2, r=2, ppl0=ppl0, source=source or "fedpeat calibrate", meta=meta)
+    workload = {"local_steps": cfg.local_steps, "batch_size": cfg.local_batch, "seq_len": cfg.seq_len}
+    table = fit_table(measured, server, model=model, model_name=model_name, l=cfg.adapter_l, r=cfg.adapter_r, ppl0=ppl0,
+                      population=population.tolist(), workload=workload, source=source or "fedpeat calibrate", meta=meta)
+    if mixed is not None:
+        predicted = predict_mixed(table, mixed["ppl"][0], mixed["device_fraction"], mixed["server_fraction"], mixed["k"], mixed["domain"])
+        table.meta["mixed"] = {**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in mixed.items()},
+                               "predicted": predicted.tolist(),
+                               "max_rel_error": float(np.max(np.abs(predicted / mixed["ppl"] - 1)))}
     if out is not None:
         table.save(out)
     return table
+
+
+__all__ = ["CalibrateConfig", "FIT_TOLERANCE", "calibrate", "curve_errors", "fit_level", "fit_table", "predict_mixed", "simulate"]

@@ -48,13 +48,21 @@ Delay:
 
 * device latency       T_n = x_n S_emu(k_n) / R_dl + S_peft / R_dl + T_cmp + S_peft / R_ul,
                        x_n = 1 iff the device's stored emulator differs from the chosen one
-* round latency        max over the participants (synchronous FedAvg), 0 for an empty round
+* round deadline       a participant with T_n > T_dl is a straggler: dropped, its time capped at T_dl
+* round latency        max over the participants of min(T_n, T_dl) (synchronous FedAvg), 0 for an
+                       empty round
 
-Perplexity surrogate (response model fitted by the calibration):
+Perplexity surrogate (response model fitted by the calibration): every data source pulls the
+perplexity towards its own fixed point P_j with a strength a_j,
 
-* ppl_t = ppl_inf(kbar) + (ppl_{t-1} - ppl_inf(kbar)) exp(-eta(kbar) * data_fraction_t)
-  with ppl_inf, eta piecewise-linear in the data-weighted mean emulator size kbar of the round's
-  successful participants, clamped outside the calibrated range.
+* dp/ds = -sum_j a_j (p - P_j) over one round (s from 0 to 1), whose solution is
+  ppl_t = P* + (ppl_{t-1} - P*) exp(-A),  A = sum_j a_j,  P* = sum_j a_j P_j / A,
+* a_j = omega_j eta_j phi_j: eta_j phi_j is the pull of a round with source j alone (phi_j its data
+  as a fraction of all devices' data), omega_j = phi_j / sum_i phi_i its FedAvg weight in a round
+  that averages both sources' updates. Two sources: the devices (P, eta piecewise-linear in the
+  data-weighted mean emulator size kbar, clamped outside the calibrated range) and the server's
+  own data (its domain's P, eta). One source alone is the single-curve model
+  ppl_t = P + (ppl_{t-1} - P) exp(-eta * phi_t).
 """
 
 from __future__ import annotations
@@ -288,9 +296,22 @@ def device_latency(exchange: Array, s_emu: Array, s_peft, rate_dl: Array, t_cmp:
     return xp.where(on, t, 0.0)
 
 
-def round_latency(device_latencies: Array, server_latency: Array, xp=np) -> Array:
-    """Synchronous round latency: max over the devices' (axis 0) and the server's latency (0 = idle)."""
-    return xp.maximum(xp.max(device_latencies, axis=0), server_latency)
+def download_time(exchange: Array, s_emu: Array, s_peft, rate_dl: Array, participate: Array, xp=np) -> Array:
+    """(x_n S_emu + S_peft) / R_dl: the part of T_n before local training starts (0 for non-participants)."""
+    on = participate > 0
+    return xp.where(on, (exchange * s_emu + s_peft) / xp.where(on, rate_dl, 1.0), 0.0)
+
+
+def stragglers(latency: Array, deadline, participate: Array) -> Array:
+    """1.0 for a participant whose round time exceeds the deadline (dropped from the round), else 0."""
+    return participate * (latency > deadline)
+
+
+def round_latency(device_latencies: Array, server_latency: Array, deadline=np.inf, xp=np) -> Array:
+    """Synchronous round latency: max over the devices' (axis 0) and the server's latency (0 = idle),
+    each capped at the deadline (a straggler is dropped when the deadline passes)."""
+    slowest = xp.maximum(xp.max(device_latencies, axis=0), server_latency)
+    return xp.minimum(slowest, deadline)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,8 +332,23 @@ def interp_clamped(x: Array, xs: Array, ys: Array, xp=np) -> Array:
 
 
 def surrogate_perplexity(ppl_prev: Array, ppl_inf: Array, eta: Array, data_fraction: Array, xp=np) -> Array:
-    """ppl_t = ppl_inf + (ppl_{t-1} - ppl_inf) exp(-eta data_fraction): unchanged for no data."""
+    """One source: ppl_t = ppl_inf + (ppl_{t-1} - ppl_inf) exp(-eta data_fraction); unchanged for no data."""
     return ppl_inf + (ppl_prev - ppl_inf) * xp.exp(-eta * data_fraction)
+
+
+def two_source_perplexity(ppl_prev: Array, dev_ppl_inf: Array, dev_eta: Array, dev_fraction: Array, srv_ppl_inf: Array,
+                          srv_eta: Array, srv_fraction: Array, xp=np) -> Array:
+    """Devices and server data pulling together (module docstring), each pull weighted by its FedAvg weight.
+
+    ppl_t = ppl_{t-1} + (P* - ppl_{t-1}) (1 - exp(-A)); unchanged when nobody brings data.
+    """
+    total = dev_fraction + srv_fraction
+    safe = xp.where(total > 0, total, 1.0)
+    dev_pull = dev_eta * dev_fraction * (dev_fraction / safe)
+    srv_pull = srv_eta * srv_fraction * (srv_fraction / safe)
+    pull = dev_pull + srv_pull
+    target = (dev_pull * dev_ppl_inf + srv_pull * srv_ppl_inf) / xp.where(pull > 0, pull, 1.0)
+    return ppl_prev + (target - ppl_prev) * -xp.expm1(-pull)
 
 
 __all__ = [
@@ -330,6 +366,7 @@ __all__ = [
     "distance_in_annulus_sq",
     "downlink_rate",
     "downlink_spectral_efficiency",
+    "download_time",
     "emulator_bits",
     "exchange_indicator",
     "flops_per_token",
@@ -342,9 +379,11 @@ __all__ = [
     "random_walk_distance_sq",
     "rayleigh_power",
     "round_latency",
+    "stragglers",
     "surrogate_perplexity",
     "to_db",
     "tokens_per_round",
+    "two_source_perplexity",
     "uniform_range",
     "uplink_rate",
 ]

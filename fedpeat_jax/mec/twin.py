@@ -13,6 +13,9 @@ Two layers:
   ``Box`` observations) for stable-baselines3 and other PyTorch RL code. Episodes end with
   ``truncated=True`` after T rounds; call ``reset()`` then (gymnasium convention, no auto-reset).
 
+Invalid actions follow the environment's one rule (``spaces.clip_action``: cast to integers,
+clipped into range); an action of the wrong length raises a ``ValueError`` naming the expected one.
+
 Random draws: ``draw(rng)`` gives float32 U[0, 1) numbers of shape (5, N, *B) with the same row
 meaning as ``FedPEATMEC.draw`` (0 fading, 1 walk-x / fresh distance, 2 walk-y / fresh speed,
 3 fresh memory capacity, 4 fresh data size).
@@ -28,16 +31,9 @@ import jax
 import numpy as np
 
 from fedpeat_jax.mec import system
-from fedpeat_jax.mec.env import (
-    ENV_ID,
-    N_DEVICE_FEATURES,
-    N_DRAWS,
-    N_GLOBAL_FEATURES,
-    EnvParams,
-    action_nvec,
-    preset_params,
-    validate_params,
-)
+from fedpeat_jax.mec.env import ENV_ID, N_DRAWS
+from fedpeat_jax.mec.params import EnvParams, preset_params, validate_params
+from fedpeat_jax.mec.spaces import action_nvec, check_action_shape, clip_action, obs_size
 
 
 @dataclass
@@ -82,7 +78,7 @@ class NumpyFedPEAT:
         self.m = int(np.shape(params.level_k)[-1])
         self.n_mem = int(np.shape(params.mem_choices)[-1])
         self.nvec = action_nvec(params)
-        self.obs_size = N_DEVICE_FEATURES * self.n + N_GLOBAL_FEATURES
+        self.obs_size = obs_size(self.n)
 
     # -- random draws -----------------------------------------------------------------------------
     def draw(self, rng: np.random.Generator, batch_shape=()) -> np.ndarray:
@@ -142,20 +138,15 @@ class NumpyFedPEAT:
         """
         p, n = self.p, self.n
         u = np.asarray(u)
-        a = np.asarray(action, dtype=np.int64)
-        if a.shape[0] != len(self.nvec):
-            raise ValueError(f"action must have {len(self.nvec)} entries (3N + 1), got shape {a.shape}")
-        nvec = self.nvec.reshape((-1,) + (1,) * (a.ndim - 1))
-        if np.any(a < 0) or np.any(a >= nvec):
-            raise ValueError(f"action out of range: every entry i must lie in [0, nvec[i]) with nvec={self.nvec.tolist()}")
+        check_action_shape(np.shape(action), self.nvec, batch_ndim=np.ndim(state.time))
+        a = clip_action(action, self.nvec, np).astype(np.int64)
 
         # decode: server, devices, emulator level, bandwidth level
         server = (a[0] > 0).astype(np.float64) * p.server_enabled
         part = (a[1 : n + 1] > 0).astype(np.float64)
         level = a[n + 1 : 2 * n + 1]
-        bw_level = a[2 * n + 1 : 3 * n + 1]
         k = p.level_k[level]
-        weight = p.bw_weights[bw_level]
+        weight = p.bw_weights[a[2 * n + 1 : 3 * n + 1]]
 
         # payloads, compute, memory
         s_emu = system.emulator_bits(k, p.p_emb, p.p_blk, p.n_adapter, p.q_bits)
@@ -166,34 +157,47 @@ class NumpyFedPEAT:
         mem = system.device_memory_bytes(k, p.p_emb, p.p_blk, p.n_adapter, p.p_peft, p.q_bits, p.batch_size,
                                          p.seq_len, p.n_embd, p.n_head)
 
-        # radio and latency
+        # radio and time, per device: download (emulator only on an exchange), compute, upload
         beta = system.bandwidth_shares(weight, part)
         r_dl = system.downlink_rate(beta, state.gain, p.bandwidth_hz, p.bs_power_w, p.noise_psd_w_hz)
         r_ul = system.uplink_rate(beta, state.gain, p.bandwidth_hz, p.device_power_w, p.noise_psd_w_hz)
-        exchange = system.exchange_indicator(state.stored_level, level, part).astype(np.float64)
-        t_dev = system.device_latency(exchange, s_emu, s_peft, r_dl, t_cmp, r_ul, part)
+        exchange = part * (state.stored_level != level)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t_down = np.where(part > 0, (exchange * s_emu + s_peft) / r_dl, 0.0)
+            t_dev = np.where(part > 0, t_down + t_cmp + s_peft / r_ul, 0.0)
         fpt_full = system.flops_per_token(system.device_param_count(p.k_full, p.p_emb, p.p_blk, p.n_adapter), p.p_peft)
         t_srv = server * system.compute_time(tokens, fpt_full, p.server_flops, p.utilization)
-        latency = system.round_latency(t_dev, t_srv)
+
+        # the deadline: stragglers are dropped, every time is capped at it
+        deadline = p.round_deadline
+        late = part * (t_dev > deadline)
+        server_ok = server * (t_srv <= deadline)
+        latency = np.minimum(np.maximum(t_dev.max(axis=0), t_srv), deadline)
 
         # memory violations: a device that does not fit fails (no data reaches the model)
         violation = part * (mem > state.mem_capacity)
         n_part = part.sum(axis=0)
         mem_ratio = (part * mem / state.mem_capacity).sum(axis=0) / np.maximum(n_part, 1.0)
-        ok = part - violation
+        ok = part * (1 - violation) * (1 - late)
 
-        # perplexity response
-        data_ok = (ok * state.data).sum(axis=0) + server * p.server_data
-        data_all = state.data.sum(axis=0) + p.server_data
-        k_bar = np.where(data_ok > 0, ((ok * state.data * k).sum(axis=0) + server * p.server_data * p.k_full)
-                         / np.where(data_ok > 0, data_ok, 1.0), 0.0)
-        ppl_inf = np.interp(k_bar, p.cal_k, p.cal_ppl_inf)
-        eta = np.interp(k_bar, p.cal_k, p.cal_eta)
-        ppl = system.surrogate_perplexity(state.ppl, ppl_inf, eta, data_ok / data_all)
+        # perplexity: devices and server pull towards their own fixed points (system_model.md)
+        data_all = state.data.sum(axis=0)
+        data_ok = (ok * state.data).sum(axis=0)
+        k_bar = np.where(data_ok > 0, (ok * state.data * k).sum(axis=0) / np.where(data_ok > 0, data_ok, 1.0), 0.0)
+        # each source's pull: eta * its fraction of all devices' data * its FedAvg weight in the round
+        data_srv = server_ok * p.server_data
+        used = np.where(data_ok + data_srv > 0, data_ok + data_srv, 1.0)
+        pull_dev = np.interp(k_bar, p.cal_k, p.cal_eta) * (data_ok / data_all) * (data_ok / used)
+        pull_srv = p.srv_eta * (data_srv / data_all) * (data_srv / used)
+        pull = pull_dev + pull_srv
+        target = np.where(pull > 0, (pull_dev * np.interp(k_bar, p.cal_k, p.cal_ppl_inf) + pull_srv * p.srv_ppl_inf)
+                          / np.where(pull > 0, pull, 1.0), state.ppl)
+        ppl = target + (state.ppl - target) * np.exp(-pull)
 
         n_viol = violation.sum(axis=0)
         empty = (n_part + server) == 0
-        reward = (-(p.w_ppl * ppl / p.ppl_ref + p.w_latency * latency / p.latency_ref + p.w_memory * mem_ratio)
+        gap = (ppl - p.ppl_best) / (p.ppl_ref - p.ppl_best)
+        reward = (-(p.w_ppl * gap + p.w_latency * latency / p.latency_ref + p.w_memory * mem_ratio)
                   - p.w_violation * n_viol - p.w_empty * empty)
 
         # next round: devices move, fading is redrawn
@@ -206,7 +210,7 @@ class NumpyFedPEAT:
             flops=state.flops,
             mem_capacity=state.mem_capacity,
             data=state.data,
-            stored_level=np.where(part > 0, level, state.stored_level),
+            stored_level=np.where((part > 0) & (t_down <= deadline), level, state.stored_level),
             took_part=np.concatenate([server[None], part]),
             ppl=ppl,
             last_latency=latency,
@@ -221,8 +225,10 @@ class NumpyFedPEAT:
             "memory_peak_bytes": (part * mem).max(axis=0),
             "bytes": (part * (exchange * s_emu + 2.0 * s_peft)).sum(axis=0) / 8.0,
             "violations": n_viol,
+            "stragglers": late.sum(axis=0) + server - server_ok,
             "n_participants": n_part + server,
             "exchanges": exchange.sum(axis=0),
+            "data_fraction": data_ok / data_all,
             "empty_round": empty,
             "terminated": terminated,
             "truncated": truncated,
@@ -240,7 +246,7 @@ class NumpyFedPEAT:
 
     # -- observation ------------------------------------------------------------------------------
     def observe(self, state: TwinState) -> np.ndarray:
-        """float32 observation (7N + 4, *B), layout as in :mod:`fedpeat_jax.mec.env`."""
+        """float32 observation (7N + 4, *B), layout as in :mod:`fedpeat_jax.mec.spaces`."""
         p = self.p
         rows = [
             (system.to_db(state.gain) - p.gain_db_center) / p.gain_db_scale,
@@ -251,7 +257,7 @@ class NumpyFedPEAT:
             (state.stored_level + 1) / self.m,
             state.took_part[1:],
             (state.time / p.max_steps_in_episode)[None],
-            (state.ppl / p.ppl_ref)[None],
+            ((state.ppl - p.ppl_best) / (p.ppl_ref - p.ppl_best))[None],
             (state.last_latency / p.latency_ref)[None],
             state.took_part[:1],
         ]
@@ -300,9 +306,10 @@ class FedPEATTwin(gymnasium.Env):
         return obs, float(reward), bool(terminated), bool(truncated), info
 
 
-gymnasium_id = ENV_ID
-if gymnasium_id not in gymnasium.registry:
-    gymnasium.register(id=gymnasium_id, entry_point="fedpeat_jax.mec.twin:FedPEATTwin")
+# gymnasium.make(ENV_ID) gives the numpy twin, gymnasium.make_vec(ENV_ID, num_envs) the jitted vector env
+if ENV_ID not in gymnasium.registry:
+    gymnasium.register(id=ENV_ID, entry_point="fedpeat_jax.mec.twin:FedPEATTwin",
+                       vector_entry_point="fedpeat_jax.mec.vector:FedPEATVectorEnv")
 
 
 __all__ = ["FedPEATTwin", "NumpyFedPEAT", "TwinState"]

@@ -1,8 +1,12 @@
 """The FedPEAT controller: SABPPO (action-branching PPO, PureJaxRL style), baselines, training driver.
 
+* :mod:`.distributions` ``MultiCategorical``: the factorized categorical of a multi-discrete action,
+                     usable by any JAX agent (sample / log_prob / entropy / mode)
+* :mod:`.normalize`  running observation / return statistics
 * :mod:`.sabppo`     ``SABPPOConfig``, ``make_trainer`` / ``make_train`` (pure, jittable, vmappable
-                     over seeds and ``HParams``), the branch distribution helpers, GAE, PPO losses
-* :mod:`.baselines`  random / all-largest / greedy / no-server policies, ``sabppo_policy`` and the
+                     over seeds and ``HParams``), GAE, PPO losses
+* :mod:`.rules`      simple fixed rules and ``search_rules``, the search for the best of them
+* :mod:`.baselines`  random / server-only / all-devices / greedy policies, ``sabppo_policy`` and the
                      jitted ``evaluate`` for any policy
 * :mod:`.controller` ``train_controller``: chunked training with checkpoints, TensorBoard logs,
                      evaluation against the baselines and plots (``fedpeat train-controller``)
@@ -12,16 +16,18 @@ The controller module is imported lazily (it pulls in orbax and the logging stac
 
 from fedpeat_jax.rl.baselines import (
     Policy,
-    all_largest_policy,
+    all_devices_policy,
     as_policy,
     baseline_policies,
     evaluate,
     greedy_policy,
-    no_server_policy,
     random_policy,
     sabppo_policy,
+    server_only_policy,
     without_server,
 )
+from fedpeat_jax.rl.distributions import MultiCategorical
+from fedpeat_jax.rl.rules import Rule, rule_policy, search_rules
 from fedpeat_jax.rl.sabppo import (
     HParams,
     SABPPOConfig,
@@ -49,7 +55,9 @@ __all__ = [
     "SABPPOConfig",
     "TrainState",
     "Trainer",
-    "all_largest_policy",
+    "MultiCategorical",
+    "Rule",
+    "all_devices_policy",
     "as_policy",
     "baseline_policies",
     "default_hparams",
@@ -58,9 +66,11 @@ __all__ = [
     "load_policy",
     "make_train",
     "make_trainer",
-    "no_server_policy",
     "random_policy",
+    "rule_policy",
     "sabppo_policy",
+    "search_rules",
+    "server_only_policy",
     "stack_hparams",
     "train_controller",
     "without_server",

@@ -1,32 +1,33 @@
 """Baseline controllers for the FedPEAT MEC environment and a jitted evaluator for any policy.
 
 A policy maps ONE environment's ``(obs, state, env_params, rng)`` to its flat int32 action
-(layout in :mod:`fedpeat_jax.mec.env`: [server] + participate (N) + emulator level (N) +
+(layout in :mod:`fedpeat_jax.mec.spaces`: [server] + participate (N) + emulator level (N) +
 bandwidth level (N)); :func:`evaluate` vmaps it over episodes. A policy is either
 
 * a plain function ``fn(obs, state, env_params, rng) -> action``, or
 * a :class:`Policy`: a hashable ``apply(policy_params, obs, state, env_params, rng)`` plus its
   parameter pytree, which stays a traced argument (a trained SABPPO network is one:
-  :func:`sabppo_policy`), so evaluating new parameters does not recompile.
+  :func:`sabppo_policy`; a simple rule is one: :mod:`fedpeat_jax.rl.rules`), so evaluating new
+  parameters does not recompile.
 
-Baselines (mec_model.md):
+Baselines (:func:`baseline_policies`):
 
 * :func:`random_policy`        every branch uniformly at random
-* :func:`all_largest_policy`   server and all devices take part, largest emulator, equal bandwidth
-* :func:`greedy_policy`        the ``n_select`` devices with the best channel whose memory fits some
-                               emulator, each with the largest emulator that fits its memory,
-                               equal bandwidth, server on
-* :func:`no_server_policy`     FedPEAT without server participation: all devices, largest emulator,
-                               equal bandwidth, server off (:func:`without_server` turns the server
-                               off in any policy, e.g. a trained SABPPO)
+* :func:`server_only_policy`   only the server takes part (no radio, no device)
+* :func:`all_devices_policy`   the server and every device, each at the largest emulator that fits
+                               its memory, equal bandwidth
+* :func:`greedy_policy`        the ``n_select`` best-channel devices (default ceil(N/2)) among those
+                               that fit some emulator, largest fitting emulator, equal bandwidth,
+                               server on
+* ``best_rule``                the best of a search over simple fixed rules (:mod:`.rules`),
+                               added by :func:`fedpeat_jax.rl.controller.evaluate_controller`
 
-The rule-based baselines read the device state (channel gain, memory capacity) and compute memory
-needs from ``env_params`` with the environment's own formula (``system.device_memory_bytes``).
+:func:`without_server` turns the server off in any policy. The rules read the device state
+(channel gain, memory capacity, ...) and compute memory needs with the environment's own formula.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
@@ -35,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedpeat_jax.mec import system
-from fedpeat_jax.rl import sabppo as _sabppo
+from fedpeat_jax.rl import sabppo as _sabppo  # noqa: F401  (type hints)
+from fedpeat_jax.rl.distributions import mode_branches, sample_branches
+from fedpeat_jax.rl.normalize import normalize_obs
 
 PyTree = Any
 
@@ -75,13 +77,8 @@ def _nvec(env) -> np.ndarray:
     return np.asarray(env.nvec if hasattr(env, "nvec") else env.action_space(env.default_params).nvec)
 
 
-def _action(server, participate, level, bandwidth) -> jax.Array:
-    s = jnp.reshape(jnp.asarray(server, jnp.int32), (1,))
-    return jnp.concatenate([s, participate.astype(jnp.int32), level.astype(jnp.int32), bandwidth.astype(jnp.int32)])
-
-
-# The rule-based policies are frozen dataclasses (hashable by value), so ``evaluate`` compiles each
-# kind once per environment, however often a policy object is rebuilt.
+# Policies are frozen dataclasses (hashable by value), so ``evaluate`` compiles each kind once per
+# environment, however often a policy object is rebuilt.
 @dataclass(frozen=True)
 class _Random:
     nvec: tuple
@@ -95,65 +92,31 @@ def random_policy(env) -> Policy:
     return Policy(apply=_Random(tuple(int(n) for n in _nvec(env))), name="random")
 
 
-def _largest_level(env_params) -> jax.Array:
-    """Index of the emulator level with the most middle blocks."""
-    return jnp.argmax(jnp.asarray(env_params.level_k))
+def server_only_policy(env) -> Policy:
+    """Only the server takes part (its own data, no radio cost)."""
+    return _rules().rule_policy(env, _rules().Rule.of(1, "channel", 0, int(env.n_levels)), "server_only")
 
 
-@dataclass(frozen=True)
-class _AllLargest:
-    n_devices: int
-    server: int
-
-    def __call__(self, _params, obs, state, env_params, rng):
-        n = self.n_devices
-        level = jnp.full((n,), _largest_level(env_params))
-        return _action(self.server, jnp.ones((n,)), level, jnp.zeros((n,)))
-
-
-def all_largest_policy(env, server: bool = True) -> Policy:
-    """Server (if ``server``) and every device take part with the largest emulator and equal bandwidth."""
-    return Policy(apply=_AllLargest(int(env.n_devices), int(bool(server))),
-                  name="all_largest" if server else "no_server")
-
-
-def no_server_policy(env) -> Policy:
-    """FedPEAT without server participation: all devices, largest emulator, equal bandwidth, server off."""
-    return all_largest_policy(env, server=False)
-
-
-def level_memory_bytes(env_params) -> jax.Array:
-    """Device memory need of every emulator level (m,), bytes (the environment's formula)."""
-    p = env_params
-    return system.device_memory_bytes(jnp.asarray(p.level_k), p.p_emb, p.p_blk, p.n_adapter, p.p_peft, p.q_bits,
-                                      p.batch_size, p.seq_len, p.n_embd, p.n_head)
-
-
-@dataclass(frozen=True)
-class _Greedy:
-    n_devices: int
-    n_select: int
-
-    def __call__(self, _params, obs, state, env_params, rng):
-        n = self.n_devices
-        level_k = jnp.asarray(env_params.level_k)
-        fits = level_memory_bytes(env_params)[None, :] <= state.mem_capacity[:, None]  # (N, m)
-        level = jnp.argmax(jnp.where(fits, level_k[None, :], -jnp.inf), axis=1)  # largest k that fits
-        can = jnp.any(fits, axis=1)
-        score = jnp.where(can, state.gain, -jnp.inf)
-        chosen = jnp.argsort(-score)[: self.n_select]
-        participate = jnp.zeros((n,), jnp.int32).at[chosen].set(1) * can
-        return _action(1, participate, level, jnp.zeros((n,)))
+def all_devices_policy(env, server: bool = True) -> Policy:
+    """Every device at the largest emulator that fits its memory, equal bandwidth; the server if ``server``."""
+    rule = _rules().Rule.of(int(bool(server)), "channel", int(env.n_devices), int(env.n_levels))
+    return _rules().rule_policy(env, rule, "all_devices" if server else "all_devices_no_server")
 
 
 def greedy_policy(env, n_select: Optional[int] = None) -> Policy:
     """The ``n_select`` best-channel devices (default ceil(N/2)) among those that fit some emulator,
     each with the largest emulator that fits its memory capacity; equal bandwidth; server on."""
     n = int(env.n_devices)
-    k_sel = int(math.ceil(n / 2)) if n_select is None else int(n_select)
+    k_sel = _rules().greedy_n(n) if n_select is None else int(n_select)
     if not 1 <= k_sel <= n:
         raise ValueError(f"greedy n_select must be in 1..{n} (the number of devices), got {n_select}")
-    return Policy(apply=_Greedy(n, k_sel), name=f"greedy_{k_sel}")
+    return _rules().rule_policy(env, _rules().Rule.of(1, "channel", k_sel, int(env.n_levels)), f"greedy_{k_sel}")
+
+
+def _rules():
+    from fedpeat_jax.rl import rules  # rules builds Policy objects of this module
+
+    return rules
 
 
 @dataclass(frozen=True)
@@ -175,21 +138,19 @@ def without_server(policy) -> Policy:
 # =============================================================================================
 @dataclass(frozen=True)
 class _SABPPOApply:
+    network: Any  # the trainer's flax module (hashable)
     nvec: tuple
-    hidden_sizes: tuple
-    activation: str
     normalize_obs: bool
     obs_clip: float
     deterministic: bool
 
     def __call__(self, params, obs, state, env_params, rng):
         net_params, obs_rms = params
-        network = _sabppo.ActorCritic(nvec=self.nvec, hidden_sizes=self.hidden_sizes, activation=self.activation)
-        x = _sabppo.normalize_obs(obs.astype(jnp.float32), obs_rms if self.normalize_obs else None, self.obs_clip)
-        logits, _ = network.apply(net_params, x)
+        x = normalize_obs(obs.astype(jnp.float32), obs_rms if self.normalize_obs else None, self.obs_clip)
+        logits, _ = self.network.apply(net_params, x)
         if self.deterministic:
-            return _sabppo.mode_branches(logits, self.nvec)
-        return _sabppo.sample_branches(rng, logits, self.nvec)
+            return mode_branches(logits, self.nvec)
+        return sample_branches(rng, logits, self.nvec)
 
 
 def sabppo_policy(trainer: "_sabppo.Trainer", state: "_sabppo.TrainState", deterministic: bool = True,
@@ -200,8 +161,8 @@ def sabppo_policy(trainer: "_sabppo.Trainer", state: "_sabppo.TrainState", deter
     if jnp.ndim(state.update) != 0:
         raise ValueError("sabppo_policy needs the state of ONE run; slice a vmapped state first, "
                          "e.g. jax.tree.map(lambda x: x[i], states)")
-    apply = _SABPPOApply(nvec=tuple(trainer.nvec), hidden_sizes=cfg.hidden_sizes, activation=cfg.activation,
-                         normalize_obs=cfg.normalize_obs, obs_clip=cfg.obs_clip, deterministic=bool(deterministic))
+    apply = _SABPPOApply(network=trainer.network, nvec=tuple(trainer.nvec), normalize_obs=cfg.normalize_obs,
+                         obs_clip=cfg.obs_clip, deterministic=bool(deterministic))
     return Policy(apply=apply, params=(state.params, state.obs_rms), name=name)
 
 
@@ -209,11 +170,10 @@ def sabppo_policy(trainer: "_sabppo.Trainer", state: "_sabppo.TrainState", deter
 # Evaluation
 # =============================================================================================
 EPISODE_METRICS = ("return", "perplexity", "final_perplexity", "latency", "total_latency", "memory", "violations",
-                   "participants", "bytes", "empty_rounds")
+                   "stragglers", "participants", "data_fraction", "bytes", "empty_rounds")
 
 
-@partial(jax.jit, static_argnames=("apply", "env", "episodes", "num_steps"))
-def rollout_episodes(apply, env, episodes: int, num_steps: int, policy_params, env_params, rng):
+def _rollout(apply, env, episodes: int, num_steps: int, policy_params, env_params, rng):
     """Run ``episodes`` fresh episodes of ``num_steps`` rounds in parallel; per-episode metrics (episodes,).
 
     Quantities are reduced inside the scan (sums over rounds), nothing per step is kept:
@@ -225,7 +185,7 @@ def rollout_episodes(apply, env, episodes: int, num_steps: int, policy_params, e
     obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, episodes), env_params)
     zeros = jnp.zeros((episodes,), jnp.float32)
     sums0 = {"return": zeros, "perplexity": zeros, "latency": zeros, "memory": zeros, "violations": zeros,
-             "participants": zeros, "bytes": zeros, "empty_rounds": zeros}
+             "stragglers": zeros, "participants": zeros, "data_fraction": zeros, "bytes": zeros, "empty_rounds": zeros}
 
     def step(carry, key):
         obs, state, sums, _, _ = carry
@@ -241,7 +201,9 @@ def rollout_episodes(apply, env, episodes: int, num_steps: int, policy_params, e
             "latency": sums["latency"] + f("latency"),
             "memory": sums["memory"] + f("memory"),
             "violations": sums["violations"] + f("violations"),
+            "stragglers": sums["stragglers"] + f("stragglers"),
             "participants": sums["participants"] + f("n_participants"),
+            "data_fraction": sums["data_fraction"] + f("data_fraction"),
             "bytes": sums["bytes"] + f("bytes"),
             "empty_rounds": sums["empty_rounds"] + f("empty_round"),
         }
@@ -258,11 +220,24 @@ def rollout_episodes(apply, env, episodes: int, num_steps: int, policy_params, e
         "total_latency": sums["latency"],
         "memory": sums["memory"] / num_steps,
         "violations": sums["violations"],
+        "stragglers": sums["stragglers"],
         "participants": sums["participants"] / num_steps,
+        "data_fraction": sums["data_fraction"] / num_steps,
         "bytes": sums["bytes"],
         "empty_rounds": sums["empty_rounds"],
         "completed": last_done,
     }
+
+
+rollout_episodes = jax.jit(_rollout, static_argnames=("apply", "env", "episodes", "num_steps"))
+rollout_episodes.__doc__ = _rollout.__doc__
+
+
+@partial(jax.jit, static_argnames=("apply", "env", "episodes", "num_steps"))
+def rollout_many(apply, env, episodes: int, num_steps: int, policy_params_batch, env_params, rng):
+    """:func:`rollout_episodes` for a stack of policy parameters (leading axis), on the same draws:
+    per-episode metrics of shape (policies, episodes), in one compiled call."""
+    return jax.vmap(lambda pp: _rollout(apply, env, episodes, num_steps, pp, env_params, rng))(policy_params_batch)
 
 
 def evaluate(policy, env, env_params=None, episodes: int = 64, rng=0, num_steps: Optional[int] = None) -> dict:
@@ -295,27 +270,28 @@ def evaluate(policy, env, env_params=None, episodes: int = 64, rng=0, num_steps:
 
 
 def baseline_policies(env, greedy_n_select: Optional[int] = None) -> dict:
-    """The four baselines by name: random, all_largest, greedy, no_server."""
+    """The named baselines: random, server_only, all_devices, greedy (the searched best rule is added
+    by ``evaluate_controller``)."""
     return {
         "random": random_policy(env),
-        "all_largest": all_largest_policy(env),
+        "server_only": server_only_policy(env),
+        "all_devices": all_devices_policy(env),
         "greedy": greedy_policy(env, greedy_n_select)._replace(name="greedy"),
-        "no_server": no_server_policy(env),
     }
 
 
 __all__ = [
     "EPISODE_METRICS",
     "Policy",
-    "all_largest_policy",
+    "all_devices_policy",
     "as_policy",
     "baseline_policies",
     "evaluate",
     "greedy_policy",
-    "level_memory_bytes",
-    "no_server_policy",
     "random_policy",
     "rollout_episodes",
+    "rollout_many",
     "sabppo_policy",
+    "server_only_policy",
     "without_server",
 ]

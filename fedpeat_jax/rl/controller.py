@@ -14,6 +14,8 @@ Layout of ``out_dir``:
     summary.json        evaluation of SABPPO (every seed) and of every baseline on the same episodes
     learning_curve.png  episode return vs environment steps (each seed, their mean, baseline levels)
     comparison.png      mean return of SABPPO and the baselines
+    behaviour.png       what SABPPO learned next to the best searched rule: who takes part, which
+                        emulator and bandwidth, against channel, compute, data and memory, round by round
 
 Seeds are trained together: ``jax.vmap`` over the seeds' training states in one compiled call.
 A run interrupted at any point resumes from its newest checkpoint and continues the same run
@@ -41,6 +43,7 @@ from fedpeat_jax.io.logging import RunLogger, progress, read_metrics
 from fedpeat_jax.io.plots import pyplot
 from fedpeat_jax.rl import baselines as B
 from fedpeat_jax.rl import sabppo
+from fedpeat_jax.rl.rules import Rule, rule_policy, search_rules
 from fedpeat_jax.rl.sabppo import SABPPOConfig, Trainer, make_trainer, stack_hparams
 
 CONFIG_FILE = "controller.json"
@@ -57,6 +60,9 @@ class ControllerConfig(Config):
     eval_seed: int = 12345
     """Seed of the evaluation episodes (the same draws for SABPPO and every baseline)."""
     greedy_devices: int = 0  # devices the greedy baseline picks; 0: ceil(N / 2)
+    rule_search_episodes: int = 64  # episodes per rule when searching the best simple fixed rule (0: no search)
+    rule_finalists: int = 8  # best rules re-run on eval_episodes fresh episodes before the best is chosen
+    behaviour_episodes: int = 64  # episodes behind behaviour.png (0: no plot)
     deterministic_eval: bool = True  # evaluate SABPPO by its most likely action per branch
     keep_checkpoints: int = 2
     """Checkpoints kept in `out/checkpoints`."""
@@ -66,8 +72,12 @@ class ControllerConfig(Config):
             v = getattr(self, name)
             if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1):
                 raise ValueError(f"ControllerConfig.{name} must be an integer >= 1, got {v!r}")
-        if not (isinstance(self.greedy_devices, (int, np.integer)) and self.greedy_devices >= 0):
-            raise ValueError(f"ControllerConfig.greedy_devices must be an integer >= 0, got {self.greedy_devices!r}")
+        for name in ("greedy_devices", "rule_search_episodes", "behaviour_episodes"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0):
+                raise ValueError(f"ControllerConfig.{name} must be an integer >= 0, got {v!r}")
+        if not (isinstance(self.rule_finalists, (int, np.integer)) and self.rule_finalists >= 1):
+            raise ValueError(f"ControllerConfig.rule_finalists must be an integer >= 1, got {self.rule_finalists!r}")
 
 
 # =============================================================================================
@@ -211,7 +221,20 @@ def train_controller(config: SABPPOConfig, env_params, out_dir, resume: bool = T
     history = read_metrics(out / "logs")
     plot_learning_curve(history, summary, out / "learning_curve.png", seeds=controller.seeds)
     plot_comparison(summary, out / "comparison.png")
+    if controller.behaviour_episodes:
+        from fedpeat_jax.rl import behaviour
+
+        best = max(range(controller.seeds), key=lambda i: summary["sabppo"]["per_seed_return_mean"][i])
+        shown = {f"SABPPO (seed {best})": B.sabppo_policy(trainer, _select(state, best))}
+        if summary.get("best_rule"):
+            shown["best rule"] = rule_policy(env, Rule.of_fields(summary["best_rule"]["rule"]), "best_rule")
+        records = {name: behaviour.collect(p, env, env_params, controller.behaviour_episodes, controller.eval_seed)
+                   for name, p in shown.items()}
+        summary["behaviour"] = {name: behaviour.summarize(r, env_params) for name, r in records.items()}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        behaviour.plot(records, env_params, out / "behaviour.png")
     return summary
+
 
 
 # =============================================================================================
@@ -233,14 +256,22 @@ def evaluate_controller(trainer: Trainer, states, env, env_params, controller: C
         "per_seed": per_seed,
     }
     for name in ("perplexity_mean", "final_perplexity_mean", "latency_mean", "memory_mean", "violations_mean",
-                 "participants_mean"):
+                 "stragglers_mean", "participants_mean", "data_fraction_mean"):
         sabppo[name] = float(np.mean([r[name] for r in per_seed]))
     greedy_n = controller.greedy_devices or None
-    base = {name: B.evaluate(p, **kw) for name, p in B.baseline_policies(env, greedy_n).items()}
+    policies = B.baseline_policies(env, greedy_n)
+    rule = None
+    if controller.rule_search_episodes:  # the search runs on its own draws, not on the evaluation's
+        rule = search_rules(env, env_params, episodes=controller.rule_search_episodes, finalists=controller.rule_finalists,
+                            final_episodes=controller.eval_episodes, rng=controller.eval_seed + 1)
+        policies["best_rule"] = rule["policy"]
+    base = {name: B.evaluate(p, **kw) for name, p in policies.items()}
     best_name = max(base, key=lambda k: base[k]["return_mean"])
     return {
         "sabppo": sabppo,
         "baselines": base,
+        "best_rule": None if rule is None else {"description": rule["description"], "rules_searched": rule["rules_searched"],
+                                                "rule": rule["rule"].fields()},
         "best_baseline": best_name,
         "beats_every_baseline": bool(all(sabppo["return_mean"] > b["return_mean"] for b in base.values())),
         "seeds_beating_every_baseline": int(sum(all(r > b["return_mean"] for b in base.values()) for r in returns)),
@@ -319,7 +350,9 @@ def load_policy(out_dir, env, env_params=None, seed_index: int = 0, deterministi
         raise ValueError(f"seed_index must be in 0..{controller.seeds - 1}, got {seed_index}")
     env_params = env.default_params if env_params is None else env_params
     # The checkpoint holds training states of the calibrated environment; a live environment
-    # shares its observation and action layout but carries a federated state, so restore with that.
+    # shares its observation and action layout but carries a federated state, so restore with that,
+    # and with the MEC numbers alone (a live env's LiveParams also carry its weights and data).
+    env_params = env_params.surrogate() if hasattr(env_params, "surrogate") else env_params
     from fedpeat_jax.mec import FedPEATMEC
 
     trainer = make_trainer(config, FedPEATMEC(env_params) if isinstance(env, FedPEATMEC) else env, env_params)

@@ -9,8 +9,31 @@ import jax
 import numpy as np
 
 from fedpeat_jax.io.plots import pyplot
-from fedpeat_jax.mec.env import EnvParams, FedPEATMEC, decode_action
+from fedpeat_jax.mec.env import FedPEATMEC
+from fedpeat_jax.mec.params import EnvParams
+from fedpeat_jax.mec.spaces import decode_action
+from fedpeat_jax.rl import baselines as B
 from fedpeat_jax.rl.baselines import as_policy
+
+BASELINES = ("best_rule", "greedy", "all_devices", "server_only", "random")
+
+
+def baselines(env: FedPEATMEC, names, search_episodes: int = 64, seed: int = 0) -> dict:
+    """The named baselines for a live environment; "best_rule" is searched on the calibrated
+    surrogate with the live environment's parameters (a search in real rounds would cost hours)."""
+    from fedpeat_jax.rl.rules import search_rules
+
+    available = B.baseline_policies(env)
+    out = {}
+    for name in names:
+        if name == "best_rule":
+            found = search_rules(FedPEATMEC(env.default_params.surrogate()), episodes=search_episodes, rng=seed)
+            out[name] = found["policy"]._replace(name=f"best_rule: {found['description']}")
+        elif name in available:
+            out[name] = available[name]
+        else:
+            raise ValueError(f"unknown live baseline {name!r}; choose from {BASELINES}")
+    return out
 
 
 def run_policy(env: FedPEATMEC, policy, rounds: int, seed: int = 0, params: Optional[EnvParams] = None,
@@ -21,14 +44,14 @@ def run_policy(env: FedPEATMEC, policy, rounds: int, seed: int = 0, params: Opti
 
     policy = as_policy(policy)
     params = env.default_params if params is None else params
-    act = jax.jit(lambda pp, obs, state, key: policy.apply(pp, obs, state, params, key))
+    act = jax.jit(lambda pp, ep, obs, state, key: policy.apply(pp, obs, state, ep, key))  # params are arguments: a live env's hold weights
     key = jax.random.key(seed)
     key, k_reset = jax.random.split(key)
     obs, state = env.reset(k_reset, params)
     records, bar = [], progress(rounds, desc, disable=not show_progress)
     for t in range(rounds):
         key, k_act, k_step = jax.random.split(key, 3)
-        action = act(policy.params, obs, state, k_act)
+        action = act(policy.params, params, obs, state, k_act)
         obs, state, reward, _, _, info = env.step(k_step, state, action, params)
         choice = decode_action(np.asarray(action), env.n_devices)
         records.append({
@@ -55,10 +78,13 @@ def compare(env: FedPEATMEC, policies: dict, rounds: int, seed: int = 0, show_pr
             "records": records,
             "summary": {
                 "return": float(col("reward").sum()),
+                "mean_perplexity": float(col("perplexity").mean()),
                 "final_perplexity": float(records[-1]["perplexity"]),
                 "final_surrogate_perplexity": float(records[-1]["surrogate_perplexity"]),
                 "mean_latency_s": float(col("latency").mean()),
+                "total_latency_s": float(col("latency").sum()),
                 "violations": int(col("violations").sum()),
+                "stragglers": int(col("stragglers").sum()),
                 "clients_trained": int(col("clients_trained").sum()),
             },
         }
@@ -69,13 +95,14 @@ def to_markdown(result: dict, ppl0: float) -> str:
     rows = [
         f"# Live FedPEAT rounds ({result['rounds']} rounds, seed {result['seed']}; zero-shot plug-in perplexity {ppl0:.2f})",
         "",
-        "| policy | return | final perplexity (real) | final perplexity (surrogate) | mean latency (s) | violations | client updates |",
-        "|---|---|---|---|---|---|---|",
+        "| policy | return | mean perplexity (real) | final perplexity (real) | final perplexity (surrogate) | mean latency (s) | total latency (s) | stragglers | violations | client updates |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, p in result["policies"].items():
         s = p["summary"]
-        rows.append(f"| {name} | {s['return']:.2f} | {s['final_perplexity']:.2f} | {s['final_surrogate_perplexity']:.2f} | "
-                    f"{s['mean_latency_s']:.3f} | {s['violations']} | {s['clients_trained']} |")
+        rows.append(f"| {name} | {s['return']:.2f} | {s['mean_perplexity']:.2f} | {s['final_perplexity']:.2f} | "
+                    f"{s['final_surrogate_perplexity']:.2f} | {s['mean_latency_s']:.3f} | {s['total_latency_s']:.1f} | "
+                    f"{s['stragglers']} | {s['violations']} | {s['clients_trained']} |")
     rows += ["", "Real: the held-out plug-in perplexity measured after each real round. Surrogate: what the calibrated "
              "response model predicts for the same round from the previous real perplexity."]
     return "\n".join(rows) + "\n"

@@ -9,7 +9,9 @@ be ``jax.jit``-ed whole and ``jax.vmap``-ed over seeds *and* hyperparameters in 
     keys = jax.random.split(jax.random.key(0), 2)
     states, metrics = jit(jax.vmap(trainer.train))(keys, hps)             # a sweep, one compile
 
-(``jit`` is ``jax.jit`` with the CPU compiler options of :func:`compiler_options`.)
+(``jit`` is ``jax.jit`` with ``cpu_tricks.compiler_options()``.) The branch distribution is
+:class:`fedpeat_jax.rl.distributions.MultiCategorical`'s machinery; the running normalizers are
+:mod:`fedpeat_jax.rl.normalize`.
 
 ``train`` is ``init`` followed by ``run_updates(state, num_updates)``; a host loop can call
 ``run_updates`` in chunks and checkpoint the :class:`TrainState` between them (see
@@ -18,7 +20,8 @@ be ``jax.jit``-ed whole and ``jax.vmap``-ed over seeds *and* hyperparameters in 
 The agent (mec_model.md, "SABPPO")
 ----------------------------------
 * A shared MLP trunk; one categorical head per action branch (all branch logits come from one
-  Dense layer, split by ``nvec``); one value head.
+  Dense layer, split by ``nvec``: a factorized categorical, :mod:`fedpeat_jax.rl.distributions`);
+  one value head.
 * log pi(a|s) = sum of the branch log-probs; entropy = sum of the branch entropies.
 * PPO clipping on the joint ratio pi(a|s)/pi_old(a|s) (``clip_mode="joint"``) or on each
   branch's ratio with the branch surrogates averaged (``clip_mode="branch"``, the action-branching
@@ -42,25 +45,28 @@ options) is in the static :class:`SABPPOConfig`.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
 
-from fedpeat_jax import hashrand
+from fedpeat_jax import cpu_tricks
 from fedpeat_jax.config import Config, require
+from fedpeat_jax.cpu_tricks import compiler_options
+from fedpeat_jax.rl.distributions import branch_softmax, sample_with_log_probs
+from fedpeat_jax.rl.networks import ACTIVATIONS, ActorCritic, make_network
+from fedpeat_jax.rl.normalize import RunningMeanStd, normalize_obs, rms_init, rms_update
+from fedpeat_jax.rl.vec_env import env_nvec, vec_env
 
 PyTree = Any
 
 CLIP_MODES = ("joint", "branch")
-ACTIVATIONS = ("tanh", "relu")
+NETWORKS = ("auto", "mlp", "devices")
 
 
 # =============================================================================================
@@ -103,14 +109,16 @@ class SABPPOConfig(Config):
     """Global gradient-norm clip (default of `HParams.max_grad_norm`)."""
     adam_eps: float = 1e-5
     """Adam epsilon."""
+    network: str = "auto"
+    """'mlp' (trunk over the flat observation), 'devices' (trunk and heads shared by the devices; needs env.agent_layout()), 'auto' (devices where the env allows)."""
     hidden_sizes: tuple[int, ...] = (64, 64)
-    """Widths of the shared MLP trunk."""
+    """Widths of the shared trunk (the per-device encoder with network='devices')."""
     activation: str = "tanh"
     """Trunk activation: 'tanh' or 'relu'."""
     normalize_obs: bool = True
     """Running mean/variance observation normalization (kept in the training state)."""
-    # Off by default: the MEC latency term is heavy-tailed (Rayleigh deep fades), the running return
-    # std is dominated by rare huge rounds and scaled rewards learned much slower in our runs.
+    # Off by default: the MEC rewards are of order 1 per round by design (docs/system_model.md), and
+    # return-scaled rewards learned more slowly there in our runs.
     normalize_reward: bool = False
     normalize_advantages: bool = True
     """Normalize advantages per minibatch."""
@@ -141,6 +149,7 @@ class SABPPOConfig(Config):
         require(self.adam_eps > 0, f"SABPPOConfig.adam_eps must be > 0, got {self.adam_eps}")
         require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
                  f"SABPPOConfig.hidden_sizes must be one or more layer widths >= 1, got {self.hidden_sizes}")
+        require(self.network in NETWORKS, f"SABPPOConfig.network must be one of {NETWORKS}, got {self.network!r}")
         require(self.activation in ACTIVATIONS,
                  f"SABPPOConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         require(self.obs_clip > 0, f"SABPPOConfig.obs_clip must be > 0, got {self.obs_clip}")
@@ -194,234 +203,6 @@ def stack_hparams(hparams: Sequence[HParams]) -> HParams:
 
 
 # =============================================================================================
-# Action branches: one categorical per entry of the multi-discrete action
-# =============================================================================================
-def branch_groups(nvec) -> tuple:
-    """Runs of consecutive branches of equal size: ((first_branch, n_branches, size, logit_offset), ...).
-
-    The logits of a run are one contiguous (n_branches * size) slice, so each run is handled
-    with a single reshape (per-branch sums, the argmax of :func:`mode_branches`).
-    """
-    nvec = [int(n) for n in np.asarray(nvec).ravel()]
-    if not nvec or min(nvec) < 1:
-        raise ValueError(f"every action branch needs at least one choice, got nvec={nvec}")
-    groups, start, offset = [], 0, 0
-    while start < len(nvec):
-        end = start
-        while end < len(nvec) and nvec[end] == nvec[start]:
-            end += 1
-        groups.append((start, end - start, nvec[start], offset))
-        offset += (end - start) * nvec[start]
-        start = end
-    return tuple(groups)
-
-
-class BranchLayout(NamedTuple):
-    """Where each of the sum(nvec) = K logits sits (constant index arrays) and the runs of branches.
-
-    Two representations, each the faster one on a CPU for its use:
-
-    * the update (:class:`BranchSoftmax`) keeps (..., K) arrays and sums each run of equal-size
-      branches by one reshape + reduction: their gradients stay broadcasts, where 0/1 matmuls
-      (an earlier version) cost more than the trunk's own layers;
-    * the rollout's sampler (:func:`sample_with_log_probs`, no gradient) gathers choice j of every
-      branch into (..., n_branches) arrays and works on those elementwise.
-    """
-
-    nvec: tuple  # (n_branches,) choices per branch
-    groups: tuple  # branch_groups(nvec)
-    branch: np.ndarray  # (K,) int32: the branch of logit k
-    first: np.ndarray  # (K,) int32: the index of the first logit of logit k's branch
-    choice: np.ndarray  # (K,) float32: the index of logit k within its branch
-    branch_first: np.ndarray  # (n_branches,) int32: the index of branch b's first logit
-
-
-def branch_layout(nvec) -> BranchLayout:
-    """The (cached) :class:`BranchLayout` of a multi-discrete action with sizes ``nvec``."""
-    return _branch_layout(tuple(int(n) for n in np.asarray(nvec).ravel()))
-
-
-@functools.lru_cache(maxsize=None)
-def _branch_layout(nvec: tuple) -> BranchLayout:
-    groups = branch_groups(nvec)  # validates
-    sizes = np.asarray(nvec)
-    branch = np.repeat(np.arange(len(nvec)), nvec)
-    choice = np.concatenate([np.arange(n) for n in nvec])
-    branch_first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    return BranchLayout(nvec, groups, branch.astype(np.int32), branch_first[branch].astype(np.int32),
-                        choice.astype(np.float32), branch_first.astype(np.int32))
-
-
-def _branch_sum(x: jax.Array, layout: BranchLayout) -> jax.Array:
-    """Per-branch sums of (..., K) values -> (..., n_branches): one reshape + reduction per run."""
-    lead = x.shape[:-1]
-    return jnp.concatenate([x[..., off: off + nb * size].reshape(lead + (nb, size)).sum(-1)
-                            for _, nb, size, off in layout.groups], axis=-1)
-
-
-def _spread(x, layout: BranchLayout):
-    """Per-branch values (..., n_branches) -> the value of each logit's branch (..., K)."""
-    return jnp.take(x, layout.branch, axis=-1)
-
-
-def _materialize(x: jax.Array) -> jax.Array:
-    """``x``, computed once: XLA's CPU fusion copies cheap elementwise producers into every
-    consumer, and the environment step reads the actions in a dozen fusions, each of which would
-    then redo the whole sampling. No fusion crosses a matmul, so an exact identity matmul of the
-    (..., n) small integers pins them down (a few microseconds)."""
-    eye = np.eye(x.shape[-1], dtype=np.float32)
-    y = jnp.matmul(x.astype(jnp.float32), eye, precision=jax.lax.Precision.HIGHEST)
-    return jnp.round(y).astype(x.dtype)
-
-
-class BranchSoftmax(NamedTuple):
-    """Every branch's softmax statistics, computed once and shared by log-probs and entropy."""
-
-    layout: BranchLayout
-    z: jax.Array  # (..., K) logits shifted by their branch's first logit
-    e: jax.Array  # (..., K) exp(z)
-    s: jax.Array  # (..., n_branches) per-branch sum of e
-    lse: jax.Array  # (..., n_branches) log(s): the branch's log-normalizer relative to the shift
-
-    def log_probs(self, actions: jax.Array) -> jax.Array:
-        """log pi_b(a_b | s) of every branch, (..., n_branches)."""
-        return _branch_sum(self.chosen(actions) * self.z, self.layout) - self.lse
-
-    def joint_log_prob(self, actions: jax.Array) -> jax.Array:
-        """The sum over branches of log pi_b(a_b | s), without the per-branch split."""
-        return jnp.sum(self.chosen(actions) * self.z, axis=-1) - jnp.sum(self.lse, axis=-1)
-
-    def entropies(self) -> jax.Array:
-        """Entropy of every branch, (..., n_branches): log s - sum_k p_k z_k."""
-        return self.lse - _branch_sum(self.e * self.z, self.layout) / self.s
-
-    def chosen(self, actions: jax.Array) -> jax.Array:
-        # one-hot of the chosen logit of every branch (a multiply in the gradient, not a scatter)
-        return (_spread(actions, self.layout) == self.layout.choice).astype(self.z.dtype)
-
-
-def branch_softmax(logits: jax.Array, nvec) -> BranchSoftmax:
-    """The :class:`BranchSoftmax` of ``logits`` (..., sum nvec).
-
-    Logits are shifted by their branch's first logit (a constant for the gradient), so exp(z) = 1
-    there and no branch's sum underflows; the clamp only matters for a logit more than 80 nats
-    above its branch's first, where the branch is already deterministic.
-    """
-    layout = branch_layout(nvec)
-    z = logits - jax.lax.stop_gradient(jnp.take(logits, layout.first, axis=-1))
-    e = jnp.exp(jnp.minimum(z, 80.0))
-    s = _branch_sum(e, layout)
-    return BranchSoftmax(layout, z, e, s, jnp.log(s))
-
-
-def branch_log_probs(logits: jax.Array, actions: jax.Array, nvec) -> jax.Array:
-    """log pi_b(a_b | s) of every branch: logits (..., sum nvec), actions (..., n_branches) -> (..., n_branches)."""
-    return branch_softmax(logits, nvec).log_probs(actions)
-
-
-def joint_log_prob(logits: jax.Array, actions: jax.Array, nvec) -> jax.Array:
-    """log pi(a | s) = sum over branches of log pi_b(a_b | s)."""
-    return branch_softmax(logits, nvec).joint_log_prob(actions)
-
-
-def branch_entropies(logits: jax.Array, nvec) -> jax.Array:
-    """Entropy of every branch's categorical, shape (..., n_branches)."""
-    return branch_softmax(logits, nvec).entropies()
-
-
-def sample_with_log_probs(key: jax.Array, logits: jax.Array, nvec):
-    """(actions (..., n_branches) int32, their branch log-probs): one sample per branch by inversion.
-
-    x_j = choice j of every branch (one gather of constant indices; a branch with fewer choices
-    repeats its last one, masked out), shifted by choice 0 as in :func:`branch_softmax`. With a
-    uniform u per branch (:func:`fedpeat_jax.hashrand.uniforms`), the sample is the number of
-    choices, other than the last, whose running sum e_0 + ... + e_j is below u * s.
-    """
-    layout = branch_layout(nvec)
-    sizes = np.asarray(layout.nvec)
-    last = layout.branch_first + sizes - 1
-    x = [jnp.take(logits, np.minimum(layout.branch_first + j, last), axis=-1) for j in range(int(sizes.max()))]
-    z = [xj - jax.lax.stop_gradient(x[0]) for xj in x]
-    e = [jnp.exp(jnp.minimum(zj, 80.0)) * (j < sizes) for j, zj in enumerate(z)]
-    s = sum(e)
-    threshold = hashrand.uniforms(key, logits.shape[:-1] + (len(sizes),), rolled=False) * s
-    actions, running = jnp.zeros(s.shape, jnp.int32), jnp.zeros_like(s)
-    for j in range(len(e) - 1):
-        running = running + e[j]
-        actions = actions + ((running < threshold) & (j < sizes - 1)).astype(jnp.int32)
-    chosen = z[0]
-    for j in range(1, len(z)):
-        chosen = jnp.where(actions == j, z[j], chosen)
-    return _materialize(actions), chosen - jnp.log(s)
-
-
-def sample_branches(key: jax.Array, logits: jax.Array, nvec) -> jax.Array:
-    """One sample per branch (see :func:`sample_with_log_probs`): (..., n_branches) int32."""
-    return sample_with_log_probs(key, logits, nvec)[0]
-
-
-def mode_branches(logits: jax.Array, nvec) -> jax.Array:
-    """The most likely choice of every branch (the deterministic policy)."""
-    parts = [jnp.argmax(logits[..., off: off + nb * size].reshape(logits.shape[:-1] + (nb, size)), axis=-1)
-             for _, nb, size, off in branch_groups(nvec)]
-    return jnp.concatenate(parts, axis=-1).astype(jnp.int32)
-
-
-# =============================================================================================
-# Network: shared trunk, one logit block per branch (one Dense split by nvec), one value head
-# =============================================================================================
-class ActorCritic(nn.Module):
-    """Shared MLP trunk -> (branch logits (..., sum nvec), value (...))."""
-
-    nvec: tuple
-    hidden_sizes: tuple = (64, 64)
-    activation: str = "tanh"
-
-    @nn.compact
-    def __call__(self, obs: jax.Array):
-        act = nn.tanh if self.activation == "tanh" else nn.relu
-        x = obs
-        for width in self.hidden_sizes:
-            x = act(nn.Dense(width, kernel_init=nn.initializers.orthogonal(math.sqrt(2.0)),
-                             bias_init=nn.initializers.zeros)(x))
-        logits = nn.Dense(int(sum(self.nvec)), kernel_init=nn.initializers.orthogonal(0.01),
-                          bias_init=nn.initializers.zeros, name="branch_logits")(x)
-        value = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0), bias_init=nn.initializers.zeros,
-                         name="value")(x)
-        return logits, value[..., 0]
-
-
-# =============================================================================================
-# Running normalizers (kept in the training state)
-# =============================================================================================
-class RunningMeanStd(NamedTuple):
-    mean: jax.Array
-    var: jax.Array
-    count: jax.Array
-
-
-def rms_init(shape=()) -> RunningMeanStd:
-    return RunningMeanStd(jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32), jnp.asarray(1e-4, jnp.float32))
-
-
-def rms_update(rms: RunningMeanStd, batch: jax.Array) -> RunningMeanStd:
-    """Merge the moments of ``batch`` (leading batch axis) into ``rms`` (parallel-variance formula)."""
-    b_mean, b_var, b_count = jnp.mean(batch, axis=0), jnp.var(batch, axis=0), batch.shape[0]
-    delta = b_mean - rms.mean
-    total = rms.count + b_count
-    mean = rms.mean + delta * b_count / total
-    m2 = rms.var * rms.count + b_var * b_count + jnp.square(delta) * rms.count * b_count / total
-    return RunningMeanStd(mean, m2 / total, total)
-
-
-def normalize_obs(obs: jax.Array, rms: Optional[RunningMeanStd], clip: float) -> jax.Array:
-    """(obs - mean) / sqrt(var + 1e-8), clipped to [-clip, clip]; identity when ``rms`` is None."""
-    if rms is None:
-        return obs
-    return jnp.clip((obs - rms.mean) / jnp.sqrt(rms.var + 1e-8), -clip, clip)
-
-
-# =============================================================================================
 # Losses and advantages
 # =============================================================================================
 def compute_gae(rewards, values, dones, last_value, gamma, gae_lambda):
@@ -467,54 +248,6 @@ def clipped_policy_loss(logp_b, old_logp_b, advantages, clip_eps, mode: str = "j
 
 
 # =============================================================================================
-# Batched environment: batch axis LEADING for the network, native layout for FedPEATMEC
-# =============================================================================================
-class _VecEnv(NamedTuple):
-    reset: Callable  # (key, params) -> obs (E, D), state
-    step: Callable  # (key, state, action (E, A), params) -> obs, state, reward (E,), done (E,), info
-
-
-def _vec_env(env, num_envs: int, scalar_action: bool = False) -> _VecEnv:
-    """FedPEATMEC's fused ``reset_batch``/``step_batch`` (env axis trailing) where available,
-    else ``jax.vmap`` of the gymnax six-value ``reset``/``step`` with one key per environment.
-    ``scalar_action``: the env takes a scalar action (a ``Discrete`` space: the single branch)."""
-    if getattr(env, "native_batch", False):
-
-        def reset(key, params):
-            obs, state = env.reset_batch(key, num_envs, params)
-            return obs.T, state
-
-        def step(key, state, action, params):
-            obs, state, reward, terminated, truncated, info = env.step_batch(key, state, action.T, params)
-            return obs.T, state, reward, jnp.logical_or(terminated, truncated), info
-
-        return _VecEnv(reset, step)
-
-    def reset(key, params):
-        return jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key, num_envs), params)
-
-    def step(key, state, action, params):
-        action = action[:, 0] if scalar_action else action
-        obs, state, reward, terminated, truncated, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-            jax.random.split(key, num_envs), state, action, params)
-        return obs, state, reward, jnp.logical_or(terminated, truncated), info
-
-    return _VecEnv(reset, step)
-
-
-def _env_nvec(env, env_params) -> tuple:
-    if hasattr(env, "nvec"):
-        return tuple(int(n) for n in np.asarray(env.nvec))
-    space = env.action_space(env_params)
-    if hasattr(space, "nvec"):
-        return tuple(int(n) for n in np.asarray(space.nvec))
-    if hasattr(space, "n"):
-        return (int(space.n),)
-    raise ValueError(f"cannot read the action branches of {type(env).__name__}: its action space "
-                     f"{space!r} has neither nvec nor n")
-
-
-# =============================================================================================
 # Training state
 # =============================================================================================
 @struct.dataclass
@@ -548,7 +281,7 @@ class Trainer(NamedTuple):
     """The pure functions of one SABPPO setup (all jittable, all vmappable over seeds/hparams)."""
 
     config: SABPPOConfig
-    network: ActorCritic
+    network: Any  # the flax module (networks.ActorCritic or networks.DeviceActorCritic)
     nvec: tuple
     default_hparams: Callable  # () -> HParams
     init: Callable  # (rng, hparams=None) -> TrainState
@@ -560,20 +293,8 @@ class Trainer(NamedTuple):
 # =============================================================================================
 # Compiling
 # =============================================================================================
-def compiler_options() -> dict:
-    """XLA options for compiling SABPPO training on the default backend.
-
-    On a CPU, XLA's YNNPACK library fusions (on by default in jax 0.10) run the agent's small
-    matmuls (a few hundred rows by 64) slower than XLA's own kernels: a whole training run was
-    about 1.25x faster without them when this was written (time it with
-    benchmarks/ppo_throughput.py). The federated rounds' larger matmuls are faster with them, so
-    the option is given per compile, never process-wide.
-    """
-    return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else {}
-
-
 def jit(fun: Callable, **kwargs) -> Callable:
-    """``jax.jit`` with :func:`compiler_options`: use it for ``train``/``run_updates`` and vmaps of them.
+    """``jax.jit`` with ``cpu_tricks.compiler_options``: use it for ``train``/``run_updates`` and vmaps of them.
 
     Only for a top-level call: jax refuses compiler options on a jit nested inside another trace
     (inside your own ``jax.jit``, use ``train`` directly).
@@ -593,28 +314,29 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
     if not isinstance(config, SABPPOConfig):
         raise TypeError(f"config must be an SABPPOConfig, got {type(config).__name__}")
     env_params = env.default_params if env_params is None else env_params
-    nvec = _env_nvec(env, env_params)
+    nvec = env_nvec(env, env_params)
     n_branches = len(nvec)
-    network = ActorCritic(nvec=nvec, hidden_sizes=config.hidden_sizes, activation=config.activation)
+    layout = env.agent_layout(env_params) if hasattr(env, "agent_layout") else None
+    network = make_network(config.network, nvec, config.hidden_sizes, config.activation, layout)
     space = env.action_space(env_params)
-    venv = _vec_env(env, config.num_envs, scalar_action=not hasattr(space, "nvec") and hasattr(space, "n"))
+    venv = vec_env(env, config.num_envs, scalar_action=not hasattr(space, "nvec") and hasattr(space, "n"))
     num_updates_total = config.num_updates
     E, T = config.num_envs, config.num_steps
 
     def default():
         return default_hparams(config, env_params)
 
+    def learning_rate(hp: HParams, update):
+        """The learning rate during update ``update`` (0-based): linear annealing to 0 over the run."""
+        if not config.anneal_lr:
+            return hp.lr
+        return hp.lr * jnp.maximum(1.0 - jnp.asarray(update).astype(jnp.float32) / num_updates_total, 0.0)
+
     def optimizer(hp: HParams):
         steps_per_update = config.update_epochs * config.num_minibatches
-
-        def schedule(count):
-            if not config.anneal_lr:
-                return hp.lr
-            frac = 1.0 - (count // steps_per_update).astype(jnp.float32) / num_updates_total
-            return hp.lr * jnp.maximum(frac, 0.0)
-
         return optax.chain(optax.clip_by_global_norm(hp.max_grad_norm),
-                           optax.adam(learning_rate=schedule, eps=config.adam_eps))
+                           optax.adam(learning_rate=lambda count: learning_rate(hp, count // steps_per_update),
+                                      eps=config.adam_eps))
 
     def obs_normalizer(state: TrainState):
         return state.obs_rms if config.normalize_obs else None
@@ -728,7 +450,7 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
         opt = optimizer(hp)
         flat = lambda x: x.reshape((config.batch_size,) + x.shape[2:])  # noqa: E731
         data = jax.tree.map(flat, ((traj.obs, traj.action, traj.logp_b, traj.value), adv, targets))
-        perm = hashrand.permutation(key, config.batch_size)  # a shuffle without threefry's loop
+        perm = cpu_tricks.permutation(key, config.batch_size)
         mbs = jax.tree.map(lambda x: x[perm].reshape((config.num_minibatches, config.minibatch_size) + x.shape[1:]), data)
 
         def minibatch(carry, mb):
@@ -755,7 +477,7 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
         adv, targets = compute_gae(traj.reward, traj.value, traj.done, last_value, hp.gamma, hp.gae_lambda)
 
         # ----- epochs x minibatches
-        lr_now = optimizer_lr(state, hp)
+        lr_now = learning_rate(hp, state.update)
         (params, opt_state, *_), aux = jax.lax.scan(
             update_epoch, (state.params, state.opt_state, traj, adv, targets, hp),
             jax.random.split(k_epochs, config.update_epochs))
@@ -777,11 +499,6 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
         }
         return state, metrics
 
-    def optimizer_lr(state: TrainState, hp: HParams):
-        if not config.anneal_lr:
-            return hp.lr
-        return hp.lr * jnp.maximum(1.0 - state.update.astype(jnp.float32) / num_updates_total, 0.0)
-
     def run_updates(state: TrainState, num_updates: int):
         """``num_updates`` PPO updates (a static int): (state, metrics with a leading update axis)."""
         return jax.lax.scan(one_update, state, None, length=int(num_updates))
@@ -801,30 +518,16 @@ def make_train(config: SABPPOConfig, env, env_params=None) -> Callable:
 
 __all__ = [
     "ActorCritic",
-    "BranchSoftmax",
     "HParams",
-    "RunningMeanStd",
     "SABPPOConfig",
     "TrainState",
     "Trainer",
-    "branch_entropies",
-    "branch_groups",
-    "branch_layout",
-    "branch_log_probs",
-    "branch_softmax",
     "clipped_policy_loss",
     "compiler_options",
     "compute_gae",
     "default_hparams",
     "jit",
-    "joint_log_prob",
     "make_train",
     "make_trainer",
-    "mode_branches",
-    "normalize_obs",
-    "rms_init",
-    "rms_update",
-    "sample_branches",
-    "sample_with_log_probs",
     "stack_hparams",
 ]
