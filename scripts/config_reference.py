@@ -143,7 +143,7 @@ NOTES = {
 # =============================================================================================
 # Source parsing
 # =============================================================================================
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _class_node(cls) -> tuple:
     """(ast.ClassDef, source of its file, ast of its file) of ``cls``."""
     path = inspect.getsourcefile(cls)

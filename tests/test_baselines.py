@@ -5,11 +5,10 @@ Environments use the SYNTHETIC perplexity table: the tests check mechanics, not 
 
 import json
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from fedpeat_jax.config import GPT2Config
 from fedpeat_jax.mec import FedPEATMEC, decode_action, encode_action, make_params, preset_params, synthetic_table

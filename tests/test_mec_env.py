@@ -99,7 +99,7 @@ def test_deterministic_given_key(env):
     def rollout(key):
         obs, s = env.reset(key, p)
         out = []
-        for i in range(5):
+        for _i in range(5):
             key, ka, ks = jax.random.split(key, 3)
             obs, s, r, *_ = env.step(ks, s, env.action_space().sample(ka), p)
             out.append((np.asarray(obs), float(r)))

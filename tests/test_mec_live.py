@@ -18,9 +18,9 @@ from fedpeat_jax.fed.client import Hyper
 from fedpeat_jax.fed.simulation import FedData, FedPEAT
 from fedpeat_jax.mec import FedPEATMEC, encode_action, make_params, synthetic_table
 from fedpeat_jax.mec.live import LiveConfig, LiveFedPEATMEC
-from fedpeat_jax.rl.live_eval import run_policy
 from fedpeat_jax.model import gpt2
 from fedpeat_jax.rl import baselines as B
+from fedpeat_jax.rl.live_eval import run_policy
 
 MODEL = GPT2Config(vocab_size=61, n_positions=16, n_embd=16, n_layer=6, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
 PEFT = PeftConfig(kind="lora", lora_rank=2, lora_alpha=8.0)

@@ -95,7 +95,7 @@ def test_gymnasium_twin_matches_the_vectorized_core():
     obs, info = twin.reset_from_draws(u)
     obs_c, s_c = core.reset_from_draws(u)
     np.testing.assert_array_equal(obs, obs_c)
-    for t in range(6):
+    for _t in range(6):
         u, a = core.draw(rng), core.sample_actions(rng)
         obs, r, term, trunc, info = twin.step_from_draws(a, u)
         obs_c, s_c, r_c, _, trunc_c, info_c = core.step_from_draws(s_c, a, u, autoreset=False)

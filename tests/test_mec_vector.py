@@ -39,7 +39,7 @@ def test_vector_env_follows_gymnasiums_autoreset_protocol(mode):
     check_obs(obs, venv.observation_space, "reset")
     n = venv.env.n_devices
     venv.action_space.seed(0)
-    for t in range(2 * T + 2):
+    for _t in range(2 * T + 2):
         a = venv.action_space.sample()
         obs, r, term, trunc, info = venv.step(a)
         obs_s, r_s, term_s, trunc_s, info_s = sync.step(a)

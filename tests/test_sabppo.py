@@ -6,11 +6,10 @@ perplexity table: these tests check the learning machinery, not FedPEAT numbers.
 shared so that the jitted ``train`` compiles once for the module.
 """
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from fedpeat_jax.config import GPT2Config
 from fedpeat_jax.io.checkpoint import CheckpointManager

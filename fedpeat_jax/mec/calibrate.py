@@ -254,8 +254,8 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
     model's settings, when it is one) and the sha256 of the exact weights
     (``io.fingerprint.tree_digest``).
     """
-    from fedpeat_jax.io.logging import progress
     from fedpeat_jax.io.fingerprint import tree_digest
+    from fedpeat_jax.io.logging import progress
     from fedpeat_jax.tasks import build_task, device_population
 
     model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)

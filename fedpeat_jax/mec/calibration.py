@@ -216,7 +216,7 @@ class CalibrationTable:
         }
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "calibration table") -> "CalibrationTable":
+    def from_dict(cls, data: dict, where: str = "calibration table") -> CalibrationTable:
         require(isinstance(data, dict), f"{where}: expected a JSON object, got {type(data).__name__}")
         if data.get("schema") == "fedpeat_jax.mec.calibration/1":
             raise ValueError(f"{where}: schema /1 (before server data domains and round deadlines); "
@@ -266,7 +266,7 @@ class CalibrationTable:
         tmp.replace(path)  # atomic: a reader never sees half a table
         return path
 
-    def replace(self, **changes) -> "CalibrationTable":
+    def replace(self, **changes) -> CalibrationTable:
         return dataclasses.replace(self, **changes)
 
 

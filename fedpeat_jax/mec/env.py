@@ -79,7 +79,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from gymnax.environments import environment, spaces as gx_spaces
+from gymnax.environments import environment
+from gymnax.environments import spaces as gx_spaces
 
 from fedpeat_jax import cpu_tricks
 from fedpeat_jax.mec import system

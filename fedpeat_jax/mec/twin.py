@@ -51,7 +51,7 @@ class TwinState:
     last_latency: np.ndarray
     time: np.ndarray
 
-    def copy(self) -> "TwinState":
+    def copy(self) -> TwinState:
         return TwinState(**{f.name: np.array(getattr(self, f.name), copy=True) for f in fields(self)})
 
 

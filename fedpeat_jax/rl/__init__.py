@@ -31,8 +31,8 @@ from fedpeat_jax.rl.rules import Rule, rule_policy, search_rules
 from fedpeat_jax.rl.sabppo import (
     HParams,
     SABPPOConfig,
-    TrainState,
     Trainer,
+    TrainState,
     default_hparams,
     make_train,
     make_trainer,

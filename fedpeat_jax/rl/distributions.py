@@ -68,7 +68,7 @@ def branch_layout(nvec) -> BranchLayout:
     return _branch_layout(tuple(int(n) for n in np.asarray(nvec).ravel()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _branch_layout(nvec: tuple) -> BranchLayout:
     groups = branch_groups(nvec)  # validates
     sizes = np.asarray(nvec)

@@ -113,7 +113,7 @@ def plot(result: dict, path) -> None:
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for i, (name, p) in enumerate(result["policies"].items()):
+    for _i, (name, p) in enumerate(result["policies"].items()):
         rounds = [r["round"] for r in p["records"]]
         line, = ax.plot(rounds, [r["perplexity"] for r in p["records"]], marker="o", label=f"{name} (real)")
         ax.plot(rounds, [r["surrogate_perplexity"] for r in p["records"]], ls="--", color=line.get_color(), label=f"{name} (surrogate)")

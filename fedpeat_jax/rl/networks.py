@@ -18,6 +18,7 @@ Both return (logits (..., sum nvec) in the environment's flat branch order, valu
 from __future__ import annotations
 
 import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -31,6 +31,7 @@ from flax import struct
 
 from fedpeat_jax.mec import system
 from fedpeat_jax.mec.params import level_memory_bytes
+from fedpeat_jax.rl.rollout import Policy, rollout_many
 
 SCORES = ("channel", "compute", "data", "fastest")
 BANDWIDTH_RULES = ("equal", "exchange_first")
@@ -47,7 +48,7 @@ class Rule:
     bw: jax.Array  # index into BANDWIDTH_RULES
 
     @classmethod
-    def of(cls, server: int, score: str, n: int, level: int, bw: str = "equal") -> "Rule":
+    def of(cls, server: int, score: str, n: int, level: int, bw: str = "equal") -> Rule:
         if score not in SCORES:
             raise ValueError(f"rule score must be one of {SCORES}, got {score!r}")
         if bw not in BANDWIDTH_RULES:
@@ -56,7 +57,7 @@ class Rule:
         return cls(i32(int(server)), i32(SCORES.index(score)), i32(n), i32(level), i32(BANDWIDTH_RULES.index(bw)))
 
     @classmethod
-    def of_fields(cls, fields: dict) -> "Rule":
+    def of_fields(cls, fields: dict) -> Rule:
         """The rule of :meth:`fields` (e.g. read back from a summary JSON)."""
         return cls(**{k: jnp.asarray(int(v), jnp.int32) for k, v in fields.items()})
 
@@ -116,7 +117,6 @@ class RuleApply:
 
 def rule_policy(env, rule: Rule, name: str = "rule"):
     """A :class:`~fedpeat_jax.rl.baselines.Policy` applying ``rule`` every round."""
-    from fedpeat_jax.rl.baselines import Policy
 
     return Policy(apply=RuleApply(int(env.n_devices), int(env.n_bw_levels)), params=rule, name=name)
 
@@ -148,7 +148,6 @@ def search_rules(env, env_params=None, *, episodes: int = 32, finalists: int = 8
     "screen": per-rule mean returns, "finals": [(index, return), ...]}.
     """
     from fedpeat_jax.io.logging import progress
-    from fedpeat_jax.rl.baselines import rollout_many
 
     env_params = env.default_params if env_params is None else env_params
     rules = rule_grid(env)

@@ -7,7 +7,8 @@ one key per environment. Both report ``done`` = terminated or truncated.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
