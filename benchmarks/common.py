@@ -84,8 +84,14 @@ def matmul_peak(dtype: str = "float32", n: int = 2048, runs: int = 5) -> dict:
     matmul, compile_s = compile_jax(jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)), a, b)
     timing = median_time(matmul, a, b, runs=runs, warmup=1)
     flops = 2.0 * n**3
-    return {"dtype": dtype, "n": n, "flops_per_call": flops, "flops_per_s": flops / timing["median_s"],
-            "compile_s": compile_s, **timing}
+    return {
+        "dtype": dtype,
+        "n": n,
+        "flops_per_call": flops,
+        "flops_per_s": flops / timing["median_s"],
+        "compile_s": compile_s,
+        **timing,
+    }
 
 
 def best_peaks(measurements: list) -> dict:
@@ -121,10 +127,18 @@ def torch_lora_emulator(params, cfg, spec, rank: int, threads: int | None = None
     if threads is not None:
         torch.set_num_threads(threads)
     model = GPT2LMHeadModel(hf.to_hf_config(spec.emulator_config(cfg)))
-    state = {k: torch.as_tensor(np.array(v, np.float32)) for k, v in hf.state_dict_from_params(build(params, spec)).items()}
+    state = {
+        k: torch.as_tensor(np.array(v, np.float32)) for k, v in hf.state_dict_from_params(build(params, spec)).items()
+    }
     model.load_state_dict(state, strict=False)  # the tied lm_head follows wte
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
-                      layers_to_transform=list(spec.emulator_adapter_ids), lora_dropout=0.0)
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+        layers_to_transform=list(spec.emulator_adapter_ids),
+        lora_dropout=0.0,
+    )
     model = get_peft_model(model, lora)
     model.train()
     return model
@@ -160,8 +174,9 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def write_markdown(name: str, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
-                   notes: Sequence[str] = ()) -> Path:
+def write_markdown(
+    name: str, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], notes: Sequence[str] = ()
+) -> Path:
     """benchmarks/results/NAME.md: a title, one table, and notes (formulas, machine, caveats)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.md"

@@ -71,7 +71,9 @@ def jax_vmap_runner(env, params, n_envs, n_steps):
             rng, k = jax.random.split(rng)
             keys = jax.random.split(k, (2, n_envs))
             action = jax.vmap(space.sample)(keys[0])
-            obs, state, reward, term, trunc, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(keys[1], state, action, params)
+            obs, state, reward, term, trunc, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+                keys[1], state, action, params
+            )
             return (state, obs, acc + reward, rng), None
 
         (state, obs, acc, _), _ = jax.lax.scan(body, (state, obs, jnp.zeros(n_envs), rng), None, length=n_steps)
@@ -115,8 +117,10 @@ def bench_jax(env, params, sizes, repeats):
     rows = []
     for n_envs in sizes:
         n_steps = int(min(4000, max(20, TARGET_STEPS // n_envs)))
-        runners = {"jax vmap": jax_vmap_runner(env, params, n_envs, n_steps),
-                   "jax batch": jax_batch_runner(env, params, n_envs, n_steps)}
+        runners = {
+            "jax vmap": jax_vmap_runner(env, params, n_envs, n_steps),
+            "jax batch": jax_batch_runner(env, params, n_envs, n_steps),
+        }
         if n_envs == max(sizes):
             runners["gymnax CartPole-v1 (vmap)"] = cartpole_runner(n_envs, n_steps)
         compile_s, times = {}, {k: [] for k in runners}
@@ -131,11 +135,22 @@ def bench_jax(env, params, sizes, repeats):
                 times[name].append(time.perf_counter() - t0)
         for name in runners:
             med = statistics.median(times[name])
-            rows.append(dict(impl=name, n_envs=n_envs, steps_per_call=n_envs * n_steps, compile_s=round(compile_s[name], 3),
-                             median_s=med, steps_per_s=n_envs * n_steps / med,
-                             best_steps_per_s=n_envs * n_steps / min(times[name])))
-            print(f"  {name:10s} E={n_envs:5d}: {rows[-1]['steps_per_s'] / 1e6:7.3f} M steps/s "
-                  f"(best {rows[-1]['best_steps_per_s'] / 1e6:.3f}, compile {compile_s[name]:.1f}s)", flush=True)
+            rows.append(
+                dict(
+                    impl=name,
+                    n_envs=n_envs,
+                    steps_per_call=n_envs * n_steps,
+                    compile_s=round(compile_s[name], 3),
+                    median_s=med,
+                    steps_per_s=n_envs * n_steps / med,
+                    best_steps_per_s=n_envs * n_steps / min(times[name]),
+                )
+            )
+            print(
+                f"  {name:10s} E={n_envs:5d}: {rows[-1]['steps_per_s'] / 1e6:7.3f} M steps/s "
+                f"(best {rows[-1]['best_steps_per_s'] / 1e6:.3f}, compile {compile_s[name]:.1f}s)",
+                flush=True,
+            )
     return rows
 
 
@@ -164,8 +179,16 @@ def bench_numpy(params, sizes, repeats, seconds=1.0):
             run(n_steps)
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
-        rows.append(dict(impl="numpy batch", n_envs=n_envs, steps_per_call=n_envs * n_steps, median_s=med,
-                         steps_per_s=n_envs * n_steps / med, best_steps_per_s=n_envs * n_steps / min(times)))
+        rows.append(
+            dict(
+                impl="numpy batch",
+                n_envs=n_envs,
+                steps_per_call=n_envs * n_steps,
+                median_s=med,
+                steps_per_s=n_envs * n_steps / med,
+                best_steps_per_s=n_envs * n_steps / min(times),
+            )
+        )
         print(f"  numpy batch E={n_envs:5d}: {rows[-1]['steps_per_s'] / 1e6:7.3f} M steps/s", flush=True)
     return rows
 
@@ -195,8 +218,16 @@ def bench_sb3(table, params_overrides, n_envs_list, repeats, seconds=1.5):
             run(n_steps)
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
-        rows.append(dict(impl="sb3 DummyVecEnv", n_envs=n_envs, steps_per_call=n_envs * n_steps, median_s=med,
-                         steps_per_s=n_envs * n_steps / med, best_steps_per_s=n_envs * n_steps / min(times)))
+        rows.append(
+            dict(
+                impl="sb3 DummyVecEnv",
+                n_envs=n_envs,
+                steps_per_call=n_envs * n_steps,
+                median_s=med,
+                steps_per_s=n_envs * n_steps / med,
+                best_steps_per_s=n_envs * n_steps / min(times),
+            )
+        )
         print(f"  sb3 DummyVecEnv E={n_envs:3d}: {rows[-1]['steps_per_s']:9.0f} steps/s", flush=True)
     return rows
 
@@ -210,9 +241,12 @@ def _markdown(result) -> str:
         f"synthetic perplexity table (throughput does not depend on it). "
         f"Machine: {m['cpu_model']}, {m['cpu_count']} CPUs, {m['platform']}, jax {m['jax']}, numpy {m['numpy']}; "
         f"load average {m['loadavg_start']} at the start, {m['loadavg_end']} at the end"
-        + (" (other jobs shared the machine: absolute numbers are lower than on an idle one; "
-           "the CartPole reference below, measured in the same run, shows by how much)."
-           if m["loadavg_start"] and m["loadavg_start"][0] > 0.5 * m["cpu_count"] else ".")
+        + (
+            " (other jobs shared the machine: absolute numbers are lower than on an idle one; "
+            "the CartPole reference below, measured in the same run, shows by how much)."
+            if m["loadavg_start"] and m["loadavg_start"][0] > 0.5 * m["cpu_count"]
+            else "."
+        )
         + f" Benchmark wall time {result['wall_s']:.0f} s.",
         "",
         "Env steps per second (median of the timed calls; JAX compile time excluded):",
@@ -226,8 +260,12 @@ def _markdown(result) -> str:
         f = lambda r: f"{r['steps_per_s']:,.0f}" if r else "-"  # noqa: E731
         ratio = lambda a, c: f"{a['steps_per_s'] / c['steps_per_s']:.1f}x" if a and c else "-"  # noqa: E731
         lines.append(f"| {n} | {f(v)} | {f(b)} | {f(npb)} | {ratio(v, npb)} | {ratio(b, npb)} |")
-    lines += ["", "JAX compile time (s): " + ", ".join(
-        f"{r['impl']} E={r['n_envs']}: {r['compile_s']}" for r in result["rows"] if "compile_s" in r), ""]
+    lines += [
+        "",
+        "JAX compile time (s): "
+        + ", ".join(f"{r['impl']} E={r['n_envs']}: {r['compile_s']}" for r in result["rows"] if "compile_s" in r),
+        "",
+    ]
     s = result["summary"]
     lines += [
         "Summary:",
@@ -280,7 +318,9 @@ def main(argv=None):
     cartpole = next(r["steps_per_s"] for r in rows if r["impl"].startswith("gymnax CartPole"))
 
     by = {(r["impl"], r["n_envs"]): r for r in rows}
-    best = {k: max((r for r in rows if r["impl"] == k), key=lambda r: r["steps_per_s"]) for k in ("jax vmap", "jax batch")}
+    best = {
+        k: max((r for r in rows if r["impl"] == k), key=lambda r: r["steps_per_s"]) for k in ("jax vmap", "jax batch")
+    }
     sb3 = max(r["steps_per_s"] for r in rows if r["impl"] == "sb3 DummyVecEnv")
     vm, bt, npb = (by[(k, max_envs)]["steps_per_s"] for k in ("jax vmap", "jax batch", "numpy batch"))
     summary = dict(

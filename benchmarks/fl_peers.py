@@ -110,8 +110,14 @@ def fedpeat_round(params, cfg, tokens: np.ndarray, devices: int = 1):
 
     m = tokens.shape[0]
     mesh = client_mesh(jax.devices()[:devices]) if devices > 1 else None
-    fed = FedConfig(clients_per_round=m, local_steps=LOCAL_STEPS, local_batch=BATCH, client_lr=LR,
-                    emulator_levels=(2,), log_lora_gap=False)
+    fed = FedConfig(
+        clients_per_round=m,
+        local_steps=LOCAL_STEPS,
+        local_batch=BATCH,
+        client_lr=LR,
+        emulator_levels=(2,),
+        log_lora_gap=False,
+    )
     sim = FedPEAT(cfg, PeftConfig(kind="lora", lora_rank=RANK, lora_alpha=2.0 * RANK), fed, n_clients=m, mesh=mesh)
     data = FedData.from_arrays(tokens, np.ones(tokens.shape, np.float32), np.full(m, EXAMPLES))
     if mesh is not None:
@@ -186,7 +192,7 @@ def torch_fit(model, tokens, names, arrays, seed: int):
     order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(seed))
     losses = []
     for s in range(LOCAL_STEPS):
-        ids = tokens[order[s * BATCH:(s + 1) * BATCH]]
+        ids = tokens[order[s * BATCH : (s + 1) * BATCH]]
         opt.zero_grad(set_to_none=True)
         loss = model(ids, labels=ids).loss
         loss.backward()
@@ -205,7 +211,9 @@ def _client_fn(workdir: str, threads: int):
 
         def fit(self, parameters, config):
             model, tokens, names = _actor_model(workdir, threads)
-            arrays, loss = torch_fit(model, tokens[self.cid], names, parameters, seed=1000 * int(config["round"]) + self.cid)
+            arrays, loss = torch_fit(
+                model, tokens[self.cid], names, parameters, seed=1000 * int(config["round"]) + self.cid
+            )
             return arrays, EXAMPLES, {"loss": loss}
 
     def client_fn(context):
@@ -246,19 +254,29 @@ def run_flower(workdir: Path, m: int, cpus_per_client: int, n_rounds: int) -> di
     def mean_loss(results):  # weighted by examples, as FedAvg weighs the updates
         return {"loss": sum(n * m["loss"] for n, m in results) / sum(n for n, _ in results)}
 
-    strategy = TimedFedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=m, min_available_clients=m,
-                           min_evaluate_clients=0, initial_parameters=initial, on_fit_config_fn=lambda r: {"round": r},
-                           fit_metrics_aggregation_fn=mean_loss)
+    strategy = TimedFedAvg(
+        fraction_fit=1.0,
+        fraction_evaluate=0.0,
+        min_fit_clients=m,
+        min_available_clients=m,
+        min_evaluate_clients=0,
+        initial_parameters=initial,
+        on_fit_config_fn=lambda r: {"round": r},
+        fit_metrics_aggregation_fn=mean_loss,
+    )
 
     def server_fn(context):
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=n_rounds))
 
     threads = cpus_per_client
     client_app = flwr.client.ClientApp(client_fn=_client_fn(str(workdir), threads))
-    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-               "init_args": {"num_cpus": len(os.sched_getaffinity(0)), "logging_level": logging.ERROR, "log_to_driver": False}}
-    flwr.simulation.run_simulation(flwr.server.ServerApp(server_fn=server_fn), client_app, num_supernodes=m,
-                                   backend_config=backend)
+    backend = {
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"num_cpus": len(os.sched_getaffinity(0)), "logging_level": logging.ERROR, "log_to_driver": False},
+    }
+    flwr.simulation.run_simulation(
+        flwr.server.ServerApp(server_fn=server_fn), client_app, num_supernodes=m, backend_config=backend
+    )
     if len(times) != n_rounds:
         raise RuntimeError(f"Flower finished {len(times)} of {n_rounds} rounds (see its log above)")
     return {"round_s": times, "loss": losses}
@@ -303,7 +321,9 @@ def select(impls: dict, only: str, cores: int) -> dict:
     elif only:
         names = set(only.split(","))
         if names - set(impls):
-            raise ValueError(f"--only: unknown implementation(s) {sorted(names - set(impls))}; choose from {sorted(impls)} or 'all'")
+            raise ValueError(
+                f"--only: unknown implementation(s) {sorted(names - set(impls))}; choose from {sorted(impls)} or 'all'"
+            )
     else:
         names = {k for k, spec in impls.items() if spec[0] == "flower" or spec[2] == cores}
     chosen = {k: v for k, v in impls.items() if k in names}
@@ -312,9 +332,14 @@ def select(impls: dict, only: str, cores: int) -> dict:
     return chosen
 
 
-LABELS = {"fedpeat_jax": "fedpeat_jax, float32", "fedpeat_jax_sharded": "fedpeat_jax, float32, clients split over the cores",
-          "fedpeat_jax_bf16": "fedpeat_jax, bfloat16", "fedpeat_jax_bf16_sharded": "fedpeat_jax, bfloat16, clients split over the cores",
-          "flower_1cpu": "Flower, 1 CPU per client", "flower_2cpu": "Flower, 2 CPUs per client"}
+LABELS = {
+    "fedpeat_jax": "fedpeat_jax, float32",
+    "fedpeat_jax_sharded": "fedpeat_jax, float32, clients split over the cores",
+    "fedpeat_jax_bf16": "fedpeat_jax, bfloat16",
+    "fedpeat_jax_bf16_sharded": "fedpeat_jax, bfloat16, clients split over the cores",
+    "flower_1cpu": "Flower, 1 CPU per client",
+    "flower_2cpu": "Flower, 2 CPUs per client",
+}
 
 
 def loss_agreement(losses: dict, ref_name: str) -> dict:
@@ -322,8 +347,16 @@ def loss_agreement(losses: dict, ref_name: str) -> dict:
     ref = np.asarray(losses[ref_name][:LOSS_ROUNDS])
     rel = {name: float(np.max(np.abs(np.asarray(v[:LOSS_ROUNDS]) - ref) / ref)) for name, v in losses.items()}
     worst = max(rel.values())
-    return {"rounds": LOSS_ROUNDS, "rtol": LOSS_RTOL, "reference": ref_name, "losses": losses, "rel_diff": rel, "max_rel_diff": worst,
-            "loss_drop": float(ref[0] - ref[-1]), "ok": bool(worst <= LOSS_RTOL)}
+    return {
+        "rounds": LOSS_ROUNDS,
+        "rtol": LOSS_RTOL,
+        "reference": ref_name,
+        "losses": losses,
+        "rel_diff": rel,
+        "max_rel_diff": worst,
+        "loss_drop": float(ref[0] - ref[-1]),
+        "ok": bool(worst <= LOSS_RTOL),
+    }
 
 
 def summarize(m: int, runs: dict, impls: dict, peaks: dict, step_flops: float) -> list:
@@ -333,12 +366,23 @@ def summarize(m: int, runs: dict, impls: dict, peaks: dict, step_flops: float) -
     best = min((n for n in runs if impls[n][0] == "flower"), key=times.get)
     rows = []
     for name, t in times.items():
-        row = {"clients": m, "impl": name, "round_s": t, "rounds_per_s": 1.0 / t, "s_per_client": t / m,
-               "rounds": [x for rep in runs[name] for x in rep["round_s"]], "flower_best": best}
+        row = {
+            "clients": m,
+            "impl": name,
+            "round_s": t,
+            "rounds_per_s": 1.0 / t,
+            "s_per_client": t / m,
+            "rounds": [x for rep in runs[name] for x in rep["round_s"]],
+            "flower_best": best,
+        }
         if impls[name][0] == "fedpeat":
             dtype = impls[name][1]
-            row.update(dtype=dtype, devices=impls[name][2], speedup_vs_flower_best=times[best] / t,
-                       mfu=step_flops * m * LOCAL_STEPS / t / peaks[dtype]["flops_per_s"])
+            row.update(
+                dtype=dtype,
+                devices=impls[name][2],
+                speedup_vs_flower_best=times[best] / t,
+                mfu=step_flops * m * LOCAL_STEPS / t / peaks[dtype]["flops_per_s"],
+            )
         rows.append(row)
     return rows
 
@@ -347,10 +391,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="64,256", help="clients per round, comma-separated")
     parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions")
-    parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"rounds per run (>= {LOSS_ROUNDS}; round 1 untimed)")
-    parser.add_argument("--only", default="", help="comma-separated implementations to run, or 'all' (default: see `select`); "
-                        "a float32 fedpeat_jax round always runs (the loss reference)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 16 clients, 1 repetition; writes fl_peers_quick.*")
+    parser.add_argument(
+        "--rounds", type=int, default=ROUNDS, help=f"rounds per run (>= {LOSS_ROUNDS}; round 1 untimed)"
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated implementations to run, or 'all' (default: see `select`); "
+        "a float32 fedpeat_jax round always runs (the loss reference)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 16 clients, 1 repetition; writes fl_peers_quick.*"
+    )
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     jax.config.update("jax_num_cpu_devices", cores)  # one CPU device per core, for the sharded variants
@@ -363,7 +415,9 @@ def main(argv=None):
     if args.quick:
         counts, args.reps, args.rounds = [16], 1, LOSS_ROUNDS
     if args.rounds < LOSS_ROUNDS or args.reps < 1 or min(counts) < 1 or any(m % cores for m in counts):
-        parser.error(f"--rounds must be >= {LOSS_ROUNDS}, --reps >= 1, clients a positive multiple of the {cores} cores")
+        parser.error(
+            f"--rounds must be >= {LOSS_ROUNDS}, --reps >= 1, clients a positive multiple of the {cores} cores"
+        )
     if any(v[0] == "flower" for v in impls.values()):
         try:
             import flwr  # noqa: F401
@@ -399,17 +453,35 @@ def main(argv=None):
                     else:
                         out = run_flower(setups[m, "flower"], m, spec[1], args.rounds)
                     runs[m][impl].append(out)
-                    print(f"rep {rep + 1}/{args.reps}  {m:4d} clients  {impl:24s} round s {np.round(out['round_s'], 2).tolist()}"
-                          f"  loss {np.round(out['loss'], 4).tolist()}", flush=True)
+                    print(
+                        f"rep {rep + 1}/{args.reps}  {m:4d} clients  {impl:24s} round s {np.round(out['round_s'], 2).tolist()}"
+                        f"  loss {np.round(out['loss'], 4).tolist()}",
+                        flush=True,
+                    )
     peak_runs.append({dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")})
     peaks = best_peaks(peak_runs)
     rows = [row for m in counts for row in summarize(m, runs[m], impls, peaks, step_flops)]
     checks = {m: loss_agreement({impl: runs[m][impl][0]["loss"] for impl in impls}, ref_name) for m in counts}
-    result = {"machine": start_info, "machine_at_end": machine_info(), "matmul_peak": peaks, "weights": weights,
-              "model": cfg.__dict__, "emulator": emulator_spec(cfg).name, "lora_rank": RANK, "local_steps": LOCAL_STEPS,
-              "batch": BATCH, "seq": SEQ, "lr": LR, "rounds_per_run": args.rounds, "reps": args.reps, "quick": args.quick,
-              "implementations": {k: list(v) for k, v in impls.items()}, "flops_per_client_step": step_flops,
-              "rows": rows, "loss_check": {str(m): c for m, c in checks.items()}}
+    result = {
+        "machine": start_info,
+        "machine_at_end": machine_info(),
+        "matmul_peak": peaks,
+        "weights": weights,
+        "model": cfg.__dict__,
+        "emulator": emulator_spec(cfg).name,
+        "lora_rank": RANK,
+        "local_steps": LOCAL_STEPS,
+        "batch": BATCH,
+        "seq": SEQ,
+        "lr": LR,
+        "rounds_per_run": args.rounds,
+        "reps": args.reps,
+        "quick": args.quick,
+        "implementations": {k: list(v) for k, v in impls.items()},
+        "flops_per_client_step": step_flops,
+        "rows": rows,
+        "loss_check": {str(m): c for m, c in checks.items()},
+    }
     write_json(name, result)
     write_report(name, result)
     failed = [m for m, c in checks.items() if not c["ok"]]
@@ -423,9 +495,18 @@ def write_report(name: str, result: dict) -> None:
     from benchmarks.common import markdown_table
 
     m0, impls = result["machine"], list(result["implementations"])
-    table = [[r["clients"], LABELS[r["impl"]], f"{r['round_s']:.2f}", f"{r['rounds_per_s']:.3g}", f"{r['s_per_client']:.3f}",
-              f"{r['speedup_vs_flower_best']:.2f}x" if "mfu" in r else ("best" if r["impl"] == r["flower_best"] else ""),
-              f"{100 * r['mfu']:.1f}% ({r['dtype']})" if "mfu" in r else ""] for r in result["rows"]]
+    table = [
+        [
+            r["clients"],
+            LABELS[r["impl"]],
+            f"{r['round_s']:.2f}",
+            f"{r['rounds_per_s']:.3g}",
+            f"{r['s_per_client']:.3f}",
+            f"{r['speedup_vs_flower_best']:.2f}x" if "mfu" in r else ("best" if r["impl"] == r["flower_best"] else ""),
+            f"{100 * r['mfu']:.1f}% ({r['dtype']})" if "mfu" in r else "",
+        ]
+        for r in result["rows"]
+    ]
     checks = []
     for m, c in result["loss_check"].items():
         for k in range(c["rounds"]):
@@ -450,9 +531,13 @@ def write_report(name: str, result: dict) -> None:
         f"{LOSS_RTOL:.1%} of fedpeat_jax's float32 round (clients read their windows in different orders; "
         "bfloat16 rounds matmul operands); table below.",
     ]
-    write_markdown(name, "FedPEAT rounds: fedpeat_jax against Flower's simulation engine" + quick,
-                   ["clients", "implementation", "s/round", "rounds/s", "s per client", "x Flower best", "MFU"],
-                   table, notes=notes)
+    write_markdown(
+        name,
+        "FedPEAT rounds: fedpeat_jax against Flower's simulation engine" + quick,
+        ["clients", "implementation", "s/round", "rounds/s", "s per client", "x Flower best", "MFU"],
+        table,
+        notes=notes,
+    )
     with open(RESULTS_DIR / f"{name}.md", "a") as f:
         f.write("\n## Same work: mean client training loss per round\n\n")
         f.write(markdown_table(["clients", "round", *(LABELS[i] for i in impls)], checks) + "\n")

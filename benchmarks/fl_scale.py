@@ -52,7 +52,9 @@ def run_point(point: dict) -> dict:
     if point.get("processes", 1) > 1:
         from fedpeat_jax.fed import sharding
 
-        sharding.initialize_distributed(f"127.0.0.1:{point['port']}", point["processes"], point["process_id"], local_cpu_devices=point["devices"])
+        sharding.initialize_distributed(
+            f"127.0.0.1:{point['port']}", point["processes"], point["process_id"], local_cpu_devices=point["devices"]
+        )
     elif point.get("devices", 1) > 1:
         jax.config.update("jax_num_cpu_devices", point["devices"])
 
@@ -67,13 +69,24 @@ def run_point(point: dict) -> dict:
     extra = {"remat": True} if point.get("remat") else {}
     model = GPT2Config.preset(point["preset"], embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, **extra)
     m, k = point["clients"], point["k"]
-    fed = FedConfig(clients_per_round=m, local_steps=LOCAL_STEPS, local_batch=BATCH, emulator_levels=(k,), client_chunk=point.get("chunk"),
-                    log_lora_gap=False, rounds_per_chunk=1)
+    fed = FedConfig(
+        clients_per_round=m,
+        local_steps=LOCAL_STEPS,
+        local_batch=BATCH,
+        emulator_levels=(k,),
+        client_chunk=point.get("chunk"),
+        log_lora_gap=False,
+        rounds_per_chunk=1,
+    )
     peft = PeftConfig(kind="lora", lora_rank=RANK, lora_alpha=2.0 * RANK)
     n = BATCH * LOCAL_STEPS  # every client holds one epoch of local batches
     rs = np.random.RandomState(0)
-    everything = FedData(rs.randint(0, model.vocab_size, (m, n, SEQ)).astype(np.int32), np.ones((m, n, SEQ), np.float32),
-                         np.full(m, n, np.int32), np.zeros(m, np.int32))
+    everything = FedData(
+        rs.randint(0, model.vocab_size, (m, n, SEQ)).astype(np.int32),
+        np.ones((m, n, SEQ), np.float32),
+        np.full(m, n, np.int32),
+        np.zeros(m, np.int32),
+    )
     mesh = sharding.client_mesh() if point.get("devices", 1) > 1 or point.get("processes", 1) > 1 else None
     params = gpt2.init(jax.random.key(0), model)
     if mesh is not None:
@@ -85,13 +98,24 @@ def run_point(point: dict) -> dict:
     hyper = Hyper.from_config(fed)
     state = jax.jit(sim.init)(jax.random.key(1), params, hyper)
     t0 = time.perf_counter()
-    compiled = jax.jit(sim.run_rounds, static_argnums=3, donate_argnums=0).lower(state, params, data, 1, hyper).compile()
+    compiled = (
+        jax.jit(sim.run_rounds, static_argnums=3, donate_argnums=0).lower(state, params, data, 1, hyper).compile()
+    )
     compile_s = time.perf_counter() - t0
     analysis = compiled.memory_analysis()
-    out = {**point, "client_chunk": sim.effective_chunk, "compile_s": compile_s, "xla_peak_bytes": driver.round_memory(compiled),
-           "xla_temp_bytes": int(analysis.temp_size_in_bytes), "xla_argument_bytes": int(analysis.argument_size_in_bytes),
-           "flops_per_round": m * LOCAL_STEPS * BATCH * SEQ * train_flops_per_token(
-               model, 2 + k + 2, SEQ, lora_params=lora_param_count(model, RANK, 4))}
+    out = {
+        **point,
+        "client_chunk": sim.effective_chunk,
+        "compile_s": compile_s,
+        "xla_peak_bytes": driver.round_memory(compiled),
+        "xla_temp_bytes": int(analysis.temp_size_in_bytes),
+        "xla_argument_bytes": int(analysis.argument_size_in_bytes),
+        "flops_per_round": m
+        * LOCAL_STEPS
+        * BATCH
+        * SEQ
+        * train_flops_per_token(model, 2 + k + 2, SEQ, lora_params=lora_param_count(model, RANK, 4)),
+    }
     available = driver.memory_budget(fed.replace(memory_budget_gb=None)) * 2  # the budget is half of what is available
     if not point.get("compile_only") and out["xla_peak_bytes"] > 0.9 * available:
         out["skipped"] = f"needs {out['xla_peak_bytes'] / GiB:.1f} GiB of the {available / GiB:.1f} GiB available"
@@ -115,12 +139,17 @@ def run_point(point: dict) -> dict:
 def in_subprocess(point: dict, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.fl_scale", "--point", json.dumps(point)]
     try:
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1])
+        run = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1]
+        )
     except subprocess.TimeoutExpired:
         return {**point, "skipped": f"over the {timeout:.0f} s time limit"}
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     if run.returncode != 0 or not lines:
-        return {**point, "skipped": f"failed (exit {run.returncode}): {run.stderr.strip().splitlines()[-1][:200] if run.stderr.strip() else ''}"}
+        return {
+            **point,
+            "skipped": f"failed (exit {run.returncode}): {run.stderr.strip().splitlines()[-1][:200] if run.stderr.strip() else ''}",
+        }
     return json.loads(lines[-1])
 
 
@@ -132,9 +161,22 @@ def two_processes(point: dict, timeout: float) -> list:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.fl_scale", "--point",
-                               json.dumps({**point, "processes": 2, "process_id": i, "devices": 1, "port": port})],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.fl_scale",
+                "--point",
+                json.dumps({**point, "processes": 2, "process_id": i, "devices": 1, "port": port}),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=root,
+        )
+        for i in range(2)
+    ]
     results = []
     for p in procs:
         try:
@@ -151,9 +193,14 @@ def two_processes(point: dict, timeout: float) -> list:
 # The sweep
 # --------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--quick", action="store_true", help="16..256 clients, GPT-2 small analysis only, no two-process run")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="16..256 clients, GPT-2 small analysis only, no two-process run"
+    )
     parser.add_argument("--max-clients", type=int, default=4096)
     parser.add_argument("--point-timeout", type=float, default=3600.0, help="seconds before a point is given up")
     parser.add_argument("--point", default=None, help=argparse.SUPPRESS)  # internal: run one point and print its JSON
@@ -173,12 +220,22 @@ def main(argv=None) -> dict:
 
     def record(row):
         rows.append(row)
-        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k not in ("round_s", "params_digest")}
+        shown = {
+            k: (round(v, 3) if isinstance(v, float) else v)
+            for k, v in row.items()
+            if k not in ("round_s", "params_digest")
+        }
         print(shown, flush=True)
 
     for mode in ("chunked", "unchunked"):
         for m in counts:
-            point = {"preset": "default", "k": 2, "clients": m, "chunk": None if mode == "chunked" else m, "runs": 3 if m <= 256 else 1}
+            point = {
+                "preset": "default",
+                "k": 2,
+                "clients": m,
+                "chunk": None if mode == "chunked" else m,
+                "runs": 3 if m <= 256 else 1,
+            }
             row = {"mode": mode, **in_subprocess(point, args.point_timeout)}
             record(row)
             if "skipped" in row:
@@ -189,19 +246,45 @@ def main(argv=None) -> dict:
         gpt2_rows.append({"mode": "gpt2 analysis", **in_subprocess(point, args.point_timeout)})
         print(gpt2_rows[-1], flush=True)
     if not args.quick:
-        gpt2_rows.append({"mode": "gpt2 run", **in_subprocess({"preset": "gpt2", "k": 8, "clients": 64, "chunk": None, "runs": 1}, args.point_timeout)})
+        gpt2_rows.append(
+            {
+                "mode": "gpt2 run",
+                **in_subprocess(
+                    {"preset": "gpt2", "k": 8, "clients": 64, "chunk": None, "runs": 1}, args.point_timeout
+                ),
+            }
+        )
         print(gpt2_rows[-1], flush=True)
     process_rows = []
     if not args.quick:
         point = {"preset": "default", "k": 2, "clients": 64, "chunk": 32, "runs": 2, "save_params": True}
-        process_rows.append({"mode": "1 process x 2 devices", **in_subprocess({**point, "devices": 2}, args.point_timeout)})
-        process_rows += [{"mode": f"2 processes x 1 device (process {i})", **r} for i, r in enumerate(two_processes(point, args.point_timeout))]
+        process_rows.append(
+            {"mode": "1 process x 2 devices", **in_subprocess({**point, "devices": 2}, args.point_timeout)}
+        )
+        process_rows += [
+            {"mode": f"2 processes x 1 device (process {i})", **r}
+            for i, r in enumerate(two_processes(point, args.point_timeout))
+        ]
         for r in process_rows:
             print({k: v for k, v in r.items() if k not in ("params_digest",)}, flush=True)
 
-    result = {"name": NAME, "machine": machine, "matmul_peak_fp32": peak, "rows": rows, "gpt2_small": gpt2_rows, "processes": process_rows,
-              "settings": {"lora_rank": RANK, "local_steps": LOCAL_STEPS, "batch": BATCH, "seq": SEQ, "emulator": "2-2-2 (default), 2-8-2 (gpt2)"},
-              "loadavg_end": list(os.getloadavg()), "wall_s": time.time() - started}
+    result = {
+        "name": NAME,
+        "machine": machine,
+        "matmul_peak_fp32": peak,
+        "rows": rows,
+        "gpt2_small": gpt2_rows,
+        "processes": process_rows,
+        "settings": {
+            "lora_rank": RANK,
+            "local_steps": LOCAL_STEPS,
+            "batch": BATCH,
+            "seq": SEQ,
+            "emulator": "2-2-2 (default), 2-8-2 (gpt2)",
+        },
+        "loadavg_end": list(os.getloadavg()),
+        "wall_s": time.time() - started,
+    }
     result["summary"] = summarize(result)
     write_json(NAME, result)
     write_markdown(NAME, *tables(result))
@@ -220,22 +303,33 @@ def summarize(result: dict) -> dict:
     if 64 in chunked:
         ref = chunked[64]
         top = max(chunked)
-        s.update(max_clients=top, memory_ratio_vs_64=chunked[top]["xla_peak_bytes"] / ref["xla_peak_bytes"],
-                 rss_ratio_vs_64=chunked[top]["rss_peak_bytes"] / ref["rss_peak_bytes"],
-                 s_per_client_ratio_vs_64=chunked[top]["s_per_client"] / ref["s_per_client"],
-                 compile_s_range=[min(r["compile_s"] for r in chunked.values()), max(r["compile_s"] for r in chunked.values())])
+        s.update(
+            max_clients=top,
+            memory_ratio_vs_64=chunked[top]["xla_peak_bytes"] / ref["xla_peak_bytes"],
+            rss_ratio_vs_64=chunked[top]["rss_peak_bytes"] / ref["rss_peak_bytes"],
+            s_per_client_ratio_vs_64=chunked[top]["s_per_client"] / ref["s_per_client"],
+            compile_s_range=[
+                min(r["compile_s"] for r in chunked.values()),
+                max(r["compile_s"] for r in chunked.values()),
+            ],
+        )
     both = sorted(set(chunked) & set(unchunked))
     if both:
         m = both[-1]
-        s.update(largest_unchunked=m, unchunked_over_chunked_memory=unchunked[m]["xla_peak_bytes"] / chunked[m]["xla_peak_bytes"],
-                 unchunked_over_chunked_time=unchunked[m]["median_s"] / chunked[m]["median_s"])
+        s.update(
+            largest_unchunked=m,
+            unchunked_over_chunked_memory=unchunked[m]["xla_peak_bytes"] / chunked[m]["xla_peak_bytes"],
+            unchunked_over_chunked_time=unchunked[m]["median_s"] / chunked[m]["median_s"],
+        )
     analyses = [r for r in result["gpt2_small"] if r["mode"] == "gpt2 analysis" and "xla_peak_bytes" in r]
     for r in analyses:
         s[f"gpt2_1024_peak_gib_remat_{r.get('remat', False)}"] = r["xla_peak_bytes"] / GiB
     procs = result["processes"]
     if len(procs) == 3 and all("median_s" in r for r in procs):
         s["two_process_over_one_process_time"] = max(r["median_s"] for r in procs[1:]) / procs[0]["median_s"]
-        s["two_process_params_equal"] = all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(procs[0]["params_digest"], procs[1]["params_digest"]))
+        s["two_process_params_equal"] = all(
+            abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(procs[0]["params_digest"], procs[1]["params_digest"])
+        )
     return s
 
 
@@ -245,11 +339,20 @@ def tables(result: dict) -> tuple:
     for r in result["rows"] + result["gpt2_small"] + result["processes"]:
         model = "GPT-2 small, 2-8-2" if r["preset"] == "gpt2" else "default, 2-2-2"
         mfu = f"{100 * r['flops_per_round'] / r['median_s'] / peak:.0f}%" if "median_s" in r else ""
-        rows.append([r["mode"] + (" + remat" if r.get("remat") else ""), model, r["clients"], r.get("client_chunk", ""),
-                     f"{r['median_s']:.2f}" if "median_s" in r else r.get("skipped", "compile only"),
-                     f"{1000 * r['s_per_client']:.0f}" if "s_per_client" in r else "", mfu,
-                     f"{r['xla_peak_bytes'] / GiB:.2f}" if "xla_peak_bytes" in r else "",
-                     f"{r['rss_peak_bytes'] / GiB:.2f}" if "rss_peak_bytes" in r else "", f"{r['compile_s']:.1f}" if "compile_s" in r else ""])
+        rows.append(
+            [
+                r["mode"] + (" + remat" if r.get("remat") else ""),
+                model,
+                r["clients"],
+                r.get("client_chunk", ""),
+                f"{r['median_s']:.2f}" if "median_s" in r else r.get("skipped", "compile only"),
+                f"{1000 * r['s_per_client']:.0f}" if "s_per_client" in r else "",
+                mfu,
+                f"{r['xla_peak_bytes'] / GiB:.2f}" if "xla_peak_bytes" in r else "",
+                f"{r['rss_peak_bytes'] / GiB:.2f}" if "rss_peak_bytes" in r else "",
+                f"{r['compile_s']:.1f}" if "compile_s" in r else "",
+            ]
+        )
     s, m = result["summary"], result["machine"]
     notes = [
         f"Machine: {m.get('cpu_model')}, {m.get('cpus_usable')} usable CPUs, jax {m.get('jax')} ({m.get('jax_backend')}); fp32 matmul peak "
@@ -261,17 +364,28 @@ def tables(result: dict) -> tuple:
         "MFU: model FLOPs (fedpeat_jax.model.flops) per second over the fp32 matmul peak.",
     ]
     if "memory_ratio_vs_64" in s:
-        notes.append(f"Chunked, {s['max_clients']} clients against 64: XLA memory x{s['memory_ratio_vs_64']:.2f}, RSS x{s['rss_ratio_vs_64']:.2f}, "
-                     f"seconds per client x{s['s_per_client_ratio_vs_64']:.2f}; compile {s['compile_s_range'][0]:.1f}-{s['compile_s_range'][1]:.1f} s "
-                     "at every size.")
+        notes.append(
+            f"Chunked, {s['max_clients']} clients against 64: XLA memory x{s['memory_ratio_vs_64']:.2f}, RSS x{s['rss_ratio_vs_64']:.2f}, "
+            f"seconds per client x{s['s_per_client_ratio_vs_64']:.2f}; compile {s['compile_s_range'][0]:.1f}-{s['compile_s_range'][1]:.1f} s "
+            "at every size."
+        )
     if "largest_unchunked" in s:
-        notes.append(f"Unchunked (every client at once) at {s['largest_unchunked']} clients: x{s['unchunked_over_chunked_memory']:.1f} the "
-                     f"chunked round's memory, x{s['unchunked_over_chunked_time']:.2f} its time; larger cohorts do not fit.")
+        notes.append(
+            f"Unchunked (every client at once) at {s['largest_unchunked']} clients: x{s['unchunked_over_chunked_memory']:.1f} the "
+            f"chunked round's memory, x{s['unchunked_over_chunked_time']:.2f} its time; larger cohorts do not fit."
+        )
     if "two_process_over_one_process_time" in s:
-        notes.append(f"Two processes (1 device each, gloo) against one process with 2 devices, 64 clients: x{s['two_process_over_one_process_time']:.2f} "
-                     f"the time; final parameters equal: {s['two_process_params_equal']}.")
-    return (NAME, "Round memory and time against clients per round",
-            ["mode", "model", "clients", "chunk", "s/round", "ms/client", "MFU", "XLA GiB", "RSS GiB", "compile s"], rows, notes)
+        notes.append(
+            f"Two processes (1 device each, gloo) against one process with 2 devices, 64 clients: x{s['two_process_over_one_process_time']:.2f} "
+            f"the time; final parameters equal: {s['two_process_params_equal']}."
+        )
+    return (
+        NAME,
+        "Round memory and time against clients per round",
+        ["mode", "model", "clients", "chunk", "s/round", "ms/client", "MFU", "XLA GiB", "RSS GiB", "compile s"],
+        rows,
+        notes,
+    )
 
 
 def plot(result: dict, path: Path) -> None:

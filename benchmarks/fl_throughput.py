@@ -60,8 +60,14 @@ def foundation_params(preset: str):
 
 def make_sim(params, cfg: GPT2Config, m: int, batch: int, dtype: str, chunk=None):
     model = cfg.replace(dtype=dtype)
-    fed = FedConfig(clients_per_round=m, local_steps=LOCAL_STEPS, local_batch=batch, emulator_levels=(2,), log_lora_gap=False,
-                    client_chunk=chunk)
+    fed = FedConfig(
+        clients_per_round=m,
+        local_steps=LOCAL_STEPS,
+        local_batch=batch,
+        emulator_levels=(2,),
+        log_lora_gap=False,
+        client_chunk=chunk,
+    )
     peft = PeftConfig(kind="lora", lora_rank=RANK, lora_alpha=2.0 * RANK)
     return FedPEAT(model, peft, fed, n_clients=m)
 
@@ -73,7 +79,9 @@ def client_data(m: int, batch: int, seq: int, vocab: int) -> FedData:
 
 
 def flops_per_client_step(cfg: GPT2Config, depth: int, batch: int, seq: int) -> float:
-    return batch * seq * train_flops_per_token(cfg, depth, seq, lora_params=lora_param_count(cfg, RANK, 4))  # four adapter blocks
+    return (
+        batch * seq * train_flops_per_token(cfg, depth, seq, lora_params=lora_param_count(cfg, RANK, 4))
+    )  # four adapter blocks
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,10 +106,25 @@ def bench_jax_loop(sim: FedPEAT, params, data: FedData, runs: int) -> dict:
     hyper = Hyper.from_config(sim.fed)
     base = sim.learner.frozen(params, 0)
     loss = sim.learner.loss(0)
-    one = jax.jit(lambda tok, msk, cnt, key: local_update(
-        lambda t, x, m, k: loss(t, base, x, m, k), state.trainable, state.trainable, tok, msk, cnt, key, hyper,
-        fed=sim.fed, batch=sim.fed.local_batch).tree)
-    mean = jax.jit(lambda clients, counts: aggregate.fedavg(aggregate.client_deltas(clients, state.trainable), counts).mean)
+    one = jax.jit(
+        lambda tok, msk, cnt, key: (
+            local_update(
+                lambda t, x, m, k: loss(t, base, x, m, k),
+                state.trainable,
+                state.trainable,
+                tok,
+                msk,
+                cnt,
+                key,
+                hyper,
+                fed=sim.fed,
+                batch=sim.fed.local_batch,
+            ).tree
+        )
+    )
+    mean = jax.jit(
+        lambda clients, counts: aggregate.fedavg(aggregate.client_deltas(clients, state.trainable), counts).mean
+    )
     m = data.tokens.shape[0]
     keys = jax.random.split(jax.random.key(1), m)
     _, compile_s = compile_jax(one, data.tokens[0], data.mask[0], data.counts[0], keys[0])
@@ -130,8 +153,14 @@ def bench_torch_loop(params, cfg: GPT2Config, data: FedData, batch: int, runs: i
     model = GPT2LMHeadModel(hf.to_hf_config(emu_cfg))
     state_dict = {k: torch.as_tensor(np.asarray(v)) for k, v in hf.state_dict_from_params(build(params, spec)).items()}
     model.load_state_dict(state_dict, strict=False)
-    lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
-                      layers_to_transform=list(spec.emulator_adapter_ids), lora_dropout=0.0)
+    lora = LoraConfig(
+        r=RANK,
+        lora_alpha=2 * RANK,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+        layers_to_transform=list(spec.emulator_adapter_ids),
+        lora_dropout=0.0,
+    )
     model = get_peft_model(model, lora)
     model.train()
     global_lora = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
@@ -145,7 +174,7 @@ def bench_torch_loop(params, cfg: GPT2Config, data: FedData, batch: int, runs: i
             opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
             order = torch.randperm(tokens.shape[1])
             for s in range(LOCAL_STEPS):
-                ids = tokens[c, order[s * batch:(s + 1) * batch]]
+                ids = tokens[c, order[s * batch : (s + 1) * batch]]
                 opt.zero_grad(set_to_none=True)
                 model(ids, labels=ids).loss.backward()
                 opt.step()
@@ -158,7 +187,9 @@ def bench_torch_loop(params, cfg: GPT2Config, data: FedData, batch: int, runs: i
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
-def run_case(preset: str, counts: list, head_m: int, batch: int, seq: int, runs: int, peaks: dict, baselines: bool) -> dict:
+def run_case(
+    preset: str, counts: list, head_m: int, batch: int, seq: int, runs: int, peaks: dict, baselines: bool
+) -> dict:
     params, cfg, weights = foundation_params(preset)
     depth = 6
     step_flops = flops_per_client_step(cfg, depth, batch, seq)
@@ -173,11 +204,21 @@ def run_case(preset: str, counts: list, head_m: int, batch: int, seq: int, runs:
                 print(f"  {preset} m={m} {dtype}: stopped ({type(e).__name__}: {str(e)[:120]})")
                 break
             flops = step_flops * m * LOCAL_STEPS
-            row = {"preset": preset, "dtype": dtype, "clients": m, "batch": batch, "seq": seq, "local_steps": LOCAL_STEPS,
-                   "vectorized_s": vec["median_s"], "rounds_per_s": 1.0 / vec["median_s"],
-                   "client_steps_per_s": m * LOCAL_STEPS / vec["median_s"], "compile_s": vec["compile_s"],
-                   "peak_bytes": vec["peak_bytes"], "flops_per_round": flops,
-                   "mfu": flops / vec["median_s"] / peaks[dtype]["flops_per_s"]}
+            row = {
+                "preset": preset,
+                "dtype": dtype,
+                "clients": m,
+                "batch": batch,
+                "seq": seq,
+                "local_steps": LOCAL_STEPS,
+                "vectorized_s": vec["median_s"],
+                "rounds_per_s": 1.0 / vec["median_s"],
+                "client_steps_per_s": m * LOCAL_STEPS / vec["median_s"],
+                "compile_s": vec["compile_s"],
+                "peak_bytes": vec["peak_bytes"],
+                "flops_per_round": flops,
+                "mfu": flops / vec["median_s"] / peaks[dtype]["flops_per_s"],
+            }
             if baselines and m == head_m:
                 loop = bench_jax_loop(sim, params, data, max(1, runs // 2))
                 row["jax_loop_s"] = loop["median_s"]
@@ -192,7 +233,14 @@ def run_case(preset: str, counts: list, head_m: int, batch: int, seq: int, runs:
     per_client = None
     if len(fp32) >= 2:
         per_client = (fp32[-1]["peak_bytes"] - fp32[0]["peak_bytes"]) / (fp32[-1]["clients"] - fp32[0]["clients"])
-    return {"preset": preset, "weights": weights, "model": cfg.__dict__, "emulator": "2-2-2", "rows": rows, "peak_bytes_per_added_client": per_client}
+    return {
+        "preset": preset,
+        "weights": weights,
+        "model": cfg.__dict__,
+        "emulator": "2-2-2",
+        "rows": rows,
+        "peak_bytes_per_added_client": per_client,
+    }
 
 
 def main(argv=None):
@@ -212,24 +260,55 @@ def main(argv=None):
         cases.append(run_case(preset, counts, args.head_clients, 2, 64, args.runs, peaks, baselines=True))
         # Large local batches: fewer clients, 16 sequences per step.
         cases.append(run_case(preset, [16], 16, 16, 64, args.runs, peaks, baselines=True) | {"large_batch": True})
-    result = {"machine": machine_info(), "matmul_peak": peaks, "cases": cases, "lora_rank": RANK, "local_steps": LOCAL_STEPS}
+    result = {
+        "machine": machine_info(),
+        "matmul_peak": peaks,
+        "cases": cases,
+        "lora_rank": RANK,
+        "local_steps": LOCAL_STEPS,
+    }
     write_json(NAME, result)
     table = []
     for case in cases:
         for r in case["rows"]:
-            table.append([r["preset"], r["dtype"], r["clients"], f"{r['batch']}x{r['seq']}", r["rounds_per_s"], r["client_steps_per_s"],
-                          f"{100 * r['mfu']:.1f}%", r.get("speedup_vs_jax_loop", ""), r.get("speedup_vs_torch_loop", ""),
-                          "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"])
+            table.append(
+                [
+                    r["preset"],
+                    r["dtype"],
+                    r["clients"],
+                    f"{r['batch']}x{r['seq']}",
+                    r["rounds_per_s"],
+                    r["client_steps_per_s"],
+                    f"{100 * r['mfu']:.1f}%",
+                    r.get("speedup_vs_jax_loop", ""),
+                    r.get("speedup_vs_torch_loop", ""),
+                    "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}",
+                ]
+            )
     m = result["machine"]
     write_markdown(
-        NAME, "FedPEAT round throughput: vectorized clients vs per-client loops",
-        ["model", "dtype", "clients", "local batch", "rounds/s", "client-steps/s", "MFU", "x jax loop", "x torch+peft loop", "peak MiB"],
+        NAME,
+        "FedPEAT round throughput: vectorized clients vs per-client loops",
+        [
+            "model",
+            "dtype",
+            "clients",
+            "local batch",
+            "rounds/s",
+            "client-steps/s",
+            "MFU",
+            "x jax loop",
+            "x torch+peft loop",
+            "peak MiB",
+        ],
         table,
-        notes=[f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable cores, jax {m['jax']}, torch {m['torch']}; load average at start {m['loadavg_1_5_15']}.",
-               f"Matmul peak in this run: float32 {peaks['float32']['flops_per_s'] / 1e9:.1f} GFLOP/s, bfloat16 {peaks['bfloat16']['flops_per_s'] / 1e9:.1f} GFLOP/s.",
-               f"Each client: {LOCAL_STEPS} local Adam steps of LoRA r={RANK} on the adapter blocks of a 2-2-2 emulator; FLOPs and MFU as in the script's docstring.",
-               "Speedups: the per-client loop's round time / the vectorized round time, same clients, data and steps, measured in this run (torch baseline in float32).",
-               "peak MiB: XLA's compiled memory analysis (arguments + outputs + temporaries) of the round."],
+        notes=[
+            f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable cores, jax {m['jax']}, torch {m['torch']}; load average at start {m['loadavg_1_5_15']}.",
+            f"Matmul peak in this run: float32 {peaks['float32']['flops_per_s'] / 1e9:.1f} GFLOP/s, bfloat16 {peaks['bfloat16']['flops_per_s'] / 1e9:.1f} GFLOP/s.",
+            f"Each client: {LOCAL_STEPS} local Adam steps of LoRA r={RANK} on the adapter blocks of a 2-2-2 emulator; FLOPs and MFU as in the script's docstring.",
+            "Speedups: the per-client loop's round time / the vectorized round time, same clients, data and steps, measured in this run (torch baseline in float32).",
+            "peak MiB: XLA's compiled memory analysis (arguments + outputs + temporaries) of the round.",
+        ],
     )
 
 

@@ -81,8 +81,13 @@ def bench_jax(params, ids, cfg: GPT2Config, loss_kind: str, runs: int) -> dict:
     step, compile_s = compile_jax(jax.jit(jax.value_and_grad(loss_fn)), params, ids)
     memory = step.memory_analysis()
     loss = float(step(params, ids)[0])  # doubles as the warm-up run
-    return {"compile_s": compile_s, "loss": loss, "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
-            "dtype": cfg.dtype, **median_time(step, params, ids, runs=runs, warmup=0)}
+    return {
+        "compile_s": compile_s,
+        "loss": loss,
+        "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
+        "dtype": cfg.dtype,
+        **median_time(step, params, ids, runs=runs, warmup=0),
+    }
 
 
 def bench_torch(model, ids: np.ndarray, runs: int) -> dict:
@@ -118,8 +123,10 @@ def run_case(name: str, batch: int, seq: int, runs: int) -> tuple:
     params, _ = hf.from_torch_model(model)  # the very same weights on our side
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
     flops = step_flops(cfg, batch, seq)
-    print(f"[{name}] params={cfg.param_count():,} batch={batch} seq={seq} "
-          f"GFLOP/step={flops['total'] / 1e9:.2f}", flush=True)
+    print(
+        f"[{name}] params={cfg.param_count():,} batch={batch} seq={seq} GFLOP/step={flops['total'] / 1e9:.2f}",
+        flush=True,
+    )
 
     results = {"torch_float32": bench_torch(model.train(), ids.astype(np.int64), runs) | {"dtype": "float32"}}
     for impl, (changes, loss_kind) in VARIANTS.items():
@@ -129,8 +136,10 @@ def run_case(name: str, batch: int, seq: int, runs: int) -> tuple:
         if gap > (2e-2 * ref if results[impl]["dtype"] == "bfloat16" else 1e-3):
             raise RuntimeError(f"[{name}] {impl}'s loss and torch's differ by {gap:.3g}: not the same computation")
     for impl, r in results.items():
-        print(f"  {impl:26s} {flops['tokens'] / r['median_s']:10.0f} tok/s  compile {r.get('compile_s') or 0:.1f}s",
-              flush=True)
+        print(
+            f"  {impl:26s} {flops['tokens'] / r['median_s']:10.0f} tok/s  compile {r.get('compile_s') or 0:.1f}s",
+            flush=True,
+        )
     return cfg, flops, results
 
 
@@ -141,13 +150,25 @@ def make_rows(name, batch, seq, cfg, flops, results, peaks) -> list:
         dtype = r["dtype"]
         tps = flops["tokens"] / r["median_s"]
         row = {
-            "case": name, "impl": impl, "dtype": dtype, "batch": batch, "seq": seq,
-            "params": cfg.param_count(), "tokens_per_step": flops["tokens"], "flops_per_step": flops["total"],
-            "median_s": r["median_s"], "tokens_per_s": tps, "ratio_vs_torch_float32": tps / torch_tps,
+            "case": name,
+            "impl": impl,
+            "dtype": dtype,
+            "batch": batch,
+            "seq": seq,
+            "params": cfg.param_count(),
+            "tokens_per_step": flops["tokens"],
+            "flops_per_step": flops["total"],
+            "median_s": r["median_s"],
+            "tokens_per_s": tps,
+            "ratio_vs_torch_float32": tps / torch_tps,
             "achieved_flops_per_s": flops["total"] / r["median_s"],
             "mfu_vs_jax_peak": flops["total"] / r["median_s"] / peaks["jax_" + dtype]["flops_per_s"],
-            "peak_used": "jax_" + dtype, "loss": r["loss"], "compile_s": r.get("compile_s"), "temp_bytes": r.get("temp_bytes"),
-            "runs": len(r["runs_s"]), "runs_s": r["runs_s"],
+            "peak_used": "jax_" + dtype,
+            "loss": r["loss"],
+            "compile_s": r.get("compile_s"),
+            "temp_bytes": r.get("temp_bytes"),
+            "runs": len(r["runs_s"]),
+            "runs_s": r["runs_s"],
         }
         if impl.startswith("torch"):
             row["mfu_vs_torch_peak"] = flops["total"] / r["median_s"] / peaks["torch_float32"]["flops_per_s"]
@@ -158,8 +179,12 @@ def make_rows(name, batch, seq, cfg, flops, results, peaks) -> list:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--runs", type=int, default=0,
-                        help="timed runs per measurement (median reported); 0: per-case defaults (5, gpt2: 3)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=0,
+        help="timed runs per measurement (median reported); 0: per-case defaults (5, gpt2: 3)",
+    )
     parser.add_argument("--matmul-n", type=int, default=2048, help="size of the peak-FLOP/s matmul")
     args = parser.parse_args(argv)
 
@@ -181,26 +206,39 @@ def main(argv=None):
         print(f"peak {k}: {v['flops_per_s'] / 1e9:.1f} GFLOP/s (best of {len(peak_runs)})", flush=True)
     rows = [row for case in cases for row in make_rows(*case, peaks)]
     for r in rows:
-        print(f"{r['case']:8s} {r['impl']:26s} {r['tokens_per_s']:10.0f} tok/s  x{r['ratio_vs_torch_float32']:.2f} "
-              f"vs torch  MFU {100 * r['mfu_vs_jax_peak']:.1f}%")
+        print(
+            f"{r['case']:8s} {r['impl']:26s} {r['tokens_per_s']:10.0f} tok/s  x{r['ratio_vs_torch_float32']:.2f} "
+            f"vs torch  MFU {100 * r['mfu_vs_jax_peak']:.1f}%"
+        )
     info["loadavg_end_1_5_15"] = list(os.getloadavg())
     info["total_s"] = time.perf_counter() - start
 
-    write_json(NAME, {
-        "benchmark": NAME,
-        "what": "GPT-2 forward+backward (loss and grads of all params) tokens/s: fedpeat_jax vs transformers (PyTorch)",
-        "flops_formula": "6 * N * tokens + 12 * n_layer * seq * n_embd * tokens; "
-                         "N = n_layer * block_params + vocab_size * n_embd (matmul weights incl. tied head)",
-        "machine": info,
-        "matmul_peaks": peaks,
-        "matmul_peak_measurements": peak_runs,
-        "results": rows,
-    })
+    write_json(
+        NAME,
+        {
+            "benchmark": NAME,
+            "what": "GPT-2 forward+backward (loss and grads of all params) tokens/s: fedpeat_jax vs transformers (PyTorch)",
+            "flops_formula": "6 * N * tokens + 12 * n_layer * seq * n_embd * tokens; "
+            "N = n_layer * block_params + vocab_size * n_embd (matmul weights incl. tied head)",
+            "machine": info,
+            "matmul_peaks": peaks,
+            "matmul_peak_measurements": peak_runs,
+            "results": rows,
+        },
+    )
     table = [
-        (r["case"], r["impl"], f"{r['batch']}x{r['seq']}", f"{r['params'] / 1e6:.2f}M", r["tokens_per_s"],
-         f"{r['ratio_vs_torch_float32']:.2f}", f"{r['achieved_flops_per_s'] / 1e9:.1f}",
-         f"{100 * r['mfu_vs_jax_peak']:.1f}%", "" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
-         "" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.0f}")
+        (
+            r["case"],
+            r["impl"],
+            f"{r['batch']}x{r['seq']}",
+            f"{r['params'] / 1e6:.2f}M",
+            r["tokens_per_s"],
+            f"{r['ratio_vs_torch_float32']:.2f}",
+            f"{r['achieved_flops_per_s'] / 1e9:.1f}",
+            f"{100 * r['mfu_vs_jax_peak']:.1f}%",
+            "" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
+            "" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.0f}",
+        )
         for r in rows
     ]
     load = ", ".join(f"{x:.2f}" for x in info["loadavg_1_5_15"])
@@ -213,7 +251,8 @@ def main(argv=None):
         f"({info['jax_backend']}), torch {info['torch']} ({info['torch_threads']} threads), "
         f"transformers {info['transformers']}.",
         f"Load average at start (1/5/15 min): {load}; at end: "
-        + ", ".join(f"{x:.2f}" for x in info["loadavg_end_1_5_15"]) + " (other work on the machine lowers every number).",
+        + ", ".join(f"{x:.2f}" for x in info["loadavg_end_1_5_15"])
+        + " (other work on the machine lowers every number).",
         f"Dense matmul peak (jitted {args.matmul_n}^3 matmul, median): JAX float32 {gflops('jax_float32'):.1f}, "
         f"JAX bfloat16 {gflops('jax_bfloat16'):.1f}, torch float32 {gflops('torch_float32'):.1f} GFLOP/s "
         "(best of the measurements taken before each case and at the end).",
@@ -228,11 +267,29 @@ def main(argv=None):
         "weights and their losses agree to 1e-3.",
     ]
     if max(info["loadavg_1_5_15"][0], info["loadavg_end_1_5_15"][0]) > 0.5 * info["cpus_usable"]:
-        notes.insert(0, "**Measured on a busy machine** (1-min load above half the cores): other processes shared "
-                        "the CPU, torch's threads suffer most from that; re-run on a quiet machine before quoting.")
-    write_markdown(NAME, "GPT-2 forward+backward throughput: fedpeat_jax vs transformers (PyTorch)",
-                   ["case", "impl", "batch x seq", "params", "tokens/s", "x torch fp32", "GFLOP/s", "MFU",
-                    "compile s", "XLA temp MiB"], table, notes)
+        notes.insert(
+            0,
+            "**Measured on a busy machine** (1-min load above half the cores): other processes shared "
+            "the CPU, torch's threads suffer most from that; re-run on a quiet machine before quoting.",
+        )
+    write_markdown(
+        NAME,
+        "GPT-2 forward+backward throughput: fedpeat_jax vs transformers (PyTorch)",
+        [
+            "case",
+            "impl",
+            "batch x seq",
+            "params",
+            "tokens/s",
+            "x torch fp32",
+            "GFLOP/s",
+            "MFU",
+            "compile s",
+            "XLA temp MiB",
+        ],
+        table,
+        notes,
+    )
     print(f"wrote benchmarks/results/{NAME}.json and .md in {info['total_s']:.0f}s")
 
 

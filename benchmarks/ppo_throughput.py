@@ -77,9 +77,14 @@ def evaluate_on_twin(act, env_params, episodes: int, seed: int) -> dict:
         total += reward
         ppl += info["perplexity"]
         latency += info["latency"]
-    return {"return_mean": float(total.mean()), "return_std": float(total.std()),
-            "return_sem": float(total.std() / np.sqrt(episodes)), "perplexity_mean": float(ppl.mean() / steps),
-            "latency_mean": float(latency.mean() / steps), "episodes": episodes}
+    return {
+        "return_mean": float(total.mean()),
+        "return_std": float(total.std()),
+        "return_sem": float(total.std() / np.sqrt(episodes)),
+        "perplexity_mean": float(ppl.mean() / steps),
+        "latency_mean": float(latency.mean() / steps),
+        "episodes": episodes,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,10 +98,18 @@ def run_sabppo(args, env_params) -> dict:
     from fedpeat_jax.rl.sabppo import SABPPOConfig, make_trainer
 
     env = FedPEATMEC(env_params)
-    cfg = SABPPOConfig(num_envs=args.num_envs, num_steps=args.num_steps, total_timesteps=args.total_timesteps,
-                       update_epochs=args.epochs, num_minibatches=args.minibatches, hidden_sizes=args.hidden,
-                       lr=args.lr, normalize_obs=True, normalize_reward=False,
-                       network="mlp")  # SB3's network: an MLP over the flat observation (equal settings)
+    cfg = SABPPOConfig(
+        num_envs=args.num_envs,
+        num_steps=args.num_steps,
+        total_timesteps=args.total_timesteps,
+        update_epochs=args.epochs,
+        num_minibatches=args.minibatches,
+        hidden_sizes=args.hidden,
+        lr=args.lr,
+        normalize_obs=True,
+        normalize_reward=False,
+        network="mlp",
+    )  # SB3's network: an MLP over the flat observation (equal settings)
     trainer = make_trainer(cfg, env, env_params)
     key = jax.random.key(args.seed)
     train, compile_s = compile_jax(sabppo.jit(trainer.train), key)
@@ -115,8 +128,9 @@ def run_sabppo(args, env_params) -> dict:
     sample = jax.jit(lambda key, obs: sample_branches(key, logits(obs), trainer.nvec))
     keys = iter(jax.random.split(jax.random.key(args.eval_seed), 10_000))
     evaluation = evaluate_on_twin(lambda o: mode(jnp.asarray(o)), env_params, args.eval_episodes, args.eval_seed)
-    evaluation_stochastic = evaluate_on_twin(lambda o: sample(next(keys), jnp.asarray(o)), env_params,
-                                             args.eval_episodes, args.eval_seed)
+    evaluation_stochastic = evaluate_on_twin(
+        lambda o: sample(next(keys), jnp.asarray(o)), env_params, args.eval_episodes, args.eval_seed
+    )
     ret = np.asarray(metrics["episode_return"])
     return {
         "env_steps": steps,
@@ -124,7 +138,7 @@ def run_sabppo(args, env_params) -> dict:
         "train_s_median": statistics.median(times),
         "train_s_runs": times,
         "steps_per_s": steps / statistics.median(times),
-        "final_training_return": float(np.nanmean(ret[-max(1, len(ret) // 10):])),
+        "final_training_return": float(np.nanmean(ret[-max(1, len(ret) // 10) :])),
         "eval": evaluation,
         "eval_stochastic": evaluation_stochastic,
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
@@ -166,13 +180,30 @@ def run_sb3(args, env_params) -> dict:
         venv = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=args.gamma)
         lr = args.lr
         model = PPO(
-            "MlpPolicy", venv, n_steps=args.num_steps, batch_size=args.num_envs * args.num_steps // args.minibatches,
-            n_epochs=args.epochs, learning_rate=lambda remaining: lr * remaining, gamma=args.gamma, gae_lambda=0.95,
-            clip_range=0.2, ent_coef=0.01, vf_coef=0.5, max_grad_norm=0.5, normalize_advantage=True, seed=args.seed,
-            device="cpu", verbose=0,
-            policy_kwargs=dict(features_extractor_class=SharedTrunk,
-                               features_extractor_kwargs=dict(hidden=args.hidden), share_features_extractor=True,
-                               net_arch=[], activation_fn=torch.nn.Tanh, optimizer_kwargs=dict(eps=1e-5)),
+            "MlpPolicy",
+            venv,
+            n_steps=args.num_steps,
+            batch_size=args.num_envs * args.num_steps // args.minibatches,
+            n_epochs=args.epochs,
+            learning_rate=lambda remaining: lr * remaining,
+            gamma=args.gamma,
+            gae_lambda=0.95,
+            clip_range=0.2,
+            ent_coef=0.01,
+            vf_coef=0.5,
+            max_grad_norm=0.5,
+            normalize_advantage=True,
+            seed=args.seed,
+            device="cpu",
+            verbose=0,
+            policy_kwargs=dict(
+                features_extractor_class=SharedTrunk,
+                features_extractor_kwargs=dict(hidden=args.hidden),
+                share_features_extractor=True,
+                net_arch=[],
+                activation_fn=torch.nn.Tanh,
+                optimizer_kwargs=dict(eps=1e-5),
+            ),
         )
         start = time.perf_counter()
         model.learn(total_timesteps=args.total_timesteps)
@@ -228,44 +259,86 @@ def main(argv=None) -> dict:
     if (args.num_envs * args.num_steps) % args.minibatches:
         parser.error("--minibatches must divide num_envs * num_steps")
     if args.total_timesteps % (args.num_envs * args.num_steps):
-        parser.error("--total-timesteps must be a multiple of num_envs * num_steps (both agents then take exactly "
-                     "that many steps)")
+        parser.error(
+            "--total-timesteps must be a multiple of num_envs * num_steps (both agents then take exactly "
+            "that many steps)"
+        )
 
     env_params, table = _env_params(args.preset)
     machine = machine_info()
     print(f"environment: preset {args.preset!r}, {table}")
     sab = run_sabppo(args, env_params)
-    print(f"SABPPO: {sab['steps_per_s']:,.0f} env-steps/s (compile {sab['compile_s']:.1f} s), "
-          f"eval return {sab['eval']['return_mean']:.2f} (sampled {sab['eval_stochastic']['return_mean']:.2f})")
-    result = {"machine": machine, "settings": vars(args) | {"hidden": list(args.hidden)}, "environment_table": table,
-              "sabppo": sab}
+    print(
+        f"SABPPO: {sab['steps_per_s']:,.0f} env-steps/s (compile {sab['compile_s']:.1f} s), "
+        f"eval return {sab['eval']['return_mean']:.2f} (sampled {sab['eval_stochastic']['return_mean']:.2f})"
+    )
+    result = {
+        "machine": machine,
+        "settings": vars(args) | {"hidden": list(args.hidden)},
+        "environment_table": table,
+        "sabppo": sab,
+    }
     if args.skip_sb3:
         print("SB3 skipped; nothing written")
         return result
     sb3 = run_sb3(args, env_params)
-    print(f"SB3 PPO: {sb3['steps_per_s']:,.0f} env-steps/s, eval return {sb3['eval']['return_mean']:.2f} "
-          f"(sampled {sb3['eval_stochastic']['return_mean']:.2f})")
+    print(
+        f"SB3 PPO: {sb3['steps_per_s']:,.0f} env-steps/s, eval return {sb3['eval']['return_mean']:.2f} "
+        f"(sampled {sb3['eval_stochastic']['return_mean']:.2f})"
+    )
     speedup = sab["steps_per_s"] / sb3["steps_per_s"]
     diff = sab["eval"]["return_mean"] - sb3["eval"]["return_mean"]
     diff_sampled = sab["eval_stochastic"]["return_mean"] - sb3["eval_stochastic"]["return_mean"]
     se = float(np.hypot(sab["eval"]["return_sem"], sb3["eval"]["return_sem"]))
-    result.update({"sb3": sb3, "speedup": speedup, "eval_return_difference": diff, "eval_return_difference_se": se,
-                   "eval_return_difference_sampled": diff_sampled,
-                   "done_criterion": {"speedup_at_least_50x": bool(speedup >= 50),
-                                      "return_at_least_as_good": bool(diff >= 0)}})
+    result.update(
+        {
+            "sb3": sb3,
+            "speedup": speedup,
+            "eval_return_difference": diff,
+            "eval_return_difference_se": se,
+            "eval_return_difference_sampled": diff_sampled,
+            "done_criterion": {"speedup_at_least_50x": bool(speedup >= 50), "return_at_least_as_good": bool(diff >= 0)},
+        }
+    )
     write_json(NAME, result)
     rows = [
-        ["SABPPO (JAX, jitted)", sab["env_steps"], sab["train_s_median"], sab["steps_per_s"], sab["compile_s"],
-         sab["eval"]["return_mean"], sab["eval"]["return_sem"], sab["eval_stochastic"]["return_mean"],
-         sab["final_training_return"]],
-        ["SB3 PPO (DummyVecEnv, numpy twin)", sb3["env_steps"], sb3["train_s"], sb3["steps_per_s"], "-",
-         sb3["eval"]["return_mean"], sb3["eval"]["return_sem"], sb3["eval_stochastic"]["return_mean"],
-         sb3["final_training_return"]],
+        [
+            "SABPPO (JAX, jitted)",
+            sab["env_steps"],
+            sab["train_s_median"],
+            sab["steps_per_s"],
+            sab["compile_s"],
+            sab["eval"]["return_mean"],
+            sab["eval"]["return_sem"],
+            sab["eval_stochastic"]["return_mean"],
+            sab["final_training_return"],
+        ],
+        [
+            "SB3 PPO (DummyVecEnv, numpy twin)",
+            sb3["env_steps"],
+            sb3["train_s"],
+            sb3["steps_per_s"],
+            "-",
+            sb3["eval"]["return_mean"],
+            sb3["eval"]["return_sem"],
+            sb3["eval_stochastic"]["return_mean"],
+            sb3["final_training_return"],
+        ],
     ]
     write_markdown(
-        NAME, "SABPPO vs stable-baselines3 PPO: training throughput and final return at equal steps",
-        ["agent", "env steps", "train s", "env-steps/s", "compile s", "eval return (deterministic)", "eval s.e.",
-         "eval return (sampled)", "last training return"],
+        NAME,
+        "SABPPO vs stable-baselines3 PPO: training throughput and final return at equal steps",
+        [
+            "agent",
+            "env steps",
+            "train s",
+            "env-steps/s",
+            "compile s",
+            "eval return (deterministic)",
+            "eval s.e.",
+            "eval return (sampled)",
+            "last training return",
+        ],
         rows,
         notes=[
             f"speedup (SABPPO / SB3 env-steps/s): {speedup:,.1f}x; eval return difference SABPPO - SB3: "

@@ -90,12 +90,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--dtype", default="float32", help="compute dtype(s), comma-separated: float32, bfloat16")
-    parser.add_argument("--chunk", default="", help="client chunk(s), comma-separated (default: the engine's default chunk)")
+    parser.add_argument(
+        "--chunk", default="", help="client chunk(s), comma-separated (default: the engine's default chunk)"
+    )
     parser.add_argument("--cores", type=int, default=0, help="pin to this many cores before XLA starts (0: all usable)")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--code", type=Path, default=HERE.parent, help="checkout whose fedpeat_jax and fl_throughput build the round")
+    parser.add_argument(
+        "--code", type=Path, default=HERE.parent, help="checkout whose fedpeat_jax and fl_throughput build the round"
+    )
     parser.add_argument("--trace", action="store_true", help="also show the share of each kind of XLA operation")
-    parser.add_argument("--write", metavar="NAME", default="", help="also write the rows to benchmarks/results/NAME.json and .md")
+    parser.add_argument(
+        "--write", metavar="NAME", default="", help="also write the rows to benchmarks/results/NAME.json and .md"
+    )
     args = parser.parse_args(argv)
     dtypes = args.dtype.split(",")
     if set(dtypes) - {"float32", "bfloat16"}:
@@ -143,40 +149,100 @@ def main(argv=None):
                 jax.block_until_ready(compiled(state, params, data, hyper))
 
             wall, cpu = timed(one_round, args.runs)
-            row = {"dtype": dtype, "clients": args.clients, "chunk": sim.effective_chunk, "cores": cores, "wall_s": wall, "cpu_s": cpu,
-                   "cpu_s_per_client": cpu / args.clients, "gflop": flops / 1e9, "peak_flops_per_s": peak["flops_per_s"],
-                   "peak_flops_per_cpu_s": peak_cpu, "mfu_wall": flops / wall / peak["flops_per_s"], "mfu_cpu": flops / cpu / peak_cpu,
-                   "compile_s": compile_s, "load_1min": os.getloadavg()[0]}
+            row = {
+                "dtype": dtype,
+                "clients": args.clients,
+                "chunk": sim.effective_chunk,
+                "cores": cores,
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "cpu_s_per_client": cpu / args.clients,
+                "gflop": flops / 1e9,
+                "peak_flops_per_s": peak["flops_per_s"],
+                "peak_flops_per_cpu_s": peak_cpu,
+                "mfu_wall": flops / wall / peak["flops_per_s"],
+                "mfu_cpu": flops / cpu / peak_cpu,
+                "compile_s": compile_s,
+                "load_1min": os.getloadavg()[0],
+            }
             rows.append(row)
-            print(f"code {args.code} ({dtype}, {args.clients} clients in chunks of {row['chunk']}, {cores} core(s), "
-                  f"load {row['load_1min']:.2f}; compile {compile_s:.0f} s)")
-            print(f"round: wall {wall:.2f} s, CPU {cpu:.2f} s ({1e3 * cpu / args.clients:.0f} ms per client); {flops / 1e9:.0f} GFLOP")
+            print(
+                f"code {args.code} ({dtype}, {args.clients} clients in chunks of {row['chunk']}, {cores} core(s), "
+                f"load {row['load_1min']:.2f}; compile {compile_s:.0f} s)"
+            )
+            print(
+                f"round: wall {wall:.2f} s, CPU {cpu:.2f} s ({1e3 * cpu / args.clients:.0f} ms per client); {flops / 1e9:.0f} GFLOP"
+            )
             print(f"MFU (wall) {row['mfu_wall']:.1%} of the {dtype} peak {peak['flops_per_s'] / 1e9:.1f} GFLOP/s")
-            print(f"MFU (CPU time) {row['mfu_cpu']:.1%} of the {dtype} peak in CPU time {peak_cpu / 1e9:.1f} GFLOP/cpu-s", flush=True)
+            print(
+                f"MFU (CPU time) {row['mfu_cpu']:.1%} of the {dtype} peak in CPU time {peak_cpu / 1e9:.1f} GFLOP/cpu-s",
+                flush=True,
+            )
             if args.trace:
                 for kind, share in trace_breakdown(one_round, compiled.as_text(), 25):
                     print(f"  {100 * share:5.1f}%  {kind}")
     if args.write:
-        write(common, args.write, {"machine": start_info, "machine_at_end": common.machine_info(), "code": str(args.code), "rows": rows})
+        write(
+            common,
+            args.write,
+            {"machine": start_info, "machine_at_end": common.machine_info(), "code": str(args.code), "rows": rows},
+        )
 
 
 def write(common, name: str, result: dict) -> None:
-    table = [[r["dtype"], r["clients"], r["chunk"], r["cores"], f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
-              f"{1e3 * r['cpu_s_per_client']:.0f}", f"{100 * r['mfu_wall']:.1f}%", f"{100 * r['mfu_cpu']:.1f}%", f"{r['load_1min']:.2f}"]
-             for r in result["rows"]]
+    table = [
+        [
+            r["dtype"],
+            r["clients"],
+            r["chunk"],
+            r["cores"],
+            f"{r['wall_s']:.2f}",
+            f"{r['cpu_s']:.2f}",
+            f"{1e3 * r['cpu_s_per_client']:.0f}",
+            f"{100 * r['mfu_wall']:.1f}%",
+            f"{100 * r['mfu_cpu']:.1f}%",
+            f"{r['load_1min']:.2f}",
+        ]
+        for r in result["rows"]
+    ]
     m0, m1 = result["machine"], result["machine_at_end"]
-    loaded = common.under_load(m0["loadavg_1_5_15"][0], m1["loadavg_1_5_15"][0], *(r["load_1min"] for r in result["rows"]))
-    notes = [f"MEASURED UNDER LOAD (1-minute load average above {common.LOADED}): other jobs shared the cores; the CPU-time "
-             "figures compare chunks and dtypes, the wall times do not."] if loaded else []
-    notes += [f"Machine: {m0['cpu_model']}, jax {m0['jax']}; load average at start {m0['loadavg_1_5_15']}, at end {m1['loadavg_1_5_15']}.",
-             "One FedPEAT round of benchmarks/fl_throughput.py's workload (2-2-2 emulator of the default model, LoRA r=8, "
-             "4 local Adam steps of 2 x 64 tokens per client), median of the timed rounds after one warm-up.",
-             "MFU (CPU time): the round's FLOPs / its process CPU time / the matmul peak of the same dtype in CPU time, "
-             "measured in this run on the same cores: on a shared machine the figure that load disturbs least."]
+    loaded = common.under_load(
+        m0["loadavg_1_5_15"][0], m1["loadavg_1_5_15"][0], *(r["load_1min"] for r in result["rows"])
+    )
+    notes = (
+        [
+            f"MEASURED UNDER LOAD (1-minute load average above {common.LOADED}): other jobs shared the cores; the CPU-time "
+            "figures compare chunks and dtypes, the wall times do not."
+        ]
+        if loaded
+        else []
+    )
+    notes += [
+        f"Machine: {m0['cpu_model']}, jax {m0['jax']}; load average at start {m0['loadavg_1_5_15']}, at end {m1['loadavg_1_5_15']}.",
+        "One FedPEAT round of benchmarks/fl_throughput.py's workload (2-2-2 emulator of the default model, LoRA r=8, "
+        "4 local Adam steps of 2 x 64 tokens per client), median of the timed rounds after one warm-up.",
+        "MFU (CPU time): the round's FLOPs / its process CPU time / the matmul peak of the same dtype in CPU time, "
+        "measured in this run on the same cores: on a shared machine the figure that load disturbs least.",
+    ]
     common.write_json(name, result)
-    common.write_markdown(name, "Vectorized round by compute dtype and client chunk",
-                          ["dtype", "clients", "chunk", "cores", "wall s", "CPU s", "CPU ms per client", "MFU (wall)", "MFU (CPU time)", "load"],
-                          table, notes=notes)
+    common.write_markdown(
+        name,
+        "Vectorized round by compute dtype and client chunk",
+        [
+            "dtype",
+            "clients",
+            "chunk",
+            "cores",
+            "wall s",
+            "CPU s",
+            "CPU ms per client",
+            "MFU (wall)",
+            "MFU (CPU time)",
+            "load",
+        ],
+        table,
+        notes=notes,
+    )
 
 
 def timed_calls(peak: dict, common, dtype: str) -> list:

@@ -43,23 +43,59 @@ sys.path.insert(0, str(ROOT))  # also runnable as a plain script
 NAME = "sweep_throughput"
 
 STUDIES = {
-    "tiny": {"preset": "tiny", "seeds": 4, "client_lr": [3e-4, 1e-3, 3e-3, 1e-2], "server_lr": [0.5, 1.0, 1.5, 2.0], "rounds": 10,
-             "clients": 16, "tune_runs": 8, "loop_runs": 8},
-    "default": {"preset": "default", "seeds": 4, "client_lr": [1e-3, 3e-3], "server_lr": [1.0, 2.0], "rounds": 5, "clients": 8,
-                "tune_runs": 4, "loop_runs": 4},
+    "tiny": {
+        "preset": "tiny",
+        "seeds": 4,
+        "client_lr": [3e-4, 1e-3, 3e-3, 1e-2],
+        "server_lr": [0.5, 1.0, 1.5, 2.0],
+        "rounds": 10,
+        "clients": 16,
+        "tune_runs": 8,
+        "loop_runs": 8,
+    },
+    "default": {
+        "preset": "default",
+        "seeds": 4,
+        "client_lr": [1e-3, 3e-3],
+        "server_lr": [1.0, 2.0],
+        "rounds": 5,
+        "clients": 8,
+        "tune_runs": 4,
+        "loop_runs": 4,
+    },
 }
 QUICK = {
-    "tiny": {"preset": "tiny", "seeds": 2, "client_lr": [1e-3, 3e-3], "server_lr": [1.0], "rounds": 2, "clients": 4, "tune_runs": 2,
-             "loop_runs": 2},
-    "default": {"preset": "default", "seeds": 2, "client_lr": [3e-3], "server_lr": [1.0], "rounds": 2, "clients": 4, "tune_runs": 1,
-                "loop_runs": 2},
+    "tiny": {
+        "preset": "tiny",
+        "seeds": 2,
+        "client_lr": [1e-3, 3e-3],
+        "server_lr": [1.0],
+        "rounds": 2,
+        "clients": 4,
+        "tune_runs": 2,
+        "loop_runs": 2,
+    },
+    "default": {
+        "preset": "default",
+        "seeds": 2,
+        "client_lr": [3e-3],
+        "server_lr": [1.0],
+        "rounds": 2,
+        "clients": 4,
+        "tune_runs": 1,
+        "loop_runs": 2,
+    },
 }
 
 
 def spec_of(name: str, study: dict) -> dict:
-    return {"name": name, "model": {"preset": study["preset"]}, "seeds": study["seeds"],
-            "base": {"fed": {"rounds": study["rounds"], "clients_per_round": study["clients"]}},
-            "axes": {"client_lr": study["client_lr"], "server_lr": study["server_lr"]}}
+    return {
+        "name": name,
+        "model": {"preset": study["preset"]},
+        "seeds": study["seeds"],
+        "base": {"fed": {"rounds": study["rounds"], "clients_per_round": study["clients"]}},
+        "axes": {"client_lr": study["client_lr"], "server_lr": study["server_lr"]},
+    }
 
 
 def runs_of(study: dict) -> list:
@@ -74,8 +110,12 @@ def spread(n_runs: int, k: int) -> list:
 
 
 def _env() -> dict:
-    return dict(os.environ, FEDPEAT_NO_PROGRESS="1", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
-                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return dict(
+        os.environ,
+        FEDPEAT_NO_PROGRESS="1",
+        JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
 
 
 def _children_cpu() -> float:
@@ -105,8 +145,14 @@ def time_sweep(name: str, study: dict, work: Path, log) -> dict:
     seconds, cpu = _timed([sys.executable, "-m", "fedpeat_jax.cli", "sweep", spec, "--out", work / "sweep"], log)
     results = json.loads((work / "sweep" / "results.json").read_text())
     finals = [rec["history"][-1].get("plugin_ppl") for rec in results["runs"]]
-    return {"seconds": seconds, "cpu_s": cpu, "runs": len(finals), "finals": finals, "inner_timing": results["timing"],
-            "run_chunk": json.loads(next((work / "sweep" / "cohorts").glob("*.json")).read_text())["run_chunk"]}
+    return {
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "runs": len(finals),
+        "finals": finals,
+        "inner_timing": results["timing"],
+        "run_chunk": json.loads(next((work / "sweep" / "cohorts").glob("*.json")).read_text())["run_chunk"],
+    }
 
 
 def time_tune(study: dict, picks: list, work: Path, log) -> dict:
@@ -114,22 +160,58 @@ def time_tune(study: dict, picks: list, work: Path, log) -> dict:
     for i in picks:
         client_lr, server_lr, seed = runs[i]
         out = work / f"tune-{i}"
-        wall, work_s = _timed([sys.executable, "-m", "fedpeat_jax.cli", "tune", "--preset", study["preset"], "--rounds", study["rounds"],
-                               "--clients-per-round", study["clients"], "--client-lr", client_lr, "--server-lr", server_lr, "--fed-seed", seed,
-                               "--out", out], log)
+        wall, work_s = _timed(
+            [
+                sys.executable,
+                "-m",
+                "fedpeat_jax.cli",
+                "tune",
+                "--preset",
+                study["preset"],
+                "--rounds",
+                study["rounds"],
+                "--clients-per-round",
+                study["clients"],
+                "--client-lr",
+                client_lr,
+                "--server-lr",
+                server_lr,
+                "--fed-seed",
+                seed,
+                "--out",
+                out,
+            ],
+            log,
+        )
         seconds.append(wall)
         cpu.append(work_s)
         finals[i] = json.loads((out / "summary.json").read_text())["plugin_ppl"]
-    return {"seconds": sum(seconds), "cpu_s": sum(cpu), "per_run_s": seconds, "runs": len(picks), "picked": picks, "finals": finals}
+    return {
+        "seconds": sum(seconds),
+        "cpu_s": sum(cpu),
+        "per_run_s": seconds,
+        "runs": len(picks),
+        "picked": picks,
+        "finals": finals,
+    }
 
 
 def time_loop(name: str, study: dict, picks: list, work: Path, log) -> dict:
     spec, result = work / f"{name}-loop.json", work / "loop-result.json"
     spec.write_text(json.dumps({"study": study, "picks": picks}))
-    seconds, cpu = _timed([sys.executable, "-m", "benchmarks.sweep_throughput", "--loop-worker", spec, "--result", result], log)
+    seconds, cpu = _timed(
+        [sys.executable, "-m", "benchmarks.sweep_throughput", "--loop-worker", spec, "--result", result], log
+    )
     inner = json.loads(result.read_text())
-    return {"seconds": seconds, "cpu_s": cpu, "runs": len(picks), "picked": picks, "finals": {int(k): v for k, v in inner["finals"].items()},
-            "load_s": inner["load_s"], "per_run_s": inner["per_run_s"]}
+    return {
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "runs": len(picks),
+        "picked": picks,
+        "finals": {int(k): v for k, v in inner["finals"].items()},
+        "load_s": inner["load_s"],
+        "per_run_s": inner["per_run_s"],
+    }
 
 
 def loop_worker(spec_path: Path, result_path: Path) -> None:
@@ -181,8 +263,13 @@ def plot(result: dict, path: Path) -> None:
         bars = ax.bar([i + (j - 1) * width for i in range(len(names))], values, width, label=label, color=f"C{j}")
         for b, n in zip(bars, names):
             if key != "sweep":
-                ax.annotate(f"sweep {result['studies'][n]['speedup_vs_' + key]:.1f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
-                            ha="center", va="bottom", fontsize=7)
+                ax.annotate(
+                    f"sweep {result['studies'][n]['speedup_vs_' + key]:.1f}x",
+                    (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([f"{n} model, {result['studies'][n]['runs']} runs" for n in names])
     ax.set_yscale("log")
@@ -197,10 +284,22 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small studies, to check the script (results named sweep_throughput_quick)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small studies, to check the script (results named sweep_throughput_quick)"
+    )
     parser.add_argument("--studies", default="tiny,default", help="comma-separated: tiny, default")
-    parser.add_argument("--tune-runs", type=int, default=None, help="sequential `fedpeat tune` runs timed per study (default: 8 tiny, 4 default)")
-    parser.add_argument("--loop-runs", type=int, default=None, help="`driver.train` loop runs timed per study (default: 8 tiny, 4 default)")
+    parser.add_argument(
+        "--tune-runs",
+        type=int,
+        default=None,
+        help="sequential `fedpeat tune` runs timed per study (default: 8 tiny, 4 default)",
+    )
+    parser.add_argument(
+        "--loop-runs",
+        type=int,
+        default=None,
+        help="`driver.train` loop runs timed per study (default: 8 tiny, 4 default)",
+    )
     parser.add_argument("--loop-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -224,8 +323,10 @@ def main(argv=None) -> dict:
         study = dict(table[study_name])
         study.update({k: v for k, v in (("tune_runs", args.tune_runs), ("loop_runs", args.loop_runs)) if v is not None})
         n_runs = len(runs_of(study))
-        log(f"{study_name}: {n_runs} runs ({len(study['client_lr']) * len(study['server_lr'])} settings x {study['seeds']} seeds, "
-            f"{study['rounds']} rounds of {study['clients']} clients)")
+        log(
+            f"{study_name}: {n_runs} runs ({len(study['client_lr']) * len(study['server_lr'])} settings x {study['seeds']} seeds, "
+            f"{study['rounds']} rounds of {study['clients']} clients)"
+        )
         from fedpeat_jax.peat.foundation import load_foundation
 
         load_foundation(study["preset"])  # pretrained once and cached before any timing: no way pays for it
@@ -240,7 +341,10 @@ def main(argv=None) -> dict:
             log("  driver.train loop")
             loop = time_loop(study_name, study, spread(n_runs, study["loop_runs"]), work, log)
             loop["load_after"] = os.getloadavg()[0]
-        entry = {"runs": n_runs, "settings": {k: study[k] for k in ("preset", "seeds", "client_lr", "server_lr", "rounds", "clients")}}
+        entry = {
+            "runs": n_runs,
+            "settings": {k: study[k] for k in ("preset", "seeds", "client_lr", "server_lr", "rounds", "clients")},
+        }
         for key, way in (("sweep", sweep), ("tune", tune), ("loop", loop)):
             way["runs_per_hour"] = way["runs"] / way["seconds"] * 3600
             way["cpu_s_per_run"] = way["cpu_s"] / way["runs"]
@@ -250,9 +354,11 @@ def main(argv=None) -> dict:
             entry[f"cpu_speedup_vs_{key}"] = entry[key]["cpu_s_per_run"] / sweep["cpu_s_per_run"]
             entry[f"max_rel_ppl_difference_vs_{key}"] = _agreement(sweep, entry[key])
         result["studies"][study_name] = entry
-        log(f"  runs per hour: sweep {sweep['runs_per_hour']:,.0f}, tune {tune['runs_per_hour']:,.0f} "
+        log(
+            f"  runs per hour: sweep {sweep['runs_per_hour']:,.0f}, tune {tune['runs_per_hour']:,.0f} "
             f"({entry['speedup_vs_tune']:.1f}x), loop {loop['runs_per_hour']:,.0f} ({entry['speedup_vs_loop']:.1f}x); CPU-seconds per run: "
-            f"sweep {sweep['cpu_s_per_run']:.1f}, tune {tune['cpu_s_per_run']:.1f}, loop {loop['cpu_s_per_run']:.1f}")
+            f"sweep {sweep['cpu_s_per_run']:.1f}, tune {tune['cpu_s_per_run']:.1f}, loop {loop['cpu_s_per_run']:.1f}"
+        )
     result["machine"] = start_machine
     result["load_at_end"] = list(os.getloadavg())
     write_json(name, result)
@@ -260,17 +366,42 @@ def main(argv=None) -> dict:
 
     rows = []
     for study_name, e in result["studies"].items():
-        for key, label in (("sweep", "`fedpeat sweep`"), ("tune", "sequential `fedpeat tune`"), ("loop", "`driver.train` loop")):
+        for key, label in (
+            ("sweep", "`fedpeat sweep`"),
+            ("tune", "sequential `fedpeat tune`"),
+            ("loop", "`driver.train` loop"),
+        ):
             w = e[key]
-            rows.append([f"{study_name} ({e['runs']} runs)", label, f"{w['runs']} of {e['runs']}", w["seconds"], w["seconds"] / w["runs"],
-                         f"{w['runs_per_hour']:,.0f}", "1.00" if key == "sweep" else f"{e['speedup_vs_' + key]:.2f}", w["cpu_s_per_run"],
-                         "1.00" if key == "sweep" else f"{e['cpu_speedup_vs_' + key]:.2f}", f"{w['load_after']:.1f}",
-                         "-" if key == "sweep" else f"{e['max_rel_ppl_difference_vs_' + key]:.1e}"])
+            rows.append(
+                [
+                    f"{study_name} ({e['runs']} runs)",
+                    label,
+                    f"{w['runs']} of {e['runs']}",
+                    w["seconds"],
+                    w["seconds"] / w["runs"],
+                    f"{w['runs_per_hour']:,.0f}",
+                    "1.00" if key == "sweep" else f"{e['speedup_vs_' + key]:.2f}",
+                    w["cpu_s_per_run"],
+                    "1.00" if key == "sweep" else f"{e['cpu_speedup_vs_' + key]:.2f}",
+                    f"{w['load_after']:.1f}",
+                    "-" if key == "sweep" else f"{e['max_rel_ppl_difference_vs_' + key]:.1e}",
+                ]
+            )
     load0, load1 = start_machine["loadavg_1_5_15"], result["load_at_end"]
-    busiest = max([load0[0], load1[0]] + [e[k]["load_after"] for e in result["studies"].values() for k in ("sweep", "tune", "loop")])
+    busiest = max(
+        [load0[0], load1[0]]
+        + [e[k]["load_after"] for e in result["studies"].values() for k in ("sweep", "tune", "loop")]
+    )
     command = "python -m benchmarks.sweep_throughput" + "".join(
-        f" {flag}" for flag in (["--quick"] if args.quick else []) + ([f"--studies {args.studies}"] if args.studies != "tiny,default" else [])
-        + [f"--{k.replace('_', '-')} {v}" for k, v in (("tune_runs", args.tune_runs), ("loop_runs", args.loop_runs)) if v is not None])
+        f" {flag}"
+        for flag in (["--quick"] if args.quick else [])
+        + ([f"--studies {args.studies}"] if args.studies != "tiny,default" else [])
+        + [
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in (("tune_runs", args.tune_runs), ("loop_runs", args.loop_runs))
+            if v is not None
+        ]
+    )
     notes = [
         "Each way in fresh processes, timed from start to end (start-up, loading the model and text, compiling, training, "
         "evaluating and writing included; the foundation model was pretrained and cached before any timing). The tune and loop "
@@ -284,22 +415,44 @@ def main(argv=None) -> dict:
         "largest relative difference of final held-out perplexity between the sweep and that way over the runs both ran (vmapped runs agree to float tolerance on "
         "stable settings; a setting whose perplexity climbs, such as client_lr 1e-2 with server_lr 2, amplifies the rounding "
         "differences of the vmapped program to a few percent).",
-        *(f"{n}: foundation preset {e['settings']['preset']!r}, client_lr {e['settings']['client_lr']} x server_lr "
-          f"{e['settings']['server_lr']} x {e['settings']['seeds']} seeds, {e['settings']['rounds']} rounds of "
-          f"{e['settings']['clients']} clients; the sweep compiled for {e['sweep']['inner_timing']['compile_s']:.0f} s and trained "
-          f"{e['sweep']['inner_timing']['run_s']:.0f} s ({e['sweep']['run_chunk']} runs per call); the loop loaded for "
-          f"{e['loop']['load_s']:.0f} s, then {sum(e['loop']['per_run_s']) / len(e['loop']['per_run_s']):.1f} s per run"
-          for n, e in result["studies"].items()),
+        *(
+            f"{n}: foundation preset {e['settings']['preset']!r}, client_lr {e['settings']['client_lr']} x server_lr "
+            f"{e['settings']['server_lr']} x {e['settings']['seeds']} seeds, {e['settings']['rounds']} rounds of "
+            f"{e['settings']['clients']} clients; the sweep compiled for {e['sweep']['inner_timing']['compile_s']:.0f} s and trained "
+            f"{e['sweep']['inner_timing']['run_s']:.0f} s ({e['sweep']['run_chunk']} runs per call); the loop loaded for "
+            f"{e['loop']['load_s']:.0f} s, then {sum(e['loop']['per_run_s']) / len(e['loop']['per_run_s']):.1f} s per run"
+            for n, e in result["studies"].items()
+        ),
         f"Machine: {start_machine['cpu_model']}, {start_machine['cpus_usable']} usable CPUs, jax {start_machine['jax']} "
         f"({start_machine['jax_backend']}); load average (1/5/15 min) at start {load0[0]:.2f}, {load0[1]:.2f}, {load0[2]:.2f}, "
         f"at end {load1[0]:.2f}, {load1[1]:.2f}, {load1[2]:.2f}"
-        + (f" (A BUSY MACHINE, 1-minute load up to {busiest:.1f} on {start_machine['cpus_usable']} CPUs: other work slowed the ways "
-           "unequally; not figures to quote)" if busiest > 2.5 else "")
+        + (
+            f" (A BUSY MACHINE, 1-minute load up to {busiest:.1f} on {start_machine['cpus_usable']} CPUs: other work slowed the ways "
+            "unequally; not figures to quote)"
+            if busiest > 2.5
+            else ""
+        )
         + f"; code {start_machine['git_commit']}. Written by `{command}` on {start_machine['timestamp']}.",
     ]
-    write_markdown(name, "A hyperparameter study three ways: runs per hour",
-                   ["study", "way", "runs timed", "seconds", "s per run", "runs per hour", "sweep speed-up", "CPU-s per run", "CPU speed-up", "load",
-                    "ppl agreement"], rows, notes)
+    write_markdown(
+        name,
+        "A hyperparameter study three ways: runs per hour",
+        [
+            "study",
+            "way",
+            "runs timed",
+            "seconds",
+            "s per run",
+            "runs per hour",
+            "sweep speed-up",
+            "CPU-s per run",
+            "CPU speed-up",
+            "load",
+            "ppl agreement",
+        ],
+        rows,
+        notes,
+    )
     log(f"wrote benchmarks/results/{name}.json, .md and .png")
     return result
 

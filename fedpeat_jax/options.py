@@ -28,6 +28,7 @@ from pathlib import Path
 def _scalar(kind) -> Callable:
     """Parse one command-line word as `kind` (int, float, bool or str)."""
     if kind is bool:
+
         def parse_bool(text: str) -> bool:
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -37,11 +38,14 @@ def _scalar(kind) -> Callable:
 
         return parse_bool
     if kind in (int, float):
+
         def parse_number(text: str):
             try:
                 return kind(text)
             except ValueError:
-                raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+                raise argparse.ArgumentTypeError(
+                    f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+                ) from None
 
         return parse_number
     return str
@@ -127,7 +131,9 @@ def add_groups(parser: argparse.ArgumentParser, groups: list) -> dict:
     for group in groups:
         hints = typing.get_type_hints(group.cls)
         docs = field_docs(group.cls)
-        section = parser.add_argument_group(f"{group.name} ({group.cls.__name__})", (group.cls.__doc__ or "").strip().split("\n")[0])
+        section = parser.add_argument_group(
+            f"{group.name} ({group.cls.__name__})", (group.cls.__doc__ or "").strip().split("\n")[0]
+        )
         for f in dataclasses.fields(group.cls):
             if f.name in group.skip:
                 continue
@@ -138,8 +144,14 @@ def add_groups(parser: argparse.ArgumentParser, groups: list) -> dict:
             shown = shown_default(default)
             text = docs.get(f.name, "")
             help_text = (f"{text} " if text else "") + f"(default: {shown})"
-            action = section.add_argument(option, dest=dest, type=_parser_for(hints[f.name]), default=None,
-                                          metavar=_metavar(hints[f.name]), help=help_text.replace("%", "%%"))
+            action = section.add_argument(
+                option,
+                dest=dest,
+                type=_parser_for(hints[f.name]),
+                default=None,
+                metavar=_metavar(hints[f.name]),
+                help=help_text.replace("%", "%%"),
+            )
             action.shown_default = shown  # read by scripts/config_reference.py
             table[dest] = (group, f.name, option)
         _SECTIONS[group.cls.__name__] = group.name
@@ -220,4 +232,41 @@ def with_options(message: str, table: dict = None) -> str:
     return message
 
 
-__all__ = ["Parser", "Group", "add_groups", "preparse", "build_configs", "with_options", "shown_default", "OPTIONS"]
+# --------------------------------------------------------------------------------------------
+# The subcommands of `fedpeat` (registered by fedpeat_jax.cli and fedpeat_jax.cli_mec)
+# --------------------------------------------------------------------------------------------
+SUBCOMMANDS: dict = {}
+
+
+def subcommand(name: str, help: str):
+    def register(fn):
+        SUBCOMMANDS[name] = (fn, help)
+        return fn
+
+    return register
+
+
+def text_group(defaults=None) -> Group:
+    from fedpeat_jax.data.source import TextConfig
+
+    return Group("text", TextConfig, defaults if defaults is not None else TextConfig())
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+__all__ = [
+    "OPTIONS",
+    "SUBCOMMANDS",
+    "Group",
+    "Parser",
+    "add_groups",
+    "build_configs",
+    "preparse",
+    "print_json",
+    "shown_default",
+    "subcommand",
+    "text_group",
+    "with_options",
+]

@@ -80,8 +80,17 @@ class QuickstartConfig(Config):
         """Refuse sizes that cannot work, before anything is fetched or compiled (each stage's own config checks the rest)."""
         if self.preset not in PRESETS:
             raise ValueError(f"QuickstartConfig.preset must be one of {PRESETS}, got {self.preset!r}")
-        for name in ("rounds", "clients_per_round", "local_steps", "offsite_steps", "offsite_eval_windows",
-                     "calibrate_rounds", "controller_steps", "controller_envs", "eval_episodes"):
+        for name in (
+            "rounds",
+            "clients_per_round",
+            "local_steps",
+            "offsite_steps",
+            "offsite_eval_windows",
+            "calibrate_rounds",
+            "controller_steps",
+            "controller_envs",
+            "eval_episodes",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"QuickstartConfig.{name} must be an integer >= 1, got {value!r}")
@@ -93,15 +102,31 @@ class QuickstartConfig(Config):
         if not self.client_lr > 0:
             raise ValueError(f"QuickstartConfig.client_lr must be > 0, got {self.client_lr}")
         if not self.calibrate_levels or any(not isinstance(k, int) or k < 0 for k in self.calibrate_levels):
-            raise ValueError(f"QuickstartConfig.calibrate_levels must be emulator sizes k >= 0, got {self.calibrate_levels}")
+            raise ValueError(
+                f"QuickstartConfig.calibrate_levels must be emulator sizes k >= 0, got {self.calibrate_levels}"
+            )
         if not self.calibrate_clients or any(not isinstance(c, int) or c < 1 for c in self.calibrate_clients):
-            raise ValueError(f"QuickstartConfig.calibrate_clients must be client counts >= 1, got {self.calibrate_clients}")
+            raise ValueError(
+                f"QuickstartConfig.calibrate_clients must be client counts >= 1, got {self.calibrate_clients}"
+            )
 
     @classmethod
     def tiny(cls) -> QuickstartConfig:
-        return cls(preset="tiny", seq_len=32, rounds=4, clients_per_round=4, local_steps=2, offsite_steps=6, offsite_eval_windows=8,
-                   calibrate_levels=(0, 2), calibrate_clients=(2, 4), calibrate_rounds=3, controller_steps=4096, controller_envs=8,
-                   eval_episodes=4)
+        return cls(
+            preset="tiny",
+            seq_len=32,
+            rounds=4,
+            clients_per_round=4,
+            local_steps=2,
+            offsite_steps=6,
+            offsite_eval_windows=8,
+            calibrate_levels=(0, 2),
+            calibrate_clients=(2, 4),
+            calibrate_rounds=3,
+            controller_steps=4096,
+            controller_envs=8,
+            eval_episodes=4,
+        )
 
 
 class Stages:
@@ -138,7 +163,9 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
         from fedpeat_jax.tasks import TaskConfig, plan_task
 
         if not plan_task(TaskConfig(text=config.text, seed=config.seed), cache_dir).heldout:
-            raise ValueError(f"TextConfig.heldout_fraction: the quickstart compares held-out perplexities, and {config.text.describe()} holds none out")
+            raise ValueError(
+                f"TextConfig.heldout_fraction: the quickstart compares held-out perplexities, and {config.text.describe()} holds none out"
+            )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out, config)
@@ -155,16 +182,25 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
         from fedpeat_jax import data as data_lib
 
         texts = [TextConfig(spelling=s) for s in ("modern", "folio")] if config.text.is_shakespeare else [config.text]
-        stats = {t.spelling if t.is_shakespeare else t.corpus: str(data_lib.corpus_stats(data_lib.load_corpus(t, cache_dir=cache_dir))) for t in texts}
+        stats = {
+            t.spelling if t.is_shakespeare else t.corpus: str(
+                data_lib.corpus_stats(data_lib.load_corpus(t, cache_dir=cache_dir))
+            )
+            for t in texts
+        }
         for s, line in stats.items():
             log(f"  {s}: {line}")
         return stats
 
     def foundation_stage():
         fm = foundation()
-        keys = ("fingerprint", "heldout_ppl") + (() if fm.shipped else ("train_seconds", "train_tokens_per_s"))  # the shipped one trained elsewhere
+        keys = ("fingerprint", "heldout_ppl") + (
+            () if fm.shipped else ("train_seconds", "train_tokens_per_s")
+        )  # the shipped one trained elsewhere
         info = {k: fm.info[k] for k in keys if k in fm.info}
-        log(f"  {'shipped with the package' if fm.shipped else 'pretrained here'}: {fm.path} ({fm.config.param_count():,} parameters) {info}")
+        log(
+            f"  {'shipped with the package' if fm.shipped else 'pretrained here'}: {fm.path} ({fm.config.param_count():,} parameters) {info}"
+        )
         return {"path": str(fm.path), "params": fm.config.param_count(), "shipped": fm.shipped, **info}
 
     def emulators():
@@ -184,19 +220,37 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
         from fedpeat_jax.tasks import TaskConfig
         from fedpeat_jax.tune import run_tune
 
-        task = TaskConfig(text=config.text, seq_len=config.seq_len, max_examples=16, max_eval_windows=128, seed=config.seed)
-        fed = FedConfig(clients_per_round=config.clients_per_round, rounds=config.rounds, local_steps=config.local_steps,
-                        client_lr=config.client_lr, rounds_per_chunk=max(1, config.rounds // 4), seed=config.seed)
+        task = TaskConfig(
+            text=config.text, seq_len=config.seq_len, max_examples=16, max_eval_windows=128, seed=config.seed
+        )
+        fed = FedConfig(
+            clients_per_round=config.clients_per_round,
+            rounds=config.rounds,
+            local_steps=config.local_steps,
+            client_lr=config.client_lr,
+            rounds_per_chunk=max(1, config.rounds // 4),
+            seed=config.seed,
+        )
         peft = PeftConfig(kind="lora", lora_rank=8, lora_alpha=16.0)
         summary = run_tune(task, peft, fed, model_dir=str(foundation().path), out=out / "fedpeat", cache_dir=cache_dir)
-        log(f"  held-out plug-in perplexity {summary['zero_shot_ppl']:.2f} -> {summary['plugin_ppl']:.2f} after {summary['rounds']} rounds")
+        log(
+            f"  held-out plug-in perplexity {summary['zero_shot_ppl']:.2f} -> {summary['plugin_ppl']:.2f} after {summary['rounds']} rounds"
+        )
         return summary
 
     def offsite():
         from fedpeat_jax.peat import offsite as ot
 
-        cfg = ot.OffsiteConfig(preset=config.preset, seq_len=min(128, foundation().config.n_positions), steps=config.offsite_steps, warmup=max(1, config.offsite_steps // 10),
-                               eval_windows=config.offsite_eval_windows, emulators=("layer-drop",), text=config.text, seed=config.seed)
+        cfg = ot.OffsiteConfig(
+            preset=config.preset,
+            seq_len=min(128, foundation().config.n_positions),
+            steps=config.offsite_steps,
+            warmup=max(1, config.offsite_steps // 10),
+            eval_windows=config.offsite_eval_windows,
+            emulators=("layer-drop",),
+            text=config.text,
+            seed=config.seed,
+        )
         result = ot.run_table(cfg, foundation=foundation(), logdir=out / "offsite" / "logs")
         (out / "offsite").mkdir(parents=True, exist_ok=True)
         (out / "offsite" / "table.json").write_text(json.dumps(result, indent=2, default=str))
@@ -215,38 +269,75 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
         if shipped is not None and not config.recalibrate and config.text.is_shakespeare:
             table = shipped
             table.save(out / "calibration.json")
-            log(f"  the shipped table ({DEFAULT_TABLE_PATH.name}) was fitted on this very model (fingerprint {fm.info['fingerprint']}): "
-                "reused (--recalibrate fits it anew)")
+            log(
+                f"  the shipped table ({DEFAULT_TABLE_PATH.name}) was fitted on this very model (fingerprint {fm.info['fingerprint']}): "
+                "reused (--recalibrate fits it anew)"
+            )
         else:
             levels = tuple(k for k in config.calibrate_levels if k <= fm.config.n_layer - 4)
-            cfg = CalibrateConfig(levels=levels, clients_per_round=config.calibrate_clients, rounds=config.calibrate_rounds, text=config.text,
-                                  seed=config.seed)
+            cfg = CalibrateConfig(
+                levels=levels,
+                clients_per_round=config.calibrate_clients,
+                rounds=config.calibrate_rounds,
+                text=config.text,
+                seed=config.seed,
+            )
             n = plan_task(cfg.task(), cache_dir).n_clients
             if cfg.population > n:  # a user's text may have fewer clients than the default population of devices
-                cfg = cfg.replace(population=n, clients_per_round=tuple(sorted({min(c, n) for c in cfg.clients_per_round})))
+                cfg = cfg.replace(
+                    population=n, clients_per_round=tuple(sorted({min(c, n) for c in cfg.clients_per_round}))
+                )
                 log(f"  a population of {n} devices: the text has {n} clients")
-            table = fit(cfg, fm.params, fm.config, fm.tokenizer, model_name=config.preset, cache_dir=cache_dir, out=out / "calibration.json",
-                        source="fedpeat quickstart", model_fingerprint=fm.info.get("fingerprint"))
+            table = fit(
+                cfg,
+                fm.params,
+                fm.config,
+                fm.tokenizer,
+                model_name=config.preset,
+                cache_dir=cache_dir,
+                out=out / "calibration.json",
+                source="fedpeat quickstart",
+                model_fingerprint=fm.info.get("fingerprint"),
+            )
         for k, p, e in zip(table.k, table.ppl_inf, table.eta):
             log(f"  k={k}: ppl_inf={p:.2f}, eta={e:.3f}")
-        return {"table": str(out / "calibration.json"), "source": "shipped" if table is shipped else "measured",
-                "k": list(table.k), "ppl_inf": list(table.ppl_inf), "eta": list(table.eta)}
+        return {
+            "table": str(out / "calibration.json"),
+            "source": "shipped" if table is shipped else "measured",
+            "k": list(table.k),
+            "ppl_inf": list(table.ppl_inf),
+            "eta": list(table.eta),
+        }
 
     def controller():
         from fedpeat_jax.mec import load_calibration, preset_params
         from fedpeat_jax.rl.controller import ControllerConfig, train_controller
         from fedpeat_jax.rl.sabppo import SABPPOConfig
 
-        env_params = preset_params("default", calibration=load_calibration(out / "calibration.json"), model=foundation().config,
-                                   seq_len=float(config.seq_len))
+        env_params = preset_params(
+            "default",
+            calibration=load_calibration(out / "calibration.json"),
+            model=foundation().config,
+            seq_len=float(config.seq_len),
+        )
         agent = SABPPOConfig(total_timesteps=config.controller_steps, num_envs=config.controller_envs)
-        summary = train_controller(agent, env_params, out / "controller", controller=ControllerConfig(eval_episodes=config.eval_episodes, seed=config.seed))
+        summary = train_controller(
+            agent,
+            env_params,
+            out / "controller",
+            controller=ControllerConfig(eval_episodes=config.eval_episodes, seed=config.seed),
+        )
         baselines = {n: b["return_mean"] for n, b in summary["baselines"].items()}
         rows = [("SABPPO", summary["sabppo"]["return_mean"]), *baselines.items()]
         table = "| policy | mean return |\n|---|---|\n" + "\n".join(f"| {n} | {r:.3f} |" for n, r in rows)
         log(table)
-        return {"table": table, "sabppo": summary["sabppo"]["return_mean"], "baselines": baselines,
-                "beats_every_baseline": summary["beats_every_baseline"], "plots": ["learning_curve.png", "comparison.png"]}
+        return {
+            "table": table,
+            "sabppo": summary["sabppo"]["return_mean"],
+            "baselines": baselines,
+            "beats_every_baseline": summary["beats_every_baseline"],
+            "plots": ["learning_curve.png", "comparison.png"],
+        }
 
     summaries = {}
     summaries["corpus"] = stages.run("corpus", corpus, log)
@@ -259,8 +350,10 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
     report = write_report(out, config, summaries)
     stages.run("report", lambda: {"report": str(report)}, log)
     log("\n" + "\n".join(headline(summaries)))
-    log("\nNext: `fedpeat tune --help` (federated runs), `fedpeat train-controller --help` (the controller), "
-        "`python scripts/fedpeat_study.py` (FedPEAT against the other federated methods); docs/ has every option.")
+    log(
+        "\nNext: `fedpeat tune --help` (federated runs), `fedpeat train-controller --help` (the controller), "
+        "`python scripts/fedpeat_study.py` (FedPEAT against the other federated methods); docs/ has every option."
+    )
     return report
 
 
@@ -274,8 +367,9 @@ def shipped_table_for(fm):
         table = default_table()
     except CalibrationMissingError:
         return None
-    same = (table.meta.get("model_fingerprint") == fm.info.get("fingerprint")
-            and table.meta.get("model_params_sha256") == tree_digest(fm.params))
+    same = table.meta.get("model_fingerprint") == fm.info.get("fingerprint") and table.meta.get(
+        "model_params_sha256"
+    ) == tree_digest(fm.params)
     return table if same else None
 
 
@@ -295,7 +389,9 @@ def headline(s: dict) -> list:
     ]
     if best is not None:
         verdict = "beats every baseline" if ctl["beats_every_baseline"] else "does not beat every baseline"
-        lines.append(f"- Controller: SABPPO mean return {ctl['sabppo']:.3f} {verdict} (best baseline {best[0]}: {best[1]:.3f}).")
+        lines.append(
+            f"- Controller: SABPPO mean return {ctl['sabppo']:.3f} {verdict} (best baseline {best[0]}: {best[1]:.3f})."
+        )
     times = ", ".join(f"{name} {sec:.0f}" for name, sec in timed.items())
     lines.append(f"- Stage times in seconds (each from the run that did it): {times}; total {sum(timed.values()):.0f}.")
     return lines
@@ -355,9 +451,14 @@ def write_report(out: Path, config: QuickstartConfig, s: dict) -> Path:
         "",
         "| emulator | kept middle blocks | parameters on the device |",
         "|---|---|---|",
-        *[f"| {r['emulator']} | {r['middle_blocks']} | {r['params_on_device']:,} |" for r in s["emulators"]["emulators"]],
+        *[
+            f"| {r['emulator']} | {r['middle_blocks']} | {r['params_on_device']:,} |"
+            for r in s["emulators"]["emulators"]
+        ],
         "",
-        "## FedPEAT on Folio-spelling role clients" if fed.get("data", "Shakespeare").startswith("Shakespeare") else f"## FedPEAT on {fed['data']}",
+        "## FedPEAT on Folio-spelling role clients"
+        if fed.get("data", "Shakespeare").startswith("Shakespeare")
+        else f"## FedPEAT on {fed['data']}",
         "",
         f"{fed['clients']} clients, {fed['rounds']} rounds: held-out plug-in perplexity {fed['zero_shot_ppl']:.2f} (untuned) -> "
         f"{fed['plugin_ppl']:.2f}. Logs: `fedpeat/logs` (TensorBoard), checkpoints: `fedpeat/checkpoints`, tuned model in "
@@ -370,11 +471,21 @@ def write_report(out: Path, config: QuickstartConfig, s: dict) -> Path:
     if (out / "offsite" / "table.md").exists():
         lines += ["## Offsite tuning", "", (out / "offsite" / "table.md").read_text().split("\n", 1)[1].strip(), ""]
     cal = s["calibrate"]
-    origin = ("the table shipped with the package, fitted on this very model (`--recalibrate` fits it anew)"
-              if cal.get("source") == "shipped" else "fitted here to real FedPEAT runs")
-    lines += ["## Environment calibration", "", f"Perplexity response of the MEC environment: {origin}.", "",
-              "| k | ppl_inf | eta |", "|---|---|---|",
-              *[f"| {k} | {p:.2f} | {e:.3f} |" for k, p, e in zip(cal["k"], cal["ppl_inf"], cal["eta"])], ""]
+    origin = (
+        "the table shipped with the package, fitted on this very model (`--recalibrate` fits it anew)"
+        if cal.get("source") == "shipped"
+        else "fitted here to real FedPEAT runs"
+    )
+    lines += [
+        "## Environment calibration",
+        "",
+        f"Perplexity response of the MEC environment: {origin}.",
+        "",
+        "| k | ppl_inf | eta |",
+        "|---|---|---|",
+        *[f"| {k} | {p:.2f} | {e:.3f} |" for k, p, e in zip(cal["k"], cal["ppl_inf"], cal["eta"])],
+        "",
+    ]
     ctl = s["controller"]
     lines += ["## Controller (SABPPO) against the baselines", "", ctl.get("table", ""), ""]
     for name in ctl.get("plots", []):

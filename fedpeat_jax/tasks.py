@@ -57,7 +57,9 @@ class TaskConfig(Config):
     max_clients: Optional[int] = None  # keep only the largest clients
     max_eval_windows: Optional[int] = 256
     """Windows kept of each evaluation set (client test, held-out text, server data); None keeps all."""
-    server_domain: str = "target"  # one of SERVER_DOMAINS (the MEC environment's calibration and live mode use "modern")
+    server_domain: str = (
+        "target"  # one of SERVER_DOMAINS (the MEC environment's calibration and live mode use "modern")
+    )
     server_windows: Optional[int] = None  # windows of server data kept (None: max_eval_windows)
     seed: int = 0
     """Seed of the partition, the split and the window subsampling."""
@@ -125,15 +127,15 @@ def _partition(cfg: TaskConfig, train_corpus) -> tuple:
                 f"TaskConfig.min_client_size: none of the {len(groups)} {pairs} has >= {cfg.min_client_size} {examples} "
                 f"(the largest has {largest}); lower it, or use TaskConfig.partition 'iid' or 'dirichlet'"
             )
-        clients = data_lib.TextClients(
-            tuple(f"{p}/{r}" if r else p for p, r in big), tuple(big.values())
-        )
+        clients = data_lib.TextClients(tuple(f"{p}/{r}" if r else p for p, r in big), tuple(big.values()))
         server = [t for key, texts in groups.items() if key not in big for t in texts]
         return clients, server
     texts = [s.text for s in train_corpus.speeches]
     if cfg.n_clients > len(texts):
-        raise ValueError(f"TaskConfig.n_clients ({cfg.n_clients}) is more than the {len(texts)} training {examples}; "
-                         "lower it" + ("" if train_corpus.spelling != "custom" else ", or cut the text finer (TextConfig.unit)"))
+        raise ValueError(
+            f"TaskConfig.n_clients ({cfg.n_clients}) is more than the {len(texts)} training {examples}; "
+            "lower it" + ("" if train_corpus.spelling != "custom" else ", or cut the text finer (TextConfig.unit)")
+        )
     if cfg.partition == "iid":
         return data_lib.iid_clients(texts, cfg.n_clients, seed=cfg.seed), []
     labels = [s.play for s in train_corpus.speeches]
@@ -159,11 +161,15 @@ def plan_task(cfg: TaskConfig, cache_dir=None) -> TextTask:
     held_docs = data_lib.heldout_documents(corpus, cfg.text)
     train_corpus, held_corpus = corpus.select(exclude=held_docs), corpus.select(plays=held_docs)
     if not train_corpus.speeches:
-        raise ValueError(f"TextConfig.heldout_docs: every document of {cfg.text.describe()} is held out; nothing is left to train on")
+        raise ValueError(
+            f"TextConfig.heldout_docs: every document of {cfg.text.describe()} is held out; nothing is left to train on"
+        )
     clients, server = _partition(cfg, train_corpus)
     if cfg.max_clients is not None and len(clients) > cfg.max_clients:
         order = np.argsort([-n for n in clients.sizes], kind="stable")[: cfg.max_clients]
-        clients = data_lib.TextClients(tuple(clients.names[i] for i in order), tuple(clients.examples[i] for i in order))
+        clients = data_lib.TextClients(
+            tuple(clients.names[i] for i in order), tuple(clients.examples[i] for i in order)
+        )
     train, test = data_lib.train_test_split(clients, cfg.test_fraction, seed=cfg.seed)
     if cfg.server_domain == "modern":
         server = _modern_server_texts(cache_dir)
@@ -171,8 +177,14 @@ def plan_task(cfg: TaskConfig, cache_dir=None) -> TextTask:
         server = [t for ex in train.examples[:: max(1, len(train) // 20)] for t in ex]
     examples, docs, _ = _words(corpus)
     names = ", ".join(held_docs[:4]) + (", ..." if len(held_docs) > 4 else "")
-    held = f"{len(held_docs)} held-out {docs if len(held_docs) > 1 else docs[:-1]} ({names})" if held_docs else f"no held-out {docs}"
-    summary = (f"{cfg.text.describe()}: {len(clients)} {cfg.partition} clients, {sum(clients.sizes):,} {examples}; {held}")
+    held = (
+        f"{len(held_docs)} held-out {docs if len(held_docs) > 1 else docs[:-1]} ({names})"
+        if held_docs
+        else f"no held-out {docs}"
+    )
+    summary = (
+        f"{cfg.text.describe()}: {len(clients)} {cfg.partition} clients, {sum(clients.sizes):,} {examples}; {held}"
+    )
     return TextTask(train, test, tuple(held_docs), tuple(s.text for s in held_corpus.speeches), tuple(server), summary)
 
 
@@ -216,7 +228,19 @@ def device_population(task: Task, n: int, seed: int = 0) -> Task:
         raise ValueError(f"a device population of {n} clients needs 1 <= n <= the task's {total} clients")
     ids = np.sort(np.random.default_rng(seed).permutation(total)[:n])
     train = FedData.from_arrays(*(np.asarray(x)[ids] for x in (task.train.tokens, task.train.mask, task.train.counts)))
-    return task._replace(train=train, names=tuple(task.names[i] for i in ids), n_tokens=int(np.asarray(train.mask).sum()))
+    return task._replace(
+        train=train, names=tuple(task.names[i] for i in ids), n_tokens=int(np.asarray(train.mask).sum())
+    )
 
 
-__all__ = ["PARTITIONS", "SERVER_DOMAINS", "TaskConfig", "TextTask", "Task", "plan_task", "tokenize_task", "build_task", "device_population"]
+__all__ = [
+    "PARTITIONS",
+    "SERVER_DOMAINS",
+    "TaskConfig",
+    "TextTask",
+    "Task",
+    "plan_task",
+    "tokenize_task",
+    "build_task",
+    "device_population",
+]

@@ -26,7 +26,9 @@ from fedpeat_jax.peat.pretrained import load_model, model_config
 from fedpeat_jax.tasks import Task, TaskConfig, plan_task, tokenize_task
 
 EXPORTABLE = ("lora", "bitfit", "full")  # PEFT kinds that merge into plain GPT-2 weights
-DEFAULT_PEFT = PeftConfig(kind="lora", lora_rank=8, lora_alpha=16.0)  # what `fedpeat tune` and `fedpeat sweep` tune by default
+DEFAULT_PEFT = PeftConfig(
+    kind="lora", lora_rank=8, lora_alpha=16.0
+)  # what `fedpeat tune` and `fedpeat sweep` tune by default
 
 
 def _perplexity(nll_and_count) -> Optional[float]:
@@ -37,7 +39,9 @@ def _perplexity(nll_and_count) -> Optional[float]:
     return float(np.exp(total / count)) if count > 0 else None
 
 
-def _federate(params, model, peft_cfg: PeftConfig, fed_cfg: FedConfig, task: Task, out: Path, *, resume: bool, show_progress: bool) -> dict:
+def _federate(
+    params, model, peft_cfg: PeftConfig, fed_cfg: FedConfig, task: Task, out: Path, *, resume: bool, show_progress: bool
+) -> dict:
     """The engine's part of a run (the only place this module calls it): zero-shot evaluation,
     the rounds, and the tuned weights. Returns {"round", "history", "zero_shot", "merged", "peft_state", "peft_full"} on the host.
 
@@ -63,14 +67,30 @@ def _federate(params, model, peft_cfg: PeftConfig, fed_cfg: FedConfig, task: Tas
         state0 = jax.jit(sim.init)(jax.random.key(fed_cfg.seed), params)
         zero = driver._host(jax.jit(sim.eval_nll)(state0, params, *map(jnp.asarray, task.heldout)))
     server = tuple(map(jnp.asarray, task.server)) if fed_cfg.server_participation else None
-    result = driver.train(sim, params, train, seed=fed_cfg.seed, eval_data=task.heldout, server_data=server,
-                          logdir=out / "logs", ckpt_dir=out / "checkpoints", resume=resume, show_progress=show_progress)
+    result = driver.train(
+        sim,
+        params,
+        train,
+        seed=fed_cfg.seed,
+        eval_data=task.heldout,
+        server_data=server,
+        logdir=out / "logs",
+        ckpt_dir=out / "checkpoints",
+        resume=resume,
+        show_progress=show_progress,
+    )
     if sim.learner.kind == "model":  # full fine-tuning: the trained tree is the model itself
         merged, peft_state, peft_full = result.state.trainable, None, None
     else:
         merged, peft_state, peft_full = sim.base_params(result.state, params), result.state.trainable, sim.peft_full
-    return {"round": int(driver._host(result.state.round)), "history": result.history, "zero_shot": zero,
-            "merged": driver._host(merged), "peft_state": driver._host(peft_state), "peft_full": peft_full}
+    return {
+        "round": int(driver._host(result.state.round)),
+        "history": result.history,
+        "zero_shot": zero,
+        "merged": driver._host(merged),
+        "peft_state": driver._host(peft_state),
+        "peft_full": peft_full,
+    }
 
 
 def set_aside(path: Path) -> Optional[Path]:
@@ -87,7 +107,9 @@ def set_aside(path: Path) -> Optional[Path]:
 
 def check_seq_len(task_cfg: TaskConfig, model) -> None:
     if task_cfg.seq_len > model.n_positions:
-        raise ValueError(f"TaskConfig.seq_len ({task_cfg.seq_len}) exceeds the model's n_positions ({model.n_positions})")
+        raise ValueError(
+            f"TaskConfig.seq_len ({task_cfg.seq_len}) exceeds the model's n_positions ({model.n_positions})"
+        )
 
 
 def load_task(plan, task_cfg: TaskConfig, preset: str, model_dir=None, cache_dir=None) -> tuple:
@@ -98,9 +120,19 @@ def load_task(plan, task_cfg: TaskConfig, preset: str, model_dir=None, cache_dir
     return params, model, tokenizer, tokenize_task(plan, task_cfg, tokenizer)
 
 
-def run_tune(task_cfg: TaskConfig, peft_cfg: PeftConfig, fed_cfg: FedConfig, *, preset: str = "default", model_dir=None,
-             out="runs/tune", resume: bool = True, cache_dir=None, show_progress: bool = True,
-             log: Callable[[str], None] = print) -> dict:
+def run_tune(
+    task_cfg: TaskConfig,
+    peft_cfg: PeftConfig,
+    fed_cfg: FedConfig,
+    *,
+    preset: str = "default",
+    model_dir=None,
+    out="runs/tune",
+    resume: bool = True,
+    cache_dir=None,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Check, load, partition, run FedPEAT, export the plug-in model; returns a summary dict.
 
     resume=False sets an existing `out` aside (renamed, never deleted) and starts over.
@@ -120,8 +152,10 @@ def run_tune(task_cfg: TaskConfig, peft_cfg: PeftConfig, fed_cfg: FedConfig, *, 
     except ValueError as e:
         if task_cfg.partition != "natural" or task_cfg.text.is_shakespeare:
             raise
-        raise ValueError(f"{e}: the natural partition makes one client per document; TaskConfig.partition 'iid' or "
-                         "'dirichlet' with TaskConfig.n_clients makes any number") from None
+        raise ValueError(
+            f"{e}: the natural partition makes one client per document; TaskConfig.partition 'iid' or "
+            "'dirichlet' with TaskConfig.n_clients makes any number"
+        ) from None
     log(f"data: {plan.summary}")
 
     params, model, tokenizer, task = load_task(plan, task_cfg, preset, model_dir, cache_dir)
@@ -138,8 +172,15 @@ def run_tune(task_cfg: TaskConfig, peft_cfg: PeftConfig, fed_cfg: FedConfig, *, 
 
     export = out / "model"
     if primary and (peft_cfg.kind in EXPORTABLE or fed_cfg.trainable == "model"):
-        hf.save_pretrained(run["merged"], model, export, peft_state=run["peft_state"], peft_config=run["peft_full"],
-                           tokenizer=tokenizer, overwrite=True)
+        hf.save_pretrained(
+            run["merged"],
+            model,
+            export,
+            peft_state=run["peft_state"],
+            peft_config=run["peft_full"],
+            tokenizer=tokenizer,
+            overwrite=True,
+        )
     history = run["history"]
     plugin_ppl = next((h["plugin_ppl"] for h in reversed(history) if "plugin_ppl" in h), None)
     if not history and (out / "summary.json").is_file():  # a finished run, rerun: nothing new was measured

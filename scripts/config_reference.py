@@ -49,23 +49,55 @@ PACKAGE = ROOT / "fedpeat_jax"
 SECTIONS = [
     ("fedpeat_jax.config", "GPT2Config", "Shape of the GPT-2 model (names follow transformers' GPT2Config)."),
     ("fedpeat_jax.config", "PeftConfig", "Which PEFT module is trained and in which blocks."),
-    ("fedpeat_jax.data.source", "TextConfig", "Which text a run reads (Shakespeare, or your own folder of text files or one file), how it is cut into examples, and which documents are held out."),
+    (
+        "fedpeat_jax.data.source",
+        "TextConfig",
+        "Which text a run reads (Shakespeare, or your own folder of text files or one file), how it is cut into examples, and which documents are held out.",
+    ),
     ("fedpeat_jax.tasks", "TaskConfig", "The federated downstream task: partition of the text into clients, windows."),
-    ("fedpeat_jax.config", "FedConfig", "One federated run: sampling, local training, aggregation, privacy, emulators."),
+    (
+        "fedpeat_jax.config",
+        "FedConfig",
+        "One federated run: sampling, local training, aggregation, privacy, emulators.",
+    ),
     ("fedpeat_jax.peat.foundation", "PretrainConfig", "Pretraining of the project's own foundation model."),
-    ("fedpeat_jax.peat.train", "TrainConfig", "The generic training loop behind pretraining, distillation and the offsite table (no CLI group of its own: PretrainConfig, DistillConfig and OffsiteConfig build it)."),
+    (
+        "fedpeat_jax.peat.train",
+        "TrainConfig",
+        "The generic training loop behind pretraining, distillation and the offsite table (no CLI group of its own: PretrainConfig, DistillConfig and OffsiteConfig build it).",
+    ),
     ("fedpeat_jax.peat.distill", "DistillConfig", "Emulator distillation (LM + kd_weight x KD)."),
     ("fedpeat_jax.peat.offsite", "OffsiteConfig", "The offsite-tuning table (Full ZS ... OT Plug-in)."),
-    ("fedpeat_jax.mec.calibrate", "CalibrateConfig", "The real FedPEAT runs that calibrate the MEC environment's perplexity response."),
-    ("fedpeat_jax.mec.params", "EnvParams", "Every number of the MEC environment (a pytree: vmappable, sweepable). Build it with `make_params` / `preset_params`, not by hand; see [system_model.md](system_model.md) for the equations. The CLI exposes only `--env-preset` and `--calibration` (`fedpeat train-controller`); set other fields in Python (`preset_params('default', w_latency=0.5)`) or sweep them with `scripts/sweep.py --grid`."),
-    ("fedpeat_jax.rl.sabppo", "SABPPOConfig", "Static settings of an SABPPO run and the defaults of its traced hyperparameters."),
+    (
+        "fedpeat_jax.mec.calibrate",
+        "CalibrateConfig",
+        "The real FedPEAT runs that calibrate the MEC environment's perplexity response.",
+    ),
+    (
+        "fedpeat_jax.mec.params",
+        "EnvParams",
+        "Every number of the MEC environment (a pytree: vmappable, sweepable). Build it with `make_params` / `preset_params`, not by hand; see [system_model.md](system_model.md) for the equations. The CLI exposes only `--env-preset` and `--calibration` (`fedpeat train-controller`); set other fields in Python (`preset_params('default', w_latency=0.5)`) or sweep them with `scripts/sweep.py --grid`.",
+    ),
+    (
+        "fedpeat_jax.rl.sabppo",
+        "SABPPOConfig",
+        "Static settings of an SABPPO run and the defaults of its traced hyperparameters.",
+    ),
     ("fedpeat_jax.rl.controller", "ControllerConfig", "How `train_controller` runs, checkpoints and evaluates SABPPO."),
     ("fedpeat_jax.quickstart", "QuickstartConfig", "Sizes of every stage of `fedpeat quickstart`."),
 ]
 # Traced hyperparameter records (not options: built from the configs above, vmapped in sweeps).
 TRACED = [
-    ("fedpeat_jax.fed.client", "Hyper", "Numeric FedPEAT hyperparameters that `driver.study` vmaps over; `Hyper.from_config(fed)` fills them from FedConfig."),
-    ("fedpeat_jax.rl.sabppo", "HParams", "Traced SABPPO hyperparameters; `default_hparams(config, env_params)` fills them from SABPPOConfig; `scripts/sweep.py` and `jax.vmap(trainer.train)` sweep them."),
+    (
+        "fedpeat_jax.fed.client",
+        "Hyper",
+        "Numeric FedPEAT hyperparameters that `driver.study` vmaps over; `Hyper.from_config(fed)` fills them from FedConfig.",
+    ),
+    (
+        "fedpeat_jax.rl.sabppo",
+        "HParams",
+        "Traced SABPPO hyperparameters; `default_hparams(config, env_params)` fills them from SABPPOConfig; `scripts/sweep.py` and `jax.vmap(trainer.train)` sweep them.",
+    ),
 ]
 
 # Descriptions of the fields of the records that are not config dataclasses (EnvParams, Hyper,
@@ -191,8 +223,12 @@ def _messages(func: ast.AST, module, subst=None) -> list:
     out = []
 
     def visit(node, subst):
-        if isinstance(node, ast.For) and isinstance(node.target, ast.Name) and isinstance(node.iter, ast.Tuple) \
-                and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.iter.elts):
+        if (
+            isinstance(node, ast.For)
+            and isinstance(node.target, ast.Name)
+            and isinstance(node.iter, ast.Tuple)
+            and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.iter.elts)
+        ):
             for e in node.iter.elts:
                 for child in node.body:
                     visit(child, {**subst, node.target.id: e.value})
@@ -223,15 +259,17 @@ def constraints(cls) -> dict:
     if hasattr(cls, "train_config"):  # PretrainConfig, DistillConfig, OffsiteConfig validate through TrainConfig
         from fedpeat_jax.peat.train import TrainConfig
 
-        sources += [(TrainConfig, f) for f in _functions_for(TrainConfig, importlib.import_module(TrainConfig.__module__))]
+        sources += [
+            (TrainConfig, f) for f in _functions_for(TrainConfig, importlib.import_module(TrainConfig.__module__))
+        ]
     out: dict = {}
     for owner, func in sources:
         for msg in _messages(func, importlib.import_module(owner.__module__)):
             for m in re.finditer(rf"(?:{owner.__name__}\.)?((?:\w+, )*\w+)(?: \([^)]*\))? (must|needs) (.+)", msg):
                 text = m.group(2) + " " + m.group(3)
                 text = re.split(r", got\b|, expected\b|; |: \{", text)[0].strip().rstrip(".")
-                text = re.sub(r"=\{[^}]*\}", "", text)                       # "steps={self.steps}" -> "steps"
-                text = re.sub(r"(\b\w+) \(\{self\.\1\}\)", r"\1", text)      # "n_head ({self.n_head})" -> "n_head"
+                text = re.sub(r"=\{[^}]*\}", "", text)  # "steps={self.steps}" -> "steps"
+                text = re.sub(r"(\b\w+) \(\{self\.\1\}\)", r"\1", text)  # "n_head ({self.n_head})" -> "n_head"
                 text = re.sub(r"\{self\.(\w+)\}", r"\1", text)
                 text = re.sub(r" ?\(?\{[^}]*\}\)?", "", text).strip()
                 for name in m.group(1).split(", "):
@@ -424,7 +462,7 @@ def class_table(cls, role: str, cli_fields: dict, traced: bool = False) -> list:
         if has_sections and s.get("section"):
             desc = f"*{s['section']}*: {desc}" if desc else f"*{s['section']}*"
         flags = []
-        for command, flag, shown in (cli_fields.get(cls.__name__, {}).get(name) or []):
+        for command, flag, shown in cli_fields.get(cls.__name__, {}).get(name) or []:
             text = f"`fedpeat {command} {flag}`"
             default = getattr(_cli_base(cls, command), name, None)
             if not _cli_default_matches(default, shown):
@@ -455,20 +493,38 @@ def preset_tables() -> list:
     from fedpeat_jax.peat.foundation import PRETRAIN_PRESETS, PretrainConfig
     from fedpeat_jax.quickstart import QuickstartConfig
 
-    out = ["### GPT-2 presets (`GPT2Config.preset(name)`, `--preset`)", "",
-           "| preset | n_layer | n_embd | n_head | vocab_size | n_positions | parameters |", "|---|---|---|---|---|---|---|"]
+    out = [
+        "### GPT-2 presets (`GPT2Config.preset(name)`, `--preset`)",
+        "",
+        "| preset | n_layer | n_embd | n_head | vocab_size | n_positions | parameters |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, c in GPT2_PRESETS.items():
-        out.append(f"| `{name}` | {c.n_layer} | {c.n_embd} | {c.n_head} | {c.vocab_size} | {c.n_positions} | {c.param_count():,} |")
+        out.append(
+            f"| `{name}` | {c.n_layer} | {c.n_embd} | {c.n_head} | {c.vocab_size} | {c.n_positions} | {c.param_count():,} |"
+        )
     base = PretrainConfig()
-    out += ["", "### Pretraining presets (`PRETRAIN_PRESETS`, `fedpeat pretrain --preset`)", "",
-            "Fields that differ from the PretrainConfig defaults above.", "", "| preset | settings |", "|---|---|"]
+    out += [
+        "",
+        "### Pretraining presets (`PRETRAIN_PRESETS`, `fedpeat pretrain --preset`)",
+        "",
+        "Fields that differ from the PretrainConfig defaults above.",
+        "",
+        "| preset | settings |",
+        "|---|---|",
+    ]
     for name, c in PRETRAIN_PRESETS.items():
         diff = {f: getattr(c, f) for f in field_names(PretrainConfig) if getattr(c, f) != getattr(base, f)}
         out.append(f"| `{name}` | {', '.join(f'`{k}={_fmt_value(v)}`' for k, v in diff.items()) or 'the defaults'} |")
     q, t = QuickstartConfig(), QuickstartConfig.tiny()
     diff = {f: getattr(t, f) for f in field_names(QuickstartConfig) if getattr(t, f) != getattr(q, f)}
-    out += ["", "### `fedpeat quickstart --tiny` (`QuickstartConfig.tiny()`)", "",
-            "Changes these defaults: " + ", ".join(f"`{k}={_fmt_value(v)}`" for k, v in diff.items()) + ".", ""]
+    out += [
+        "",
+        "### `fedpeat quickstart --tiny` (`QuickstartConfig.tiny()`)",
+        "",
+        "Changes these defaults: " + ", ".join(f"`{k}={_fmt_value(v)}`" for k, v in diff.items()) + ".",
+        "",
+    ]
     return out
 
 
@@ -481,11 +537,16 @@ def env_extras() -> list:
 
     sig = inspect.signature(env_mod.make_params)
     entries = docstring_entries(env_mod.make_params.__doc__)
-    out = ["### `make_params` / `preset_params` arguments", "",
-           "[`fedpeat_jax/mec/params.py`](../fedpeat_jax/mec/params.py). `preset_params(name, calibration, **overrides)` is `make_params` "
-           "with a preset's arguments; `FedPEATMEC(preset=..., calibration=..., **overrides)` calls it. Any other EnvParams field "
-           "can be passed as an override.", "",
-           "| argument | default | description |", "|---|---|---|"]
+    out = [
+        "### `make_params` / `preset_params` arguments",
+        "",
+        "[`fedpeat_jax/mec/params.py`](../fedpeat_jax/mec/params.py). `preset_params(name, calibration, **overrides)` is `make_params` "
+        "with a preset's arguments; `FedPEATMEC(preset=..., calibration=..., **overrides)` calls it. Any other EnvParams field "
+        "can be passed as an override.",
+        "",
+        "| argument | default | description |",
+        "|---|---|---|",
+    ]
     for p in sig.parameters.values():
         if p.kind is inspect.Parameter.VAR_KEYWORD:
             desc = entries.get(p.name, "")
@@ -501,17 +562,48 @@ def env_extras() -> list:
         if p.name == "mem_choices_gb":
             desc = "Device memory capacities (GB = 1e9 bytes), drawn uniformly per device."
         out.append(f"| `{p.name}` | `{_fmt_value(p.default)}` | {_cell(desc)} |")
-    out += ["", "### MEC presets (`preset_params(name)`, `fedpeat train-controller --env-preset`)", "",
-            "| preset | make_params arguments |", "|---|---|"]
+    out += [
+        "",
+        "### MEC presets (`preset_params(name)`, `fedpeat train-controller --env-preset`)",
+        "",
+        "| preset | make_params arguments |",
+        "|---|---|",
+    ]
     for name, kw in env_mod.PRESETS.items():
         out.append(f"| `{name}` | {', '.join(f'`{k}={_fmt_value(v)}`' for k, v in kw.items())} |")
     params = env_mod.preset_params("default")
-    out += ["", "Derived fields of `preset_params('default')` with the shipped calibration table "
-            "([`fedpeat_jax/mec/calibration_default.json`](../fedpeat_jax/mec/calibration_default.json)), 4 significant digits:", "",
-            "| field | value |", "|---|---|"]
-    for name in ("bw_weights", "mem_choices", "seq_len", "p_emb", "p_blk", "p_peft", "n_adapter", "k_full", "n_embd", "n_head",
-                 "level_k", "cal_k", "ppl0", "ppl_ref", "ppl_best", "srv_ppl_inf", "srv_eta", "server_data", "data_min",
-                 "data_max", "round_deadline", "latency_ref"):
+    out += [
+        "",
+        "Derived fields of `preset_params('default')` with the shipped calibration table "
+        "([`fedpeat_jax/mec/calibration_default.json`](../fedpeat_jax/mec/calibration_default.json)), 4 significant digits:",
+        "",
+        "| field | value |",
+        "|---|---|",
+    ]
+    for name in (
+        "bw_weights",
+        "mem_choices",
+        "seq_len",
+        "p_emb",
+        "p_blk",
+        "p_peft",
+        "n_adapter",
+        "k_full",
+        "n_embd",
+        "n_head",
+        "level_k",
+        "cal_k",
+        "ppl0",
+        "ppl_ref",
+        "ppl_best",
+        "srv_ppl_inf",
+        "srv_eta",
+        "server_data",
+        "data_min",
+        "data_max",
+        "round_deadline",
+        "latency_ref",
+    ):
         v = np.asarray(getattr(params, name), dtype=np.float64)
         shown = ", ".join(f"{x:.4g}" for x in v.ravel()) if v.ndim else f"{float(v):.4g}"
         out.append(f"| `{name}` | {'[' + shown + ']' if v.ndim else shown} |")
@@ -519,18 +611,28 @@ def env_extras() -> list:
 
 
 def commands_section(groups: dict, plain: dict, cli_fields: dict, helps: dict) -> list:
-    out = ["## Commands", "",
-           "`fedpeat COMMAND --help` lists a command's options. Options from a config class are grouped by section; "
-           "`--config FILE.json` takes one JSON object per section (e.g. `{\"fed\": {\"rounds\": 50}}`) and command-line "
-           "options win over the file. A field name used by two sections of one command gets the section as prefix "
-           "(`--offsite-steps`, `--distill-steps`). Tuples are given comma-separated (`--levels 0,2,4`); `none` sets an "
-           "optional field to None; booleans take true/false.", "",
-           "| command | config sections (`--config` keys) | other options |", "|---|---|---|"]
+    out = [
+        "## Commands",
+        "",
+        "`fedpeat COMMAND --help` lists a command's options. Options from a config class are grouped by section; "
+        '`--config FILE.json` takes one JSON object per section (e.g. `{"fed": {"rounds": 50}}`) and command-line '
+        "options win over the file. A field name used by two sections of one command gets the section as prefix "
+        "(`--offsite-steps`, `--distill-steps`). Tuples are given comma-separated (`--levels 0,2,4`); `none` sets an "
+        "optional field to None; booleans take true/false.",
+        "",
+        "| command | config sections (`--config` keys) | other options |",
+        "|---|---|---|",
+    ]
     for command in sorted(groups):
         secs = ", ".join(f"`{s}` ([{c}](#{_anchor(c)}))" for s, c in groups[command]) or "-"
         other = "<br>".join(f"`{flag}`: {text}" if text else f"`{flag}`" for flag, text in plain[command])
-        flags = [flag for _, c in groups[command] for entries in cli_fields.get(c, {}).values()
-                 for cmd, flag, _ in entries if cmd == command]
+        flags = [
+            flag
+            for _, c in groups[command]
+            for entries in cli_fields.get(c, {}).values()
+            for cmd, flag, _ in entries
+            if cmd == command
+        ]
         if flags and not any(flag in helps.get(command, "") for flag in flags):
             secs += " (accepted, but not listed by `--help`)"
         out.append(f"| `fedpeat {command}` | {secs} | {_cell(other)} |")
@@ -544,8 +646,12 @@ def discovered_configs() -> list:
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ClassDef) and node.name.endswith("Config") and node.name not in listed and any(
-                    "dataclass" in ast.unparse(d) for d in node.decorator_list):
+            if (
+                isinstance(node, ast.ClassDef)
+                and node.name.endswith("Config")
+                and node.name not in listed
+                and any("dataclass" in ast.unparse(d) for d in node.decorator_list)
+            ):
                 module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
                 role = (ast.get_docstring(node) or "").strip().split("\n")[0]
                 found.append((module, node.name, role))
@@ -568,7 +674,8 @@ def render() -> str:
         "type; the default; the constraints the class's own validation checks (read from its error messages; further "
         "checks against the model or the data happen when a run starts); and the field's comment in the code.",
         "",
-        "Contents: [Commands](#commands), " + ", ".join(f"[{n}](#{_anchor(n)})" for _, n, _ in sections)
+        "Contents: [Commands](#commands), "
+        + ", ".join(f"[{n}](#{_anchor(n)})" for _, n, _ in sections)
         + ", [traced hyperparameters](#traced-hyperparameters).",
         "",
     ]
@@ -580,9 +687,13 @@ def render() -> str:
             lines += preset_tables()
         if name == "EnvParams":
             lines += env_extras()
-    lines += ["## Traced hyperparameters", "",
-              "Not options: records of traced arrays built from the configs above, so that a study can `jax.vmap` whole "
-              "runs over them.", ""]
+    lines += [
+        "## Traced hyperparameters",
+        "",
+        "Not options: records of traced arrays built from the configs above, so that a study can `jax.vmap` whole "
+        "runs over them.",
+        "",
+    ]
     for module, name, role in TRACED:
         cls = getattr(importlib.import_module(module), name)
         table = class_table(cls, role, {}, traced=True)
@@ -598,15 +709,20 @@ def render() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Write docs/config.md from the config dataclasses.")
-    parser.add_argument("--check", action="store_true", help="exit 1 if docs/config.md differs from what would be written")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if docs/config.md differs from what would be written"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     text = render()
     if args.check:
         current = args.out.read_text() if args.out.is_file() else ""
         if current != text:
-            print(f"{args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} is stale: "
-                  "run `python scripts/config_reference.py`", file=sys.stderr)
+            print(
+                f"{args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} is stale: "
+                "run `python scripts/config_reference.py`",
+                file=sys.stderr,
+            )
             return 1
         print(f"{args.out.name} is up to date")
         return 0

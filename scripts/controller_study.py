@@ -33,16 +33,22 @@ from benchmarks.common import machine_info  # noqa: E402
 
 
 def _table(summary: dict) -> list:
-    rows = ["| policy | mean episode return | per seed | perplexity | latency (s) | devices + server per round | stragglers | violations |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| policy | mean episode return | per seed | perplexity | latency (s) | devices + server per round | stragglers | violations |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     s = summary["sabppo"]
-    rows.append(f"| **SABPPO** ({len(s['per_seed_return_mean'])} seeds) | **{s['return_mean']:.2f}** ± {s['return_std_across_seeds']:.2f} | "
-                + ", ".join(f"{r:.2f}" for r in s["per_seed_return_mean"])
-                + f" | {s['perplexity_mean']:.1f} | {s['latency_mean']:.3f} | {s['participants_mean']:.2f} | "
-                  f"{s['stragglers_mean']:.2f} | {s['violations_mean']:.2f} |")
+    rows.append(
+        f"| **SABPPO** ({len(s['per_seed_return_mean'])} seeds) | **{s['return_mean']:.2f}** ± {s['return_std_across_seeds']:.2f} | "
+        + ", ".join(f"{r:.2f}" for r in s["per_seed_return_mean"])
+        + f" | {s['perplexity_mean']:.1f} | {s['latency_mean']:.3f} | {s['participants_mean']:.2f} | "
+        f"{s['stragglers_mean']:.2f} | {s['violations_mean']:.2f} |"
+    )
     for name, b in summary["baselines"].items():
-        rows.append(f"| {name} | {b['return_mean']:.2f} | - | {b['perplexity_mean']:.1f} | {b['latency_mean']:.3f} | "
-                    f"{b['participants_mean']:.2f} | {b['stragglers_mean']:.2f} | {b['violations_mean']:.2f} |")
+        rows.append(
+            f"| {name} | {b['return_mean']:.2f} | - | {b['perplexity_mean']:.1f} | {b['latency_mean']:.3f} | "
+            f"{b['participants_mean']:.2f} | {b['stragglers_mean']:.2f} | {b['violations_mean']:.2f} |"
+        )
     return rows
 
 
@@ -50,8 +56,10 @@ def _model_line() -> str:
     from fedpeat_jax.mec.calibration import default_table
 
     meta = default_table().meta
-    return (f"the shipped calibration table, measured on the shipped foundation model (fingerprint "
-            f"{meta.get('model_fingerprint')}, weights sha256 {str(meta.get('model_params_sha256'))[:12]}...)")
+    return (
+        f"the shipped calibration table, measured on the shipped foundation model (fingerprint "
+        f"{meta.get('model_fingerprint')}, weights sha256 {str(meta.get('model_params_sha256'))[:12]}...)"
+    )
 
 
 def controller_part(args, out: Path, runs: Path) -> dict:
@@ -60,8 +68,9 @@ def controller_part(args, out: Path, runs: Path) -> dict:
     from fedpeat_jax.rl.sabppo import SABPPOConfig
 
     config = SABPPOConfig(total_timesteps=64 * 50 * 4) if args.quick else SABPPOConfig()
-    controller = ControllerConfig(seeds=args.seeds, eval_episodes=64 if args.quick else 1024,
-                                  rule_search_episodes=8 if args.quick else 64)
+    controller = ControllerConfig(
+        seeds=args.seeds, eval_episodes=64 if args.quick else 1024, rule_search_episodes=8 if args.quick else 64
+    )
     started = time.time()
     summary = train_controller(config, preset_params("default"), runs / "controller", controller=controller)
     seconds = time.time() - started
@@ -69,8 +78,12 @@ def controller_part(args, out: Path, runs: Path) -> dict:
         shutil.copy(runs / "controller" / name, out / f"controller_{name}")
     result = {k: v for k, v in summary.items() if k != "run_dir"}
     result["sabppo"] = {k: v for k, v in summary["sabppo"].items() if k != "per_seed"}
-    result.update(sabppo_config=dataclasses.asdict(config), seconds=round(seconds, 1), machine=machine_info(),
-                  environment=_model_line())
+    result.update(
+        sabppo_config=dataclasses.asdict(config),
+        seconds=round(seconds, 1),
+        machine=machine_info(),
+        environment=_model_line(),
+    )
     (out / "controller.json").write_text(json.dumps(result, indent=1, default=str))
     best = summary["best_baseline"]
     beaten = summary["seeds_beating_every_baseline"]
@@ -107,29 +120,46 @@ def live_part(args, out: Path, runs: Path) -> dict:
     rounds = args.live_rounds
     env = live.make_live_env(config=live.LiveConfig(), max_steps_in_episode=rounds)
     config = SABPPOConfig(total_timesteps=64 * 50 * 4 if args.quick else 500_000, num_steps=rounds)
-    train_controller(config, env.default_params.surrogate(), runs / "controller_live",
-                     controller=ControllerConfig(eval_episodes=64, rule_search_episodes=0, behaviour_episodes=0))
+    train_controller(
+        config,
+        env.default_params.surrogate(),
+        runs / "controller_live",
+        controller=ControllerConfig(eval_episodes=64, rule_search_episodes=0, behaviour_episodes=0),
+    )
     policy, _, _ = load_policy(runs / "controller_live", env)
-    policies = {"sabppo": policy, **live_eval.baselines(env, ("best_rule", "greedy", "all_devices"), search_episodes=16 if args.quick else 64)}
+    policies = {
+        "sabppo": policy,
+        **live_eval.baselines(env, ("best_rule", "greedy", "all_devices"), search_episodes=16 if args.quick else 64),
+    }
     result = live_eval.compare(env, policies, rounds, seed=0)
     seconds = time.time() - started
     ppl0 = float(env.default_params.ppl0)
     returns = {name: p["summary"]["return"] for name, p in result["policies"].items()}
     best_baseline = max((n for n in returns if n != "sabppo"), key=returns.get)
-    payload = {"live_config": dataclasses.asdict(live.LiveConfig()), "ppl0": ppl0, "rounds": rounds,
-               "sabppo_env_steps": config.total_timesteps, "best_baseline": best_baseline,
-               "sabppo_beats_every_baseline": all(returns["sabppo"] > r for n, r in returns.items() if n != "sabppo"),
-               "seconds": round(seconds, 1), "machine": machine_info(), "environment": _model_line(), **result}
+    payload = {
+        "live_config": dataclasses.asdict(live.LiveConfig()),
+        "ppl0": ppl0,
+        "rounds": rounds,
+        "sabppo_env_steps": config.total_timesteps,
+        "best_baseline": best_baseline,
+        "sabppo_beats_every_baseline": all(returns["sabppo"] > r for n, r in returns.items() if n != "sabppo"),
+        "seconds": round(seconds, 1),
+        "machine": machine_info(),
+        "environment": _model_line(),
+        **result,
+    }
     (out / "live.json").write_text(json.dumps(payload, indent=1, default=str))
     live_eval.plot(result, out / "live.png")
     md = live_eval.to_markdown(result, ppl0)
-    md += (f"\nOne live episode of {rounds} real FedPEAT rounds per policy, from the same start (the same devices and channel "
-           f"draws). SABPPO beats every baseline in measured return: **{payload['sabppo_beats_every_baseline']}** (best baseline: "
-           f"{best_baseline}). SABPPO was trained for {config.total_timesteps:,} steps on the calibrated surrogate with the live "
-           f"environment's parameters ({rounds}-round episodes, LiveConfig defaults: {env.n_devices} devices = Folio role clients, "
-           f"the server on public modern-spelling text, the shipped foundation model); best_rule was searched on that surrogate "
-           f"too. Wall time {seconds:.0f} s. Machine: {payload['machine']['cpu_model']}, load average at the end "
-           f"{payload['machine']['loadavg_1_5_15']}. Plot: `live.png`.\n")
+    md += (
+        f"\nOne live episode of {rounds} real FedPEAT rounds per policy, from the same start (the same devices and channel "
+        f"draws). SABPPO beats every baseline in measured return: **{payload['sabppo_beats_every_baseline']}** (best baseline: "
+        f"{best_baseline}). SABPPO was trained for {config.total_timesteps:,} steps on the calibrated surrogate with the live "
+        f"environment's parameters ({rounds}-round episodes, LiveConfig defaults: {env.n_devices} devices = Folio role clients, "
+        f"the server on public modern-spelling text, the shipped foundation model); best_rule was searched on that surrogate "
+        f"too. Wall time {seconds:.0f} s. Machine: {payload['machine']['cpu_model']}, load average at the end "
+        f"{payload['machine']['loadavg_1_5_15']}. Plot: `live.png`.\n"
+    )
     (out / "live.md").write_text(md)
     print(md)
     return result
@@ -138,8 +168,12 @@ def live_part(args, out: Path, runs: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--live-rounds", type=int, default=20, help="rounds of the live episodes (the live env's episode length)")
-    parser.add_argument("--quick", action="store_true", help="tiny training budgets (smoke run; do not commit its results)")
+    parser.add_argument(
+        "--live-rounds", type=int, default=20, help="rounds of the live episodes (the live env's episode length)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny training budgets (smoke run; do not commit its results)"
+    )
     parser.add_argument("--skip", choices=("controller", "live"), default=None, help="skip one part")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--runs", default="runs/controller_study", help="training run directories (resumable)")

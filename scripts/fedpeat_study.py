@@ -103,7 +103,9 @@ class StudyConfig:
     seq_len: int = 64
     max_examples: int = 16  # windows per client (the quickstart's task)
     eval_windows: int = 128  # held-out windows (the quickstart's task)
-    rounds: int = 12  # the quickstart's FedPEAT stage: 12 rounds x 16 clients x 4 local steps, lr 3e-3, LoRA r 8 / alpha 16
+    rounds: int = (
+        12  # the quickstart's FedPEAT stage: 12 rounds x 16 clients x 4 local steps, lr 3e-3, LoRA r 8 / alpha 16
+    )
     clients_per_round: int = 16
     local_steps: int = 4
     local_batch: int = 2
@@ -122,8 +124,21 @@ class StudyConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> StudyConfig:
-        base = dict(preset="tiny", seq_len=32, max_examples=8, eval_windows=16, rounds=2, clients_per_round=2, local_steps=2,
-                    lora_rank=4, lora_alpha=8.0, k=1, eval_every=1, eval_batch=8, local_eval_clients=2)
+        base = dict(
+            preset="tiny",
+            seq_len=32,
+            max_examples=8,
+            eval_windows=16,
+            rounds=2,
+            clients_per_round=2,
+            local_steps=2,
+            lora_rank=4,
+            lora_alpha=8.0,
+            k=1,
+            eval_every=1,
+            eval_batch=8,
+            local_eval_clients=2,
+        )
         return cls(**{**base, **overrides})
 
 
@@ -153,7 +168,9 @@ class Method:
 
     @property
     def on_device_params(self) -> int:
-        in_place = self.learner.kind == "model" or (self.learner.peft_full.kind == "full")  # trained weights replace frozen ones
+        in_place = self.learner.kind == "model" or (
+            self.learner.peft_full.kind == "full"
+        )  # trained weights replace frozen ones
         return self.learner.device_params(0) + (0 if in_place else self.trainable_params)
 
     @property
@@ -180,7 +197,9 @@ class Method:
 
     @property
     def lora_params(self) -> int:
-        return self.trainable_params if self.learner.peft_full is not None and self.learner.peft_full.kind == "lora" else 0
+        return (
+            self.trainable_params if self.learner.peft_full is not None and self.learner.peft_full.kind == "lora" else 0
+        )
 
     @property
     def trained_matmul(self) -> int:
@@ -201,9 +220,18 @@ class Method:
 
 def study_fed_config(cfg: StudyConfig) -> FedConfig:
     """The FedConfig every method shares (client lr, what is trained and the emulator set per method)."""
-    return FedConfig(clients_per_round=cfg.clients_per_round, rounds=cfg.rounds, local_steps=cfg.local_steps, local_batch=cfg.local_batch,
-                     client_lr=cfg.lr_lora, adapter_l=cfg.l, adapter_r=cfg.r, emulator_levels=(cfg.k,), log_lora_gap=False,
-                     eval_batch=cfg.eval_batch)
+    return FedConfig(
+        clients_per_round=cfg.clients_per_round,
+        rounds=cfg.rounds,
+        local_steps=cfg.local_steps,
+        local_batch=cfg.local_batch,
+        client_lr=cfg.lr_lora,
+        adapter_l=cfg.l,
+        adapter_r=cfg.r,
+        emulator_levels=(cfg.k,),
+        log_lora_gap=False,
+        eval_batch=cfg.eval_batch,
+    )
 
 
 def study_lora(cfg: StudyConfig) -> PeftConfig:
@@ -213,7 +241,7 @@ def study_lora(cfg: StudyConfig) -> PeftConfig:
 def local_cohort(sim: FedPEAT, params, data: FedData, seed: int) -> FedData:
     """The clients FedPEAT samples in its round 0 for `seed`: local-only's fixed cohort."""
     state = jax.jit(sim.init)(jax.random.key(seed), params)
-    (ids, ok), = sim.sample(FedPEAT.round_keys(state)[0], data.levels)
+    ((ids, ok),) = sim.sample(FedPEAT.round_keys(state)[0], data.levels)
     ids = np.asarray(ids)[np.asarray(ok)]
     return FedData(*(x[ids] for x in data))
 
@@ -228,27 +256,49 @@ def build_methods(cfg: StudyConfig, params, model: GPT2Config, data: FedData) ->
     full_name = emu.EmulatorSpec(model.n_layer, cfg.l, cfg.r, n_middle).name
     fedpeat = FedPEAT(model, lora, fed, n_clients=n_clients)
     cohort = local_cohort(fedpeat, params, data, cfg.seeds[0])
-    n_eval = cfg.clients_per_round if cfg.local_eval_clients == 0 else min(cfg.local_eval_clients, cfg.clients_per_round)
+    n_eval = (
+        cfg.clients_per_round if cfg.local_eval_clients == 0 else min(cfg.local_eval_clients, cfg.clients_per_round)
+    )
     n_cohort = int(cohort.tokens.shape[0])
     build = {
         "fedpeat_lora": lambda: Method(
-            "fedpeat_lora", f"LoRA r={cfg.lora_rank} in the adapter blocks, tuned on the {spec_name} layer-drop emulator", fedpeat, data),
+            "fedpeat_lora",
+            f"LoRA r={cfg.lora_rank} in the adapter blocks, tuned on the {spec_name} layer-drop emulator",
+            fedpeat,
+            data,
+        ),
         "fed_full_adapter": lambda: Method(
-            "fed_full_adapter", f"every weight of the adapter blocks, tuned on the {spec_name} emulator",
-            FedPEAT(model, PeftConfig(kind="full"), fed.replace(client_lr=cfg.lr_full), n_clients=n_clients), data),
+            "fed_full_adapter",
+            f"every weight of the adapter blocks, tuned on the {spec_name} emulator",
+            FedPEAT(model, PeftConfig(kind="full"), fed.replace(client_lr=cfg.lr_full), n_clients=n_clients),
+            data,
+        ),
         "fed_lora_full_model": lambda: Method(
-            "fed_lora_full_model", f"LoRA r={cfg.lora_rank} in every block, tuned on the full model (no emulator)",
-            FedPEAT(model, lora, full.replace(trainable="all_blocks"), n_clients=n_clients), data),
+            "fed_lora_full_model",
+            f"LoRA r={cfg.lora_rank} in every block, tuned on the full model (no emulator)",
+            FedPEAT(model, lora, full.replace(trainable="all_blocks"), n_clients=n_clients),
+            data,
+        ),
         "fed_full_ft": lambda: Method(
-            "fed_full_ft", "every parameter of the model (embeddings, blocks, final LayerNorm), the whole model sent both ways",
-            FedPEAT(model, lora, full.replace(trainable="model", client_lr=cfg.lr_full), n_clients=n_clients), data),
+            "fed_full_ft",
+            "every parameter of the model (embeddings, blocks, final LayerNorm), the whole model sent both ways",
+            FedPEAT(model, lora, full.replace(trainable="model", client_lr=cfg.lr_full), n_clients=n_clients),
+            data,
+        ),
         "local_lora": lambda: Method(
-            "local_lora", f"FedPEAT's LoRA on the {spec_name} emulator, each of round 0's {n_cohort} clients alone every round, "
+            "local_lora",
+            f"FedPEAT's LoRA on the {spec_name} emulator, each of round 0's {n_cohort} clients alone every round, "
             f"no aggregation; perplexity: mean over {n_eval} of them",
-            FedPEAT(model, lora, fed.replace(algorithm="local", clients_per_round=n_cohort), n_clients=n_cohort), cohort, n_eval),
+            FedPEAT(model, lora, fed.replace(algorithm="local", clients_per_round=n_cohort), n_clients=n_cohort),
+            cohort,
+            n_eval,
+        ),
         "fed_lora_adapter_full_model": lambda: Method(
-            "fed_lora_adapter_full_model", f"LoRA r={cfg.lora_rank} in the adapter blocks, tuned on the full model ({full_name}: no layer dropped)",
-            FedPEAT(model, lora, full, n_clients=n_clients), data),
+            "fed_lora_adapter_full_model",
+            f"LoRA r={cfg.lora_rank} in the adapter blocks, tuned on the full model ({full_name}: no layer dropped)",
+            FedPEAT(model, lora, full, n_clients=n_clients),
+            data,
+        ),
     }
     return {k: build[k]() for k in cfg.methods}
 
@@ -259,8 +309,20 @@ def build_methods(cfg: StudyConfig, params, model: GPT2Config, data: FedData) ->
 def env_device_defaults() -> dict:
     """The FedPEAT-MEC environment's default radio and device numbers (EnvParams field defaults)."""
     fields = EnvParams.__dataclass_fields__
-    names = ("n_devices", "cell_radius", "bandwidth_hz", "noise_psd_w_hz", "device_power_w", "bs_power_w", "pl_const_db", "pl_exp_db",
-             "flops_min", "flops_max", "utilization", "q_bits")
+    names = (
+        "n_devices",
+        "cell_radius",
+        "bandwidth_hz",
+        "noise_psd_w_hz",
+        "device_power_w",
+        "bs_power_w",
+        "pl_const_db",
+        "pl_exp_db",
+        "flops_min",
+        "flops_max",
+        "utilization",
+        "q_bits",
+    )
     return {n: float(fields[n].default) for n in names}
 
 
@@ -284,11 +346,34 @@ def mec_latency(m: Method, model: GPT2Config, cfg: StudyConfig, env: dict) -> di
     s_peft = float(system.peft_bits(p_sent, q))
     steady = float(system.device_latency(0.0, s_emu, s_peft, r_dl, t_cmp, r_ul, 1.0))
     first = float(system.device_latency(1.0, s_emu, s_peft, r_dl, t_cmp, r_ul, 1.0))
-    memory = float(system.device_memory_bytes(m.mec_k, p_emb, p_blk, n_adapter, float(m.trainable_params), q, cfg.local_batch, cfg.seq_len,
-                                              model.n_embd, model.n_head))
-    return {"latency_s": steady, "first_round_latency_s": first, "download_s": s_peft / r_dl, "compute_s": t_cmp, "upload_s": s_peft / r_ul,
-            "emulator_download_s": s_emu / r_dl, "rate_dl_bps": r_dl, "rate_ul_bps": r_ul, "device_params": p_dev, "payload_bits": s_peft,
-            "emulator_bits": s_emu, "memory_bytes": memory}
+    memory = float(
+        system.device_memory_bytes(
+            m.mec_k,
+            p_emb,
+            p_blk,
+            n_adapter,
+            float(m.trainable_params),
+            q,
+            cfg.local_batch,
+            cfg.seq_len,
+            model.n_embd,
+            model.n_head,
+        )
+    )
+    return {
+        "latency_s": steady,
+        "first_round_latency_s": first,
+        "download_s": s_peft / r_dl,
+        "compute_s": t_cmp,
+        "upload_s": s_peft / r_ul,
+        "emulator_download_s": s_emu / r_dl,
+        "rate_dl_bps": r_dl,
+        "rate_ul_bps": r_ul,
+        "device_params": p_dev,
+        "payload_bits": s_peft,
+        "emulator_bits": s_emu,
+        "memory_bytes": memory,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +388,9 @@ def _shapes(tree) -> tuple:
     return (jax.tree.structure(tree), tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves(tree)))
 
 
-def run_method(m: Method, cfg: StudyConfig, model: GPT2Config, params, heldout, log, memory_cache: Optional[dict] = None) -> dict:
+def run_method(
+    m: Method, cfg: StudyConfig, model: GPT2Config, params, heldout, log, memory_cache: Optional[dict] = None
+) -> dict:
     """Compile, measure memory, run every seed with evaluations; returns the method's results."""
     sim, data = m.sim, m.data
     hyper = Hyper.from_config(sim.fed)
@@ -327,7 +414,9 @@ def run_method(m: Method, cfg: StudyConfig, model: GPT2Config, params, heldout, 
 
     objective, trainable, frozen = m.step_memory_args(state, params)
     example = {"tokens": data.tokens[0, : cfg.local_batch], "mask": data.mask[0, : cfg.local_batch]}
-    tcfg = TrainConfig(steps=2, batch=cfg.local_batch, lr=sim.fed.client_lr, weight_decay=0.0, clip=0.0)  # plain Adam, as the clients
+    tcfg = TrainConfig(
+        steps=2, batch=cfg.local_batch, lr=sim.fed.client_lr, weight_decay=0.0, clip=0.0
+    )  # plain Adam, as the clients
     memory_key = (objective, _shapes(trainable), _shapes(frozen), tcfg)
     memory_cache = {} if memory_cache is None else memory_cache
     if memory_key not in memory_cache:  # local-only runs FedPEAT's very step: compile it once
@@ -337,7 +426,9 @@ def run_method(m: Method, cfg: StudyConfig, model: GPT2Config, params, heldout, 
     runs, round_seconds, eval_seconds = [], [], []
     for seed in cfg.seeds:
         state = init(jax.random.key(seed), params, hyper)
-        curve = [{"round": 0, "ppl": float(np.mean(_ppl(*jax.device_get(eval_c(state, params, tok, msk)))))}]  # the untuned model: zero-shot
+        curve = [
+            {"round": 0, "ppl": float(np.mean(_ppl(*jax.device_get(eval_c(state, params, tok, msk)))))}
+        ]  # the untuned model: zero-shot
         losses = []
         for r in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
@@ -359,7 +450,10 @@ def run_method(m: Method, cfg: StudyConfig, model: GPT2Config, params, heldout, 
 
     finals = [run["final_ppl"] for run in runs]
     rounds_axis = [p["round"] for p in runs[0]["curve"]]
-    mean_curve = [{"round": rd, "ppl": float(np.mean([run["curve"][i]["ppl"] for run in runs]))} for i, rd in enumerate(rounds_axis)]
+    mean_curve = [
+        {"round": rd, "ppl": float(np.mean([run["curve"][i]["ppl"] for run in runs]))}
+        for i, rd in enumerate(rounds_axis)
+    ]
     tokens_client = cfg.local_steps * cfg.local_batch * cfg.seq_len
     fpt = train_flops_per_token(model, m.depth, cfg.seq_len, trained_matmul=m.trained_matmul, lora_params=m.lora_params)
     median_round = statistics.median(round_seconds)
@@ -371,7 +465,12 @@ def run_method(m: Method, cfg: StudyConfig, model: GPT2Config, params, heldout, 
         "description": m.description,
         "emulator": spec.name if sim.learner.kind == "adapter" and spec.k < spec.n_middle else "none (full model)",
         "client_lr": sim.fed.client_lr,
-        "config": {"trainable": sim.fed.trainable, "algorithm": sim.fed.algorithm, "peft_kind": sim.peft.kind, "emulator_levels": list(sim.fed.emulator_levels)},
+        "config": {
+            "trainable": sim.fed.trainable,
+            "algorithm": sim.fed.algorithm,
+            "peft_kind": sim.peft.kind,
+            "emulator_levels": list(sim.fed.emulator_levels),
+        },
         "aggregated": m.aggregated,
         "trainable_params": m.trainable_params,
         "on_device_params": m.on_device_params,
@@ -390,8 +489,15 @@ def run_method(m: Method, cfg: StudyConfig, model: GPT2Config, params, heldout, 
         "round_gflops_per_s": flops_round / median_round / 1e9,
         "eval_seconds_median": statistics.median(eval_seconds) if eval_seconds else None,
         "compile_seconds": {"round": round_compile, "eval": eval_compile},
-        "round_program_peak_mb": None if round_memory is None else (round_memory.argument_size_in_bytes + round_memory.output_size_in_bytes
-                                                                    + round_memory.temp_size_in_bytes - round_memory.alias_size_in_bytes) / 2**20,
+        "round_program_peak_mb": None
+        if round_memory is None
+        else (
+            round_memory.argument_size_in_bytes
+            + round_memory.output_size_in_bytes
+            + round_memory.temp_size_in_bytes
+            - round_memory.alias_size_in_bytes
+        )
+        / 2**20,
         "final_ppl": float(np.mean(finals)),
         "final_ppl_std": float(np.std(finals)) if len(finals) > 1 else None,
         "curve": mean_curve,
@@ -406,17 +512,28 @@ def run_study(cfg: StudyConfig, *, cache_dir=None, log=print) -> dict:
     start = time.perf_counter()
     machine = machine_info()
     fm = load_foundation(cfg.preset, cache_dir=cache_dir, show_progress=False)
-    model = fm.config.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)  # deterministic tuning, as `fedpeat tune`
+    model = fm.config.replace(
+        embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0
+    )  # deterministic tuning, as `fedpeat tune`
     if cfg.seq_len > model.n_positions:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's n_positions {model.n_positions}")
-    task = build_task(TaskConfig(seq_len=cfg.seq_len, max_examples=cfg.max_examples, max_eval_windows=cfg.eval_windows, seed=cfg.seeds[0]),
-                      fm.tokenizer, cache_dir=cache_dir)
+    task = build_task(
+        TaskConfig(
+            seq_len=cfg.seq_len, max_examples=cfg.max_examples, max_eval_windows=cfg.eval_windows, seed=cfg.seeds[0]
+        ),
+        fm.tokenizer,
+        cache_dir=cache_dir,
+    )
     data = task.train
     heldout = (jnp.asarray(task.heldout[0], jnp.int32), jnp.asarray(task.heldout[1], jnp.float32))
     params = fm.params
-    zs_total, zs_count = jax.device_get(jax.jit(lambda p, t, m: gpt2.evaluate_nll(p, None, t, m, model, None, cfg.eval_batch))(params, *heldout))
+    zs_total, zs_count = jax.device_get(
+        jax.jit(lambda p, t, m: gpt2.evaluate_nll(p, None, t, m, model, None, cfg.eval_batch))(params, *heldout)
+    )
     zero_shot = float(_ppl(zs_total, zs_count))
-    log(f"{cfg.preset}: {model.param_count():,} parameters; {int(data.tokens.shape[0])} clients; held-out zero-shot perplexity {zero_shot:.2f}")
+    log(
+        f"{cfg.preset}: {model.param_count():,} parameters; {int(data.tokens.shape[0])} clients; held-out zero-shot perplexity {zero_shot:.2f}"
+    )
 
     methods = build_methods(cfg, params, model, data)
     env = env_device_defaults()
@@ -427,22 +544,48 @@ def run_study(cfg: StudyConfig, *, cache_dir=None, log=print) -> dict:
         results[key] = run_method(m, cfg, model, params, heldout, log, memory_cache)
         results[key]["mec"] = mec_latency(m, model, cfg, env)
         results[key]["wall_seconds"] = time.perf_counter() - t0
-        log(f"[{key}] final plug-in ppl {results[key]['final_ppl']:.2f}, {results[key]['round_seconds_median']:.2f} s/round, "
-            f"{results[key]['wall_seconds']:.0f} s in all")
+        log(
+            f"[{key}] final plug-in ppl {results[key]['final_ppl']:.2f}, {results[key]['round_seconds_median']:.2f} s/round, "
+            f"{results[key]['wall_seconds']:.0f} s in all"
+        )
 
     spec = emu.EmulatorSpec(model.n_layer, cfg.l, cfg.r, cfg.k)
     return {
         "name": NAME,
         "config": dataclasses.asdict(cfg),
-        "model": {"preset": cfg.preset, "params": model.param_count(), "n_layer": model.n_layer, "n_embd": model.n_embd, "n_head": model.n_head,
-                  "vocab_size": model.vocab_size, "foundation": str(fm.path.name), "modern_heldout_ppl": fm.info.get("heldout_ppl")},
-        "emulator": {"name": spec.name, "middle_ids": list(spec.middle_ids), "adapter_ids": list(spec.adapter_ids), "depth": spec.depth},
-        "task": {"clients": int(data.tokens.shape[0]), "client_tokens": int(task.n_tokens), "seq_len": cfg.seq_len,
-                 "heldout_windows": int(heldout[0].shape[0]), "heldout_tokens": int(np.asarray(heldout[1])[:, 1:].sum()),
-                 "heldout": "the held-out plays in First Folio spelling (TaskConfig default)"},
+        "model": {
+            "preset": cfg.preset,
+            "params": model.param_count(),
+            "n_layer": model.n_layer,
+            "n_embd": model.n_embd,
+            "n_head": model.n_head,
+            "vocab_size": model.vocab_size,
+            "foundation": str(fm.path.name),
+            "modern_heldout_ppl": fm.info.get("heldout_ppl"),
+        },
+        "emulator": {
+            "name": spec.name,
+            "middle_ids": list(spec.middle_ids),
+            "adapter_ids": list(spec.adapter_ids),
+            "depth": spec.depth,
+        },
+        "task": {
+            "clients": int(data.tokens.shape[0]),
+            "client_tokens": int(task.n_tokens),
+            "seq_len": cfg.seq_len,
+            "heldout_windows": int(heldout[0].shape[0]),
+            "heldout_tokens": int(np.asarray(heldout[1])[:, 1:].sum()),
+            "heldout": "the held-out plays in First Folio spelling (TaskConfig default)",
+        },
         "zero_shot_ppl": zero_shot,
-        "mec_parameters": {**env, "distance_m": env["cell_radius"] / math.sqrt(2.0), "fading": 1.0, "bandwidth_share": 1.0 / env["n_devices"],
-                           "flops_per_s": 0.5 * (env["flops_min"] + env["flops_max"]), "tokens_per_round": cfg.local_steps * cfg.local_batch * cfg.seq_len},
+        "mec_parameters": {
+            **env,
+            "distance_m": env["cell_radius"] / math.sqrt(2.0),
+            "fading": 1.0,
+            "bandwidth_share": 1.0 / env["n_devices"],
+            "flops_per_s": 0.5 * (env["flops_min"] + env["flops_max"]),
+            "tokens_per_round": cfg.local_steps * cfg.local_batch * cfg.seq_len,
+        },
         "methods": results,
         "machine": machine,
         "loadavg_start": machine.get("loadavg_1_5_15"),
@@ -493,8 +636,13 @@ def to_markdown(res: dict) -> str:
         )
     keys = list(mth)
     rounds = [p["round"] for p in mth[keys[0]]["curve"]]
-    lines += ["", "Plug-in perplexity over rounds:", "", "| round | " + " | ".join(mth[k]["label"] for k in keys) + " |",
-              "|---|" + "---|" * len(keys)]
+    lines += [
+        "",
+        "Plug-in perplexity over rounds:",
+        "",
+        "| round | " + " | ".join(mth[k]["label"] for k in keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
     for i, rd in enumerate(rounds):
         lines.append(f"| {rd} | " + " | ".join(f"{mth[k]['curve'][i]['ppl']:.2f}" for k in keys) + " |")
     mec = res["mec_parameters"]
@@ -535,8 +683,14 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-SHORT = {"fedpeat_lora": "FedPEAT\nLoRA, emu", "fed_full_adapter": "full adapter\nemu", "fed_lora_full_model": "LoRA all\nfull model",
-         "fed_full_ft": "full FT\nfull model", "local_lora": "local-only\nLoRA, emu", "fed_lora_adapter_full_model": "LoRA adapter\nfull model"}
+SHORT = {
+    "fedpeat_lora": "FedPEAT\nLoRA, emu",
+    "fed_full_adapter": "full adapter\nemu",
+    "fed_lora_full_model": "LoRA all\nfull model",
+    "fed_full_ft": "full FT\nfull model",
+    "local_lora": "local-only\nLoRA, emu",
+    "fed_lora_adapter_full_model": "LoRA adapter\nfull model",
+}
 
 
 def plot(res: dict, path: Path) -> None:
@@ -557,13 +711,26 @@ def plot(res: dict, path: Path) -> None:
     names = [SHORT[k] for k in keys]
     ax = axes[1]
     mib = lambda k, f: mth[k][f] / 2**20  # noqa: E731
-    for j, (field, label) in enumerate((("bytes_up_per_device_per_round", "up, per round"), ("bytes_down_per_device_per_round", "down, per round"),
-                                        ("one_time_download_bytes", "one-time download (frozen part)"))):
+    for j, (field, label) in enumerate(
+        (
+            ("bytes_up_per_device_per_round", "up, per round"),
+            ("bytes_down_per_device_per_round", "down, per round"),
+            ("one_time_download_bytes", "one-time download (frozen part)"),
+        )
+    ):
         vals = [mib(k, field) for k in keys]
         ax.bar(x + (j - 1) * 0.27, [v if v > 0 else np.nan for v in vals], 0.27, label=label, color=f"C{j}")
         for xi, v in zip(x, vals):
             if v == 0:
-                ax.text(xi + (j - 1) * 0.27, 0.01, "0", ha="center", va="bottom", fontsize=7, transform=ax.get_xaxis_transform())
+                ax.text(
+                    xi + (j - 1) * 0.27,
+                    0.01,
+                    "0",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    transform=ax.get_xaxis_transform(),
+                )
     ax.set_yscale("log")
     top = max(mib(k, f) for k in keys for f in ("bytes_up_per_device_per_round", "one_time_download_bytes"))
     ax.set_ylim(top=top * 50)  # room for the legend
@@ -576,8 +743,11 @@ def plot(res: dict, path: Path) -> None:
     ax.set(xticks=x, ylabel="MiB", title="on-device memory")
     ax.set_xticklabels(names, fontsize=7)
     ax.legend(fontsize=7)
-    fig.suptitle(f"{res['model']['preset']} model, emulator {res['emulator']['name']}, {res['config']['rounds']} rounds x "
-                 f"{res['config']['clients_per_round']} clients", fontsize=10)
+    fig.suptitle(
+        f"{res['model']['preset']} model, emulator {res['emulator']['name']}, {res['config']['rounds']} rounds x "
+        f"{res['config']['clients_per_round']} clients",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -599,7 +769,11 @@ def write_outputs(res: dict, out) -> dict:
 
 def parse_args(argv=None) -> tuple:
     d = StudyConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--tiny", action="store_true", help="tiny preset, 2 rounds x 2 clients: a smoke run (tests use it)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output path prefix: writes <out>.json, <out>.md, <out>.png")
     p.add_argument("--cache-dir", default=None)
@@ -609,11 +783,20 @@ def parse_args(argv=None) -> tuple:
         if f.name == "seeds":
             p.add_argument(flag, type=int, nargs="+", default=None, help=f"default {list(d.seeds)}")
         elif f.name == "methods":
-            p.add_argument(flag, nargs="+", default=None, choices=METHODS + OPTIONAL_METHODS, help=f"default {' '.join(d.methods)}")
+            p.add_argument(
+                flag, nargs="+", default=None, choices=METHODS + OPTIONAL_METHODS, help=f"default {' '.join(d.methods)}"
+            )
         else:
-            p.add_argument(flag, type=type(getattr(d, f.name)), default=None, help=f"default {getattr(d, f.name)!r} ({StudyConfig.tiny().__dict__[f.name]!r} with --tiny)")
+            p.add_argument(
+                flag,
+                type=type(getattr(d, f.name)),
+                default=None,
+                help=f"default {getattr(d, f.name)!r} ({StudyConfig.tiny().__dict__[f.name]!r} with --tiny)",
+            )
     args = p.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudyConfig) if getattr(args, f.name) is not None}
+    overrides = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(StudyConfig) if getattr(args, f.name) is not None
+    }
     if "seeds" in overrides:
         overrides["seeds"] = tuple(overrides["seeds"])
     if "methods" in overrides:
@@ -625,8 +808,20 @@ def parse_args(argv=None) -> tuple:
 
 def validate(cfg: StudyConfig) -> None:
     if "fedpeat_lora" not in cfg.methods:
-        raise SystemExit("--methods must include fedpeat_lora (its client sampling and emulator are every method's reference)")
-    for name in ("rounds", "clients_per_round", "local_steps", "local_batch", "eval_every", "eval_batch", "seq_len", "max_examples", "eval_windows"):
+        raise SystemExit(
+            "--methods must include fedpeat_lora (its client sampling and emulator are every method's reference)"
+        )
+    for name in (
+        "rounds",
+        "clients_per_round",
+        "local_steps",
+        "local_batch",
+        "eval_every",
+        "eval_batch",
+        "seq_len",
+        "max_examples",
+        "eval_windows",
+    ):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if not cfg.seeds:

@@ -37,30 +37,60 @@ def main() -> int:
         fm = load_foundation("default", model=model, pretrain_config=pretrain)
         cfg = offsite.OffsiteConfig(k=(model.n_layer - 4) // 2)  # 2-k-2 keeping half the middle
         table = offsite.run_table(cfg, foundation=fm)
-        results.append({
-            "foundation": name, "n_layer": model.n_layer, "n_embd": model.n_embd, "params": model.param_count(),
-            "pretrain_steps": pretrain.steps, "modern_heldout_ppl": fm.info.get("heldout_ppl"),
-            "emulator": table["emulator"]["name"],
-            "drop_whole_middle_cost": table["drop_whole_middle_cost"],
-            "rows": table["rows"], "layer_drop_zero_shot": table["layer_drop_zero_shot"],
-        })
+        results.append(
+            {
+                "foundation": name,
+                "n_layer": model.n_layer,
+                "n_embd": model.n_embd,
+                "params": model.param_count(),
+                "pretrain_steps": pretrain.steps,
+                "modern_heldout_ppl": fm.info.get("heldout_ppl"),
+                "emulator": table["emulator"]["name"],
+                "drop_whole_middle_cost": table["drop_whole_middle_cost"],
+                "rows": table["rows"],
+                "layer_drop_zero_shot": table["layer_drop_zero_shot"],
+            }
+        )
     write_json(NAME, {"results": results, "machine": machine_info()})
 
     rows = []
     for r in results:
         for row in r["rows"]:
             failed = [k for k, v in row["pattern"].items() if not v]
-            rows.append([
-                r["foundation"], f"{r['modern_heldout_ppl']:.1f}", f"{100 * r['drop_whole_middle_cost']:.1f}%", r["emulator"],
-                row["emulator"], row["peft"], f"{row['Full ZS']:.2f}", f"{row['Emulator ZS']:.2f}", f"{row['OT Emulator']:.2f}",
-                f"{row['OT Plug-in']:.2f}", f"{100 * (row['OT Plug-in'] / row['OT Emulator'] - 1):+.2f}%",
-                "yes" if not failed else "NO: " + ", ".join(failed),
-            ])
+            rows.append(
+                [
+                    r["foundation"],
+                    f"{r['modern_heldout_ppl']:.1f}",
+                    f"{100 * r['drop_whole_middle_cost']:.1f}%",
+                    r["emulator"],
+                    row["emulator"],
+                    row["peft"],
+                    f"{row['Full ZS']:.2f}",
+                    f"{row['Emulator ZS']:.2f}",
+                    f"{row['OT Emulator']:.2f}",
+                    f"{row['OT Plug-in']:.2f}",
+                    f"{100 * (row['OT Plug-in'] / row['OT Emulator'] - 1):+.2f}%",
+                    "yes" if not failed else "NO: " + ", ".join(failed),
+                ]
+            )
     m = machine_info()
     write_markdown(
-        NAME, "Offsite-tuning pattern across foundation models",
-        ["foundation", "modern held-out ppl", "ZS cost of dropping the whole middle", "emulator", "kind", "adapter tuning",
-         "Full ZS", "Emulator ZS", "OT Emulator", "OT Plug-in", "Plug-in vs OT Emulator", "pattern"],
+        NAME,
+        "Offsite-tuning pattern across foundation models",
+        [
+            "foundation",
+            "modern held-out ppl",
+            "ZS cost of dropping the whole middle",
+            "emulator",
+            "kind",
+            "adapter tuning",
+            "Full ZS",
+            "Emulator ZS",
+            "OT Emulator",
+            "OT Plug-in",
+            "Plug-in vs OT Emulator",
+            "pattern",
+        ],
         rows,
         notes=[
             "Pattern: OT Plug-in < Full ZS, OT Plug-in < OT Emulator, Emulator ZS > Full ZS (the published one needs the "

@@ -62,7 +62,7 @@ def tree_ticks(root: int) -> int:
             stat = (entry / "stat").read_text()
         except OSError:  # exited meanwhile
             continue
-        rest = stat[stat.rindex(")") + 2:].split()  # fields from 3 (state) on; the name may hold spaces
+        rest = stat[stat.rindex(")") + 2 :].split()  # fields from 3 (state) on; the name may hold spaces
         parent[int(entry.name)] = int(rest[1])
         ticks[int(entry.name)] = sum(int(x) for x in rest[11:15])
     tree, frontier = {root}, [root]
@@ -91,16 +91,24 @@ class LoadSampler(threading.Thread):
             dt = t1 - t0
             own = (own1 - own0) / HZ / dt
             others = max(0.0, (busy1 - busy0) / HZ / dt - own)
-            self.samples.append({"t": round(t1, 1), "own_cores": round(own, 3), "other_cores": round(others, 3),
-                                 "loadavg_1": os.getloadavg()[0]})
+            self.samples.append(
+                {
+                    "t": round(t1, 1),
+                    "own_cores": round(own, 3),
+                    "other_cores": round(others, 3),
+                    "loadavg_1": os.getloadavg()[0],
+                }
+            )
             t0, busy0, own0 = t1, busy1, own1
 
     def stop(self) -> dict:
         """Stop sampling (after the quickstart exited, so that its CPU time is in this process's cutime)."""
         self.stopped.set()
         self.join()
-        return {**summarize_load(self.samples, self.period),
-                "own_cpu_seconds": round((tree_ticks(os.getpid()) - self.start_ticks) / HZ, 1)}
+        return {
+            **summarize_load(self.samples, self.period),
+            "own_cpu_seconds": round((tree_ticks(os.getpid()) - self.start_ticks) / HZ, 1),
+        }
 
 
 def summarize_load(samples: list, period: float) -> dict:
@@ -114,7 +122,9 @@ def summarize_load(samples: list, period: float) -> dict:
         "sample_seconds": period,
         "other_cores_mean": round(mean_others, 3),
         "other_cores_max": max(others),
-        "other_busy_fraction": round(sum(o > 0.5 for o in others) / len(others), 3),  # of the samples with > 0.5 core used by others
+        "other_busy_fraction": round(
+            sum(o > 0.5 for o in others) / len(others), 3
+        ),  # of the samples with > 0.5 core used by others
         "own_cores_mean": round(sum(s["own_cores"] for s in samples) / len(samples), 3),
         "loadavg_1_min": min(loads),
         "loadavg_1_max": max(loads),
@@ -130,7 +140,11 @@ def summarize_load(samples: list, period: float) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="time `fedpeat quickstart --tiny` instead")
-    parser.add_argument("--workdir", default=None, help="where the fresh cache and report go (default: a temporary folder, removed after)")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="where the fresh cache and report go (default: a temporary folder, removed after)",
+    )
     parser.add_argument("--results", default=str(RESULTS), help="folder for quickstart.{json,md}")
     args = parser.parse_args(argv)
 
@@ -138,8 +152,12 @@ def main(argv=None) -> int:
         work = Path(args.workdir or tmp)
         cache, out = work / "cache", work / "report"
         if cache.exists() or out.exists():
-            raise SystemExit(f"{work} already holds a cache or report: the timing needs a fresh start; pass an empty --workdir")
-        cmd = [sys.executable, "-m", "fedpeat_jax.cli", "quickstart", "--cache-dir", str(cache), "--out", str(out)] + (["--tiny"] if args.tiny else [])
+            raise SystemExit(
+                f"{work} already holds a cache or report: the timing needs a fresh start; pass an empty --workdir"
+            )
+        cmd = [sys.executable, "-m", "fedpeat_jax.cli", "quickstart", "--cache-dir", str(cache), "--out", str(out)] + (
+            ["--tiny"] if args.tiny else []
+        )
         print("$", " ".join(cmd), flush=True)
         start_info = machine_info()
         sampler = LoadSampler()
@@ -170,28 +188,38 @@ def main(argv=None) -> int:
     (results / f"{name}.json").write_text(json.dumps(record, indent=2))
     (results / f"{name}.md").write_text(to_markdown(record))
     shared = " (the CPU was SHARED with other processes: pessimistic)" if load.get("shared_cpu") else ""
-    print(f"\nwall time {wall / 60:.1f} min (budget {BUDGET_S / 60:.0f} min){shared}; wrote {results / name}.{{json,md}}")
+    print(
+        f"\nwall time {wall / 60:.1f} min (budget {BUDGET_S / 60:.0f} min){shared}; wrote {results / name}.{{json,md}}"
+    )
     return 0
 
 
 def load_line(load: dict) -> str:
     if not load.get("samples"):
         return "- Load during the run: not sampled (the run was shorter than one sample)."
-    verdict = ("the CPU was SHARED with other processes, so the wall time is pessimistic" if load["shared_cpu"]
-               else "the machine was otherwise quiet")
-    return (f"- Load during the run ({load['samples']} samples, every {load['sample_seconds']:.0f} s): other processes used "
-            f"{load['other_cores_mean']:.2f} cores on average (at most {load['other_cores_max']:.2f}; more than half a core in "
-            f"{100 * load['other_busy_fraction']:.0f}% of the samples), the quickstart {load['own_cores_mean']:.2f} "
-            f"({load['own_cpu_seconds']:,.0f} CPU-seconds in all); 1-minute load "
-            f"average {load['loadavg_1_min']:.2f} to {load['loadavg_1_max']:.2f}: {verdict} "
-            f"(threshold {load['shared_cpu_threshold_cores']} cores).")
+    verdict = (
+        "the CPU was SHARED with other processes, so the wall time is pessimistic"
+        if load["shared_cpu"]
+        else "the machine was otherwise quiet"
+    )
+    return (
+        f"- Load during the run ({load['samples']} samples, every {load['sample_seconds']:.0f} s): other processes used "
+        f"{load['other_cores_mean']:.2f} cores on average (at most {load['other_cores_max']:.2f}; more than half a core in "
+        f"{100 * load['other_busy_fraction']:.0f}% of the samples), the quickstart {load['own_cores_mean']:.2f} "
+        f"({load['own_cpu_seconds']:,.0f} CPU-seconds in all); 1-minute load "
+        f"average {load['loadavg_1_min']:.2f} to {load['loadavg_1_max']:.2f}: {verdict} "
+        f"(threshold {load['shared_cpu_threshold_cores']} cores)."
+    )
 
 
 def to_markdown(r: dict) -> str:
     m0, m1 = r["machine_at_start"], r["machine_at_end"]
     load = lambda m: ", ".join(f"{x:.2f}" for x in m["loadavg_1_5_15"])  # noqa: E731
-    calibration = ("the shipped calibration table, fitted on the shipped model, is reused" if r.get("calibration") == "shipped"
-                   else "the calibration table is fitted to real FedPEAT runs")
+    calibration = (
+        "the shipped calibration table, fitted on the shipped model, is reused"
+        if r.get("calibration") == "shipped"
+        else "the calibration table is fitted to real FedPEAT runs"
+    )
     lines = [
         f"# `{r['command']}` on a fresh machine",
         "",

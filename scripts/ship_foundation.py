@@ -29,12 +29,16 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
 
-    fm = foundation.load_foundation(args.preset, cache_dir=args.cache_dir, shipped=False)  # what `fedpeat pretrain` gives
+    fm = foundation.load_foundation(
+        args.preset, cache_dir=args.cache_dir, shipped=False
+    )  # what `fedpeat pretrain` gives
     command = f"fedpeat pretrain --preset {args.preset}; python scripts/ship_foundation.py --preset {args.preset}"
     shipped = foundation.ship(fm, foundation.SHIPPED_ROOT / args.preset, command=command, cache_dir=args.cache_dir)
     info = shipped.info
     print(f"shipped {fm.path} as {shipped.path} (fingerprint {info['fingerprint']})")
-    print(f"  held-out perplexity: {info['shipped']['float32_heldout_ppl']:.4f} (float32) -> {info['heldout_ppl']:.4f} ({info['shipped']['weights_dtype']})")
+    print(
+        f"  held-out perplexity: {info['shipped']['float32_heldout_ppl']:.4f} (float32) -> {info['heldout_ppl']:.4f} ({info['shipped']['weights_dtype']})"
+    )
     for name, digest in info["sha256"].items():
         print(f"  {name}: {(shipped.path / name).stat().st_size:,} bytes, sha256 {digest}")
     return 0

@@ -55,7 +55,9 @@ def parse_grid(items) -> dict:
         name, values = item.split("=", 1)
         name = name.strip()
         if name not in AGENT_FIELDS and name not in env_fields:
-            raise ValueError(f"--grid {name!r} is neither an SABPPO hyperparameter {AGENT_FIELDS} nor an EnvParams field")
+            raise ValueError(
+                f"--grid {name!r} is neither an SABPPO hyperparameter {AGENT_FIELDS} nor an EnvParams field"
+            )
         try:
             vals = [float(v) for v in values.split(",") if v.strip()]
         except ValueError:
@@ -99,8 +101,13 @@ def plot(result: dict, path: Path) -> None:
     labels = [c["label"] for c in configs]
     means = [c["eval_return_mean"] for c in configs]
     stds = [c["eval_return_std_across_seeds"] for c in configs]
-    ax2.bar(range(len(configs)), means, yerr=stds, capsize=3,
-            color=[plt.cm.viridis(i / max(1, len(configs) - 1)) for i in range(len(configs))])
+    ax2.bar(
+        range(len(configs)),
+        means,
+        yerr=stds,
+        capsize=3,
+        color=[plt.cm.viridis(i / max(1, len(configs) - 1)) for i in range(len(configs))],
+    )
     for j, (name, b) in enumerate(result["baselines"].items()):
         ax2.axhline(b["return_mean"], ls="--", lw=1, color=f"C{j + 1}", label=f"{name} ({b['return_mean']:.1f})")
     ax2.set_xticks(range(len(configs)))
@@ -117,8 +124,12 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--grid", action="append", default=None,
-                        help="NAME=v1,v2,... (repeatable); default: lr=1e-4,3e-4,1e-3 and ent_coef=0,0.01,0.03")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=None,
+        help="NAME=v1,v2,... (repeatable); default: lr=1e-4,3e-4,1e-3 and ent_coef=0,0.01,0.03",
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-envs", type=int, default=32)
@@ -136,8 +147,13 @@ def main(argv=None) -> dict:
 
     env_params, table = _env_params(args.preset)
     env = FedPEATMEC(env_params)
-    cfg = SABPPOConfig(num_envs=args.num_envs, num_steps=args.num_steps, total_timesteps=args.total_timesteps,
-                       num_minibatches=args.minibatches, update_epochs=args.epochs)
+    cfg = SABPPOConfig(
+        num_envs=args.num_envs,
+        num_steps=args.num_steps,
+        total_timesteps=args.total_timesteps,
+        num_minibatches=args.minibatches,
+        update_epochs=args.epochs,
+    )
     trainer = make_trainer(cfg, env, env_params)
     names = list(grid)
     points = [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
@@ -146,8 +162,10 @@ def main(argv=None) -> dict:
     hps = stack_hparams([point_hparams(base, p) for p, _ in runs])
     keys = jax.random.split(jax.random.key(args.seed), args.seeds)
     run_keys = jnp.stack([keys[s] for _, s in runs])
-    print(f"{len(points)} grid points x {args.seeds} seeds = {len(runs)} runs of {cfg.num_updates * cfg.batch_size} "
-          f"env steps, one compiled call; environment: {table}")
+    print(
+        f"{len(points)} grid points x {args.seeds} seeds = {len(runs)} runs of {cfg.num_updates * cfg.batch_size} "
+        f"env steps, one compiled call; environment: {table}"
+    )
 
     train = sabppo.jit(jax.vmap(trainer.train))
     t0 = time.perf_counter()
@@ -157,7 +175,9 @@ def main(argv=None) -> dict:
     states, metrics = jax.block_until_ready(compiled(run_keys, hps))
     train_s = time.perf_counter() - t0
     total_steps = len(runs) * cfg.num_updates * cfg.batch_size
-    print(f"compile {compile_s:.1f} s, training {train_s:.1f} s ({total_steps / train_s:,.0f} env-steps/s over all runs)")
+    print(
+        f"compile {compile_s:.1f} s, training {train_s:.1f} s ({total_steps / train_s:,.0f} env-steps/s over all runs)"
+    )
 
     metrics = jax.device_get(metrics)
     evals, evals_sampled = [], []
@@ -166,8 +186,10 @@ def main(argv=None) -> dict:
         kw = dict(env=env, env_params=state.hparams.env_params, episodes=args.eval_episodes, rng=args.eval_seed)
         evals.append(B.evaluate(B.sabppo_policy(trainer, state), **kw))
         evals_sampled.append(B.evaluate(B.sabppo_policy(trainer, state, deterministic=False), **kw))
-    baselines = {name: B.evaluate(p, env, env_params, episodes=args.eval_episodes, rng=args.eval_seed)
-                 for name, p in B.baseline_policies(env).items()}
+    baselines = {
+        name: B.evaluate(p, env, env_params, episodes=args.eval_episodes, rng=args.eval_seed)
+        for name, p in B.baseline_policies(env).items()
+    }
 
     configs = []
     ret = np.asarray(metrics["episode_return"], dtype=np.float64)  # (runs, updates)
@@ -175,20 +197,22 @@ def main(argv=None) -> dict:
         idx = [r for r, (p, _) in enumerate(runs) if p is point]
         er = np.array([evals[r]["return_mean"] for r in idx])
         tail = max(1, cfg.num_updates // 10)
-        configs.append({
-            "point": point,
-            "label": ", ".join(f"{k}={v:g}" for k, v in point.items()),
-            "eval_return_per_seed": er.tolist(),
-            "eval_return_mean": float(er.mean()),
-            "eval_return_std_across_seeds": float(er.std()),
-            "eval_return_sampled_mean": float(np.mean([evals_sampled[r]["return_mean"] for r in idx])),
-            "eval_perplexity_mean": float(np.mean([evals[r]["perplexity_mean"] for r in idx])),
-            "eval_latency_mean": float(np.mean([evals[r]["latency_mean"] for r in idx])),
-            "eval_participants_mean": float(np.mean([evals[r]["participants_mean"] for r in idx])),
-            "final_training_return": float(np.nanmean(ret[idx, -tail:])),
-            "training_return_curve": np.nanmean(ret[idx], axis=0).tolist(),
-            "beats_every_baseline": bool(all(er.mean() > b["return_mean"] for b in baselines.values())),
-        })
+        configs.append(
+            {
+                "point": point,
+                "label": ", ".join(f"{k}={v:g}" for k, v in point.items()),
+                "eval_return_per_seed": er.tolist(),
+                "eval_return_mean": float(er.mean()),
+                "eval_return_std_across_seeds": float(er.std()),
+                "eval_return_sampled_mean": float(np.mean([evals_sampled[r]["return_mean"] for r in idx])),
+                "eval_perplexity_mean": float(np.mean([evals[r]["perplexity_mean"] for r in idx])),
+                "eval_latency_mean": float(np.mean([evals[r]["latency_mean"] for r in idx])),
+                "eval_participants_mean": float(np.mean([evals[r]["participants_mean"] for r in idx])),
+                "final_training_return": float(np.nanmean(ret[idx, -tail:])),
+                "training_return_curve": np.nanmean(ret[idx], axis=0).tolist(),
+                "beats_every_baseline": bool(all(er.mean() > b["return_mean"] for b in baselines.values())),
+            }
+        )
     env_grid = any(n not in AGENT_FIELDS for n in names)
     result = {
         "machine": machine_info(),
@@ -205,11 +229,32 @@ def main(argv=None) -> dict:
     }
     write_json(args.name, result)
     best = max(configs, key=lambda c: c["eval_return_mean"])
-    rows = [[c["label"], f"{c['eval_return_mean']:.2f} ± {c['eval_return_std_across_seeds']:.2f}",
-             c["eval_return_sampled_mean"], c["final_training_return"], c["eval_perplexity_mean"], c["eval_latency_mean"],
-             c["eval_participants_mean"], "yes" if c["beats_every_baseline"] else "no"] for c in configs]
-    rows += [[f"baseline: {name}", f"{b['return_mean']:.2f} (episode std {b['return_std']:.2f})", "-", "-",
-              b["perplexity_mean"], b["latency_mean"], b["participants_mean"], "-"] for name, b in baselines.items()]
+    rows = [
+        [
+            c["label"],
+            f"{c['eval_return_mean']:.2f} ± {c['eval_return_std_across_seeds']:.2f}",
+            c["eval_return_sampled_mean"],
+            c["final_training_return"],
+            c["eval_perplexity_mean"],
+            c["eval_latency_mean"],
+            c["eval_participants_mean"],
+            "yes" if c["beats_every_baseline"] else "no",
+        ]
+        for c in configs
+    ]
+    rows += [
+        [
+            f"baseline: {name}",
+            f"{b['return_mean']:.2f} (episode std {b['return_std']:.2f})",
+            "-",
+            "-",
+            b["perplexity_mean"],
+            b["latency_mean"],
+            b["participants_mean"],
+            "-",
+        ]
+        for name, b in baselines.items()
+    ]
     notes = [
         f"{len(runs)} runs ({len(points)} grid points x {args.seeds} seeds) trained in ONE jitted vmapped call: "
         f"compile {compile_s:.1f} s, training {train_s:.1f} s, {total_steps / train_s:,.0f} env-steps/s over all runs",
@@ -225,12 +270,26 @@ def main(argv=None) -> dict:
         f"environment: preset {args.preset!r} with the {table}",
     ]
     if env_grid:
-        notes.append("environment parameters vary in this grid: returns of different points are in different units; "
-                     "baselines use the default parameters")
-    write_markdown(args.name, "SABPPO hyperparameter sweep",
-                   ["config", "eval return (mean ± std over seeds)", "eval return, sampled actions",
-                    "last training return", "perplexity",
-                    "latency [s]", "participants", "beats every baseline"], rows, notes)
+        notes.append(
+            "environment parameters vary in this grid: returns of different points are in different units; "
+            "baselines use the default parameters"
+        )
+    write_markdown(
+        args.name,
+        "SABPPO hyperparameter sweep",
+        [
+            "config",
+            "eval return (mean ± std over seeds)",
+            "eval return, sampled actions",
+            "last training return",
+            "perplexity",
+            "latency [s]",
+            "participants",
+            "beats every baseline",
+        ],
+        rows,
+        notes,
+    )
     plot(result, RESULTS_DIR / f"{args.name}.png")
     print(f"best {best['label']}: {best['eval_return_mean']:.2f}; wrote benchmarks/results/{args.name}.json/.md/.png")
     return result

@@ -231,7 +231,9 @@ def test_scaffold_client_control_and_correction_formulas():
     np.testing.assert_allclose(out["p"][0], cb[0] - c + (x - yb[0]) / 2.0, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out["p"][1], cb[1])
     g = rng.normal(size=(3, 4)).astype(np.float32)
-    np.testing.assert_allclose(drift.scaffold_correct_grads({"p": g}, {"p": c_i}, {"p": c})["p"], g - c_i + c, rtol=1e-6)
+    np.testing.assert_allclose(
+        drift.scaffold_correct_grads({"p": g}, {"p": c_i}, {"p": c})["p"], g - c_i + c, rtol=1e-6
+    )
 
 
 def test_scaffold_server_update():
@@ -367,9 +369,7 @@ def test_lora_gap_zero_when_clients_agree_and_positive_otherwise():
     # Per-target values against numpy.
     p = n / n.sum()
     sq_abs, sq_norm = 0.0, 0.0
-    for t, g_abs, g_rel in zip(
-        _targets(diff), _targets(gap.abs), _targets(gap.rel)
-    ):
+    for t, g_abs, g_rel in zip(_targets(diff), _targets(gap.abs), _targets(gap.rel)):
         a_bar = np.einsum("k,k...->...", p, t["a"])
         b_bar = np.einsum("k,k...->...", p, t["b"])
         prod = np.einsum("k,kldr,klro->ldo", p, t["a"], t["b"])

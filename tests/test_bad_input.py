@@ -78,7 +78,9 @@ def test_n_embd_not_divisible_by_n_head(n_embd, n_head):
 @pytest.mark.parametrize("field", ["vocab_size", "n_positions", "n_embd", "n_layer", "n_head"])
 @pytest.mark.parametrize("value", [0, -3, 2.5])
 def test_non_positive_sizes(field, value):
-    with pytest.raises(ValueError, match=rf"GPT2Config.{field} must be (a positive integer|an integer, got 2.5 \(a float\))"):
+    with pytest.raises(
+        ValueError, match=rf"GPT2Config.{field} must be (a positive integer|an integer, got 2.5 \(a float\))"
+    ):
         CFG.replace(**{field: value})
 
 

@@ -30,8 +30,13 @@ def tight_env():
     """Memory capacities that fit no emulator, only the smallest, or all (1 GB)."""
     need = make_params("default", TABLE)
     need = np.asarray(level_memory_bytes(jax.tree.map(np.asarray, need)))
-    return FedPEATMEC(preset="default", calibration=TABLE, n_devices=6, max_steps_in_episode=8,
-                      mem_choices_gb=(0.9 * need[0] / 1e9, 1.01 * need[0] / 1e9, 1.0))
+    return FedPEATMEC(
+        preset="default",
+        calibration=TABLE,
+        n_devices=6,
+        max_steps_in_episode=8,
+        mem_choices_gb=(0.9 * need[0] / 1e9, 1.01 * need[0] / 1e9, 1.0),
+    )
 
 
 def _first_state(env, seed=0):
@@ -183,8 +188,14 @@ def test_exchange_first_bandwidth_favours_devices_that_download(env):
     obs, state = _first_state(env)
     p = env.default_params
     state = state.replace(stored_level=state.stored_level.at[0].set(1))  # device 1 already holds level 1
-    a = decode_action(np.asarray(R.RuleApply(env.n_devices, env.n_bw_levels)(R.Rule.of(1, "channel", env.n_devices, 1, "exchange_first"),
-                                                                             obs, state, p, None)), env.n_devices)
+    a = decode_action(
+        np.asarray(
+            R.RuleApply(env.n_devices, env.n_bw_levels)(
+                R.Rule.of(1, "channel", env.n_devices, 1, "exchange_first"), obs, state, p, None
+            )
+        ),
+        env.n_devices,
+    )
     assert a["bandwidth"][0] == 0 and np.all(a["bandwidth"][1:] == env.n_bw_levels - 1)
 
 
@@ -211,10 +222,16 @@ def test_train_controller_resumes_evaluates_and_plots(tmp_path):
     from fedpeat_jax.rl.controller import ControllerConfig, load_policy, train_controller
 
     params = preset_params("default", calibration=TABLE, n_devices=2, max_steps_in_episode=5)
-    cfg = SABPPOConfig(num_envs=4, num_steps=5, total_timesteps=4 * 5 * 4, num_minibatches=2, update_epochs=1,
-                       hidden_sizes=(16,))
-    ctl = ControllerConfig(seeds=2, chunk_updates=2, eval_episodes=16, rule_search_episodes=0,  # searched in its own test
-                           behaviour_episodes=4)
+    cfg = SABPPOConfig(
+        num_envs=4, num_steps=5, total_timesteps=4 * 5 * 4, num_minibatches=2, update_epochs=1, hidden_sizes=(16,)
+    )
+    ctl = ControllerConfig(
+        seeds=2,
+        chunk_updates=2,
+        eval_episodes=16,
+        rule_search_episodes=0,  # searched in its own test
+        behaviour_episodes=4,
+    )
     out = tmp_path / "run"
     env = FedPEATMEC(params)  # one env object for all calls: compiled evaluations are reused
     part = train_controller(cfg, params, out, controller=ctl, env=env, show_progress=False, stop_after_chunks=1)
@@ -228,7 +245,8 @@ def test_train_controller_resumes_evaluates_and_plots(tmp_path):
     assert set(summary["baselines"]) == {"random", "server_only", "all_devices", "greedy"}
     assert len(summary["sabppo"]["per_seed_return_mean"]) == 2
     assert summary["beats_every_baseline"] == all(
-        summary["sabppo"]["return_mean"] > b["return_mean"] for b in summary["baselines"].values())
+        summary["sabppo"]["return_mean"] > b["return_mean"] for b in summary["baselines"].values()
+    )
     for name in ("summary.json", "controller.json", "learning_curve.png", "comparison.png", "behaviour.png"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "summary.json").read_text())["updates"] == 4

@@ -11,15 +11,26 @@ from fedpeat_jax.fed.simulation import FedData
 from fedpeat_jax.mec import FedPEATMEC, calibrate
 from fedpeat_jax.model import gpt2
 
-MODEL = GPT2Config(vocab_size=61, n_positions=16, n_embd=16, n_layer=6, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+MODEL = GPT2Config(
+    vocab_size=61, n_positions=16, n_embd=16, n_layer=6, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0
+)
 
 
 WORKLOAD = {"local_steps": 2, "batch_size": 2, "seq_len": 8}
 
 
 def _fit(measured, server, **kw):
-    settings = dict(model=MODEL, model_name="test", l=2, r=2, ppl0=120.0, population=[6.0] * 12, workload=WORKLOAD,
-                    source="test", meta={"server_examples": {d: 6.0 for d in server}})
+    settings = dict(
+        model=MODEL,
+        model_name="test",
+        l=2,
+        r=2,
+        ppl0=120.0,
+        population=[6.0] * 12,
+        workload=WORKLOAD,
+        source="test",
+        meta={"server_examples": {d: 6.0 for d in server}},
+    )
     return calibrate.fit_table(measured, server, **{**settings, **kw})
 
 
@@ -46,8 +57,10 @@ def test_fit_recovers_the_response_model_of_devices_and_of_server_data_that_hurt
 
 
 def test_mixed_rounds_predicted_by_the_two_source_model():
-    table = _fit({1: [(calibrate.simulate(120.0, [0.5] * 4, 40.0, 2.0), np.full(4, 0.5))]},
-                 {"modern": [(calibrate.simulate(120.0, [0.5] * 4, 110.0, 1.0), np.full(4, 0.5))]})
+    table = _fit(
+        {1: [(calibrate.simulate(120.0, [0.5] * 4, 40.0, 2.0), np.full(4, 0.5))]},
+        {"modern": [(calibrate.simulate(120.0, [0.5] * 4, 110.0, 1.0), np.full(4, 0.5))]},
+    )
     # one source alone is that source's curve; both together pull towards a point between them
     only_dev = calibrate.predict_mixed(table, 120.0, [0.5] * 4, [0.0] * 4, 1, "modern")
     np.testing.assert_allclose(only_dev, calibrate.simulate(120.0, [0.5] * 4, *table.ppl_inf, *table.eta), rtol=1e-9)
@@ -64,8 +77,16 @@ def test_fit_on_measured_fedpeat_rounds_within_tolerance_and_loads_in_env():
     train = FedData.from_arrays(tokens, np.ones_like(tokens), np.full(12, 6))
     heldout = (tokens[0], np.ones_like(tokens[0], np.float32))
     other = rs.randint(0, 61, (6, 16))
-    cfg = calibrate.CalibrateConfig(levels=(1,), clients_per_round=(2, 6), local_steps=2, local_batch=2, client_lr=1e-2,
-                                    lora_rank=2, lora_alpha=8.0, population=None)
+    cfg = calibrate.CalibrateConfig(
+        levels=(1,),
+        clients_per_round=(2, 6),
+        local_steps=2,
+        local_batch=2,
+        client_lr=1e-2,
+        lora_rank=2,
+        lora_alpha=8.0,
+        population=None,
+    )
     runs = calibrate._Runs(params, MODEL, cfg.peft(), heldout)
     measured = {}
     for m in (2, 6):

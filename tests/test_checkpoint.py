@@ -63,9 +63,7 @@ def test_round_trip_is_exact_including_prng_keys(tmp_path):
     # The restored key continues the same random stream.
     np.testing.assert_array_equal(jax.random.normal(restored["key"], (4,)), jax.random.normal(state["key"], (4,)))
     # Abstract targets work too.
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.Array) else x, state
-    )
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.Array) else x, state)
     _assert_same(mgr.restore(3, target=abstract), state)
 
 

@@ -10,7 +10,9 @@ from fedpeat_jax import cli
 
 
 def fedpeat(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "fedpeat_jax.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedpeat_jax.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_top_level_help_lists_every_subcommand():
@@ -32,7 +34,10 @@ def test_help_of_every_subcommand(name, capsys):
     "args, message",
     [
         (["tune", "--client-lr", "-1"], "--client-lr (FedConfig.client_lr) must be > 0"),
-        (["tune", "--emulator-levels", "9", "--preset", "tiny"], "--emulator-levels (FedConfig.emulator_levels) [9] larger than the model's middle"),
+        (
+            ["tune", "--emulator-levels", "9", "--preset", "tiny"],
+            "--emulator-levels (FedConfig.emulator_levels) [9] larger than the model's middle",
+        ),
         (["tune", "--kind", "nonsense"], "--kind (PeftConfig.kind) must be one of"),
         (["tune", "--partition", "random"], "--partition (TaskConfig.partition) must be one of"),
         (["tune", "--model-dir", "/nonexistent/gpt2"], "model directory /nonexistent/gpt2 does not exist"),
@@ -42,9 +47,15 @@ def test_help_of_every_subcommand(name, capsys):
         (["live", "--baselines", "greedy,oracle"], "--baselines: unknown ['oracle']"),
         (["tune", "--config", "/nonexistent.json"], "--config: no such file"),
         (["quickstart", "--rounds", "0"], "--rounds (QuickstartConfig.rounds) must be an integer >= 1"),
-        (["quickstart", "--preset", "gpt2"], "--preset (QuickstartConfig.preset) must be one of ('tiny', 'default', 'base')"),
+        (
+            ["quickstart", "--preset", "gpt2"],
+            "--preset (QuickstartConfig.preset) must be one of ('tiny', 'default', 'base')",
+        ),
         (["pretrain", "--steps", "0"], "--steps (PretrainConfig.steps) must be an integer >= 1"),
-        (["offsite-table", "--offsite-warmup", "100", "--offsite-steps", "60"], "--offsite-warmup (OffsiteConfig.warmup) must be in [0, steps=60)"),
+        (
+            ["offsite-table", "--offsite-warmup", "100", "--offsite-steps", "60"],
+            "--offsite-warmup (OffsiteConfig.warmup) must be in [0, steps=60)",
+        ),
         (["distill", "--kd-weight", "-1"], "--kd-weight (DistillConfig.kd_weight) must be >= 0"),
         (["train-controller", "--num-envs", "0"], "--num-envs (SABPPOConfig.num_envs) must be an integer >= 1"),
     ],

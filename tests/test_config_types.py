@@ -19,7 +19,11 @@ def config_classes() -> list:
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ClassDef) and node.name.endswith("Config") and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
+            if (
+                isinstance(node, ast.ClassDef)
+                and node.name.endswith("Config")
+                and any("dataclass" in ast.unparse(d) for d in node.decorator_list)
+            ):
                 module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
                 found.append(getattr(importlib.import_module(module), node.name))
     return found
@@ -34,8 +38,22 @@ def default(cls):
 
 def test_every_config_class_uses_the_base_and_inherits_replace():
     names = sorted(c.__name__ for c in CLASSES)
-    assert {"FedConfig", "PeftConfig", "GPT2Config", "TaskConfig", "TextConfig", "PretrainConfig", "DistillConfig", "OffsiteConfig",
-            "CalibrateConfig", "LiveConfig", "SABPPOConfig", "ControllerConfig", "QuickstartConfig", "TrainConfig"} <= set(names)
+    assert {
+        "FedConfig",
+        "PeftConfig",
+        "GPT2Config",
+        "TaskConfig",
+        "TextConfig",
+        "PretrainConfig",
+        "DistillConfig",
+        "OffsiteConfig",
+        "CalibrateConfig",
+        "LiveConfig",
+        "SABPPOConfig",
+        "ControllerConfig",
+        "QuickstartConfig",
+        "TrainConfig",
+    } <= set(names)
     for cls in CLASSES:
         assert issubclass(cls, Config), cls
         assert "replace" not in vars(cls) and "__post_init__" not in vars(cls) or cls.__name__ == "TextConfig", cls
@@ -56,7 +74,10 @@ def _fields(kind):
 @pytest.mark.parametrize("cls, name", _fields(int))
 @pytest.mark.parametrize("value, word", [("32", "'32' (a string)"), (True, "True (a bool)"), (4.0, "4.0 (a float)")])
 def test_int_fields_refuse_strings_bools_and_floats(cls, name, value, word):
-    with pytest.raises(ValueError, match=rf"^{cls.__name__}\.{name} must be an integer, got {word}".replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{cls.__name__}\.{name} must be an integer, got {word}".replace("(", r"\(").replace(")", r"\)"),
+    ):
         default(cls).replace(**{name: value})
 
 

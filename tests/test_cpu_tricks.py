@@ -73,7 +73,9 @@ def test_env_batching_gives_the_same_steps_on_both_paths(monkeypatch):
         u = jnp.asarray(np.random.default_rng(0).random((6, 5, env.n_devices), dtype=np.float32))  # (E, 5, N)
         _, s = jax.vmap(env.reset_with_draws, in_axes=(0, None))(u, p)
         a = jnp.asarray(np.random.default_rng(1).integers(0, env.nvec, (6, len(env.nvec))), jnp.int32)
-        rule = cpu_tricks.batch_trailing(lambda u, s, a, p: env.step_with_draws(u, s, a, p), per_env=(True, True, True, False))
+        rule = cpu_tricks.batch_trailing(
+            lambda u, s, a, p: env.step_with_draws(u, s, a, p), per_env=(True, True, True, False)
+        )
         out[value] = jax.jit(jax.vmap(rule, in_axes=(0, 0, 0, None)))(u, s, a, p)
     for x, y in zip(jax.tree.leaves(out["1"]), jax.tree.leaves(out["0"])):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-6, atol=1e-6)
@@ -99,5 +101,5 @@ def test_branch_sampling_follows_the_probabilities_on_both_paths(mode):
     start = 0
     for b, n in enumerate(nvec):
         freq = np.bincount(acts[:, b], minlength=n) / len(acts)
-        np.testing.assert_allclose(freq, probs[start: start + n], atol=0.015)
+        np.testing.assert_allclose(freq, probs[start : start + n], atol=0.015)
         start += n

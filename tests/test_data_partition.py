@@ -62,7 +62,11 @@ def test_natural_clients_respect_min_size_and_exclude_held_out_plays():
     assert len(clients) == 5 * 4  # roles R2..R5 of the five training plays
     assert min(clients.sizes) >= 3
     assert all(not name.startswith(DEFAULT_HELDOUT_PLAYS[0]) for name in clients.names)
-    assert clients.names[0] == "p0/R2" and clients.examples[0] == ("p0 R2 speech 0.", "p0 R2 speech 1.", "p0 R2 speech 2.")
+    assert clients.names[0] == "p0/R2" and clients.examples[0] == (
+        "p0 R2 speech 0.",
+        "p0 R2 speech 1.",
+        "p0 R2 speech 2.",
+    )
     # Every speech of every kept client is there exactly once, in text order.
     kept = [s.text for s in corpus.speeches if s.play != DEFAULT_HELDOUT_PLAYS[0] and int(s.role[1:]) >= 2]
     assert _all(clients) == sorted(kept)
@@ -185,7 +189,7 @@ def test_tokenize_clients_shapes_masks_counts_and_content():
         assert data.counts[c] == -(-len(stream) // 16)
         real = data.tokens[c][data.mask[c]]
         assert real.tolist() == stream.tolist()  # real tokens, in order, nothing lost
-        assert not data.mask[c, data.counts[c]:].any() and (data.tokens[c][~data.mask[c]] == tok.pad_token_id).all()
+        assert not data.mask[c, data.counts[c] :].any() and (data.tokens[c][~data.mask[c]] == tok.pad_token_id).all()
         assert data.mask[c, : data.counts[c], 0].all()  # every counted window starts with a real token
     assert data.n_tokens.tolist() == [int(m.sum()) for m in data.mask]
 

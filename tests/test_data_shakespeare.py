@@ -51,7 +51,10 @@ def test_modern_spelling_fixture_gives_exact_roles_and_speeches():
         ("VIOLA", "What country, friends, is this?"),  # tag, blank, [Aside.], blank, speech
         ("CAPTAIN", "This is Illyria, lady."),  # capitals without a full stop (as in A Midsummer Night's Dream)
         ("VIOLA", "No."),  # a one-word speech that itself looks like a tag
-        ("CLOWN", "Would you have a love-song?\nO mistress mine, where are you roaming?\nO, stay and hear; your true love's coming,"),
+        (
+            "CLOWN",
+            "Would you have a love-song?\nO mistress mine, where are you roaming?\nO, stay and hear; your true love's coming,",
+        ),
     ]
     # Neither the dramatis personae, nor the Gutenberg licence, nor headings leak into speeches.
     text = "\n".join(s.text for s in speeches)
@@ -80,7 +83,10 @@ def test_folio_spelling_fixture_gives_exact_roles_and_speeches():
         ("VIOLA", "What Country (Friends) is this?"),
         ("CAPTAINE", "This is Illyria Ladie."),
         ("1 SAYLOR", "We are come ashore."),  # "1. Saylor."
-        ("1 SAYLOR", "We must away.\nSound Trumpets, let our bloody Colours waue,\nAnd either Victorie, or else a Graue."),
+        (
+            "1 SAYLOR",
+            "We must away.\nSound Trumpets, let our bloody Colours waue,\nAnd either Victorie, or else a Graue.",
+        ),
         *viola,
         ("1", "Looke where she comes."),  # "1." alone is a numbered speaker (Macbeth's witches)
         ("VIOLA", "I'll serue this Duke."),  # after "Finis, Actus primus." the play goes on

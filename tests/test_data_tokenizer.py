@@ -66,7 +66,9 @@ def test_load_tokenizer_gives_a_pad_to_tokenizers_without_one(trained, tmp_path)
     from transformers import PreTrainedTokenizerFast
 
     tok, _ = trained
-    gpt2_like = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token=EOS_TOKEN)  # like GPT-2: no pad
+    gpt2_like = PreTrainedTokenizerFast(
+        tokenizer_object=tok.backend_tokenizer, eos_token=EOS_TOKEN
+    )  # like GPT-2: no pad
     gpt2_like.save_pretrained(str(tmp_path))
     assert load_tokenizer(tmp_path, pad_with_eos=False).pad_token is None
     loaded = load_tokenizer(tmp_path)

@@ -37,9 +37,17 @@ def _anchors(path: Path) -> set:
 
 
 def test_config_reference_is_up_to_date():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--check"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, (
         "docs/config.md does not match the config dataclasses: run `python scripts/config_reference.py` "
         f"and commit the result.\n{proc.stdout}\n{proc.stderr[-3000:]}"

@@ -18,7 +18,9 @@ from fedpeat_jax.io.logging import read_metrics
 from fedpeat_jax.model import gpt2
 
 # Five blocks: a 2-1-2 emulator keeps the one middle block; small enough to compile fast.
-MODEL = GPT2Config(vocab_size=61, n_positions=16, n_embd=16, n_layer=5, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+MODEL = GPT2Config(
+    vocab_size=61, n_positions=16, n_embd=16, n_layer=5, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0
+)
 LORA = PeftConfig(kind="lora", lora_rank=2, lora_alpha=4.0)
 C, N, T = 6, 4, 8
 
@@ -35,7 +37,15 @@ def data():
 
 
 def fed(**kw):
-    base = dict(clients_per_round=3, local_steps=2, local_batch=2, emulator_levels=(1,), rounds=2, rounds_per_chunk=1, log_lora_gap=False)
+    base = dict(
+        clients_per_round=3,
+        local_steps=2,
+        local_batch=2,
+        emulator_levels=(1,),
+        rounds=2,
+        rounds_per_chunk=1,
+        log_lora_gap=False,
+    )
     return FedConfig(**{**base, **kw})
 
 
@@ -61,7 +71,9 @@ def test_one_sgd_step_fedavg_equals_centralized_step(params):
 
     def union_loss(p):
         flat = jnp.asarray(tokens.reshape(C * b, T))
-        return gpt2.lm_loss(gpt2.apply(emulator, flat, config=em_cfg, peft=p, peft_config=sim.learner.peft_levels[0]), flat)
+        return gpt2.lm_loss(
+            gpt2.apply(emulator, flat, config=em_cfg, peft=p, peft_config=sim.learner.peft_levels[0]), flat
+        )
 
     grads = jax.grad(union_loss)(state.trainable)
     expected = jax.tree.map(lambda p, g: p - 0.5 * g, state.trainable, grads)
@@ -80,9 +92,22 @@ def test_vmapped_clients_equal_one_at_a_time(params, data):
     keys = sim.client_keys(k_train, 0, ids.shape[0])
     base = sim.learner.frozen(sim.base_params(state, params), 0)
     loss = sim.learner.loss(0)
-    one = jax.jit(lambda tok, msk, cnt, key: local_update(
-        lambda t, x, m, k: loss(t, base, x, m, k), state.trainable, state.trainable, tok, msk, cnt, key, hyper,
-        fed=cfg, batch=cfg.local_batch).tree)
+    one = jax.jit(
+        lambda tok, msk, cnt, key: (
+            local_update(
+                lambda t, x, m, k: loss(t, base, x, m, k),
+                state.trainable,
+                state.trainable,
+                tok,
+                msk,
+                cnt,
+                key,
+                hyper,
+                fed=cfg,
+                batch=cfg.local_batch,
+            ).tree
+        )
+    )
     clients = [one(data.tokens[i], data.mask[i], data.counts[i], k) for i, k in zip(np.asarray(ids), keys)]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *clients)
     res = aggregate.fedavg(aggregate.client_deltas(stacked, state.trainable), data.counts[ids], valid)
@@ -103,9 +128,22 @@ def test_exact_lora_aggregation_merges_mean_of_products(params, data):
     ids, valid = sim.sample(k_sample, data.levels)[0]
     keys = sim.client_keys(k_train, 0, ids.shape[0])
     base, loss = sim.learner.frozen(sim.base_params(state, params), 0), sim.learner.loss(0)
-    run = jax.vmap(lambda tok, msk, cnt, key: local_update(
-        lambda t, x, m, k: loss(t, base, x, m, k), state.trainable, state.trainable, tok, msk, cnt, key, hyper,
-        fed=cfg, batch=cfg.local_batch).tree)
+    run = jax.vmap(
+        lambda tok, msk, cnt, key: (
+            local_update(
+                lambda t, x, m, k: loss(t, base, x, m, k),
+                state.trainable,
+                state.trainable,
+                tok,
+                msk,
+                cnt,
+                key,
+                hyper,
+                fed=cfg,
+                batch=cfg.local_batch,
+            ).tree
+        )
+    )
     clients = run(data.tokens[ids], data.mask[ids], data.counts[ids], keys)["blocks"]["lora"]
     w = np.asarray(data.counts[ids], np.float64)
     w = w / w.sum()
@@ -138,7 +176,9 @@ def test_dp_noise_has_configured_scale(params, data):
     sim = FedPEAT(MODEL, LORA, cfg, n_clients=C)
     state = sim.init(jax.random.key(6), params)
     new, _ = jax.jit(lambda s: sim.round(s, params, data, Hyper.from_config(cfg)))(state)
-    noise = np.concatenate([np.ravel(n - o) for n, o in zip(jax.tree.leaves(new.trainable), jax.tree.leaves(state.trainable))])
+    noise = np.concatenate(
+        [np.ravel(n - o) for n, o in zip(jax.tree.leaves(new.trainable), jax.tree.leaves(state.trainable))]
+    )
     assert noise.size > 1000
     np.testing.assert_allclose(noise.std(), sigma * clip / m, rtol=0.05)
     assert abs(noise.mean()) < 5 * (sigma * clip / m) / np.sqrt(noise.size)  # zero-mean within 5 standard errors
@@ -158,7 +198,9 @@ def test_heterogeneous_emulators_and_server_participation(params, data):
     cfg = fed(emulator_levels=(0, 1), level_slots=(2, 1), server_participation=True)
     sim = FedPEAT(MODEL, LORA, cfg, n_clients=C)
     server_data = (data.tokens[0], data.mask[0])
-    state, metrics = jax.jit(lambda s: sim.run_rounds(s, params, data._replace(levels=levels), 2, server_data=server_data))(sim.init(jax.random.key(8), params))
+    state, metrics = jax.jit(
+        lambda s: sim.run_rounds(s, params, data._replace(levels=levels), 2, server_data=server_data)
+    )(sim.init(jax.random.key(8), params))
     assert np.asarray(metrics.participants).tolist() == [4, 4]  # 2 + 1 clients + the server
     assert np.isfinite(np.asarray(metrics.loss)).all()
 
@@ -167,10 +209,25 @@ def test_kill_and_resume_equals_uninterrupted(params, data, tmp_path):
     cfg = fed(rounds=4, rounds_per_chunk=2)
     sim = FedPEAT(MODEL, LORA, cfg, n_clients=C)
     full = driver.train(sim, params, data, seed=9, show_progress=False)
-    driver.train(sim, params, data, seed=9, ckpt_dir=tmp_path / "ck", logdir=tmp_path / "log", stop_after_chunks=1, show_progress=False)
-    resumed = driver.train(sim, params, data, seed=9, ckpt_dir=tmp_path / "ck", logdir=tmp_path / "log", show_progress=False)
+    driver.train(
+        sim,
+        params,
+        data,
+        seed=9,
+        ckpt_dir=tmp_path / "ck",
+        logdir=tmp_path / "log",
+        stop_after_chunks=1,
+        show_progress=False,
+    )
+    resumed = driver.train(
+        sim, params, data, seed=9, ckpt_dir=tmp_path / "ck", logdir=tmp_path / "log", show_progress=False
+    )
     assert int(resumed.state.round) == 4
-    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), (full.state.trainable, full.state.opt_state), (resumed.state.trainable, resumed.state.opt_state))
+    same = jax.tree.map(
+        lambda a, b: bool(jnp.array_equal(a, b)),
+        (full.state.trainable, full.state.opt_state),
+        (resumed.state.trainable, resumed.state.opt_state),
+    )
     assert all(jax.tree.leaves(same))
     assert bool(jnp.array_equal(jax.random.key_data(full.state.key), jax.random.key_data(resumed.state.key)))
     rounds = [r["step"] for r in read_metrics(tmp_path / "log")]
@@ -188,7 +245,9 @@ def test_study_vmaps_over_seeds_and_hyperparameters(params, data):
     states, metrics, _ = driver.study(sim, params, data, [1, 2, 1], hypers, rounds=2)
     alone, _ = jax.jit(lambda s: sim.run_rounds(s, params, data, 2, base))(sim.init(jax.random.key(2), params, base))
     assert tree_close(jax.tree.map(lambda x: x[1], states.trainable), alone.trainable, atol=1e-6)
-    assert not tree_close(jax.tree.map(lambda x: x[0], states.trainable), jax.tree.map(lambda x: x[2], states.trainable), atol=1e-6)
+    assert not tree_close(
+        jax.tree.map(lambda x: x[0], states.trainable), jax.tree.map(lambda x: x[2], states.trainable), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -273,7 +332,11 @@ def test_chunked_round_equals_unchunked(params, data, case):
         run = jax.jit(lambda s, p, dd, srv: sim.run_rounds(s, p, dd, 2, server_data=srv))
         out.append(run(state, params, d, server))
     (a, ma), (b, mb) = out
-    assert tree_close((a.trainable, a.adapter_delta, a.control, a.clients), (b.trainable, b.adapter_delta, b.control, b.clients), atol=2e-6)
+    assert tree_close(
+        (a.trainable, a.adapter_delta, a.control, a.clients),
+        (b.trainable, b.adapter_delta, b.control, b.clients),
+        atol=2e-6,
+    )
     np.testing.assert_array_equal(np.asarray(ma.participants), np.asarray(mb.participants))
     np.testing.assert_allclose(np.asarray(ma.loss), np.asarray(mb.loss), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(ma.lora_gap), np.asarray(mb.lora_gap), rtol=1e-4, atol=1e-7)
@@ -301,8 +364,16 @@ def test_whole_model_one_sgd_step_equals_centralized_step(params):
     b = 2
     tokens = np.random.RandomState(3).randint(0, 61, (C, b, T))
     d = FedData.from_arrays(tokens, np.ones((C, b, T)), np.full(C, b))
-    cfg = fed(clients_per_round=C, local_steps=1, local_batch=b, client_optimizer="sgd", client_lr=0.5, trainable="model",
-              emulator_levels=(1,), client_chunk=4)
+    cfg = fed(
+        clients_per_round=C,
+        local_steps=1,
+        local_batch=b,
+        client_optimizer="sgd",
+        client_lr=0.5,
+        trainable="model",
+        emulator_levels=(1,),
+        client_chunk=4,
+    )
     sim = FedPEAT(MODEL, LORA, cfg, n_clients=C)
     state = sim.init(jax.random.key(2), params)
     new, _ = jax.jit(lambda s, p: sim.round(s, p, d, Hyper.from_config(cfg)))(state, params)
@@ -319,7 +390,9 @@ def test_all_blocks_lora_trains_every_block(params, data):
     assert state.trainable["blocks"]["lora"]["attn"]["c_attn"]["a"].shape[0] == MODEL.n_layer
     new, metrics = jax.jit(lambda s, p: sim.round(s, p, data, Hyper.from_config(cfg)))(state, params)
     assert int(metrics.participants) == 3
-    moved = np.abs(np.asarray(new.trainable["blocks"]["lora"]["mlp"]["c_fc"]["b"])).reshape(MODEL.n_layer, -1).max(axis=1)
+    moved = (
+        np.abs(np.asarray(new.trainable["blocks"]["lora"]["mlp"]["c_fc"]["b"])).reshape(MODEL.n_layer, -1).max(axis=1)
+    )
     assert (moved > 0).all()  # the middle block (no adapter) trains too
 
 
@@ -341,10 +414,22 @@ def test_local_only_clients_continue_their_own_trees(params, data):
     key = sim.client_keys(k_train, 0, C)[slot]
     base, loss = sim.learner.frozen(params, 0), sim.learner.loss(0)
     own = jax.tree.map(lambda x: x[1], one.clients)
-    expected = local_update(lambda t, x, m, k: loss(t, base, x, m, k), own, state.trainable, data.tokens[1], data.mask[1], data.counts[1],
-                            key, Hyper.from_config(cfg), fed=cfg, batch=cfg.local_batch).tree
+    expected = local_update(
+        lambda t, x, m, k: loss(t, base, x, m, k),
+        own,
+        state.trainable,
+        data.tokens[1],
+        data.mask[1],
+        data.counts[1],
+        key,
+        Hyper.from_config(cfg),
+        fed=cfg,
+        batch=cfg.local_batch,
+    ).tree
     assert tree_close(jax.tree.map(lambda x: x[1], two.clients), expected, atol=1e-6)
-    assert not tree_close(jax.tree.map(lambda x: x[1], two.clients), jax.tree.map(lambda x: x[2], two.clients), atol=1e-6)
+    assert not tree_close(
+        jax.tree.map(lambda x: x[1], two.clients), jax.tree.map(lambda x: x[2], two.clients), atol=1e-6
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -386,12 +471,37 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     """A mesh of 2 processes x 2 CPU devices (jax.distributed, gloo) runs the same 3 rounds as
     one process with 4 devices: each process feeds only its own clients."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    single = subprocess.Popen([sys.executable, ROUNDS_SCRIPT, "--devices", "4", "--out", str(tmp_path / "single.npz")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    single = subprocess.Popen(
+        [sys.executable, ROUNDS_SCRIPT, "--devices", "4", "--out", str(tmp_path / "single.npz")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, ROUNDS_SCRIPT, "--devices", "2", "--processes", "2", "--process-id", str(i), "--port", str(port),
-                               "--out", str(tmp_path / "multi.npz")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                ROUNDS_SCRIPT,
+                "--devices",
+                "2",
+                "--processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--port",
+                str(port),
+                "--out",
+                str(tmp_path / "multi.npz"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
     try:
         for p in [single, *procs]:
             out, err = p.communicate(timeout=300)
@@ -416,14 +526,22 @@ def test_automatic_chunk_fits_the_memory_budget_and_a_client_too_big_is_refused(
     for chunk in (1, 2):
         sim = FedPEAT(MODEL, LORA, cfg.replace(client_chunk=chunk), n_clients=C)
         state = sim.init(jax.random.key(0), params)
-        need[chunk] = driver.round_memory(jax.jit(sim.run_rounds, static_argnums=3).lower(state, params, data, 1, hyper).compile())
+        need[chunk] = driver.round_memory(
+            jax.jit(sim.run_rounds, static_argnums=3).lower(state, params, data, 1, hyper).compile()
+        )
     assert need[2] > need[1] > 0
     budget = (need[1] + need[2]) / 2 / driver.GiB
-    result = driver.train(FedPEAT(MODEL, LORA, cfg.replace(memory_budget_gb=budget), n_clients=C), params, data, show_progress=False)
+    result = driver.train(
+        FedPEAT(MODEL, LORA, cfg.replace(memory_budget_gb=budget), n_clients=C), params, data, show_progress=False
+    )
     assert result.client_chunk == 1 and int(result.state.round) == 1
     with pytest.raises(ValueError, match="one client at a time needs .* memory budget"):
-        driver.train(FedPEAT(MODEL, LORA, cfg.replace(memory_budget_gb=need[1] / 2 / driver.GiB), n_clients=C), params, data,
-                     show_progress=False)
+        driver.train(
+            FedPEAT(MODEL, LORA, cfg.replace(memory_budget_gb=need[1] / 2 / driver.GiB), n_clients=C),
+            params,
+            data,
+            show_progress=False,
+        )
 
 
 @pytest.mark.slow
@@ -431,14 +549,42 @@ def test_two_processes_resume_from_their_checkpoint(tmp_path):
     """Two processes killed after round 1 (orbax checkpoint of the replicated state) and started
     again end with the parameters of one uninterrupted process."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    single = subprocess.run([sys.executable, ROUNDS_SCRIPT, "--devices", "4", "--out", str(tmp_path / "single.npz")],
-                            capture_output=True, text=True, env=env, timeout=600)
+    single = subprocess.run(
+        [sys.executable, ROUNDS_SCRIPT, "--devices", "4", "--out", str(tmp_path / "single.npz")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     for stop in (["--stop-after-chunks", "1"], []):
         port = _free_port()
-        procs = [subprocess.Popen([sys.executable, ROUNDS_SCRIPT, "--devices", "2", "--processes", "2", "--process-id", str(i), "--port", str(port),
-                                   "--out", str(tmp_path / "multi.npz"), "--ckpt", str(tmp_path / "ckpt"), *stop],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    ROUNDS_SCRIPT,
+                    "--devices",
+                    "2",
+                    "--processes",
+                    "2",
+                    "--process-id",
+                    str(i),
+                    "--port",
+                    str(port),
+                    "--out",
+                    str(tmp_path / "multi.npz"),
+                    "--ckpt",
+                    str(tmp_path / "ckpt"),
+                    *stop,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for i in range(2)
+        ]
         for p in procs:
             out, err = p.communicate(timeout=600)
             assert p.returncode == 0, err[-3000:]

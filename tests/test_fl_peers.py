@@ -32,8 +32,10 @@ def test_fedpeat_round_and_torch_clients_do_the_same_work():
     names = sorted(lora)
     global_lora, ref = [lora[k] for k in names], []
     for r in range(rounds):  # Flower's FedAvg, without Flower: every client from the global LoRA, then the mean
-        fits = [fl_peers.torch_fit(model, torch.as_tensor(tokens[c], dtype=torch.long), names, global_lora, seed=10 * r + c)
-                for c in range(m)]
+        fits = [
+            fl_peers.torch_fit(model, torch.as_tensor(tokens[c], dtype=torch.long), names, global_lora, seed=10 * r + c)
+            for c in range(m)
+        ]
         global_lora = [np.mean([arrays[i] for arrays, _ in fits], axis=0) for i in range(len(names))]
         ref.append(np.mean([loss for _, loss in fits]))
     assert ref[0] - ref[-1] > 5 * fl_peers.LOSS_RTOL * ref[0]  # training moves the loss far more than the tolerance
@@ -44,10 +46,19 @@ def test_implementation_selection():
     """A default run times the client-split rounds and both Flower configurations; a float32
     fedpeat_jax round (the loss reference) always runs; unknown names are refused."""
     impls = fl_peers.implementations(2)
-    assert list(fl_peers.select(impls, "", 2)) == ["fedpeat_jax_sharded", "fedpeat_jax_bf16_sharded", "flower_1cpu", "flower_2cpu"]
+    assert list(fl_peers.select(impls, "", 2)) == [
+        "fedpeat_jax_sharded",
+        "fedpeat_jax_bf16_sharded",
+        "flower_1cpu",
+        "flower_2cpu",
+    ]
     assert fl_peers.select(impls, "all", 2) == impls
     assert list(fl_peers.select(impls, "flower_1cpu", 2)) == ["fedpeat_jax", "flower_1cpu"]
     assert fl_peers.reference(fl_peers.select(impls, "", 2)) == "fedpeat_jax_sharded"
-    assert list(fl_peers.select(fl_peers.implementations(1), "", 1)) == ["fedpeat_jax", "fedpeat_jax_bf16", "flower_1cpu"]
+    assert list(fl_peers.select(fl_peers.implementations(1), "", 1)) == [
+        "fedpeat_jax",
+        "fedpeat_jax_bf16",
+        "flower_1cpu",
+    ]
     with pytest.raises(ValueError, match="unknown implementation"):
         fl_peers.select(impls, "flower_9cpu", 2)

@@ -29,7 +29,9 @@ def shipped():
 def test_the_default_preset_loads_the_shipped_model_with_its_recorded_checksums(shipped):
     assert shipped.shipped and shipped.path == SHIPPED
     # its recorded settings are the preset's: otherwise load_foundation would pretrain instead
-    assert shipped.info["fingerprint"] == foundation.fingerprint(GPT2Config.preset("default"), PRETRAIN_PRESETS["default"])
+    assert shipped.info["fingerprint"] == foundation.fingerprint(
+        GPT2Config.preset("default"), PRETRAIN_PRESETS["default"]
+    )
     recorded = json_ready(foundation.fingerprinted_settings(PRETRAIN_PRESETS["default"]))
     assert {k: shipped.info["pretrain"][k] for k in recorded} == recorded
     assert foundation.file_checksums(SHIPPED) == shipped.info["sha256"]
@@ -84,12 +86,18 @@ def truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("damage, name", [
-    (lambda d: truncate(d / "model.safetensors"), "model.safetensors"),
-    (lambda d: (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text().replace("a", "b", 1)), "tokenizer.json"),
-    (lambda d: (d / "config.json").unlink(), "config.json"),
-    (lambda d: truncate(d / "foundation.json"), "foundation.json"),
-])
+@pytest.mark.parametrize(
+    "damage, name",
+    [
+        (lambda d: truncate(d / "model.safetensors"), "model.safetensors"),
+        (
+            lambda d: (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text().replace("a", "b", 1)),
+            "tokenizer.json",
+        ),
+        (lambda d: (d / "config.json").unlink(), "config.json"),
+        (lambda d: truncate(d / "foundation.json"), "foundation.json"),
+    ],
+)
 def test_a_damaged_copy_is_refused_with_one_line_naming_the_file(tmp_path, damage, name):
     root = damaged_copy(tmp_path, damage)
     with pytest.raises(FoundationFilesError) as err:
@@ -116,12 +124,16 @@ def test_the_fingerprint_depends_on_what_decides_the_weights_only():
         attention: str = "fused"
 
     assert foundation.fingerprint(WithExecutionOptions(**dataclasses.asdict(model)), pcfg) == fp
-    assert foundation.fingerprint(model.replace(embd_pdrop=0.0, attn_pdrop=0.0), pcfg) == fp  # pretraining uses no dropout
+    assert (
+        foundation.fingerprint(model.replace(embd_pdrop=0.0, attn_pdrop=0.0), pcfg) == fp
+    )  # pretraining uses no dropout
     for changed in (model.replace(n_layer=6), model.replace(n_inner=512), model.replace(initializer_range=0.01)):
         assert foundation.fingerprint(changed, pcfg) != fp
     assert foundation.fingerprint(model, pcfg.replace(steps=301)) != fp
     with_dropout = pcfg.replace(dropout=True)
-    assert foundation.fingerprint(model.replace(embd_pdrop=0.0), with_dropout) != foundation.fingerprint(model, with_dropout)
+    assert foundation.fingerprint(model.replace(embd_pdrop=0.0), with_dropout) != foundation.fingerprint(
+        model, with_dropout
+    )
 
 
 def test_pretraining_from_scratch_records_checksums_and_never_uses_the_shipped_model(tmp_path):

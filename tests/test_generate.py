@@ -41,9 +41,10 @@ def to_right_padding(ids, mask):
 
 def hf_generate(model, ids, mask, **kw):
     with torch.no_grad():
-        out = model.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
-                             max_new_tokens=N, **kw)
-    return out[:, ids.shape[1]:].numpy()
+        out = model.generate(
+            torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False, max_new_tokens=N, **kw
+        )
+    return out[:, ids.shape[1] :].numpy()
 
 
 def test_greedy_matches_transformers_generate(model, converted):
@@ -82,9 +83,9 @@ def test_eos_stops_rows_and_pads_after(model, converted):
     ref = hf_generate(model, ids, mask, eos_token_id=eos, pad_token_id=1)
     tokens = np.asarray(ours.new_tokens)
     np.testing.assert_array_equal(tokens[:, : ref.shape[1]], ref)  # transformers stops once all rows did
-    assert (tokens[:, ref.shape[1]:] == 1).all()
+    assert (tokens[:, ref.shape[1] :] == 1).all()
     stop = int(np.argmax(greedy[0] == eos))
-    assert (tokens[0, stop + 1:] == 1).all() and tokens[0, stop] == eos
+    assert (tokens[0, stop + 1 :] == 1).all() and tokens[0, stop] == eos
     new_mask = np.asarray(ours.attention_mask)[:, T:]
     assert new_mask[0].tolist() == [1] * (stop + 1) + [0] * (N - stop - 1)
     for row in (1, 2):  # rows that never emit eos stay real throughout
@@ -96,11 +97,13 @@ def test_top_k_one_and_cold_sampling_equal_greedy(converted):
     params, cfg = converted
     ids, mask = left_padded_prompts()
     greedy = np.asarray(gen.generate(params, ids, mask, config=cfg, max_new_tokens=N).sequences)
-    top1 = gen.generate(params, ids, mask, config=cfg, max_new_tokens=N, do_sample=True, top_k=1,
-                        temperature=1.7, rng=jax.random.key(3))
+    top1 = gen.generate(
+        params, ids, mask, config=cfg, max_new_tokens=N, do_sample=True, top_k=1, temperature=1.7, rng=jax.random.key(3)
+    )
     np.testing.assert_array_equal(np.asarray(top1.sequences), greedy)
-    cold = gen.generate(params, ids, mask, config=cfg, max_new_tokens=N, do_sample=True, temperature=1e-4,
-                        rng=jax.random.key(4))
+    cold = gen.generate(
+        params, ids, mask, config=cfg, max_new_tokens=N, do_sample=True, temperature=1e-4, rng=jax.random.key(4)
+    )
     np.testing.assert_array_equal(np.asarray(cold.sequences), greedy)
 
 
@@ -116,8 +119,10 @@ def teacher_forced_logits(params, cfg, sequences, **peft_kw):
 def test_top_k_sampling_draws_only_top_k_tokens(converted):
     params, cfg = converted
     ids = np.random.RandomState(1).randint(0, cfg.vocab_size, (3, T))
-    draws = [gen.generate(params, ids, config=cfg, max_new_tokens=N, do_sample=True, top_k=3, rng=jax.random.key(s))
-             for s in (0, 0, 1)]
+    draws = [
+        gen.generate(params, ids, config=cfg, max_new_tokens=N, do_sample=True, top_k=3, rng=jax.random.key(s))
+        for s in (0, 0, 1)
+    ]
     np.testing.assert_array_equal(np.asarray(draws[0].sequences), np.asarray(draws[1].sequences))  # same key
     assert (np.asarray(draws[0].new_tokens) != np.asarray(draws[2].new_tokens)).any()  # another key
     seq = np.asarray(draws[2].sequences)

@@ -125,8 +125,9 @@ def test_sharded_and_bfloat16_safetensors(tmp_path):
 
 def test_state_dict_without_transformer_prefix(params):
     model = GPT2Model(hf.to_hf_config(CFG))  # the bare trunk: keys "h.0...", no lm_head
-    model.load_state_dict({k.removeprefix("transformer."): torch.tensor(v)
-                           for k, v in hf.state_dict_from_params(params).items()})
+    model.load_state_dict(
+        {k.removeprefix("transformer."): torch.tensor(v) for k, v in hf.state_dict_from_params(params).items()}
+    )
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     assert not any(k.startswith("transformer.") for k in sd)
     assert_trees_equal(hf.params_from_state_dict(sd, CFG), params)
@@ -221,7 +222,9 @@ def test_missing_directory_and_files(params, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
         hf.load_pretrained(tmp_path / "empty")
     hf.to_hf_config(CFG).to_json_file(tmp_path / "empty" / "config.json")
-    with pytest.raises(FileNotFoundError, match=r"no GPT-2 weights in .*empty.*model\.safetensors.*found \['config\.json'\]"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no GPT-2 weights in .*empty.*model\.safetensors.*found \['config\.json'\]"
+    ):
         hf.load_pretrained(tmp_path / "empty")
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="not a directory"):

@@ -164,7 +164,9 @@ def test_data_fractions_count_devices_data_and_the_server_apart():
     pull = p.srv_eta * p.server_data / float(np.sum(np.asarray(s.data)))
     want = p.srv_ppl_inf + (p.ppl0 - p.srv_ppl_inf) * np.exp(-pull)
     assert float(srv["perplexity"]) == pytest.approx(want, rel=1e-5)
-    _, _, _, _, _, off = _round(env, s, _action(env, server=1, participate=np.zeros(N, int)), p.replace(server_enabled=0.0))
+    _, _, _, _, _, off = _round(
+        env, s, _action(env, server=1, participate=np.zeros(N, int)), p.replace(server_enabled=0.0)
+    )
     assert float(off["perplexity"]) == pytest.approx(p.ppl0) and bool(off["empty_round"])
 
 
@@ -269,7 +271,11 @@ def test_larger_emulator_raises_latency_and_memory(env):
     lat, mem, byt = [], [], []
     for level in range(env.n_levels):
         _, _, _, _, _, info = _round(env, s, _action(env, server=0, level=level), p)
-        lat.append(float(info["latency"])), mem.append(float(info["memory_peak_bytes"])), byt.append(float(info["bytes"]))
+        (
+            lat.append(float(info["latency"])),
+            mem.append(float(info["memory_peak_bytes"])),
+            byt.append(float(info["bytes"])),
+        )
     assert lat == sorted(lat) and mem == sorted(mem) and byt == sorted(byt) and lat[0] < lat[-1]
 
 
@@ -294,7 +300,11 @@ def test_vmap_over_envs_matches_single_steps(env):
 def test_vmap_over_params():
     env = FedPEATMEC(preset="default", calibration=_table())
     base = env.default_params
-    variants = [base, base.replace(w_latency=3.0, cell_radius=250.0), base.replace(bw_weights=jnp.array([1.0, 1.0, 1.0, 8.0]))]
+    variants = [
+        base,
+        base.replace(w_latency=3.0, cell_radius=250.0),
+        base.replace(bw_weights=jnp.array([1.0, 1.0, 1.0, 8.0])),
+    ]
     stacked = jax.tree.map(lambda *x: jnp.stack([jnp.asarray(v) for v in x]), *variants)
     keys = jax.random.split(jax.random.key(0), 3)
     obs, s = jax.vmap(env.reset)(keys, stacked)

@@ -22,7 +22,9 @@ from fedpeat_jax.model import gpt2
 from fedpeat_jax.rl import baselines as B
 from fedpeat_jax.rl.live_eval import run_policy
 
-MODEL = GPT2Config(vocab_size=61, n_positions=16, n_embd=16, n_layer=6, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+MODEL = GPT2Config(
+    vocab_size=61, n_positions=16, n_embd=16, n_layer=6, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0
+)
 PEFT = PeftConfig(kind="lora", lora_rank=2, lora_alpha=8.0)
 N, KS = 3, (0, 2)
 TABLE = synthetic_table(MODEL, k=(0, 1, 2), ppl0=61.0)  # an untrained 61-token model starts near 61
@@ -40,14 +42,32 @@ def _task():
 
 
 def _env_params(**overrides):
-    settings = dict(peft=PEFT, n_devices=N, emulator_k=KS, seq_len=8.0, local_steps=2.0, batch_size=2.0, server_data=4.0,
-                    max_steps_in_episode=4, round_deadline=1e6, mem_choices_gb=(1.0,))
+    settings = dict(
+        peft=PEFT,
+        n_devices=N,
+        emulator_k=KS,
+        seq_len=8.0,
+        local_steps=2.0,
+        batch_size=2.0,
+        server_data=4.0,
+        max_steps_in_episode=4,
+        round_deadline=1e6,
+        mem_choices_gb=(1.0,),
+    )
     return make_params(MODEL, TABLE, **{**settings, **overrides})
 
 
 def _sim(server=True):
-    fed = FedConfig(clients_per_round=N * len(KS), level_slots=(N,) * len(KS), emulator_levels=KS, local_steps=2,
-                    local_batch=2, client_lr=1e-2, server_participation=server, log_lora_gap=False)
+    fed = FedConfig(
+        clients_per_round=N * len(KS),
+        level_slots=(N,) * len(KS),
+        emulator_levels=KS,
+        local_steps=2,
+        local_batch=2,
+        client_lr=1e-2,
+        server_participation=server,
+        log_lora_gap=False,
+    )
     return FedPEAT(MODEL, PEFT, fed)
 
 
@@ -67,7 +87,9 @@ def _action(participate, level, server=1):
 @pytest.mark.slow
 def test_reset_starts_from_the_measured_zero_shot_perplexity(live):
     obs, state = live.reset(jax.random.key(0), live.default_params)
-    assert float(state.ppl) == pytest.approx(float(live.plugin_perplexity(live.default_params.fresh_learner, live.default_params)))
+    assert float(state.ppl) == pytest.approx(
+        float(live.plugin_perplexity(live.default_params.fresh_learner, live.default_params))
+    )
     assert float(live.default_params.ppl0) == pytest.approx(float(state.ppl))
     np.testing.assert_array_equal(np.asarray(state.data), [4.0, 3.0, 2.0])  # devices hold their clients' data
     assert obs.shape == live.obs_shape
@@ -81,11 +103,22 @@ def test_a_live_step_is_the_simulators_round_with_the_chosen_devices(live):
 
     data, _, heldout = _task()
     sim = live.sim
-    ref, metrics = jax.jit(lambda s: sim.round(s, WEIGHTS, data._replace(levels=jnp.asarray(level)), Hyper.from_config(sim.fed),
-                                               live.default_params.server_windows, available=jnp.array([True, False, True]),
-                                               server_available=jnp.asarray(False)))(state.learner)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
-                 (stepped.learner.trainable, stepped.learner.opt_state, stepped.learner.round), (ref.trainable, ref.opt_state, ref.round))
+    ref, metrics = jax.jit(
+        lambda s: sim.round(
+            s,
+            WEIGHTS,
+            data._replace(levels=jnp.asarray(level)),
+            Hyper.from_config(sim.fed),
+            live.default_params.server_windows,
+            available=jnp.array([True, False, True]),
+            server_available=jnp.asarray(False),
+        )
+    )(state.learner)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
+        (stepped.learner.trainable, stepped.learner.opt_state, stepped.learner.round),
+        (ref.trainable, ref.opt_state, ref.round),
+    )
     nll, count = sim.eval_nll(ref, WEIGHTS, *(jnp.asarray(x) for x in heldout))
     assert float(info["perplexity"]) == pytest.approx(float(np.exp(nll / count)), rel=1e-5)
     assert int(info["clients_trained"]) == 2 == int(metrics.participants)
@@ -112,7 +145,11 @@ def test_devices_over_memory_train_nobody(live):
     _, stepped, _, _, _, info = live.step(jax.random.key(1), state, _action([1, 1, 1], [1, 1, 1], server=0), params)
     assert int(info["violations"]) == N and int(info["clients_trained"]) == 0
     assert float(info["perplexity"]) == pytest.approx(float(state.ppl), rel=1e-6)  # nothing was learned
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), stepped.learner.trainable, state.learner.trainable)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+        stepped.learner.trainable,
+        state.learner.trainable,
+    )
 
 
 @pytest.mark.slow
@@ -151,7 +188,8 @@ def test_the_lowered_live_step_holds_no_weights_or_data():
         params = env.default_params
         _, state = env.reset(jax.random.key(0), params)
         lowered = jax.jit(lambda k, s, a, p, env=env: env.step(k, s, a, p)).lower(
-            jax.random.key(1), state, _action([1, 0, 1], [1, 0, 1]), params)
+            jax.random.key(1), state, _action([1, 0, 1], [1, 0, 1]), params
+        )
         texts.append(lowered.as_text())
     assert texts[0] == texts[1]
     # no constant in the program is as large as the smallest weight matrix (hex constants: 2 characters a byte)
@@ -176,11 +214,19 @@ def test_a_trained_controller_loads_and_runs_live(live, tmp_path):
     from fedpeat_jax.rl.controller import ControllerConfig, load_policy, train_controller
     from fedpeat_jax.rl.sabppo import SABPPOConfig
 
-    cfg = SABPPOConfig(num_envs=4, num_steps=4, total_timesteps=4 * 4 * 2, num_minibatches=2, update_epochs=1, hidden_sizes=(8,))
+    cfg = SABPPOConfig(
+        num_envs=4, num_steps=4, total_timesteps=4 * 4 * 2, num_minibatches=2, update_epochs=1, hidden_sizes=(8,)
+    )
     params = _env_params()  # the surrogate env with the live env's layout
     # One checkpointed chunk is enough to load a policy (and skips the baseline evaluation).
-    train_controller(cfg, params, tmp_path / "ctl", controller=ControllerConfig(seeds=1, chunk_updates=1, eval_episodes=4),
-                     show_progress=False, stop_after_chunks=1)
+    train_controller(
+        cfg,
+        params,
+        tmp_path / "ctl",
+        controller=ControllerConfig(seeds=1, chunk_updates=1, eval_episodes=4),
+        show_progress=False,
+        stop_after_chunks=1,
+    )
     policy, _, _ = load_policy(tmp_path / "ctl", live)
     records = run_policy(live, policy, rounds=2, show_progress=False)
     greedy = run_policy(live, B.greedy_policy(live), rounds=2, show_progress=False)

@@ -19,8 +19,11 @@ def test_path_loss_and_gain_values():
     d = np.array([10.0, 123.0, 500.0])
     expected = 10.0 ** (-system.path_loss_db(d, 128.1, 37.6) / 10.0)
     np.testing.assert_allclose(system.path_gain(d, 128.1, 37.6), expected, rtol=1e-12)
-    np.testing.assert_allclose(system.to_db(system.channel_gain(2.0, d, 128.1, 37.6)),
-                               10 * np.log10(2.0) - system.path_loss_db(d, 128.1, 37.6), rtol=1e-12)
+    np.testing.assert_allclose(
+        system.to_db(system.channel_gain(2.0, d, 128.1, 37.6)),
+        10 * np.log10(2.0) - system.path_loss_db(d, 128.1, 37.6),
+        rtol=1e-12,
+    )
     assert system.dbm_to_watt(40.0) == pytest.approx(10.0)
 
 
@@ -45,7 +48,9 @@ def test_rates_fall_with_distance_and_rise_with_share():
     # Shannon check of one value: uplink SNR p G / (N0 beta B)
     beta, gain = 0.5, float(g[1])
     snr = 0.2 * gain / (NOISE * beta * B)
-    assert system.uplink_rate(np.array(beta), np.array(gain), B, 0.2, NOISE) == pytest.approx(beta * B * math.log2(1 + snr))
+    assert system.uplink_rate(np.array(beta), np.array(gain), B, 0.2, NOISE) == pytest.approx(
+        beta * B * math.log2(1 + snr)
+    )
 
 
 def test_bandwidth_shares_normalize_over_participants():
@@ -110,7 +115,9 @@ def test_latency_counts_emulator_only_on_exchange():
     assert t[1] - t[0] == pytest.approx(8e9 / 5e7)
     # non-participants cost nothing and do not exchange
     assert system.exchange_indicator(np.array([-1]), np.array([0]), np.array([0.0])).tolist() == [0]
-    t = system.device_latency(np.array([0.0]), s_emu[:1], s_peft, np.array([0.0]), t_cmp[:1], np.array([0.0]), np.array([0.0]))
+    t = system.device_latency(
+        np.array([0.0]), s_emu[:1], s_peft, np.array([0.0]), t_cmp[:1], np.array([0.0]), np.array([0.0])
+    )
     assert t.tolist() == [0.0]
     assert system.round_latency(np.array([[1.0], [4.0]]), np.array([2.0])).tolist() == [4.0]
 
@@ -121,8 +128,11 @@ def test_interp_clamped_matches_numpy_interp():
     ys = np.array([90.0, 70.0, 65.0, 50.0])
     x = rng.uniform(-2, 12, size=500)
     np.testing.assert_allclose(system.interp_clamped(x, xs, ys), np.interp(x, xs, ys), rtol=1e-12)
-    np.testing.assert_allclose(np.asarray(system.interp_clamped(jnp.asarray(x), jnp.asarray(xs), jnp.asarray(ys), jnp)),
-                               np.interp(x, xs, ys), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(system.interp_clamped(jnp.asarray(x), jnp.asarray(xs), jnp.asarray(ys), jnp)),
+        np.interp(x, xs, ys),
+        rtol=1e-5,
+    )
     assert system.interp_clamped(3.0, np.array([2.0]), np.array([7.0])) == 7.0
 
 

@@ -17,8 +17,16 @@ from fedpeat_jax.config import GPT2Config
 from fedpeat_jax.mec import FedPEATMEC, FedPEATTwin, NumpyFedPEAT, synthetic_table
 
 TOL = 1e-5
-EXACT = ("violations", "stragglers", "n_participants", "exchanges", "empty_round", "terminated", "truncated",
-         "memory_peak_bytes")
+EXACT = (
+    "violations",
+    "stragglers",
+    "n_participants",
+    "exchanges",
+    "empty_round",
+    "terminated",
+    "truncated",
+    "memory_peak_bytes",
+)
 
 
 def _close(name, got, want):
@@ -30,9 +38,27 @@ def _close(name, got, want):
 CASES = {
     # preset, model, overrides, episodes (batch), rounds
     "default": ("default", "default", {}, 48, 130),
-    "default, in-domain server, tight deadline": ("default", "default", dict(server_domain="target", round_deadline=3.0), 32, 60),
-    "gpt2-small mobile, short episodes": ("gpt2-small", "gpt2", dict(mobility_step=40.0, max_steps_in_episode=9), 32, 40),
-    "gpt2-xl no server, 3 devices": ("gpt2-xl", "gpt2-xl", dict(server_enabled=0.0, n_devices=3, bw_levels=3, max_steps_in_episode=15), 32, 40),
+    "default, in-domain server, tight deadline": (
+        "default",
+        "default",
+        dict(server_domain="target", round_deadline=3.0),
+        32,
+        60,
+    ),
+    "gpt2-small mobile, short episodes": (
+        "gpt2-small",
+        "gpt2",
+        dict(mobility_step=40.0, max_steps_in_episode=9),
+        32,
+        40,
+    ),
+    "gpt2-xl no server, 3 devices": (
+        "gpt2-xl",
+        "gpt2-xl",
+        dict(server_enabled=0.0, n_devices=3, bw_levels=3, max_steps_in_episode=15),
+        32,
+        40,
+    ),
 }
 
 
@@ -73,8 +99,9 @@ def test_jax_env_and_numpy_twin_agree_step_by_step(case):
         _close(f"reward t={t}", rj, rt)
         for key in ij:
             if key in EXACT:
-                np.testing.assert_allclose(np.asarray(ij[key], np.float64), np.asarray(it[key], np.float64),
-                                           rtol=1e-6, err_msg=f"{key} t={t}")
+                np.testing.assert_allclose(
+                    np.asarray(ij[key], np.float64), np.asarray(it[key], np.float64), rtol=1e-6, err_msg=f"{key} t={t}"
+                )
             else:
                 _close(f"{key} t={t}", ij[key], it[key])
         np.testing.assert_array_equal(np.asarray(s_j.stored_level), s_t.stored_level)
@@ -100,7 +127,11 @@ def test_gymnasium_twin_matches_the_vectorized_core():
         obs, r, term, trunc, info = twin.step_from_draws(a, u)
         obs_c, s_c, r_c, _, trunc_c, info_c = core.step_from_draws(s_c, a, u, autoreset=False)
         np.testing.assert_array_equal(obs, obs_c)
-        assert r == pytest.approx(float(r_c)) and trunc == bool(trunc_c) and info["latency"] == pytest.approx(float(info_c["latency"]))
+        assert (
+            r == pytest.approx(float(r_c))
+            and trunc == bool(trunc_c)
+            and info["latency"] == pytest.approx(float(info_c["latency"]))
+        )
     assert trunc and not term  # gymnasium semantics: truncated after T rounds, no auto-reset
 
 
@@ -137,7 +168,10 @@ def test_invalid_actions_follow_one_rule_in_both():
     bad = np.array([5] + [-1, 2] * 5 + [7] * 10 + [-4] * 10)
     fixed = np.clip(bad, 0, env.nvec - 1)
     step = jax.jit(env.step_with_draws)
-    out_bad, out_fixed = step(jnp.asarray(u), s_j, jnp.asarray(bad), p), step(jnp.asarray(u), s_j, jnp.asarray(fixed), p)
+    out_bad, out_fixed = (
+        step(jnp.asarray(u), s_j, jnp.asarray(bad), p),
+        step(jnp.asarray(u), s_j, jnp.asarray(fixed), p),
+    )
     tw_bad = twin.step_from_draws(s_t, bad, u)
     np.testing.assert_array_equal(out_bad[0], out_fixed[0])
     assert float(out_bad[2]) == float(out_fixed[2])

@@ -30,7 +30,7 @@ def _sync(mode):
 
 @pytest.mark.parametrize("mode", ["next_step", "same_step"])
 def test_vector_env_follows_gymnasiums_autoreset_protocol(mode):
-    venv, sync = _venv(mode), _sync(AutoresetMode(mode.title().replace('_', '')))
+    venv, sync = _venv(mode), _sync(AutoresetMode(mode.title().replace("_", "")))
     assert venv.metadata["autoreset_mode"] == sync.metadata["autoreset_mode"]
     assert venv.action_space == sync.action_space and venv.observation_space == sync.observation_space
     assert venv.single_action_space == sync.single_action_space

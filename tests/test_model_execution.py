@@ -27,7 +27,9 @@ def loss_and_grad(params, ids, mask, config, peft_state=None, peft_config=None, 
     """Gradient of the mean next-token loss with respect to the whole model (or the PEFT state)."""
     if peft_state is None:
         return jax.value_and_grad(lambda p: gpt2.loss(p, ids, mask, config=config, rng=rng))(params)
-    return jax.value_and_grad(lambda s: gpt2.loss(params, ids, mask, config=config, peft=s, peft_config=peft_config, rng=rng))(peft_state)
+    return jax.value_and_grad(
+        lambda s: gpt2.loss(params, ids, mask, config=config, peft=s, peft_config=peft_config, rng=rng)
+    )(peft_state)
 
 
 def torch_loss_and_grad(model, ids):
@@ -44,7 +46,9 @@ def assert_trees_close(ours, ref, atol):
         y = ref
         for key in path:
             y = y[key.key]
-        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y), atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(x, np.float32), np.asarray(y), atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 @pytest.mark.parametrize("name", ["odd_heads", "one_head_one_block"])
@@ -93,7 +97,9 @@ def test_remat_with_dropout_gives_the_same_gradients():
 
 
 def test_remat_lowers_compiled_activation_memory():
-    cfg = GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=4, n_head=4, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=64, n_positions=64, n_embd=32, n_layer=4, n_head=4, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0
+    )
     params = jax.eval_shape(lambda: gpt2.init(jax.random.key(0), cfg))
     ids = jax.ShapeDtypeStruct((8, 64), jnp.int32)  # activations dominate: 4 blocks' attention
 
@@ -171,7 +177,9 @@ def test_bfloat16_matmul_rounds_operands_but_accumulates_in_float32():
         assert np.abs(np.asarray(a, np.float32) - b).max() < 2e-2 * np.abs(b).max()
 
 
-@pytest.mark.parametrize("in_axes", [(0, None), (0, 0), (None, 0)], ids=["shared-weight", "per-example-weight", "shared-input"])
+@pytest.mark.parametrize(
+    "in_axes", [(0, None), (0, 0), (None, 0)], ids=["shared-weight", "per-example-weight", "shared-input"]
+)
 def test_bfloat16_matmul_under_vmap(in_axes):
     """Vmapped clients on a shared weight fold into one 2-D product; per-example weights (which
     XLA's CPU runtime cannot multiply bfloat16 -> float32 batched) still run, in float32."""

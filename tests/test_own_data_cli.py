@@ -18,8 +18,10 @@ import pytest
 
 from fedpeat_jax import cli
 
-WORDS = ("river mill stone meadow lantern harbour orchard winter letter garden candle bridge shepherd "
-         "quiet bright slowly under across towards whispered carried remembered gathered").split()
+WORDS = (
+    "river mill stone meadow lantern harbour orchard winter letter garden candle bridge shepherd "
+    "quiet bright slowly under across towards whispered carried remembered gathered"
+).split()
 
 
 def write_books(folder: Path, n_docs: int = 6, paragraphs: int = 14) -> Path:
@@ -34,7 +36,13 @@ def write_books(folder: Path, n_docs: int = 6, paragraphs: int = 14) -> Path:
 
 def fedpeat(*args, timeout=600):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "fedpeat_jax.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fedpeat_jax.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def main(capsys, *args) -> tuple:
@@ -54,8 +62,24 @@ def books(tmp_path_factory):
 
 
 PRETRAIN = ("--preset", "tiny", "--steps", "4", "--chunk", "2", "--warmup", "1", "--seq-len", "32", "--batch", "4")
-TUNE = ("--rounds", "4", "--rounds-per-chunk", "2", "--clients-per-round", "2", "--local-steps", "1", "--seq-len", "32",
-        "--lora-rank", "2", "--max-eval-windows", "8", "--max-examples", "4")
+TUNE = (
+    "--rounds",
+    "4",
+    "--rounds-per-chunk",
+    "2",
+    "--clients-per-round",
+    "2",
+    "--local-steps",
+    "1",
+    "--seq-len",
+    "32",
+    "--lora-rank",
+    "2",
+    "--max-eval-windows",
+    "8",
+    "--max-examples",
+    "4",
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +93,9 @@ def foundation(books, tmp_path_factory):
 
 @pytest.mark.parametrize("partition", ["natural", "iid", "dirichlet"])
 def test_data_checks_and_partitions_a_folder(books, partition, capsys):
-    rc, out, err = main(capsys, "data", "--corpus", books, "--partition", partition, "--n-clients", "7", "--dirichlet-alpha", "1.0")
+    rc, out, err = main(
+        capsys, "data", "--corpus", books, "--partition", partition, "--n-clients", "7", "--dirichlet-alpha", "1.0"
+    )
     assert rc == 0, err
     assert out.startswith("your text: 6 documents, 90 examples")
     clients = 5 if partition == "natural" else 7
@@ -105,7 +131,7 @@ def test_tune_on_your_text_and_resume_from_a_corrupt_newest_checkpoint(foundatio
     run = tmp_path / "run"
     first = fedpeat("tune", "--corpus", books, "--model-dir", foundation, "--out", run, *TUNE)
     assert first.returncode == 0, first.stderr[-3000:]
-    summary = json.loads(first.stdout[first.stdout.index("{"):])
+    summary = json.loads(first.stdout[first.stdout.index("{") :])
     assert summary["clients"] == 5 and summary["rounds"] == 4 and len(summary["heldout_documents"]) == 1
     assert np.isfinite(summary["zero_shot_ppl"]) and np.isfinite(summary["plugin_ppl"])
     uninterrupted = _weights(run / "model")
@@ -119,7 +145,7 @@ def test_tune_on_your_text_and_resume_from_a_corrupt_newest_checkpoint(foundatio
     resumed = _weights(run / "model")
     assert sorted(resumed) == sorted(uninterrupted)
     assert all(np.array_equal(resumed[k], uninterrupted[k]) for k in uninterrupted)  # exactly the uninterrupted run
-    assert json.loads(second.stdout[second.stdout.index("{"):])["plugin_ppl"] == summary["plugin_ppl"]
+    assert json.loads(second.stdout[second.stdout.index("{") :])["plugin_ppl"] == summary["plugin_ppl"]
     assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "4", "4.unreadable"]  # the bad one kept, not deleted
 
     for step in ("2", "4"):
@@ -130,18 +156,35 @@ def test_tune_on_your_text_and_resume_from_a_corrupt_newest_checkpoint(foundatio
 
 
 def test_tune_without_held_out_text_reports_no_perplexity(foundation, books, tmp_path, capsys):
-    rc, out, err = main(capsys, "tune", "--corpus", books, "--model-dir", foundation, "--out", tmp_path / "run", *TUNE,
-                        "--heldout-fraction", "0", "--rounds", "2")
+    rc, out, err = main(
+        capsys,
+        "tune",
+        "--corpus",
+        books,
+        "--model-dir",
+        foundation,
+        "--out",
+        tmp_path / "run",
+        *TUNE,
+        "--heldout-fraction",
+        "0",
+        "--rounds",
+        "2",
+    )
     assert rc == 0, err
-    summary = json.loads(out[out.index("{"):])
+    summary = json.loads(out[out.index("{") :])
     assert summary["heldout_documents"] == [] and summary["zero_shot_ppl"] is None and summary["plugin_ppl"] is None
     assert "no held-out text" in out and summary["rounds"] == 2
 
 
 def test_data_errors_stop_before_any_model_is_pretrained(books, tmp_path, capsys):
     cache = tmp_path / "cache"
-    rc, _, err = main(capsys, "tune", "--corpus", books, "--min-client-size", "100", "--cache-dir", cache, "--preset", "tiny")
-    assert rc == 2 and "--min-client-size (TaskConfig.min_client_size): none of the 5 documents has >= 100 examples" in err
+    rc, _, err = main(
+        capsys, "tune", "--corpus", books, "--min-client-size", "100", "--cache-dir", cache, "--preset", "tiny"
+    )
+    assert (
+        rc == 2 and "--min-client-size (TaskConfig.min_client_size): none of the 5 documents has >= 100 examples" in err
+    )
     assert not (cache / "foundation").exists()  # nothing was pretrained
 
 
@@ -168,7 +211,10 @@ def _damaged_model(foundation: Path, tmp_path: Path, how: str) -> Path:
 @pytest.mark.parametrize(
     "how, message",
     [
-        ("truncated", r"weight file .*model/model.safetensors cannot be read \(\d[\d,]* bytes; .*\): it is probably truncated or corrupt"),
+        (
+            "truncated",
+            r"weight file .*model/model.safetensors cannot be read \(\d[\d,]* bytes; .*\): it is probably truncated or corrupt",
+        ),
         ("empty", r"weight file .*model/model.safetensors is empty \(0 bytes\): it is probably truncated or corrupt"),
         ("config", r".*model/config.json is not valid JSON"),
         ("tokenizer", r"the tokenizer in .*model cannot be loaded"),
@@ -195,12 +241,18 @@ def test_bad_weight_files_are_named(foundation, books, tmp_path, how, message, c
         ("fed", {"emulator_levels": 2}, "fed.emulator_levels must be a list of integers, got 2 (an integer)"),
         ("peft", {"lora_rank": 4.0}, "peft.lora_rank must be an integer, got 4.0 (a float)"),
         ("fed", {"rounds": True}, "fed.rounds must be an integer, got True (a bool)"),
-        ("text", {"heldout_docs": "book1"}, "text.heldout_docs must be null or a list of strings, got 'book1' (a string)"),
+        (
+            "text",
+            {"heldout_docs": "book1"},
+            "text.heldout_docs must be null or a list of strings, got 'book1' (a string)",
+        ),
         ("fed", {"no_such": 1}, "section 'fed' has unknown field(s) ['no_such']"),
         ("task", {"text": {"corpus": "x"}}, "section 'task' has unknown field(s) ['text']"),
     ],
 )
-def test_config_file_values_of_the_wrong_type_name_the_file_and_field(books, tmp_path, section, values, message, capsys):
+def test_config_file_values_of_the_wrong_type_name_the_file_and_field(
+    books, tmp_path, section, values, message, capsys
+):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({section: values}))
     rc, _, err = main(capsys, "tune", "--config", path, "--corpus", books)
@@ -214,11 +266,20 @@ def test_config_file_values_of_the_wrong_type_name_the_file_and_field(books, tmp
         (["--rounds", "2.5"], "argument --rounds: expected an integer, got '2.5'"),
         (["--lora-rank", "4.0"], "argument --lora-rank: expected an integer, got '4.0'"),
         (["--secure-aggregation", "maybe"], "argument --secure-aggregation: expected true or false, got 'maybe'"),
-        (["--partition", "random"], "--partition (TaskConfig.partition) must be one of ('natural', 'iid', 'dirichlet')"),
-        (["--n-clients", "500", "--partition", "iid"], "--n-clients (TaskConfig.n_clients) (500) is more than the 75 training examples"),
+        (
+            ["--partition", "random"],
+            "--partition (TaskConfig.partition) must be one of ('natural', 'iid', 'dirichlet')",
+        ),
+        (
+            ["--n-clients", "500", "--partition", "iid"],
+            "--n-clients (TaskConfig.n_clients) (500) is more than the 75 training examples",
+        ),
         (["--heldout-docs", "nope"], "--heldout-docs (TextConfig.heldout_docs): unknown document(s) ['nope']"),
         (["--unit", "sentence"], "--unit (TextConfig.unit) must be one of ('paragraph', 'window')"),
-        (["--clients-per-round", "9"], "--clients-per-round (FedConfig.clients_per_round) (9) is more than the 5 clients that exist"),
+        (
+            ["--clients-per-round", "9"],
+            "--clients-per-round (FedConfig.clients_per_round) (9) is more than the 5 clients that exist",
+        ),
     ],
 )
 def test_bad_options_name_the_option(books, args, message, capsys):
@@ -231,7 +292,10 @@ def test_files_that_are_not_text(tmp_path, capsys):
     (books / "notes.txt").write_bytes("na\xefve caf\xe9\n".encode("latin-1"))
     rc, _, err = main(capsys, "data", "--corpus", books)
     assert rc == 2 and err.count("\n") == 1, err
-    assert f"{books / 'notes.txt'} is not valid utf-8 text" in err and "--undecodable (TextConfig.undecodable) to 'skip'" in err
+    assert (
+        f"{books / 'notes.txt'} is not valid utf-8 text" in err
+        and "--undecodable (TextConfig.undecodable) to 'skip'" in err
+    )
     rc, out, err = main(capsys, "data", "--corpus", books, "--undecodable", "skip")
     assert rc == 0 and f"warning: skipped {books / 'notes.txt'} is not valid utf-8 text" in err and "3 documents" in out
     rc, out, err = main(capsys, "data", "--corpus", books, "--encoding", "latin-1")
@@ -246,7 +310,10 @@ def test_files_that_are_not_text(tmp_path, capsys):
     [
         (lambda p: None, "--corpus (TextConfig.corpus): {p} does not exist"),
         (lambda p: p.mkdir(), "--corpus (TextConfig.corpus): no files matching '*.txt' under {p}"),
-        (lambda p: (p.mkdir(), (p / "a.txt").write_text("\n\n")), "--corpus (TextConfig.corpus): no text in the 1 file(s) of {p}"),
+        (
+            lambda p: (p.mkdir(), (p / "a.txt").write_text("\n\n")),
+            "--corpus (TextConfig.corpus): no text in the 1 file(s) of {p}",
+        ),
     ],
 )
 def test_missing_or_empty_folders(tmp_path, setup, message, capsys):
@@ -271,7 +338,9 @@ def test_pretrain_out_never_overwrites_other_files(books, foundation, tmp_path, 
     assert rc == 2 and "is not a foundation model directory" in err and (mine / "notes.txt").read_text() == "keep me"
     rc, _, err = main(capsys, "pretrain", "--corpus", books, *PRETRAIN[:-2], "--batch", "2", "--out", foundation)
     assert rc == 2 and "holds a foundation model pretrained with other settings" in err
-    rc, out, err = main(capsys, "pretrain", "--corpus", books, *PRETRAIN, "--out", foundation)  # the same settings: reused
+    rc, out, err = main(
+        capsys, "pretrain", "--corpus", books, *PRETRAIN, "--out", foundation
+    )  # the same settings: reused
     assert rc == 0 and f"foundation model: {foundation}" in out
 
 

@@ -17,7 +17,12 @@ def write_books(folder, n_docs=6, paragraphs=12):
     for d in range(n_docs):
         path = folder / ("part2" if d == 0 else "") / f"book{d}.txt"
         path.parent.mkdir(exist_ok=True)
-        path.write_text("\n\n".join(f"Book {d}, paragraph {p}: the river ran past the mill\nand the miller sang." for p in range(paragraphs)) + "\n")
+        path.write_text(
+            "\n\n".join(
+                f"Book {d}, paragraph {p}: the river ran past the mill\nand the miller sang." for p in range(paragraphs)
+            )
+            + "\n"
+        )
     return folder
 
 
@@ -28,7 +33,11 @@ def test_paragraphs_windows_subfolders_and_pattern(tmp_path):
     (tmp_path / "notes.md").write_text("not read by default")
     corpus = load_text_folder(tmp_path)
     assert [(s.play, s.role, s.text) for s in corpus.speeches] == [
-        ("a", "", "one two"), ("a", "", "three"), ("a", "", "four five six seven"), ("sub/b", "", "only paragraph")]
+        ("a", "", "one two"),
+        ("a", "", "three"),
+        ("a", "", "four five six seven"),
+        ("sub/b", "", "only paragraph"),
+    ]
     windows = load_text_folder(tmp_path, unit="window", window_words=3)
     assert [s.text for s in windows.speeches if s.play == "a"] == ["one two\n\n\n three", "four five six", "seven"]
     assert load_text_folder(tmp_path, pattern="*.md").plays == ("notes",)
@@ -61,8 +70,12 @@ def test_heldout_documents_are_a_fixed_choice_and_can_be_named(tmp_path):
     corpus = load_corpus(text)
     held = heldout_documents(corpus, text)
     words = lambda docs: sum(len(s.text.split()) for s in corpus.speeches if s.play in docs)  # noqa: E731
-    assert "big" not in held and 0 < words(held) <= 0.2 * words(corpus.plays)  # about a fifth of the words, whole documents
-    assert heldout_documents(load_corpus(text.replace(unit="window", window_words=7)), text) == held  # the unit does not matter
+    assert "big" not in held and 0 < words(held) <= 0.2 * words(
+        corpus.plays
+    )  # about a fifth of the words, whole documents
+    assert (
+        heldout_documents(load_corpus(text.replace(unit="window", window_words=7)), text) == held
+    )  # the unit does not matter
     assert heldout_documents(corpus, text.replace(heldout_docs=("book4", "part2/book0"))) == ("book4", "part2/book0")
     assert heldout_documents(corpus, text.replace(heldout_docs=())) == ()
     with pytest.raises(ValueError, match=r"TextConfig.heldout_docs: unknown document\(s\) \['book99'\]"):
@@ -85,7 +98,9 @@ def test_partitions_of_a_folder_keep_held_out_documents_out(tmp_path, partition)
     assert not held & set(clients_text)
     assert len(clients_text) == 4 * 12  # every training example belongs to exactly one client
     if partition == "natural":
-        assert sorted(plan.train.names) == sorted({"book1", "book2", "book3", "book4", "book5", "part2/book0"} - set(plan.heldout_docs))
+        assert sorted(plan.train.names) == sorted(
+            {"book1", "book2", "book3", "book4", "book5", "part2/book0"} - set(plan.heldout_docs)
+        )
     else:
         assert plan.n_clients == 5
     assert "held-out documents" in plan.summary and "speech" not in plan.summary and "play" not in plan.summary
@@ -94,9 +109,15 @@ def test_partitions_of_a_folder_keep_held_out_documents_out(tmp_path, partition)
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(min_client_size=50), r"TaskConfig.min_client_size: none of the 5 documents has >= 50 examples \(the largest has 12\)"),
+        (
+            dict(min_client_size=50),
+            r"TaskConfig.min_client_size: none of the 5 documents has >= 50 examples \(the largest has 12\)",
+        ),
         (dict(partition="iid", n_clients=500), r"TaskConfig.n_clients \(500\) is more than the 60 training examples"),
-        (dict(partition="dirichlet", n_clients=60, dirichlet_alpha=0.01), r"TaskConfig.dirichlet_alpha \(0.01\).*raise dirichlet_alpha or lower n_clients"),
+        (
+            dict(partition="dirichlet", n_clients=60, dirichlet_alpha=0.01),
+            r"TaskConfig.dirichlet_alpha \(0.01\).*raise dirichlet_alpha or lower n_clients",
+        ),
     ],
 )
 def test_partition_problems_name_the_option(tmp_path, changes, message):
@@ -111,7 +132,9 @@ def test_undecodable_and_binary_files_are_named_or_skipped(tmp_path):
     (books / "image.txt").write_bytes(b"\x89PNG\x00\x00\x00binary")
     (books / "empty.txt").write_text("  \n\n")
     text = TextConfig(corpus=str(books))
-    with pytest.raises(NotTextError, match=r"TextConfig.corpus: .*image.txt is not a text file \(it contains NUL bytes\).*undecodable"):
+    with pytest.raises(
+        NotTextError, match=r"TextConfig.corpus: .*image.txt is not a text file \(it contains NUL bytes\).*undecodable"
+    ):
         load_corpus(text)
     (books / "image.txt").unlink()
     with pytest.raises(NotTextError, match=r"latin1.txt is not valid utf-8 text \(byte 3"):

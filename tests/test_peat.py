@@ -16,7 +16,9 @@ from fedpeat_jax.peat.distill import DistillConfig, distill, distill_metrics, kd
 from fedpeat_jax.peat.train import TrainConfig, drop_blocks, fit, lm_objective, step_memory
 
 # Dropout off: these tests compare exact outputs and deterministic training.
-TINY = GPT2Config.preset("tiny", vocab_size=97, n_positions=16, n_embd=32, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+TINY = GPT2Config.preset(
+    "tiny", vocab_size=97, n_positions=16, n_embd=32, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0
+)
 SPEC = emu.EmulatorSpec(TINY.n_layer, l=2, r=2, k=1)  # 6 blocks: adapter 0,1,4,5; middle 2,3 -> keeps 2
 
 
@@ -82,15 +84,21 @@ def test_layerdrop_skips_exactly_the_dropped_blocks(params, tokens):
     middle = (2, 3)
     # rate 0 changes nothing; a block whose gate is 0 is the identity: dropping both middle
     # blocks gives the 2-0-2 emulator, whose stack has no middle at all
-    np.testing.assert_array_equal(logits(drop_blocks(params, jax.random.key(0), 0.0, middle), tokens), logits(params, tokens))
+    np.testing.assert_array_equal(
+        logits(drop_blocks(params, jax.random.key(0), 0.0, middle), tokens), logits(params, tokens)
+    )
     spec0 = emu.EmulatorSpec(TINY.n_layer, l=2, r=2, k=0)
     dropped = drop_blocks(params, jax.random.key(0), 1.0 - 1e-7, middle)
-    np.testing.assert_allclose(logits(dropped, tokens), logits(emu.build(params, spec0), tokens, spec0.emulator_config(TINY)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        logits(dropped, tokens),
+        logits(emu.build(params, spec0), tokens, spec0.emulator_config(TINY)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     # a dropped block gets no gradient; the others do
     loss = lm_objective(TINY, layerdrop=1.0 - 1e-7, layerdrop_blocks=middle)
     grads = jax.grad(loss)(params, None, {"tokens": tokens[:4]}, jax.random.key(3))
-    norms = np.asarray(jax.vmap(lambda b: sum(jnp.sum(x ** 2) for x in jax.tree.leaves(b)))(grads["blocks"]))
+    norms = np.asarray(jax.vmap(lambda b: sum(jnp.sum(x**2) for x in jax.tree.leaves(b)))(grads["blocks"]))
     assert (norms[[2, 3]] == 0).all() and (norms[[0, 1, 4, 5]] > 0).all()
 
 
@@ -120,7 +128,9 @@ def test_offsite_training_touches_only_the_adapter_peft(params, tokens, kind):
     state = peft_lib.init(jax.random.PRNGKey(3), emulator, emu_cfg, SPEC.emulator_peft(pc))
     frozen_copy = jax.tree.map(np.array, emulator)
     cfg = TrainConfig(steps=6, batch=8, lr=1e-2, chunk=3)
-    result = fit(lm_objective(emu_cfg, SPEC.emulator_peft(pc)), state, emulator, {"tokens": tokens}, cfg, show_progress=False)
+    result = fit(
+        lm_objective(emu_cfg, SPEC.emulator_peft(pc)), state, emulator, {"tokens": tokens}, cfg, show_progress=False
+    )
     jax.tree.map(np.testing.assert_array_equal, emulator, frozen_copy)  # the frozen base is untouched
     merged = peft_lib.merge(params, result.params, TINY, SPEC.full_peft(pc))
     rows, rest = _changed_rows(params, merged)
@@ -149,8 +159,14 @@ def test_train_config_and_data_errors_are_clear(params):
     with pytest.raises(ValueError, match="warmup"):
         TrainConfig(steps=5, batch=2, lr=1e-3, warmup=5)
     with pytest.raises(ValueError, match="leading"):
-        fit(lm_objective(TINY), params, None, {"tokens": jnp.zeros((3, 8), jnp.int32), "mask": jnp.ones((4, 8))},
-            TrainConfig(steps=1, batch=2, lr=1e-3), show_progress=False)
+        fit(
+            lm_objective(TINY),
+            params,
+            None,
+            {"tokens": jnp.zeros((3, 8), jnp.int32), "mask": jnp.ones((4, 8))},
+            TrainConfig(steps=1, batch=2, lr=1e-3),
+            show_progress=False,
+        )
 
 
 def test_step_memory_counts_the_state_it_trains(params, tokens):

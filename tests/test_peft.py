@@ -317,9 +317,7 @@ def test_client_axis_by_vmap(params, batch):
     pc = PC["lora"]
     states = [_with_random_b(init_state(params, pc, seed=s), seed=s) for s in (1, 2)]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-    per_client = jit(
-        jax.vmap(lambda s: gpt2.apply(params, ids, mask, config=CFG, peft=s, peft_config=pc))
-    )(stacked)
+    per_client = jit(jax.vmap(lambda s: gpt2.apply(params, ids, mask, config=CFG, peft=s, peft_config=pc)))(stacked)
     assert per_client.shape == (2, B, T, CFG.vocab_size)
     for c, s in enumerate(states):
         one = forward(params, ids, mask, config=CFG, peft=s, peft_config=pc)
@@ -584,9 +582,7 @@ def test_lora_matches_hugging_face_peft(which, params, batch):
     ).eval()
 
     wrapped = {name for name, module in hf.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)}
-    expected = {
-        f"base_model.model.transformer.h.{i}.{t}" for i in pc.block_ids(CFG.n_layer) for t in pc.lora_targets
-    }
+    expected = {f"base_model.model.transformer.h.{i}.{t}" for i in pc.block_ids(CFG.n_layer) for t in pc.lora_targets}
     assert wrapped == expected
     modules = dict(hf.named_modules())
     with torch.no_grad():

@@ -22,15 +22,41 @@ def test_quickstart_tiny_writes_the_report_and_resumes(tmp_path):
     assert "- FedPEAT (" in run.stdout and "- Controller: SABPPO mean return" in run.stdout  # the closing summary
 
     report = (out / "report.md").read_text()
-    for heading in ("## Summary", "## Corpus", "## Foundation model", "## Emulators", "## FedPEAT", "## Offsite tuning", "## Environment calibration", "## Controller"):
+    for heading in (
+        "## Summary",
+        "## Corpus",
+        "## Foundation model",
+        "## Emulators",
+        "## FedPEAT",
+        "## Offsite tuning",
+        "## Environment calibration",
+        "## Controller",
+    ):
         assert heading in report
-    for path in ("fedpeat.png", "controller/learning_curve.png", "controller/comparison.png", "calibration.json",
-                 "fedpeat/model/config.json", "fedpeat/model/model.safetensors", "fedpeat/logs/metrics.jsonl", "offsite/table.md"):
+    for path in (
+        "fedpeat.png",
+        "controller/learning_curve.png",
+        "controller/comparison.png",
+        "calibration.json",
+        "fedpeat/model/config.json",
+        "fedpeat/model/model.safetensors",
+        "fedpeat/logs/metrics.jsonl",
+        "offsite/table.md",
+    ):
         assert (out / path).is_file(), path
     assert any((out / "fedpeat" / "logs").glob("events.out.tfevents.*"))  # TensorBoard
     assert any(p.is_dir() for p in (out / "fedpeat" / "checkpoints").iterdir())
     stages = json.loads((out / "stages.json").read_text())["done"]
-    assert set(stages) == {"corpus", "foundation", "emulators", "fedpeat", "offsite", "calibrate", "controller", "report"}
+    assert set(stages) == {
+        "corpus",
+        "foundation",
+        "emulators",
+        "fedpeat",
+        "offsite",
+        "calibrate",
+        "controller",
+        "report",
+    }
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert again.returncode == 0, again.stderr[-3000:]

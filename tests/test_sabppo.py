@@ -25,14 +25,26 @@ NVEC = (2, 2, 2, 4, 4, 3)
 # steps. Vmapped and single matmuls differ in the last bit, and one sampled action that flips on such
 # a difference sends two runs apart (with the device network's pooled features it does after 17
 # updates); the MLP's runs stay within float noise here. The device network: its own tests below.
-CONFIG = S.SABPPOConfig(num_envs=16, num_steps=10, total_timesteps=16 * 10 * 30, num_minibatches=4,
-                        update_epochs=4, hidden_sizes=(32, 32), lr=1e-3, network="mlp")
+CONFIG = S.SABPPOConfig(
+    num_envs=16,
+    num_steps=10,
+    total_timesteps=16 * 10 * 30,
+    num_minibatches=4,
+    update_epochs=4,
+    hidden_sizes=(32, 32),
+    lr=1e-3,
+    network="mlp",
+)
 
 
 @pytest.fixture(scope="module")
 def env():
-    return FedPEATMEC(preset="default", calibration=synthetic_table(GPT2Config.preset("default")),
-                      n_devices=2, max_steps_in_episode=10)
+    return FedPEATMEC(
+        preset="default",
+        calibration=synthetic_table(GPT2Config.preset("default")),
+        n_devices=2,
+        max_steps_in_episode=10,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,22 +64,27 @@ def trained(trainer, jit_train):
 
 
 def _max_abs_diff(a, b) -> float:
-    return max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 # ------------------------------------------------------------------------------------ config
-@pytest.mark.parametrize("field, value, match", [
-    ("num_envs", 0, "num_envs"),
-    ("num_minibatches", 7, "num_minibatches"),
-    ("total_timesteps", 10, "total_timesteps"),
-    ("clip_mode", "both", "clip_mode"),
-    ("activation", "gelu", "activation"),
-    ("gamma", 1.5, "gamma"),
-    ("lr", -1.0, "lr"),
-    ("hidden_sizes", (64, 0), "hidden_sizes"),
-    ("network", "cnn", "network"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("num_envs", 0, "num_envs"),
+        ("num_minibatches", 7, "num_minibatches"),
+        ("total_timesteps", 10, "total_timesteps"),
+        ("clip_mode", "both", "clip_mode"),
+        ("activation", "gelu", "activation"),
+        ("gamma", 1.5, "gamma"),
+        ("lr", -1.0, "lr"),
+        ("hidden_sizes", (64, 0), "hidden_sizes"),
+        ("network", "cnn", "network"),
+    ],
+)
 def test_config_validation_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
         S.SABPPOConfig(**{field: value})
@@ -84,7 +101,7 @@ def _reference_branch_logp(logits, actions):
     logits, actions = np.asarray(logits, np.float64), np.asarray(actions)
     out, off = [], 0
     for b, n in enumerate(NVEC):
-        z = logits[:, off: off + n]
+        z = logits[:, off : off + n]
         lp = z - z.max(1, keepdims=True)
         lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
         out.append(lp[np.arange(len(z)), actions[:, b]])
@@ -116,7 +133,7 @@ def test_entropy_is_sum_of_branch_entropies():
     ent = np.asarray(jax.jit(lambda z: D.branch_entropies(z, NVEC))(logits))
     off = 0
     for b, n in enumerate(NVEC):
-        z = np.asarray(logits[:, off: off + n], np.float64)
+        z = np.asarray(logits[:, off : off + n], np.float64)
         p = np.exp(z - z.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         np.testing.assert_allclose(ent[:, b], -(p * np.log(p)).sum(1), atol=1e-5)
@@ -133,7 +150,7 @@ def test_sampling_follows_the_branch_probabilities_and_mode_is_argmax():
     off = 0
     mode = np.asarray(D.mode_branches(logits1, NVEC))
     for b, n in enumerate(NVEC):
-        z = np.asarray(logits1[off: off + n], np.float64)
+        z = np.asarray(logits1[off : off + n], np.float64)
         p = np.exp(z - z.max())
         p /= p.sum()
         freq = np.bincount(a[:, b], minlength=n) / len(a)
@@ -172,8 +189,9 @@ def test_branch_softmax_is_exact_for_logits_far_apart():
     ent = np.asarray(D.branch_entropies(jnp.asarray(logits, jnp.float32), NVEC))
     assert np.isfinite(lp).all() and np.isfinite(ent).all()
     np.testing.assert_allclose(lp, _reference_branch_logp(logits, actions), rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(lp.sum(1), np.asarray(D.joint_log_prob(jnp.asarray(logits, jnp.float32),
-                                                                      jnp.asarray(actions), NVEC)), rtol=1e-5)
+    np.testing.assert_allclose(
+        lp.sum(1), np.asarray(D.joint_log_prob(jnp.asarray(logits, jnp.float32), jnp.asarray(actions), NVEC)), rtol=1e-5
+    )
 
 
 def test_sample_with_log_probs_returns_the_samples_log_probs():
@@ -232,10 +250,12 @@ def test_gae_matches_plain_numpy():
     values = rng.normal(size=(T, E)).astype(np.float32)
     dones = (rng.random((T, E)) < 0.25).astype(np.float32)
     last = rng.normal(size=(E,)).astype(np.float32)
-    adv, ret = S.compute_gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(dones > 0), jnp.asarray(last),
-                             0.97, 0.9)
-    ref_adv, ref_ret = _numpy_gae(rewards.astype(np.float64), values.astype(np.float64), dones, last.astype(np.float64),
-                                  0.97, 0.9)
+    adv, ret = S.compute_gae(
+        jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(dones > 0), jnp.asarray(last), 0.97, 0.9
+    )
+    ref_adv, ref_ret = _numpy_gae(
+        rewards.astype(np.float64), values.astype(np.float64), dones, last.astype(np.float64), 0.97, 0.9
+    )
     np.testing.assert_allclose(adv, ref_adv, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ret, ref_ret, rtol=1e-5, atol=1e-5)
 
@@ -276,8 +296,14 @@ def test_short_training_beats_the_random_policy(env, trainer, trained):
 
 def test_vmap_over_seeds_and_hyperparameters_equals_single_runs(trainer, jit_train, trained):
     hp = trainer.default_hparams()
-    hps = S.stack_hparams([hp, hp.replace(lr=jnp.float32(3e-4), ent_coef=jnp.float32(0.02),
-                                          env_params=hp.env_params.replace(w_latency=0.5))])
+    hps = S.stack_hparams(
+        [
+            hp,
+            hp.replace(
+                lr=jnp.float32(3e-4), ent_coef=jnp.float32(0.02), env_params=hp.env_params.replace(w_latency=0.5)
+            ),
+        ]
+    )
     keys = jnp.stack([jax.random.key(0), jax.random.key(7)])
     v_state, v_metrics = jax.jit(jax.vmap(trainer.train))(keys, hps)
     for i in range(2):
@@ -321,8 +347,9 @@ def test_trains_on_a_plain_gymnax_environment():
     import gymnax
 
     env, params = gymnax.make("CartPole-v1")
-    cfg = S.SABPPOConfig(num_envs=16, num_steps=128, total_timesteps=16 * 128 * 60, lr=2.5e-3, num_minibatches=4,
-                         normalize_obs=False)
+    cfg = S.SABPPOConfig(
+        num_envs=16, num_steps=128, total_timesteps=16 * 128 * 60, lr=2.5e-3, num_minibatches=4, normalize_obs=False
+    )
     _, metrics = jax.jit(S.make_train(cfg, env, params))(jax.random.key(0))
     ret = np.asarray(metrics["episode_return"])
     assert np.nanmean(ret[-5:]) > 2 * np.nanmean(ret[:5])
@@ -341,14 +368,14 @@ def test_device_network_is_equivariant_to_reordering_the_devices(env):
     assert logits.shape == (3, sum(env.nvec)) and value.shape == (3,)
     perm = np.array([1, 0])  # swap the two devices
     dev = np.asarray(obs[:, : f * n]).reshape(3, f, n)[:, :, perm].reshape(3, f * n)
-    logits_p, value_p = net.apply(params, jnp.concatenate([jnp.asarray(dev), obs[:, f * n:]], -1))
+    logits_p, value_p = net.apply(params, jnp.concatenate([jnp.asarray(dev), obs[:, f * n :]], -1))
     np.testing.assert_allclose(value_p, value, rtol=1e-5, atol=1e-6)  # the value does not depend on the order
     g = sum(layout.global_branches)
     np.testing.assert_allclose(logits_p[:, :g], logits[:, :g], rtol=1e-5, atol=1e-6)
     start = g
     for size in layout.device_branches:  # each device's branches follow it
-        block = np.asarray(logits[:, start: start + n * size]).reshape(3, n, size)
-        block_p = np.asarray(logits_p[:, start: start + n * size]).reshape(3, n, size)
+        block = np.asarray(logits[:, start : start + n * size]).reshape(3, n, size)
+        block_p = np.asarray(logits_p[:, start : start + n * size]).reshape(3, n, size)
         np.testing.assert_allclose(block_p, block[:, perm], rtol=1e-5, atol=1e-6)
         start += n * size
     assert type(make_network("auto", tuple(env.nvec), (8,), "tanh", layout)).__name__ == "DeviceActorCritic"

@@ -25,21 +25,44 @@ METHODS = ["fedpeat_lora", "fed_full_adapter", "fed_lora_full_model", "fed_full_
 def test_tiny_study_results_are_consistent(tmp_path):
     out = tmp_path / "study"
     # Unoptimized machine code compiles about twice as fast; the tiny run's timings mean nothing anyway.
-    env = {**os.environ, "FEDPEAT_NO_PROGRESS": "1",
-           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()}
-    run = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    env = {
+        **os.environ,
+        "FEDPEAT_NO_PROGRESS": "1",
+        "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip(),
+    }
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], capture_output=True, text=True, timeout=900, env=env
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads((out.with_name("study.json")).read_text())
 
-    for key in ("config", "model", "emulator", "task", "zero_shot_ppl", "mec_parameters", "methods", "machine", "loadavg_start", "loadavg_end",
-                "wall_seconds"):
+    for key in (
+        "config",
+        "model",
+        "emulator",
+        "task",
+        "zero_shot_ppl",
+        "mec_parameters",
+        "methods",
+        "machine",
+        "loadavg_start",
+        "loadavg_end",
+        "wall_seconds",
+    ):
         assert key in res, key
     assert len(res["loadavg_end"]) == 3 and res["machine"]["cpus_usable"] >= 1
     # Every method is a configuration of the library's one round.
     configs = {k: r["config"] for k, r in res["methods"].items()}
-    assert configs["fedpeat_lora"] == {"trainable": "adapter", "algorithm": "fedavg", "peft_kind": "lora", "emulator_levels": [1]}
+    assert configs["fedpeat_lora"] == {
+        "trainable": "adapter",
+        "algorithm": "fedavg",
+        "peft_kind": "lora",
+        "emulator_levels": [1],
+    }
     assert configs["fed_full_adapter"]["peft_kind"] == "full" and configs["local_lora"]["algorithm"] == "local"
-    assert configs["fed_lora_full_model"]["trainable"] == "all_blocks" and configs["fed_full_ft"]["trainable"] == "model"
+    assert (
+        configs["fed_lora_full_model"]["trainable"] == "all_blocks" and configs["fed_full_ft"]["trainable"] == "model"
+    )
     assert configs["fed_full_ft"]["emulator_levels"] == [2]  # the whole middle of the 6-block model
     cfg = res["config"]
     assert cfg["preset"] == "tiny" and cfg["k"] == 1 and cfg["methods"] == METHODS
@@ -47,8 +70,20 @@ def test_tiny_study_results_are_consistent(tmp_path):
     m = res["methods"]
     assert list(m) == METHODS
     for name, r in m.items():
-        for key in ("final_ppl", "curve", "trainable_params", "on_device_params", "bytes_up_per_device_per_round", "bytes_down_per_device_per_round",
-                    "one_time_download_bytes", "peak_step_memory_mb", "step_memory", "flops_per_client_per_round", "round_seconds_median", "mec"):
+        for key in (
+            "final_ppl",
+            "curve",
+            "trainable_params",
+            "on_device_params",
+            "bytes_up_per_device_per_round",
+            "bytes_down_per_device_per_round",
+            "one_time_download_bytes",
+            "peak_step_memory_mb",
+            "step_memory",
+            "flops_per_client_per_round",
+            "round_seconds_median",
+            "mec",
+        ):
             assert key in r, (name, key)
         assert len(r["round_seconds"]) == cfg["rounds"] and min(r["round_seconds"]) > 0
         # Every method starts at the foundation model (LoRA's B = 0, tuned weights copied) and is

@@ -17,7 +17,9 @@ from fedpeat_jax.fed.client import Hyper
 from fedpeat_jax.fed.simulation import FedData, FedPEAT
 from fedpeat_jax.model import gpt2
 
-MODEL = GPT2Config(vocab_size=61, n_positions=16, n_embd=16, n_layer=5, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+MODEL = GPT2Config(
+    vocab_size=61, n_positions=16, n_embd=16, n_layer=5, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0
+)
 LORA = PeftConfig(kind="lora", lora_rank=2, lora_alpha=4.0)
 C, N, T = 6, 4, 8
 
@@ -40,7 +42,15 @@ def heldout():
 
 
 def fed(**kw):
-    base = dict(clients_per_round=3, local_steps=2, local_batch=2, emulator_levels=(1,), rounds=4, rounds_per_chunk=2, log_lora_gap=False)
+    base = dict(
+        clients_per_round=3,
+        local_steps=2,
+        local_batch=2,
+        emulator_levels=(1,),
+        rounds=4,
+        rounds_per_chunk=2,
+        log_lora_gap=False,
+    )
     return FedConfig(**{**base, **kw})
 
 
@@ -52,8 +62,12 @@ def hypers(client_lr, server_lr, prox_mu=None, dp_noise=None):
 
 def run_alone(sim, params, data, heldout, seed, hyper):
     """`driver.train` of one run with the same settings (the reference)."""
-    changed = sim.replace(client_lr=float(hyper.client_lr), server_lr=float(hyper.server_lr), prox_mu=float(hyper.prox_mu),
-                          dp_noise=float(hyper.dp_noise))
+    changed = sim.replace(
+        client_lr=float(hyper.client_lr),
+        server_lr=float(hyper.server_lr),
+        prox_mu=float(hyper.prox_mu),
+        dp_noise=float(hyper.dp_noise),
+    )
     return driver.train(changed, params, data, seed=seed, eval_data=heldout, show_progress=False)
 
 
@@ -104,7 +118,9 @@ def test_run_i_of_a_cohort_equals_driver_train(params, data, heldout, setup):
         assert_histories_close(result.histories[r], alone.history)
         assert "plugin_ppl" in result.histories[r][1] and "plugin_ppl" in result.histories[r][3]
         assert ("epsilon" in result.histories[r][0]) == (setup != "fedavg" and hyp.dp_noise[r] > 0)
-    assert np.isfinite(result.zero_shot).all() and result.zero_shot[0] == result.zero_shot[2]  # the same seed starts the same
+    assert (
+        np.isfinite(result.zero_shot).all() and result.zero_shot[0] == result.zero_shot[2]
+    )  # the same seed starts the same
 
 
 def test_a_diverged_run_is_stopped_and_the_others_are_unchanged(params, data, heldout):
@@ -119,7 +135,9 @@ def test_a_diverged_run_is_stopped_and_the_others_are_unchanged(params, data, he
     stop = with_bad.diverged[1]
     assert stop["reason"] == sweep.REASONS[1] and 1 <= stop["round"] <= 2
     assert len(with_bad.histories[1]) == stop["round"] and not np.isfinite(with_bad.histories[1][-1]["update_norm"])
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(run_of(with_bad.states.trainable, 1)))  # its last finite state
+    assert all(
+        np.isfinite(x).all() for x in jax.tree.leaves(run_of(with_bad.states.trainable, 1))
+    )  # its last finite state
     for r_bad, r_ok in ((0, 0), (2, 1)):
         assert_trees_close(run_of(with_bad.states, r_bad), run_of(without.states, r_ok), rtol=0, atol=0)
         assert with_bad.histories[r_bad] == without.histories[r_ok]
@@ -150,7 +168,9 @@ def test_the_run_chunk_shrinks_to_fit_the_memory_budget(params, data, heldout):
     need = {n: driver.round_memory(probe.compiled(2, n)) for n in (2, 3)}
     assert need[3] > need[2] > 0
     budget = (need[2] + need[3]) / 2 / driver.GiB
-    cohort = sweep.Cohort(FedPEAT(MODEL, LORA, fed(memory_budget_gb=budget), n_clients=C), params, data, eval_data=heldout)
+    cohort = sweep.Cohort(
+        FedPEAT(MODEL, LORA, fed(memory_budget_gb=budget), n_clients=C), params, data, eval_data=heldout
+    )
     assert cohort.fit(3, 2) == 2
     with pytest.raises(sweep.RunsTooBig, match=r"3 runs at once need .* memory budget .*; about \d+ fit"):
         cohort.fit(3, 2, run_chunk=3)
@@ -191,13 +211,23 @@ def test_runs_split_over_four_devices_equal_one_device(params, data, heldout, tm
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr[-3000:]
     sim = FedPEAT(MODEL, LORA, fed(), n_clients=C)
-    one = sweep.run_cohort(sweep.Cohort(sim, params, data, eval_data=heldout), [0, 1, 2, 3, 4],
-                           hypers([1e-3, 1e-2, 3e-2, 1e-2, 1e-2], [1.0, 1.0, 1.0, 0.5, 2.0]), run_chunk=2)
+    one = sweep.run_cohort(
+        sweep.Cohort(sim, params, data, eval_data=heldout),
+        [0, 1, 2, 3, 4],
+        hypers([1e-3, 1e-2, 3e-2, 1e-2, 1e-2], [1.0, 1.0, 1.0, 0.5, 2.0]),
+        run_chunk=2,
+    )
     got = np.load(tmp_path / "sharded.npz")
     assert int(got["chunk"]) == 8
-    assert_trees_near([got[f"arr_{i}"] for i in range(len(jax.tree.leaves(one.states.trainable)))], jax.tree.leaves(one.states.trainable), 2e-3)
+    assert_trees_near(
+        [got[f"arr_{i}"] for i in range(len(jax.tree.leaves(one.states.trainable)))],
+        jax.tree.leaves(one.states.trainable),
+        2e-3,
+    )
     np.testing.assert_allclose(got["zero"], one.zero_shot, rtol=1e-6)
-    np.testing.assert_allclose(got["ppl"], [[h["plugin_ppl"] for h in hist if "plugin_ppl" in h] for hist in one.histories], rtol=1e-5)
+    np.testing.assert_allclose(
+        got["ppl"], [[h["plugin_ppl"] for h in hist if "plugin_ppl" in h] for hist in one.histories], rtol=1e-5
+    )
 
 
 SWEEP_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "multiprocess_sweep.py")
@@ -213,11 +243,47 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    single = subprocess.Popen([sys.executable, SWEEP_SCRIPT, "--devices", "4", "--out", str(tmp_path / "single.npz"), "--ckpt",
-                               str(tmp_path / "single")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    procs = [subprocess.Popen([sys.executable, SWEEP_SCRIPT, "--devices", "2", "--processes", "2", "--process-id", str(i), "--port", str(port),
-                               "--out", str(tmp_path / "multi.npz"), "--ckpt", str(tmp_path / "multi")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    single = subprocess.Popen(
+        [
+            sys.executable,
+            SWEEP_SCRIPT,
+            "--devices",
+            "4",
+            "--out",
+            str(tmp_path / "single.npz"),
+            "--ckpt",
+            str(tmp_path / "single"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                SWEEP_SCRIPT,
+                "--devices",
+                "2",
+                "--processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--port",
+                str(port),
+                "--out",
+                str(tmp_path / "multi.npz"),
+                "--ckpt",
+                str(tmp_path / "multi"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
     try:
         for p in [single, *procs]:
             out, err = p.communicate(timeout=600)

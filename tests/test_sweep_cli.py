@@ -17,8 +17,10 @@ from fedpeat_jax.fed import sweep as engine
 from fedpeat_jax.sweep import federated, search
 from fedpeat_jax.sweep import spec as spec_lib
 
-WORDS = ("river mill stone meadow lantern harbour orchard winter letter garden candle bridge shepherd "
-         "quiet bright slowly under across towards whispered carried remembered gathered").split()
+WORDS = (
+    "river mill stone meadow lantern harbour orchard winter letter garden candle bridge shepherd "
+    "quiet bright slowly under across towards whispered carried remembered gathered"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,9 @@ def world(tmp_path_factory):
         texts += paras
         (books / f"book{d}.txt").write_text(f"Chapter {d}\n\n" + "\n\n".join(paras) + "\n")
     model = GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=5, n_head=2)
-    hf.save_pretrained(gpt2.init(jax.random.key(0), model), model, root / "model", tokenizer=train_bpe_tokenizer(texts, vocab_size=300))
+    hf.save_pretrained(
+        gpt2.init(jax.random.key(0), model), model, root / "model", tokenizer=train_bpe_tokenizer(texts, vocab_size=300)
+    )
     return root
 
 
@@ -44,10 +48,18 @@ def write_spec(world: Path, name: str, **fields) -> Path:
     spec = {
         "name": name,
         "model": {"dir": str(world / "model")},
-        "base": {"text": {"corpus": str(world / "books")},
-                 "task": {"partition": "iid", "n_clients": 8, "seq_len": 32, "max_examples": 4, "max_eval_windows": 8},
-                 "peft": {"lora_rank": 2},
-                 "fed": {"rounds": 2, "rounds_per_chunk": 1, "clients_per_round": 3, "local_steps": 1, "emulator_levels": [1]}},
+        "base": {
+            "text": {"corpus": str(world / "books")},
+            "task": {"partition": "iid", "n_clients": 8, "seq_len": 32, "max_examples": 4, "max_eval_windows": 8},
+            "peft": {"lora_rank": 2},
+            "fed": {
+                "rounds": 2,
+                "rounds_per_chunk": 1,
+                "clients_per_round": 3,
+                "local_steps": 1,
+                "emulator_levels": [1],
+            },
+        },
         "seeds": 2,
         "axes": {"client_lr": {"low": 1e-3, "high": 1e-1, "log": True, "num": 2}},
         **fields,
@@ -76,15 +88,31 @@ def test_a_tiny_study_through_the_command_writes_its_results(world, tmp_path, ca
         rows = list(csv.DictReader(f))
     runs = 2 * 4 * 2  # groups x (client_lr x server_lr) x seeds
     assert len({r["run"] for r in rows}) == runs and len(rows) == runs * 3  # rounds 0, 1 and 2
-    assert {"peft.lora_rank", "client_lr", "server_lr", "prox_mu", "dp_noise", "seed", "round", "plugin_ppl", "loss", "bytes_up",
-            "bytes_down", "status"} <= set(rows[0])
+    assert {
+        "peft.lora_rank",
+        "client_lr",
+        "server_lr",
+        "prox_mu",
+        "dp_noise",
+        "seed",
+        "round",
+        "plugin_ppl",
+        "loss",
+        "bytes_up",
+        "bytes_down",
+        "status",
+    } <= set(rows[0])
     assert {r["client_lr"] for r in rows} == {"0.001", "0.1"} and {r["server_lr"] for r in rows} == {"0.5", "1.0"}
     assert all(float(r["plugin_ppl"]) > 1 for r in rows) and {r["status"] for r in rows} == {"ok"}
     results = json.loads((study / "results.json").read_text())
     assert len(results["runs"]) == runs and len(results["summary"]) == 2
     assert len(results["runs"][0]["history"]) == 2 and results["runs"][0]["history"][0]["round"] == 1
     report = (study / "report.md").read_text()
-    assert "## Group 0: peft.lora_rank=2" in report and "## Group 1: peft.lora_rank=4" in report and "**Best: client_lr=" in report
+    assert (
+        "## Group 0: peft.lora_rank=2" in report
+        and "## Group 1: peft.lora_rank=4" in report
+        and "**Best: client_lr=" in report
+    )
     for plot in ("final_vs_axes.png", "best_curves.png"):
         assert (study / "plots" / plot).read_bytes()[:4] == b"\x89PNG" and f"plots/{plot}" in report
     events = list((study / "tensorboard" / "run-0000").glob("events.out.tfevents.*"))
@@ -101,13 +129,22 @@ def test_a_tiny_study_through_the_command_writes_its_results(world, tmp_path, ca
 def test_an_optuna_study_killed_and_resumed_equals_the_uninterrupted_study(world, tmp_path):
     """Optuna's TPE in batches of 2 trials (ask, run vmapped, tell): a study stopped in the middle
     of its second batch and resumed asks the same trials and ends with the same rows."""
-    path = write_spec(world, "tpe", sampler="optuna", trials=4, batch=2, seeds=1,
-                      axes={"client_lr": {"low": 1e-3, "high": 1e-1, "log": True}, "server_lr": [0.5, 1.0]})
+    path = write_spec(
+        world,
+        "tpe",
+        sampler="optuna",
+        trials=4,
+        batch=2,
+        seeds=1,
+        axes={"client_lr": {"low": 1e-3, "high": 1e-1, "log": True}, "server_lr": [0.5, 1.0]},
+    )
     spec = spec_lib.load(path)
     quiet = dict(show_progress=False, log=lambda *_: None)
     whole = federated.run(spec, tmp_path / "whole", **quiet)
     assert whole["done"] and len(whole["records"]) == 4 and [r["trial"] for r in whole["records"]] == [0, 1, 2, 3]
-    part = federated.run(spec, tmp_path / "killed", stop_after_chunks=3, **quiet)  # batch 1 (2 chunks) and half of batch 2
+    part = federated.run(
+        spec, tmp_path / "killed", stop_after_chunks=3, **quiet
+    )  # batch 1 (2 chunks) and half of batch 2
     assert not part["done"]
     assert (tmp_path / "killed" / "cohorts" / "g000-b001.asked.json").is_file()
     resumed = federated.run(spec, tmp_path / "killed", **quiet)
@@ -128,16 +165,38 @@ BAD = [
     ({"axes": {"server_lr": {"low": 1.0, "high": 0.5, "num": 2}}}, "axes.server_lr: the range is empty"),
     ({"axes": {"client_lr": [-0.01, 0.1]}}, "axes.client_lr: FedConfig.client_lr must be > 0, got -0.01"),
     ({"axes": {"prox_mu": [0.0, 0.1]}}, "axes.prox_mu: FedProx's mu acts only with fed.algorithm 'fedprox'"),
-    ({"structure": {"peft.lora_rank": [2, 64]}}, "structure peft.lora_rank=64: cannot run: .*lora_rank \\(64\\) is larger than the model width"),
-    ({"structure": {"emulator_k": [1, 5]}}, "structure fed.emulator_levels=\\[5\\]: cannot run: .*larger than the model's middle"),
-    ({"structure": {"fed.algorithm": ["fedavg", "scaffold"]}}, "structure.fed.algorithm: FedConfig.algorithm='scaffold' assumes plain SGD"),
-    ({"structure": {"fed.server_optimizer": ["fedavg", "fedadam"]}, "--set": "base.fed.lora_aggregation=exact"},
-     "structure.fed.server_optimizer: FedConfig.lora_aggregation='exact' .*combines only with server_optimizer='fedavg'"),
-    ({"structure": {"peft.kind": ["lora", "adapter"], "fed.lora_aggregation": ["mean", "exact"]}},
-     "structure peft.kind=adapter, fed.lora_aggregation=exact: cannot run: .*needs PeftConfig.kind='lora'"),
-    ({"structure": {"fed.clients_per_round": [3, 50]}}, "structure fed.clients_per_round=50: cannot run: .*more than the 8 clients"),
-    ({"structure": {"task.n_clients": [4, 8]}}, "structure.task.n_clients: unknown setting \\(task and text settings are shared"),
-    ({"sampler": "optuna", "trials": 4, "batch": 8, "axes": {"client_lr": [0.01, 0.1]}}, "batch: trials per Optuna batch must be an integer in 1..trials"),
+    (
+        {"structure": {"peft.lora_rank": [2, 64]}},
+        "structure peft.lora_rank=64: cannot run: .*lora_rank \\(64\\) is larger than the model width",
+    ),
+    (
+        {"structure": {"emulator_k": [1, 5]}},
+        "structure fed.emulator_levels=\\[5\\]: cannot run: .*larger than the model's middle",
+    ),
+    (
+        {"structure": {"fed.algorithm": ["fedavg", "scaffold"]}},
+        "structure.fed.algorithm: FedConfig.algorithm='scaffold' assumes plain SGD",
+    ),
+    (
+        {"structure": {"fed.server_optimizer": ["fedavg", "fedadam"]}, "--set": "base.fed.lora_aggregation=exact"},
+        "structure.fed.server_optimizer: FedConfig.lora_aggregation='exact' .*combines only with server_optimizer='fedavg'",
+    ),
+    (
+        {"structure": {"peft.kind": ["lora", "adapter"], "fed.lora_aggregation": ["mean", "exact"]}},
+        "structure peft.kind=adapter, fed.lora_aggregation=exact: cannot run: .*needs PeftConfig.kind='lora'",
+    ),
+    (
+        {"structure": {"fed.clients_per_round": [3, 50]}},
+        "structure fed.clients_per_round=50: cannot run: .*more than the 8 clients",
+    ),
+    (
+        {"structure": {"task.n_clients": [4, 8]}},
+        "structure.task.n_clients: unknown setting \\(task and text settings are shared",
+    ),
+    (
+        {"sampler": "optuna", "trials": 4, "batch": 8, "axes": {"client_lr": [0.01, 0.1]}},
+        "batch: trials per Optuna batch must be an integer in 1..trials",
+    ),
     ({"sampler": "random"}, "trials: sampler random needs trials"),
     ({"seeds": 0}, "seeds: must be >= 1"),
     ({"learning_rate": 0.1}, "unknown field\\(s\\) \\['learning_rate'\\]"),
@@ -163,12 +222,16 @@ def test_bad_specs_fail_before_compiling_naming_the_field(world, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
-def test_an_optuna_batch_larger_than_memory_allows_is_refused_before_anything_runs(world, tmp_path, capsys, monkeypatch):
+def test_an_optuna_batch_larger_than_memory_allows_is_refused_before_anything_runs(
+    world, tmp_path, capsys, monkeypatch
+):
     def never(*args, **kwargs):
         raise AssertionError("a run started")
 
     monkeypatch.setattr(engine, "run_cohort", never)
-    path = write_spec(world, "big", sampler="optuna", trials=8, batch=8, axes={"client_lr": {"low": 1e-3, "high": 1e-1, "log": True}})
+    path = write_spec(
+        world, "big", sampler="optuna", trials=8, batch=8, axes={"client_lr": {"low": 1e-3, "high": 1e-1, "log": True}}
+    )
     rc, _, err = fedpeat(capsys, "sweep", path, "--out", tmp_path / "out", "--set", "base.fed.memory_budget_gb=0.0005")
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "batch: 8 trials x 2 seeds = 16 runs at once need" in err and "memory budget of 0.00 GiB" in err
@@ -176,9 +239,13 @@ def test_an_optuna_batch_larger_than_memory_allows_is_refused_before_anything_ru
 
 
 def test_axes_overrides_and_samplers(world):
-    path = write_spec(world, "axes", axes={"client_lr": {"low": 1e-4, "high": 1e-2, "log": True, "num": 3}, "server_lr": [1.0, 2.0]})
+    path = write_spec(
+        world, "axes", axes={"client_lr": {"low": 1e-4, "high": 1e-2, "log": True, "num": 3}, "server_lr": [1.0, 2.0]}
+    )
     spec = spec_lib.load(path, ["seeds=[3, 5]", "base.fed.rounds=7", "structure.fed.aggregation=[mean, median]"])
-    assert spec.seeds == (3, 5) and spec.fed.rounds == 7 and spec.structure == (("fed.aggregation", ("mean", "median")),)
+    assert (
+        spec.seeds == (3, 5) and spec.fed.rounds == 7 and spec.structure == (("fed.aggregation", ("mean", "median")),)
+    )
     assert spec.axes[0].grid() == (1e-4, 1e-3, 1e-2)
     points = search.grid(spec)
     assert len(points) == 6 and points[0] == {"client_lr": 1e-4, "server_lr": 1.0}

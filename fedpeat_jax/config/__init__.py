@@ -34,7 +34,25 @@ from fedpeat_jax.config.model import (
 )
 
 __all__ = [
-    "AGGREGATIONS", "ALGORITHMS", "ATTENTION_IMPLS", "CLIENT_OPTIMIZERS", "Config", "DTYPES", "FedConfig", "GPT2Config",
-    "GPT2_PRESETS", "LORA_AGGREGATIONS", "LORA_TARGETS", "PEFT_KINDS", "PeftConfig", "SERVER_OPTIMIZERS", "TRAINABLES",
-    "adapter_layers", "check_types", "docstring_entries", "field_docs", "field_sources", "require",
+    "AGGREGATIONS",
+    "ALGORITHMS",
+    "ATTENTION_IMPLS",
+    "CLIENT_OPTIMIZERS",
+    "Config",
+    "DTYPES",
+    "FedConfig",
+    "GPT2Config",
+    "GPT2_PRESETS",
+    "LORA_AGGREGATIONS",
+    "LORA_TARGETS",
+    "PEFT_KINDS",
+    "PeftConfig",
+    "SERVER_OPTIMIZERS",
+    "TRAINABLES",
+    "adapter_layers",
+    "check_types",
+    "docstring_entries",
+    "field_docs",
+    "field_sources",
+    "require",
 ]

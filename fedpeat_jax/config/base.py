@@ -32,8 +32,16 @@ _KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str:
 
 def _what(value) -> str:
     """'4.0 (a float)', "'32' (a string)", 'True (a bool)' for error messages."""
-    word = {bool: "a bool", int: "an integer", float: "a float", str: "a string", list: "a list", tuple: "a tuple",
-            dict: "a JSON object", type(None): "null"}.get(type(value), type(value).__name__)
+    word = {
+        bool: "a bool",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        list: "a list",
+        tuple: "a tuple",
+        dict: "a JSON object",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
     return f"{value!r} ({word})"
 
 
@@ -179,7 +187,9 @@ def field_sources(cls) -> dict:
     """
     path = inspect.getsourcefile(cls)
     source = Path(path).read_text()
-    node = next((n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == cls.__name__), None)
+    node = next(
+        (n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == cls.__name__), None
+    )
     if node is None:
         return {}
     lines = source.splitlines()
@@ -194,7 +204,9 @@ def field_sources(cls) -> dict:
         if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
             continue
         name = stmt.target.id
-        inline = [comments[r][0] for r in range(stmt.lineno, stmt.end_lineno + 1) if r in comments and not comments[r][1]]
+        inline = [
+            comments[r][0] for r in range(stmt.lineno, stmt.end_lineno + 1) if r in comments and not comments[r][1]
+        ]
         above, row = [], stmt.lineno - 1
         while row in comments and comments[row][1]:
             above.insert(0, comments[row][0])
@@ -206,8 +218,12 @@ def field_sources(cls) -> dict:
         if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
             docstring = inspect.cleandoc(after.value.value).replace("\n", " ")
         doc = docstring or " ".join(above + inline).strip() or entries.get(name, "")
-        out[name] = {"doc": doc, "section": section, "annotation": ast.get_source_segment(source, stmt.annotation),
-                     "default_src": ast.get_source_segment(source, stmt.value) if stmt.value is not None else None}
+        out[name] = {
+            "doc": doc,
+            "section": section,
+            "annotation": ast.get_source_segment(source, stmt.annotation),
+            "default_src": ast.get_source_segment(source, stmt.value) if stmt.value is not None else None,
+        }
     return out
 
 

@@ -115,16 +115,36 @@ class FedConfig(Config):
         for name in ("clients_per_round", "rounds", "local_steps", "local_batch", "rounds_per_chunk", "eval_batch"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"FedConfig.{name} must be an integer >= 1, got {value!r}")
-        require(self.client_optimizer in CLIENT_OPTIMIZERS, f"FedConfig.client_optimizer must be one of {CLIENT_OPTIMIZERS}, got {self.client_optimizer!r}")
-        require(self.server_optimizer in SERVER_OPTIMIZERS, f"FedConfig.server_optimizer must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
-        require(self.algorithm in ALGORITHMS, f"FedConfig.algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        require(self.trainable in TRAINABLES, f"FedConfig.trainable must be one of {TRAINABLES}, got {self.trainable!r}")
-        require(self.client_chunk is None or (isinstance(self.client_chunk, int) and self.client_chunk >= 1),
-                 f"FedConfig.client_chunk must be None or an integer >= 1, got {self.client_chunk!r}")
-        require(self.memory_budget_gb is None or self.memory_budget_gb > 0,
-                 f"FedConfig.memory_budget_gb must be None or > 0, got {self.memory_budget_gb!r}")
-        require(self.aggregation in AGGREGATIONS, f"FedConfig.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        require(self.lora_aggregation in LORA_AGGREGATIONS, f"FedConfig.lora_aggregation must be one of {LORA_AGGREGATIONS}, got {self.lora_aggregation!r}")
+        require(
+            self.client_optimizer in CLIENT_OPTIMIZERS,
+            f"FedConfig.client_optimizer must be one of {CLIENT_OPTIMIZERS}, got {self.client_optimizer!r}",
+        )
+        require(
+            self.server_optimizer in SERVER_OPTIMIZERS,
+            f"FedConfig.server_optimizer must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}",
+        )
+        require(
+            self.algorithm in ALGORITHMS, f"FedConfig.algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}"
+        )
+        require(
+            self.trainable in TRAINABLES, f"FedConfig.trainable must be one of {TRAINABLES}, got {self.trainable!r}"
+        )
+        require(
+            self.client_chunk is None or (isinstance(self.client_chunk, int) and self.client_chunk >= 1),
+            f"FedConfig.client_chunk must be None or an integer >= 1, got {self.client_chunk!r}",
+        )
+        require(
+            self.memory_budget_gb is None or self.memory_budget_gb > 0,
+            f"FedConfig.memory_budget_gb must be None or > 0, got {self.memory_budget_gb!r}",
+        )
+        require(
+            self.aggregation in AGGREGATIONS,
+            f"FedConfig.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}",
+        )
+        require(
+            self.lora_aggregation in LORA_AGGREGATIONS,
+            f"FedConfig.lora_aggregation must be one of {LORA_AGGREGATIONS}, got {self.lora_aggregation!r}",
+        )
         require(self.client_lr > 0, f"FedConfig.client_lr must be > 0, got {self.client_lr}")
         require(self.server_lr > 0, f"FedConfig.server_lr must be > 0, got {self.server_lr}")
         require(self.prox_mu >= 0, f"FedConfig.prox_mu must be >= 0, got {self.prox_mu}")
@@ -132,15 +152,29 @@ class FedConfig(Config):
         require(self.norm_bound > 0, f"FedConfig.norm_bound must be > 0, got {self.norm_bound}")
         require(self.dp_clip is None or self.dp_clip > 0, f"FedConfig.dp_clip must be None or > 0, got {self.dp_clip}")
         require(self.dp_noise >= 0, f"FedConfig.dp_noise must be >= 0, got {self.dp_noise}")
-        require(self.dp_noise == 0 or self.dp_clip is not None, "FedConfig.dp_noise needs dp_clip (noise is scaled by the clipping norm)")
+        require(
+            self.dp_noise == 0 or self.dp_clip is not None,
+            "FedConfig.dp_noise needs dp_clip (noise is scaled by the clipping norm)",
+        )
         require(0 < self.dp_delta < 1, f"FedConfig.dp_delta must be in (0, 1), got {self.dp_delta}")
         require(len(self.emulator_levels) >= 1, "FedConfig.emulator_levels must name at least one emulator size k")
-        require(len(set(self.emulator_levels)) == len(self.emulator_levels), f"FedConfig.emulator_levels has duplicates: {self.emulator_levels}")
-        require(all(k >= 0 for k in self.emulator_levels), f"FedConfig.emulator_levels must be >= 0, got {self.emulator_levels}")
+        require(
+            len(set(self.emulator_levels)) == len(self.emulator_levels),
+            f"FedConfig.emulator_levels has duplicates: {self.emulator_levels}",
+        )
+        require(
+            all(k >= 0 for k in self.emulator_levels),
+            f"FedConfig.emulator_levels must be >= 0, got {self.emulator_levels}",
+        )
         slots = self.slots
-        require(len(slots) == len(self.emulator_levels), f"FedConfig.level_slots {slots} must have one entry per emulator level {self.emulator_levels}")
-        require(all(s >= 0 for s in slots) and sum(slots) == self.clients_per_round,
-                 f"FedConfig.level_slots {slots} must be >= 0 and sum to clients_per_round ({self.clients_per_round})")
+        require(
+            len(slots) == len(self.emulator_levels),
+            f"FedConfig.level_slots {slots} must have one entry per emulator level {self.emulator_levels}",
+        )
+        require(
+            all(s >= 0 for s in slots) and sum(slots) == self.clients_per_round,
+            f"FedConfig.level_slots {slots} must be >= 0 and sum to clients_per_round ({self.clients_per_round})",
+        )
         self._check_combinations()
         if n_clients is not None:
             require(
@@ -149,34 +183,63 @@ class FedConfig(Config):
             )
         if model is not None:
             n_middle = model.n_layer - self.adapter_l - self.adapter_r
-            require(self.adapter_l >= 0 and self.adapter_r >= 0 and n_middle >= 1,
-                     f"FedConfig adapter l={self.adapter_l}, r={self.adapter_r} leaves no middle in a {model.n_layer}-block model")
+            require(
+                self.adapter_l >= 0 and self.adapter_r >= 0 and n_middle >= 1,
+                f"FedConfig adapter l={self.adapter_l}, r={self.adapter_r} leaves no middle in a {model.n_layer}-block model",
+            )
             too_big = [k for k in self.emulator_levels if k > n_middle]
-            require(not too_big, f"FedConfig.emulator_levels {too_big} larger than the model's middle ({n_middle} blocks)")
+            require(
+                not too_big, f"FedConfig.emulator_levels {too_big} larger than the model's middle ({n_middle} blocks)"
+            )
             if self.trainable != "adapter":
-                require(self.emulator_levels == (n_middle,),
-                         f"FedConfig.trainable={self.trainable!r} trains on the full model: set FedConfig.emulator_levels to the "
-                         f"whole middle ({n_middle},), got {self.emulator_levels}")
+                require(
+                    self.emulator_levels == (n_middle,),
+                    f"FedConfig.trainable={self.trainable!r} trains on the full model: set FedConfig.emulator_levels to the "
+                    f"whole middle ({n_middle},), got {self.emulator_levels}",
+                )
 
     def _check_combinations(self) -> None:
         """Options that do not combine, refused before anything is traced."""
         if self.lora_aggregation == "exact":
-            require(self.trainable != "model", "FedConfig.lora_aggregation='exact' needs a LoRA module, not FedConfig.trainable='model'")
-            require(self.server_optimizer == "fedavg" and self.aggregation == "mean" and self.dp_clip is None
-                     and self.algorithm in ("fedavg", "fedprox"),
-                     "FedConfig.lora_aggregation='exact' (FLoRA) combines only with server_optimizer='fedavg', "
-                     "aggregation='mean', no DP, and algorithm 'fedavg' or 'fedprox'")
+            require(
+                self.trainable != "model",
+                "FedConfig.lora_aggregation='exact' needs a LoRA module, not FedConfig.trainable='model'",
+            )
+            require(
+                self.server_optimizer == "fedavg"
+                and self.aggregation == "mean"
+                and self.dp_clip is None
+                and self.algorithm in ("fedavg", "fedprox"),
+                "FedConfig.lora_aggregation='exact' (FLoRA) combines only with server_optimizer='fedavg', "
+                "aggregation='mean', no DP, and algorithm 'fedavg' or 'fedprox'",
+            )
         if self.algorithm == "scaffold":
-            require(self.client_optimizer == "sgd", "FedConfig.algorithm='scaffold' assumes plain SGD: set FedConfig.client_optimizer='sgd'")
-            require(not self.server_participation, "FedConfig.algorithm='scaffold' keeps no control variate for the server: "
-                     "set FedConfig.server_participation=False")
+            require(
+                self.client_optimizer == "sgd",
+                "FedConfig.algorithm='scaffold' assumes plain SGD: set FedConfig.client_optimizer='sgd'",
+            )
+            require(
+                not self.server_participation,
+                "FedConfig.algorithm='scaffold' keeps no control variate for the server: "
+                "set FedConfig.server_participation=False",
+            )
         if self.algorithm == "local":
-            require(not (self.server_participation or self.secure_aggregation or self.dp_clip is not None
-                          or self.lora_aggregation == "exact" or self.aggregation != "mean" or self.server_optimizer != "fedavg"),
-                     "FedConfig.algorithm='local' aggregates nothing: server_participation, secure_aggregation, dp_clip, "
-                     "lora_aggregation='exact', robust aggregation and server optimizers do not apply")
-        require(not (self.secure_aggregation and (self.dp_clip is not None or self.aggregation != "mean")),
-                 "FedConfig.secure_aggregation sums weighted uploads: it combines only with aggregation='mean' and no dp_clip")
+            require(
+                not (
+                    self.server_participation
+                    or self.secure_aggregation
+                    or self.dp_clip is not None
+                    or self.lora_aggregation == "exact"
+                    or self.aggregation != "mean"
+                    or self.server_optimizer != "fedavg"
+                ),
+                "FedConfig.algorithm='local' aggregates nothing: server_participation, secure_aggregation, dp_clip, "
+                "lora_aggregation='exact', robust aggregation and server optimizers do not apply",
+            )
+        require(
+            not (self.secure_aggregation and (self.dp_clip is not None or self.aggregation != "mean")),
+            "FedConfig.secure_aggregation sums weighted uploads: it combines only with aggregation='mean' and no dp_clip",
+        )
 
 
 def adapter_layers(n_layer: int, l: int = 2, r: int = 2) -> tuple:

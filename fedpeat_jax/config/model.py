@@ -57,7 +57,9 @@ class GPT2Config(Config):
     def validate(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
-            require(isinstance(value, int) and value > 0, f"GPT2Config.{name} must be a positive integer, got {value!r}")
+            require(
+                isinstance(value, int) and value > 0, f"GPT2Config.{name} must be a positive integer, got {value!r}"
+            )
         require(
             self.n_embd % self.n_head == 0,
             f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
@@ -71,7 +73,10 @@ class GPT2Config(Config):
             require(0.0 <= value < 1.0, f"GPT2Config.{name} must be in [0, 1), got {value!r}")
         require(self.layer_norm_epsilon > 0, "GPT2Config.layer_norm_epsilon must be > 0")
         require(self.dtype in DTYPES, f"GPT2Config.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        require(self.attention in ATTENTION_IMPLS, f"GPT2Config.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        require(
+            self.attention in ATTENTION_IMPLS,
+            f"GPT2Config.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}",
+        )
         require(isinstance(self.remat, bool), f"GPT2Config.remat must be True or False, got {self.remat!r}")
 
     def block_param_count(self) -> int:

@@ -256,7 +256,9 @@ def load_text_folder(
         doc = document_id(path, source)
         speeches.extend(Speech(doc, "", piece) for piece in pieces)
     if not speeches:
-        raise ValueError(f"no text in the {len(files)} file(s) of {Path(source).expanduser()} (every one is empty or was skipped)")
+        raise ValueError(
+            f"no text in the {len(files)} file(s) of {Path(source).expanduser()} (every one is empty or was skipped)"
+        )
     return Corpus(tuple(speeches), "custom")
 
 

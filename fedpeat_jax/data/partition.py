@@ -87,9 +87,7 @@ class TextClients:
         return tuple(len(e) for e in self.examples)
 
 
-def natural_clients(
-    corpus: Corpus, *, min_speeches: int = DEFAULT_MIN_SPEECHES, exclude_plays=None
-) -> TextClients:
+def natural_clients(corpus: Corpus, *, min_speeches: int = DEFAULT_MIN_SPEECHES, exclude_plays=None) -> TextClients:
     """LEAF's clients: one per (play, role) with at least `min_speeches` speeches, named "play/role";
     for a user's text (empty roles) one per document, named after it.
 
@@ -99,7 +97,11 @@ def natural_clients(
     if min_speeches < 1:
         raise ValueError(f"min_speeches must be >= 1, got {min_speeches}")
     kept = corpus.select(exclude=_excluded(corpus, exclude_plays))
-    pairs = [(f"{play}/{role}" if role else play, texts) for (play, role), texts in kept.clients().items() if len(texts) >= min_speeches]
+    pairs = [
+        (f"{play}/{role}" if role else play, texts)
+        for (play, role), texts in kept.clients().items()
+        if len(texts) >= min_speeches
+    ]
     if not pairs:
         what = "document has" if corpus.spelling == "custom" else "(play, role) has"
         unit = "examples" if corpus.spelling == "custom" else "speeches"

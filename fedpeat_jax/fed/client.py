@@ -47,8 +47,19 @@ def batch_loss(base, peft_state, tokens, mask, rng, model: GPT2Config, peft: Pef
     return gpt2.loss(base, tokens, mask, config=model, peft=peft_state, peft_config=peft, rng=rng)
 
 
-def local_steps(loss_fn, init, tokens, mask, count, rng, tx: optax.GradientTransformation, *, n_steps: int, batch: int,
-                correct_grads=None):
+def local_steps(
+    loss_fn,
+    init,
+    tokens,
+    mask,
+    count,
+    rng,
+    tx: optax.GradientTransformation,
+    *,
+    n_steps: int,
+    batch: int,
+    correct_grads=None,
+):
     """`n_steps` steps of `tx` on `loss_fn(tree, tokens, mask, key)` from `init` over one client's
     data; returns (tree, mean loss over the steps). `correct_grads` adjusts gradients (SCAFFOLD).
 
@@ -107,9 +118,21 @@ def local_update(
     correct = None
     if control is not None:
         correct = lambda grads: drift.scaffold_correct_grads(grads, control[1], control[0])  # noqa: E731
-    tree, loss = local_steps(objective, start, tokens, mask, count, rng, client_optimizer(fed, hyper.client_lr),
-                             n_steps=fed.local_steps, batch=batch, correct_grads=correct)
+    tree, loss = local_steps(
+        objective,
+        start,
+        tokens,
+        mask,
+        count,
+        rng,
+        client_optimizer(fed, hyper.client_lr),
+        n_steps=fed.local_steps,
+        batch=batch,
+        correct_grads=correct,
+    )
     new_control = None
     if control is not None:
-        new_control = drift.scaffold_client_control(control[1], control[0], global_tree, tree, fed.local_steps, hyper.client_lr)
+        new_control = drift.scaffold_client_control(
+            control[1], control[0], global_tree, tree, fed.local_steps, hyper.client_lr
+        )
     return LocalResult(tree, loss, new_control)

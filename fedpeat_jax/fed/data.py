@@ -54,7 +54,9 @@ def process_slice(n_clients: int, process_index: Optional[int] = None, process_c
     p = jax.process_index() if process_index is None else process_index
     n = jax.process_count() if process_count is None else process_count
     if n_clients % n:
-        raise ValueError(f"{n_clients} clients do not split evenly over {n} processes; pad them first (fed.data.pad_clients)")
+        raise ValueError(
+            f"{n_clients} clients do not split evenly over {n} processes; pad them first (fed.data.pad_clients)"
+        )
     per = n_clients // n
     return slice(p * per, (p + 1) * per)
 

@@ -115,9 +115,7 @@ def scaffold_server_update(
     res = fedavg((dy, dc), counts, mask)
     used = res.weights > 0
     mean_dy = res.mean[0]
-    new_x = jax.tree.map(
-        lambda xg, d: jnp.where(res.empty, xg, xg + server_lr * d).astype(xg.dtype), x, mean_dy
-    )
+    new_x = jax.tree.map(lambda xg, d: jnp.where(res.empty, xg, xg + server_lr * d).astype(xg.dtype), x, mean_dy)
     sum_dc = weighted_sum(dc, used.astype(jnp.float32))
     new_c = jax.tree.map(lambda cg, s: (cg + s / n_total).astype(cg.dtype), state.c, sum_dc)
 

@@ -161,7 +161,9 @@ def train(
     primary = jax.process_index() == 0
     manager = None if ckpt_dir is None else CheckpointManager(ckpt_dir, max_to_keep=2)
     fingerprint = config_fingerprint(sim, seed)
-    state, _ = restore_latest(manager, state, fingerprint, fresh=not resume, hint="pass resume=True to continue or pick a new directory")
+    state, _ = restore_latest(
+        manager, state, fingerprint, fresh=not resume, hint="pass resume=True to continue or pick a new directory"
+    )
     start = int(_host(state.round))
 
     compiled = {}  # chunk length -> compiled run_rounds
@@ -194,11 +196,23 @@ def train(
     logger = RunLogger(logdir, resume_step=start) if logdir is not None and primary else None
     try:
         state, history = run_chunks(
-            state, advance, start=start, total=rounds, chunk=fed.rounds_per_chunk, desc="FedPEAT rounds", step_key="round",
-            logger=logger, log_tag=lambda name: "eval/plugin_ppl" if name == "plugin_ppl" else "train/" + name,
-            checkpoints=manager, checkpoint_meta=lambda end: {"fingerprint": fingerprint, "round": end},
-            postfix=lambda row: {"loss": f"{row['loss']:.3f}", **({"ppl": f"{row['plugin_ppl']:.2f}"} if "plugin_ppl" in row else {})},
-            show_progress=show_progress and primary, stop_after_chunks=stop_after_chunks,
+            state,
+            advance,
+            start=start,
+            total=rounds,
+            chunk=fed.rounds_per_chunk,
+            desc="FedPEAT rounds",
+            step_key="round",
+            logger=logger,
+            log_tag=lambda name: "eval/plugin_ppl" if name == "plugin_ppl" else "train/" + name,
+            checkpoints=manager,
+            checkpoint_meta=lambda end: {"fingerprint": fingerprint, "round": end},
+            postfix=lambda row: {
+                "loss": f"{row['loss']:.3f}",
+                **({"ppl": f"{row['plugin_ppl']:.2f}"} if "plugin_ppl" in row else {}),
+            },
+            show_progress=show_progress and primary,
+            stop_after_chunks=stop_after_chunks,
         )
     finally:
         if logger:
@@ -208,7 +222,16 @@ def train(
     return TrainResult(state, history, sim.effective_chunk)
 
 
-def study(sim: FedPEAT, params, data: FedData, seeds, hypers: Hyper, rounds: int, eval_data: Optional[tuple] = None, server_data=None):
+def study(
+    sim: FedPEAT,
+    params,
+    data: FedData,
+    seeds,
+    hypers: Hyper,
+    rounds: int,
+    eval_data: Optional[tuple] = None,
+    server_data=None,
+):
     """Whole runs vmapped over seeds and hyperparameters in one compiled call.
 
     `seeds` (S,) ints and `hypers` a `Hyper` whose fields are (S,) arrays: run s uses seed s with
@@ -226,4 +249,6 @@ def study(sim: FedPEAT, params, data: FedData, seeds, hypers: Hyper, rounds: int
         nll = None if eval_data is None else sim.eval_nll(state, params, eval_data[0], eval_data[1])
         return state, metrics, nll
 
-    return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None, None)))(seeds, hypers, params, data, eval_data, server_data)
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None, None)))(
+        seeds, hypers, params, data, eval_data, server_data
+    )

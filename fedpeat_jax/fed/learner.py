@@ -92,5 +92,7 @@ class Learner:
         """Frozen scalars a device of `level` holds (the emulator, or the full model)."""
         if self.kind == "adapter":
             spec = self.specs[level]
-            return self.model.embedding_param_count() + spec.depth * self.model.block_param_count() + 2 * self.model.n_embd
+            return (
+                self.model.embedding_param_count() + spec.depth * self.model.block_param_count() + 2 * self.model.n_embd
+            )
         return self.model.param_count()

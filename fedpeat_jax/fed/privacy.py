@@ -119,9 +119,7 @@ def dp_fedavg(
     used = w > 0
     safe = jax.tree.map(lambda x: jnp.where(expand_weights(used, x), x, 0).astype(x.dtype), updates)
     clipped_tree, norms = clip_by_client_norm(safe, clip_norm)
-    summed = jax.tree.map(
-        lambda x: jnp.sum(x.astype(jnp.float32) * expand_weights(w, x), axis=0), clipped_tree
-    )
+    summed = jax.tree.map(lambda x: jnp.sum(x.astype(jnp.float32) * expand_weights(w, x), axis=0), clipped_tree)
     noise = gaussian_noise_like(key, summed, noise_multiplier * clip_norm)
     noised = jax.tree.map(jnp.add, summed, noise)
     num_used = jnp.sum(w)
@@ -251,9 +249,7 @@ class DPAccountant:
             return
         import dp_accounting
 
-        self._acc.compose(
-            dp_accounting.SelfComposedDpEvent(_round_event(noise_multiplier, sampling_rate), rounds)
-        )
+        self._acc.compose(dp_accounting.SelfComposedDpEvent(_round_event(noise_multiplier, sampling_rate), rounds))
         self.rounds += rounds
 
     def epsilon(self) -> float:
@@ -331,7 +327,9 @@ def secagg_pair_masks(key: Array, i: Array, members: Array, size: int) -> Array:
     return out
 
 
-def secagg_mask(key: Array, updates: PyTree, mask: Optional[Array] = None, frac_bits: int = DEFAULT_FRAC_BITS) -> SecAggMasked:
+def secagg_mask(
+    key: Array, updates: PyTree, mask: Optional[Array] = None, frac_bits: int = DEFAULT_FRAC_BITS
+) -> SecAggMasked:
     """Pairwise-masked uploads (Bonawitz et al. 2017, without the secret sharing).
 
     Client ``i`` uploads ``y_i = enc(x_i) + sum_{j used, j > i} r_ij - sum_{j used, j < i} r_ji

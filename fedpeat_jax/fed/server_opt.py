@@ -61,9 +61,7 @@ def scale_by_fed_adaptive(kind: str, b1: float, b2: float, tau: float) -> optax.
         elif kind == "adam":
             v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.v, updates)
         else:
-            v = jax.tree.map(
-                lambda v, g: v - (1 - b2) * g * g * jnp.sign(v - g * g), state.v, updates
-            )
+            v = jax.tree.map(lambda v, g: v - (1 - b2) * g * g * jnp.sign(v - g * g), state.v, updates)
         out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + tau), m, v)
         return out, FedAdaptiveState(m, v)
 

@@ -23,8 +23,12 @@ from jax.sharding import PartitionSpec as P
 AXIS = "clients"
 
 
-def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None, local_cpu_devices: Optional[int] = None) -> None:
+def initialize_distributed(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    local_cpu_devices: Optional[int] = None,
+) -> None:
     """Join a run spanning processes (`jax.distributed.initialize`). With no arguments JAX detects
     the cluster (SLURM, Open MPI, Cloud TPU, Kubernetes...); on one machine give the coordinator
     ("127.0.0.1:PORT"), the process count and this process's id. On CPUs, `local_cpu_devices`
@@ -33,7 +37,9 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
         jax.config.update("jax_num_cpu_devices", int(local_cpu_devices))
     if jax.config.jax_platforms in (None, "", "cpu") or local_cpu_devices is not None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
 
 
 def barrier(name: str, timeout_s: float = 900.0) -> None:

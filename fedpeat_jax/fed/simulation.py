@@ -43,8 +43,16 @@ from fedpeat_jax.fed.sharding import constrain_clients
 DEFAULT_CLIENT_CHUNK = 8
 ACCELERATOR_CLIENT_CHUNK = 32
 
-__all__ = ["ACCELERATOR_CLIENT_CHUNK", "DEFAULT_CLIENT_CHUNK", "FedData", "FedPEAT", "RoundMetrics", "ServerState", "chunk_layout",
-           "default_client_chunk"]
+__all__ = [
+    "ACCELERATOR_CLIENT_CHUNK",
+    "DEFAULT_CLIENT_CHUNK",
+    "FedData",
+    "FedPEAT",
+    "RoundMetrics",
+    "ServerState",
+    "chunk_layout",
+    "default_client_chunk",
+]
 
 
 def default_client_chunk(platform: str) -> int:
@@ -102,11 +110,15 @@ class FedPEAT:
         model.validate()
         fed.validate(n_clients=n_clients, model=model)
         if fed.trainable != "model" and peft.kind in ("prompt", "none"):
-            raise ValueError(f"FedPEAT tunes a PEFT module inside the model's blocks; PeftConfig.kind {peft.kind!r} has none")
+            raise ValueError(
+                f"FedPEAT tunes a PEFT module inside the model's blocks; PeftConfig.kind {peft.kind!r} has none"
+            )
         if fed.lora_aggregation == "exact" and peft.kind != "lora":
             raise ValueError("FedConfig.lora_aggregation='exact' needs PeftConfig.kind='lora'")
         if fed.algorithm in ("scaffold", "local") and n_clients is None:
-            raise ValueError(f"FedConfig.algorithm={fed.algorithm!r} keeps a tree per client: pass n_clients to FedPEAT")
+            raise ValueError(
+                f"FedConfig.algorithm={fed.algorithm!r} keeps a tree per client: pass n_clients to FedPEAT"
+            )
         self.learner = Learner(model, peft, fed)
         self.model, self.peft, self.fed = model, peft, fed
         self.specs = self.learner.specs
@@ -136,7 +148,13 @@ class FedPEAT:
     @property
     def track_gap(self) -> bool:
         p = self.peft_full
-        return self.fed.log_lora_gap and p is not None and p.kind == "lora" and not p.lora_freeze_a and self.fed.algorithm != "local"
+        return (
+            self.fed.log_lora_gap
+            and p is not None
+            and p.kind == "lora"
+            and not p.lora_freeze_a
+            and self.fed.algorithm != "local"
+        )
 
     # ----------------------------------------------------------------------------------------
     # State
@@ -198,7 +216,16 @@ class FedPEAT:
     # ----------------------------------------------------------------------------------------
     # One round
     # ----------------------------------------------------------------------------------------
-    def round(self, state: ServerState, params, data: FedData, hyper: Hyper, server_data=None, available=None, server_available=None):
+    def round(
+        self,
+        state: ServerState,
+        params,
+        data: FedData,
+        hyper: Hyper,
+        server_data=None,
+        available=None,
+        server_available=None,
+    ):
         """One federated round (pure; jit it or scan it).
 
         `available` (C,) bool limits sampling to those clients; `server_available` () bool turns
@@ -212,7 +239,9 @@ class FedPEAT:
         weights = [data.counts[ids].astype(jnp.float32) * ok for ids, ok in groups]
         if fed.server_participation:
             if server_data is None:
-                raise ValueError("FedConfig.server_participation needs server_data (tokens, mask) for the server's own tuning")
+                raise ValueError(
+                    "FedConfig.server_participation needs server_data (tokens, mask) for the server's own tuning"
+                )
             on = jnp.ones(()) if server_available is None else jnp.asarray(server_available, jnp.float32)
             weights.append(jnp.reshape(server_data[0].shape[0] * on, (1,)).astype(jnp.float32))
         weights = jnp.concatenate(weights)
@@ -226,7 +255,9 @@ class FedPEAT:
                 continue
             keys = self.client_keys(k_train, j, n)
             slots = offset + jnp.arange(n, dtype=jnp.int32)
-            totals, store, level_kept = self._train_level(j, state, base, store, data, ids, ok, keys, slots, hyper, totals, cohort)
+            totals, store, level_kept = self._train_level(
+                j, state, base, store, data, ids, ok, keys, slots, hyper, totals, cohort
+            )
             kept.append(level_kept)
             offset += n
 
@@ -234,16 +265,34 @@ class FedPEAT:
             s_tokens, s_mask = server_data
             loss = self.learner.loss(None)
             frozen = self.learner.frozen(base, None)
-            res = local_update(lambda t, tok, msk, key: loss(t, frozen, tok, msk, key), state.trainable, state.trainable, s_tokens, s_mask,
-                               jnp.int32(s_tokens.shape[0]), k_server, hyper, fed=fed, batch=fed.server_batch)
+            res = local_update(
+                lambda t, tok, msk, key: loss(t, frozen, tok, msk, key),
+                state.trainable,
+                state.trainable,
+                s_tokens,
+                s_mask,
+                jnp.int32(s_tokens.shape[0]),
+                k_server,
+                hyper,
+                fed=fed,
+                batch=fed.server_batch,
+            )
             one = lambda x: jnp.asarray(x)[None]  # noqa: E731
-            chunk = stream.Chunk(jax.tree.map(one, res.tree), jax.tree.map(lambda a, b: one(a - b), res.tree, state.trainable),
-                                 weights[-1:], one(res.loss), jnp.asarray([offset], jnp.int32))
+            chunk = stream.Chunk(
+                jax.tree.map(one, res.tree),
+                jax.tree.map(lambda a, b: one(a - b), res.tree, state.trainable),
+                weights[-1:],
+                one(res.loss),
+                jnp.asarray([offset], jnp.int32),
+            )
             totals, server_kept = stream.add(totals, chunk, fed, cohort)
             kept.append(server_kept)
 
         if stream.rule(fed) == "robust":
-            kept = (jax.tree.map(lambda *xs: jnp.concatenate(xs), *[k[0] for k in kept]), jnp.concatenate([k[1] for k in kept]))
+            kept = (
+                jax.tree.map(lambda *xs: jnp.concatenate(xs), *[k[0] for k in kept]),
+                jnp.concatenate([k[1] for k in kept]),
+            )
         new_state = self._apply(state, params, totals, kept, store, hyper, k_agg, cohort)
         n_used = totals.used
         metrics = RoundMetrics(
@@ -264,20 +313,38 @@ class FedPEAT:
         padded = n_chunks * size
         valid = jnp.arange(padded) < ids.shape[0]
         chunked = lambda x: x.reshape((n_chunks, size) + x.shape[1:])  # noqa: E731
-        xs = (chunked(_pad_to(ids, padded)), chunked(_pad_to(ok, padded) & valid), chunked(_pad_to(keys, padded)), chunked(_pad_to(slots, padded)))
+        xs = (
+            chunked(_pad_to(ids, padded)),
+            chunked(_pad_to(ok, padded) & valid),
+            chunked(_pad_to(keys, padded)),
+            chunked(_pad_to(slots, padded)),
+        )
         frozen = learner.frozen(base, j)
         loss = learner.loss(j)
         kind = stream.rule(fed)
         store_size = 0 if store is None else jax.tree.leaves(store)[0].shape[0]
 
         def train(start, tokens, mask, count, key, control):
-            return local_update(lambda t, tok, msk, k: loss(t, frozen, tok, msk, k), start, state.trainable, tokens, mask, count, key, hyper,
-                                fed=fed, batch=fed.local_batch, control=control)
+            return local_update(
+                lambda t, tok, msk, k: loss(t, frozen, tok, msk, k),
+                start,
+                state.trainable,
+                tokens,
+                mask,
+                count,
+                key,
+                hyper,
+                fed=fed,
+                batch=fed.local_batch,
+                control=control,
+            )
 
         def body(carry, chunk_xs):
             totals, store = carry
             c_ids, c_ok, c_keys, c_slots = chunk_xs
-            per_client = constrain_clients((data.tokens[c_ids], data.mask[c_ids], data.counts[c_ids], c_keys), self.mesh)
+            per_client = constrain_clients(
+                (data.tokens[c_ids], data.mask[c_ids], data.counts[c_ids], c_keys), self.mesh
+            )
             start, control, start_axis, control_axes = state.trainable, None, None, None
             if kind == "local":
                 start, start_axis = jax.tree.map(lambda x: x[c_ids], store), 0
@@ -287,7 +354,9 @@ class FedPEAT:
             start_b = start if start_axis == 0 else jax.tree.map(lambda x: x[None], start)
             deltas = jax.tree.map(lambda a, b: a - b, res.tree, start_b)
             control_delta = None if control is None else jax.tree.map(lambda a, b: a - b, res.control, control[1])
-            chunk = stream.Chunk(res.tree, deltas, per_client[2].astype(jnp.float32) * c_ok, res.loss, c_slots, control_delta)
+            chunk = stream.Chunk(
+                res.tree, deltas, per_client[2].astype(jnp.float32) * c_ok, res.loss, c_slots, control_delta
+            )
             totals, kept = stream.add(totals, chunk, fed, cohort)
             if store is not None:  # local-only trees or SCAFFOLD's c_i of the clients used
                 used = stream.used_weights(chunk)[0] > 0
@@ -309,7 +378,9 @@ class FedPEAT:
             mean, empty = stream.mean_delta(totals, kept, fed, state.trainable, k_agg, hyper.dp_noise, cohort)
             if kind == "scaffold":
                 mean_dy, sum_dc = mean
-                tree = jax.tree.map(lambda x, d: jnp.where(empty, x, x + hyper.server_lr * d).astype(x.dtype), tree, mean_dy)
+                tree = jax.tree.map(
+                    lambda x, d: jnp.where(empty, x, x + hyper.server_lr * d).astype(x.dtype), tree, mean_dy
+                )
                 control = jax.tree.map(lambda c, s: (c + s / self.n_clients).astype(c.dtype), control, sum_dc)
             elif kind == "exact_lora":
                 scale = self.peft_full.lora_scale
@@ -325,12 +396,16 @@ class FedPEAT:
     # ----------------------------------------------------------------------------------------
     # Many rounds, evaluation, costs
     # ----------------------------------------------------------------------------------------
-    def run_rounds(self, state: ServerState, params, data: FedData, n_rounds: int, hyper: Optional[Hyper] = None, server_data=None):
+    def run_rounds(
+        self, state: ServerState, params, data: FedData, n_rounds: int, hyper: Optional[Hyper] = None, server_data=None
+    ):
         """`n_rounds` rounds in one `lax.scan` (jit this; `n_rounds` static)."""
         hyper = hyper if hyper is not None else Hyper.from_config(self.fed)
         return jax.lax.scan(lambda s, _: self.round(s, params, data, hyper, server_data), state, None, length=n_rounds)
 
-    def eval_nll(self, state: ServerState, params, tokens: jax.Array, mask: jax.Array, level: Optional[int] = None, client=None):
+    def eval_nll(
+        self, state: ServerState, params, tokens: jax.Array, mask: jax.Array, level: Optional[int] = None, client=None
+    ):
         """Summed held-out NLL and token count: the global tree plugged into the full model
         (level None) or run on emulator `level`; `client` i evaluates local-only client i's own
         tree instead. `tokens`/`mask`: (E, T), in batches of `FedConfig.eval_batch`."""

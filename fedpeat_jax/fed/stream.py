@@ -119,7 +119,9 @@ def init(fed: FedConfig, template: PyTree, gap: bool) -> Totals:
     return Totals(z, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), z, payload, sums)
 
 
-def _masked_uploads(deltas: PyTree, scale: jax.Array, member: jax.Array, slots: jax.Array, cohort: Cohort, frac_bits: int) -> jax.Array:
+def _masked_uploads(
+    deltas: PyTree, scale: jax.Array, member: jax.Array, slots: jax.Array, cohort: Cohort, frac_bits: int
+) -> jax.Array:
     """Each member's upload enc(scale_k delta_k) + its pair masks, summed over the chunk (uint32).
     `member` (B,) marks the chunk's entries that are cohort members (not padding)."""
     b = scale.shape[0]
@@ -156,7 +158,9 @@ def add(totals: Totals, chunk: Chunk, fed: FedConfig, cohort: Optional[Cohort] =
         payload = jax.tree.map(jnp.add, payload, products)
     elif kind == "secure":
         scale = w / jnp.where(cohort.total_weight > 0, cohort.total_weight, 1.0)
-        payload = payload + _masked_uploads(chunk.deltas, scale, chunk.weight > 0, chunk.slot, cohort, privacy.DEFAULT_FRAC_BITS)
+        payload = payload + _masked_uploads(
+            chunk.deltas, scale, chunk.weight > 0, chunk.slot, cohort, privacy.DEFAULT_FRAC_BITS
+        )
     elif kind == "robust":
         kept = (chunk.deltas, used)
     gap = totals.gap
@@ -186,7 +190,9 @@ def _unflatten(flat: jax.Array, template: PyTree) -> PyTree:
     return jax.tree.unflatten(treedef, out)
 
 
-def mean_delta(totals: Totals, kept, fed: FedConfig, template: PyTree, key: jax.Array, dp_noise, cohort: Optional[Cohort] = None):
+def mean_delta(
+    totals: Totals, kept, fed: FedConfig, template: PyTree, key: jax.Array, dp_noise, cohort: Optional[Cohort] = None
+):
     """The round's aggregate (the mean delta; for exact LoRA the mean dense product delta, LoRA
     scale not applied; for SCAFFOLD (mean delta, sum of control deltas)) and whether it is empty
     (no client used: the caller keeps its global state)."""
@@ -197,7 +203,9 @@ def mean_delta(totals: Totals, kept, fed: FedConfig, template: PyTree, key: jax.
     if kind == "scaffold":
         return (_divide(totals.payload[0], totals.weight), totals.payload[1]), empty
     if kind == "dp":
-        noised = jax.tree.map(jnp.add, totals.payload, privacy.gaussian_noise_like(key, totals.payload, dp_noise * fed.dp_clip))
+        noised = jax.tree.map(
+            jnp.add, totals.payload, privacy.gaussian_noise_like(key, totals.payload, dp_noise * fed.dp_clip)
+        )
         return _divide(noised, jnp.maximum(totals.used.astype(jnp.float32), 1.0)), empty
     if kind == "secure":
         decoded = privacy.secagg_decode(totals.payload, privacy.DEFAULT_FRAC_BITS)

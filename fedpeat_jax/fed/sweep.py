@@ -45,8 +45,14 @@ from fedpeat_jax.io.loop import restore_latest, run_chunks
 RUNS = "runs"  # the mesh axis the run axis is split over
 
 # Why a run was stopped (index 0: it was not).
-REASONS = ("", "the global update is not finite", "every client's update is not finite", "the training loss is not finite",
-           "the server state is not finite", "the held-out loss is not finite")
+REASONS = (
+    "",
+    "the global update is not finite",
+    "every client's update is not finite",
+    "the training loss is not finite",
+    "the server state is not finite",
+    "the held-out loss is not finite",
+)
 
 
 def run_mesh(devices=None):
@@ -109,8 +115,16 @@ class Cohort:
     so that runs can be packed into run chunks, stopped and checkpointed between calls.
     """
 
-    def __init__(self, sim: FedPEAT, params, data: FedData, *, eval_data: Optional[tuple] = None, server_data: Optional[tuple] = None,
-                 mesh=None):
+    def __init__(
+        self,
+        sim: FedPEAT,
+        params,
+        data: FedData,
+        *,
+        eval_data: Optional[tuple] = None,
+        server_data: Optional[tuple] = None,
+        mesh=None,
+    ):
         if sim.mesh is not None:
             raise ValueError("a cohort splits its runs over devices: build its FedPEAT without a client mesh")
         self.sim, self.mesh = sim, mesh
@@ -128,7 +142,15 @@ class Cohort:
         shapes = jax.tree.map(lambda x: (tuple(np.shape(x)), str(x.dtype)), shared)
         devices = None if mesh is None else tuple(d.id for d in mesh.devices.flat)
         fed = sim.fed.replace(memory_budget_gb=None)  # the budget chooses programs, it does not change them
-        self._signature = (sim.model, sim.peft, fed, sim.n_clients, devices, str(jax.tree.structure(shared)), str(shapes))
+        self._signature = (
+            sim.model,
+            sim.peft,
+            fed,
+            sim.n_clients,
+            devices,
+            str(jax.tree.structure(shared)),
+            str(shapes),
+        )
 
     # ----------------------------------------------------------------------------------------
     # Programs
@@ -146,7 +168,9 @@ class Cohort:
         if self.mesh is None:
             return jax.tree.map(jnp.asarray, tree)
         runs = NamedSharding(self.mesh, P(RUNS))
-        return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), runs, lambda index: np.asarray(x)[index]), tree)
+        return jax.tree.map(
+            lambda x: jax.make_array_from_callback(np.shape(x), runs, lambda index: np.asarray(x)[index]), tree
+        )
 
     def _start(self, seed, hyper, params):
         return self.sim.init(jax.random.key(seed), params, hyper)
@@ -194,7 +218,9 @@ class Cohort:
     def compiled(self, n_rounds: int, run_chunk: int):
         """The compiled program advancing `run_chunk` runs by `n_rounds` rounds (cached)."""
         _, hypers, states = self._abstract_runs(run_chunk)
-        return self._program(("chunk", n_rounds, run_chunk), self._chunk_program(n_rounds), (states, hypers), donate=(0,))
+        return self._program(
+            ("chunk", n_rounds, run_chunk), self._chunk_program(n_rounds), (states, hypers), donate=(0,)
+        )
 
     def state_bytes(self, n_runs: int = 1) -> int:
         """Bytes of `n_runs` runs' server states (what the host keeps between chunks)."""
@@ -218,7 +244,12 @@ class Cohort:
             if run_chunk is not None or want <= dev:
                 raise RunsTooBig(
                     f"{want} runs at once need {driver._size(need)}, more than the memory budget of {driver._size(budget)} "
-                    f"(FedConfig.memory_budget_gb); about {fits} fit", want, need, budget, fits)
+                    f"(FedConfig.memory_budget_gb); about {fits} fit",
+                    want,
+                    need,
+                    budget,
+                    fits,
+                )
             calls = math.ceil(n_runs / max(fits, dev))  # as few calls as fit, of equal size (little padding)
             want = max(dev, min(want - dev, dev * math.ceil(n_runs / calls / dev)))
 
@@ -264,7 +295,9 @@ class Cohort:
 # The host loop
 # --------------------------------------------------------------------------------------------
 class CohortResult(NamedTuple):
-    states: ServerState  # host arrays with a leading run axis (key as key data); a stopped run keeps its last finite state
+    states: (
+        ServerState  # host arrays with a leading run axis (key as key data); a stopped run keeps its last finite state
+    )
     histories: list  # per run: `driver.train`'s rows (plugin_ppl at chunk ends), up to the round a stopped run diverged
     zero_shot: np.ndarray  # (runs,) plug-in perplexity before training (NaN without held-out windows)
     diverged: dict  # run -> {"round": round it diverged at, "reason": text}
@@ -279,21 +312,35 @@ def _chunks(rounds: int, per_chunk: int) -> list:
 
 def fingerprint(sim: FedPEAT, seeds, hypers: Hyper, rounds: int) -> str:
     """A digest of everything that determines a cohort's results (settings, seeds, hyperparameters, rounds)."""
-    return settings_fingerprint({"sim": driver.config_fingerprint(sim, 0), "seeds": np.asarray(seeds).tolist(),
-                                 "hypers": [np.asarray(h, np.float32).tolist() for h in hypers], "rounds": rounds})
+    return settings_fingerprint(
+        {
+            "sim": driver.config_fingerprint(sim, 0),
+            "seeds": np.asarray(seeds).tolist(),
+            "hypers": [np.asarray(h, np.float32).tolist() for h in hypers],
+            "rounds": rounds,
+        }
+    )
 
 
 def _empty_record(states, n_runs: int, rounds: int, n_evals: int) -> dict:
     nan = lambda *shape: np.full(shape, np.nan)  # noqa: E731
-    return {"states": states, "metrics": {name: nan(n_runs, rounds) for name in RoundMetrics._fields},
-            "eval_nll": nan(n_runs, n_evals), "eval_count": nan(n_runs, n_evals), "zero": nan(n_runs, 2),
-            "stopped": np.full(n_runs, -1, np.int32), "reason": np.zeros(n_runs, np.int32)}
+    return {
+        "states": states,
+        "metrics": {name: nan(n_runs, rounds) for name in RoundMetrics._fields},
+        "eval_nll": nan(n_runs, n_evals),
+        "eval_count": nan(n_runs, n_evals),
+        "zero": nan(n_runs, 2),
+        "stopped": np.full(n_runs, -1, np.int32),
+        "reason": np.zeros(n_runs, np.int32),
+    }
 
 
 def _first_bad_round(metrics) -> np.ndarray:
     """(runs, n) -> per run the index of its first round whose update, clients or loss are not
     finite (n when none), and the reason code."""
-    norm, used, dropped, loss = (np.asarray(getattr(metrics, f), np.float64) for f in ("update_norm", "participants", "dropped", "loss"))
+    norm, used, dropped, loss = (
+        np.asarray(getattr(metrics, f), np.float64) for f in ("update_norm", "participants", "dropped", "loss")
+    )
     codes = np.zeros(norm.shape, np.int32)
     codes = np.where((used > 0) & ~np.isfinite(loss), 3, codes)
     codes = np.where((used == 0) & (dropped > 0), 2, codes)
@@ -313,8 +360,10 @@ def _update(record: dict, idx: np.ndarray, start: int, e: int, out: tuple) -> No
     ok = code == 0
     for name in RoundMetrics._fields:
         values = np.asarray(getattr(metrics, name), np.float64)
-        kept = np.where(np.arange(n)[None, :] <= first[:, None], values, np.nan)  # a diverged run's rows stop at its bad round
-        record["metrics"][name][idx, start:start + n] = kept
+        kept = np.where(
+            np.arange(n)[None, :] <= first[:, None], values, np.nan
+        )  # a diverged run's rows stop at its bad round
+        record["metrics"][name][idx, start : start + n] = kept
     shown = first == n  # the chunk's evaluation belongs to the history unless a round before it diverged
     record["eval_nll"][idx[shown], e] = nll[shown]
     record["eval_count"][idx[shown], e] = count[shown]
@@ -334,7 +383,9 @@ def _histories(sim: FedPEAT, record: dict, hypers: Hyper, rounds: int, per_chunk
     ends = np.cumsum(_chunks(rounds, per_chunk))
     out = []
     for r in range(len(hypers.client_lr)):
-        done = int(np.sum(~np.isnan(record["metrics"]["participants"][r])))  # rounds it ran (a stopped run: to its bad round)
+        done = int(
+            np.sum(~np.isnan(record["metrics"]["participants"][r]))
+        )  # rounds it ran (a stopped run: to its bad round)
         metrics = RoundMetrics(*(record["metrics"][name][r, :done] for name in RoundMetrics._fields))
         rows = driver.round_rows(sim, metrics, 0, float(hypers.dp_noise[r]), sampling_rate)
         for e, end in enumerate(ends):
@@ -345,9 +396,18 @@ def _histories(sim: FedPEAT, record: dict, hypers: Hyper, rounds: int, per_chunk
     return out
 
 
-def run_cohort(cohort: Cohort, seeds, hypers: Hyper, *, rounds: Optional[int] = None, run_chunk: Optional[int] = None, ckpt_dir=None,
-               resume: bool = True, on_progress: Optional[Callable[[int, dict], None]] = None,
-               stop_after_chunks: Optional[int] = None) -> CohortResult:
+def run_cohort(
+    cohort: Cohort,
+    seeds,
+    hypers: Hyper,
+    *,
+    rounds: Optional[int] = None,
+    run_chunk: Optional[int] = None,
+    ckpt_dir=None,
+    resume: bool = True,
+    on_progress: Optional[Callable[[int, dict], None]] = None,
+    stop_after_chunks: Optional[int] = None,
+) -> CohortResult:
     """Train run i from `seeds[i]` with `Hyper(*(h[i] for h in hypers))` for `rounds` rounds
     (default `FedConfig.rounds`), all runs together; see the module docstring.
 
@@ -372,11 +432,15 @@ def run_cohort(cohort: Cohort, seeds, hypers: Hyper, *, rounds: Optional[int] = 
     manager = None if ckpt_dir is None else CheckpointManager(ckpt_dir, max_to_keep=2)
     try:
         template = _empty_record(cohort.init(seeds, hypers, run_chunk), n_runs, rounds, len(chunks))
-        record, start = restore_latest(manager, template, digest, fresh=not resume, hint="resume, or pick a new directory")
+        record, start = restore_latest(
+            manager, template, digest, fresh=not resume, hint="resume, or pick a new directory"
+        )
         start = start or 0
         if start == 0 and cohort.shared[2] is not None:
             unique, first = np.unique(seeds, return_index=True)
-            zero = np.stack(cohort.zero_shot(unique, _take(hypers, first), run_chunk), axis=1).astype(np.float64)  # as checkpointed
+            zero = np.stack(cohort.zero_shot(unique, _take(hypers, first), run_chunk), axis=1).astype(
+                np.float64
+            )  # as checkpointed
             record["zero"] = zero[np.searchsorted(unique, seeds)]
 
         def advance(record, begin, n):
@@ -385,12 +449,25 @@ def run_cohort(cohort: Cohort, seeds, hypers: Hyper, *, rounds: Optional[int] = 
                 out = cohort.advance(_take(record["states"], live), _take(hypers, live), n, run_chunk)
                 _update(record, live, begin, begin // per_chunk, out)
             if on_progress is not None:
-                on_progress(len(live) * n, {"round": begin + n, "rounds": rounds, "live": int(np.sum(record["stopped"] < 0)), "runs": n_runs})
+                on_progress(
+                    len(live) * n,
+                    {"round": begin + n, "rounds": rounds, "live": int(np.sum(record["stopped"] < 0)), "runs": n_runs},
+                )
             return record, [{"round": begin + n}]
 
-        record, done_rows = run_chunks(record, advance, start=start, total=rounds, chunk=per_chunk, desc="sweep rounds", step_key="round",
-                                       checkpoints=manager, checkpoint_meta=lambda end: {"fingerprint": digest, "round": end},
-                                       show_progress=False, stop_after_chunks=stop_after_chunks)
+        record, done_rows = run_chunks(
+            record,
+            advance,
+            start=start,
+            total=rounds,
+            chunk=per_chunk,
+            desc="sweep rounds",
+            step_key="round",
+            checkpoints=manager,
+            checkpoint_meta=lambda end: {"fingerprint": digest, "round": end},
+            show_progress=False,
+            stop_after_chunks=stop_after_chunks,
+        )
     finally:
         if manager is not None:
             manager.close()
@@ -398,12 +475,16 @@ def run_cohort(cohort: Cohort, seeds, hypers: Hyper, *, rounds: Optional[int] = 
     return _result(cohort, record, hypers, rounds, run_chunk, finished, len(done_rows))
 
 
-def _result(cohort: Cohort, record: dict, hypers: Hyper, rounds: int, run_chunk: int, done: bool, chunks_run: int) -> CohortResult:
+def _result(
+    cohort: Cohort, record: dict, hypers: Hyper, rounds: int, run_chunk: int, done: bool, chunks_run: int
+) -> CohortResult:
     sim = cohort.sim
     zero = record["zero"]
     zero_ppl = np.where(zero[:, 1] > 0, np.exp(zero[:, 0] / np.maximum(zero[:, 1], 1.0)), np.nan)
-    diverged = {int(r): {"round": int(record["stopped"][r]), "reason": REASONS[int(record["reason"][r])]}
-                for r in np.flatnonzero(record["stopped"] >= 0)}
+    diverged = {
+        int(r): {"round": int(record["stopped"][r]), "reason": REASONS[int(record["reason"][r])]}
+        for r in np.flatnonzero(record["stopped"] >= 0)
+    }
     histories = _histories(sim, record, hypers, rounds, sim.fed.rounds_per_chunk, cohort.sampling_rate)
     return CohortResult(record["states"], histories, zero_ppl, diverged, run_chunk, done, chunks_run)
 

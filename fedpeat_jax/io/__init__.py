@@ -13,5 +13,15 @@ from fedpeat_jax.io.logging import RunLogger, progress, read_metrics
 from fedpeat_jax.io.loop import restore_latest, run_chunks
 from fedpeat_jax.io.machine import machine_info
 
-__all__ = ["CheckpointError", "CheckpointManager", "RunLogger", "fingerprint", "machine_info", "progress", "read_metrics",
-           "restore_latest", "run_chunks", "tree_digest"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "RunLogger",
+    "fingerprint",
+    "machine_info",
+    "progress",
+    "read_metrics",
+    "restore_latest",
+    "run_chunks",
+    "tree_digest",
+]

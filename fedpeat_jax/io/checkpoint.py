@@ -209,9 +209,7 @@ class CheckpointManager:
             return steps[-1]
         step = int(step)
         if step not in steps:
-            raise FileNotFoundError(
-                f"checkpoint step {step} not found in {self.directory} (available steps: {steps})"
-            )
+            raise FileNotFoundError(f"checkpoint step {step} not found in {self.directory} (available steps: {steps})")
         return step
 
     def _step_dir(self, step: int) -> Path:
@@ -242,12 +240,17 @@ class CheckpointManager:
                 if bad in self._unreadable:
                     continue  # reported already
                 self._unreadable.add(bad)
-                warnings.warn(f"checkpoint {self._step_dir(bad)} cannot be read ({str(err).splitlines()[0]}); using step {step}, "
-                              f"the newest that can (the unreadable one is kept as {bad}.unreadable once the run passes it)",
-                              CheckpointWarning, stacklevel=3)
+                warnings.warn(
+                    f"checkpoint {self._step_dir(bad)} cannot be read ({str(err).splitlines()[0]}); using step {step}, "
+                    f"the newest that can (the unreadable one is kept as {bad}.unreadable once the run passes it)",
+                    CheckpointWarning,
+                    stacklevel=3,
+                )
             return out
         reasons = "; ".join(f"step {s}: {str(e).splitlines()[0]}" for s, e in failed)
-        raise CheckpointError(f"no checkpoint in {self.directory} can be read ({reasons}); move the directory away to start over")
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} can be read ({reasons}); move the directory away to start over"
+        )
 
     def _restore_meta(self, step: int) -> dict:
         try:

@@ -86,4 +86,10 @@ def read_metrics(logdir) -> list:
 
 def progress(total: int, desc: str, initial: int = 0, disable: bool = False):
     """A tqdm progress bar (quiet under `disable` or when FEDPEAT_NO_PROGRESS is set)."""
-    return tqdm(total=total, desc=desc, initial=initial, disable=disable or bool(os.environ.get("FEDPEAT_NO_PROGRESS")), dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        initial=initial,
+        disable=disable or bool(os.environ.get("FEDPEAT_NO_PROGRESS")),
+        dynamic_ncols=True,
+    )

@@ -22,7 +22,14 @@ from typing import Optional
 from fedpeat_jax.io.logging import progress
 
 
-def restore_latest(checkpoints, state, fingerprint: Optional[str] = None, *, fresh: bool = False, hint: str = "continue that run or pick a new directory"):
+def restore_latest(
+    checkpoints,
+    state,
+    fingerprint: Optional[str] = None,
+    *,
+    fresh: bool = False,
+    hint: str = "continue that run or pick a new directory",
+):
     """(state, checkpoint step) restored from the newest checkpoint of `checkpoints` (a
     CheckpointManager or None); `state` unchanged and step None when there is none.
 

@@ -51,7 +51,9 @@ class CalibrateConfig(Config):
     adapter_r: int = 2  # top blocks of the adapter (the environment's r)
     population: Optional[int] = 10  # the env's devices: clients whose data the fractions refer to (None: every client)
     clients_per_round: tuple[int, ...] = (3, 10)  # participation levels (at most the population)
-    server_domains: tuple[str, ...] = SERVER_DOMAINS  # server data domains measured in server-only rounds; the first is the default
+    server_domains: tuple[str, ...] = (
+        SERVER_DOMAINS  # server data domains measured in server-only rounds; the first is the default
+    )
     server_windows: int = 32  # windows of server data (the environment's default server_data)
     mixed_run: bool = True  # also measure server + all devices (a check of the two-source model, not fitted)
     rounds: int = 8
@@ -88,13 +90,25 @@ class CalibrateConfig(Config):
                 raise ValueError(f"CalibrateConfig.{name} must be >= 0, got {getattr(self, name)}")
         bad = [d for d in self.server_domains if d not in SERVER_DOMAINS]
         if not self.server_domains or bad or len(set(self.server_domains)) != len(self.server_domains):
-            raise ValueError(f"CalibrateConfig.server_domains must be distinct names from {SERVER_DOMAINS}, got {self.server_domains}")
-        for name in ("rounds", "local_steps", "local_batch", "lora_rank", "seq_len", "max_examples", "max_eval_windows",
-                     "server_windows"):
+            raise ValueError(
+                f"CalibrateConfig.server_domains must be distinct names from {SERVER_DOMAINS}, got {self.server_domains}"
+            )
+        for name in (
+            "rounds",
+            "local_steps",
+            "local_batch",
+            "lora_rank",
+            "seq_len",
+            "max_examples",
+            "max_eval_windows",
+            "server_windows",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"CalibrateConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.population is not None and not 1 <= max(self.clients_per_round) <= self.population:
-            raise ValueError(f"CalibrateConfig.clients_per_round {self.clients_per_round} must be at most the population ({self.population})")
+            raise ValueError(
+                f"CalibrateConfig.clients_per_round {self.clients_per_round} must be at most the population ({self.population})"
+            )
         if self.rounds < 2:
             raise ValueError(f"CalibrateConfig.rounds must be >= 2 to fit a rate, got {self.rounds}")
 
@@ -102,21 +116,33 @@ class CalibrateConfig(Config):
         """Refuse levels or an adapter split that the model (a GPT2Config) does not have."""
         middle = model.n_layer - self.adapter_l - self.adapter_r
         if middle < 1:
-            raise ValueError(f"CalibrateConfig.adapter_l + adapter_r ({self.adapter_l} + {self.adapter_r}) leaves no middle "
-                             f"block in the {model.n_layer}-block model")
+            raise ValueError(
+                f"CalibrateConfig.adapter_l + adapter_r ({self.adapter_l} + {self.adapter_r}) leaves no middle "
+                f"block in the {model.n_layer}-block model"
+            )
         bad = [k for k in self.levels if k > middle]
         if bad:
-            raise ValueError(f"CalibrateConfig.levels {bad} larger than the model's middle ({middle} blocks with "
-                             f"l={self.adapter_l}, r={self.adapter_r})")
+            raise ValueError(
+                f"CalibrateConfig.levels {bad} larger than the model's middle ({middle} blocks with "
+                f"l={self.adapter_l}, r={self.adapter_r})"
+            )
 
     def peft(self) -> PeftConfig:
         return PeftConfig(kind="lora", lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
 
     def fed(self, **changes) -> FedConfig:
         """The FedConfig of one measured run."""
-        base = dict(clients_per_round=1, local_steps=self.local_steps, local_batch=self.local_batch, client_lr=self.client_lr,
-                    emulator_levels=(self.levels[-1],), adapter_l=self.adapter_l, adapter_r=self.adapter_r,
-                    log_lora_gap=False, seed=self.seed)
+        base = dict(
+            clients_per_round=1,
+            local_steps=self.local_steps,
+            local_batch=self.local_batch,
+            client_lr=self.client_lr,
+            emulator_levels=(self.levels[-1],),
+            adapter_l=self.adapter_l,
+            adapter_r=self.adapter_r,
+            log_lora_gap=False,
+            seed=self.seed,
+        )
         return FedConfig(**{**base, **changes})
 
     def task(self, server_domain: Optional[str] = None):
@@ -124,8 +150,15 @@ class CalibrateConfig(Config):
         server holding ``server_domain`` (default: the first of ``server_domains``)."""
         from fedpeat_jax.tasks import TaskConfig
 
-        return TaskConfig(text=self.text, seq_len=self.seq_len, max_examples=self.max_examples, max_eval_windows=self.max_eval_windows,
-                          server_domain=server_domain or self.server_domains[0], server_windows=self.server_windows, seed=self.seed)
+        return TaskConfig(
+            text=self.text,
+            seq_len=self.seq_len,
+            max_examples=self.max_examples,
+            max_eval_windows=self.max_eval_windows,
+            server_domain=server_domain or self.server_domains[0],
+            server_windows=self.server_windows,
+            seed=self.seed,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,14 +202,20 @@ def fit_level(curves: list) -> dict:
 
     u = np.clip((grid_p[i] - lo) / (hi - lo), 1e-6, 1 - 1e-6)
     x0 = np.array([np.log(u / (1 - u)), np.log(grid_e[j])])
-    x = minimize(lambda x: _log_error(curves, to_ppl(x[0]), float(np.exp(x[1]))), x0, method="Nelder-Mead",
-                 options={"xatol": 1e-8, "fatol": 1e-12, "maxiter": 4000}).x
+    x = minimize(
+        lambda x: _log_error(curves, to_ppl(x[0]), float(np.exp(x[1]))),
+        x0,
+        method="Nelder-Mead",
+        options={"xatol": 1e-8, "fatol": 1e-12, "maxiter": 4000},
+    ).x
     ppl_inf, eta = float(to_ppl(x[0])), float(np.exp(x[1]))
     errs = curve_errors(curves, ppl_inf, eta)
     return {"ppl_inf": ppl_inf, "eta": eta, "max_rel_error": max(errs), "curve_rel_errors": errs}
 
 
-def predict_mixed(table: CalibrationTable, ppl0: float, dev_fractions, srv_fractions, k: float, domain: str) -> np.ndarray:
+def predict_mixed(
+    table: CalibrationTable, ppl0: float, dev_fractions, srv_fractions, k: float, domain: str
+) -> np.ndarray:
     """The two-source model's curve for rounds with devices (level k) and the server together."""
     srv = table.server_response(domain)
     dev_inf = float(np.interp(k, table.k, table.ppl_inf))
@@ -187,8 +226,20 @@ def predict_mixed(table: CalibrationTable, ppl0: float, dev_fractions, srv_fract
     return np.asarray(out)
 
 
-def fit_table(measured: dict, server: dict, *, model, model_name: str, l: int, r: int, ppl0: float, population, workload: dict,
-              source: str, meta: dict) -> CalibrationTable:
+def fit_table(
+    measured: dict,
+    server: dict,
+    *,
+    model,
+    model_name: str,
+    l: int,
+    r: int,
+    ppl0: float,
+    population,
+    workload: dict,
+    source: str,
+    meta: dict,
+) -> CalibrationTable:
     """A CalibrationTable from device curves {k: [(ppl, fractions), ...]} and server curves {domain: [...]}."""
     ks = sorted(measured)
     fits = {k: fit_level(measured[k]) for k in ks}
@@ -209,7 +260,11 @@ def fit_table(measured: dict, server: dict, *, model, model_name: str, l: int, r
         workload=workload,
         synthetic=False,
         source=source,
-        meta={**meta, "fit": {"levels": {str(k): fits[k] for k in ks}, "server": server_fits}, "fit_tolerance": FIT_TOLERANCE},
+        meta={
+            **meta,
+            "fit": {"levels": {str(k): fits[k] for k in ks}, "server": server_fits},
+            "fit_tolerance": FIT_TOLERANCE,
+        },
     )
 
 
@@ -245,9 +300,19 @@ class _Runs:
         return np.asarray(ppl), np.asarray(examples)
 
 
-def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str = "default", cache_dir=None,
-              out: Optional[Path] = None, show_progress: bool = True, source: str = "",
-              model_fingerprint: Optional[str] = None) -> CalibrationTable:
+def calibrate(
+    cfg: CalibrateConfig,
+    params,
+    model,
+    tokenizer,
+    *,
+    model_name: str = "default",
+    cache_dir=None,
+    out: Optional[Path] = None,
+    show_progress: bool = True,
+    source: str = "",
+    model_fingerprint: Optional[str] = None,
+) -> CalibrationTable:
     """Run every device, server-only and mixed FedPEAT run, fit the table, write it to `out`.
 
     The table's meta records which model it belongs to: ``model_fingerprint`` (the foundation
@@ -268,7 +333,9 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
     n_clients = int(data.tokens.shape[0])
     too_many = [c for c in cfg.clients_per_round if c > n_clients]
     if too_many:
-        raise ValueError(f"CalibrateConfig.clients_per_round {too_many} is more than the {n_clients} clients that exist")
+        raise ValueError(
+            f"CalibrateConfig.clients_per_round {too_many} is more than the {n_clients} clients that exist"
+        )
     population = np.asarray(data.counts, np.float64)
     total = float(population.sum())
     runs = _Runs(params, model, cfg.peft(), task.heldout)
@@ -286,8 +353,9 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
     for domain in cfg.server_domains:
         server_data = tuple(jnp.asarray(x) for x in tasks[domain].server)
         server_examples[domain] = float(server_data[0].shape[0])
-        ppl, used = runs.curve(cfg.fed(server_participation=True), data, cfg.rounds, cfg.seed, server_data=server_data,
-                               devices_on=False)
+        ppl, used = runs.curve(
+            cfg.fed(server_participation=True), data, cfg.rounds, cfg.seed, server_data=server_data, devices_on=False
+        )
         server[domain] = [(ppl, used / total)]
         bar.update(cfg.rounds)
         bar.set_postfix(server=domain, ppl=f"{ppl[-1]:.1f}")
@@ -295,15 +363,28 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
     if cfg.mixed_run:
         domain, k = cfg.server_domains[0], cfg.levels[-1]
         server_data = tuple(jnp.asarray(x) for x in tasks[domain].server)
-        ppl, used = runs.curve(cfg.fed(clients_per_round=n_clients, emulator_levels=(k,), server_participation=True), data,
-                               cfg.rounds, cfg.seed, server_data=server_data)
+        ppl, used = runs.curve(
+            cfg.fed(clients_per_round=n_clients, emulator_levels=(k,), server_participation=True),
+            data,
+            cfg.rounds,
+            cfg.seed,
+            server_data=server_data,
+        )
         srv_f = np.full(cfg.rounds, server_examples[domain] / total)
-        mixed = {"domain": domain, "k": k, "ppl": ppl, "device_fraction": used / total - srv_f, "server_fraction": srv_f}
+        mixed = {
+            "domain": domain,
+            "k": k,
+            "ppl": ppl,
+            "device_fraction": used / total - srv_f,
+            "server_fraction": srv_f,
+        }
         bar.update(cfg.rounds)
     bar.close()
 
     ppl0 = float(measured[cfg.levels[0]][0][0][0])
-    curves = {str(k): [{"ppl": c[0].tolist(), "data_fraction": c[1].tolist()} for c in cs] for k, cs in measured.items()}
+    curves = {
+        str(k): [{"ppl": c[0].tolist(), "data_fraction": c[1].tolist()} for c in cs] for k, cs in measured.items()
+    }
     meta = {
         "model_fingerprint": model_fingerprint,
         "model_params_sha256": tree_digest(params),
@@ -313,19 +394,45 @@ def calibrate(cfg: CalibrateConfig, params, model, tokenizer, *, model_name: str
         "server_examples": server_examples,
         "seconds": round(time.time() - started, 1),
         "curves": curves,
-        "server_curves": {d: [{"ppl": c[0].tolist(), "data_fraction": c[1].tolist()} for c in cs] for d, cs in server.items()},
+        "server_curves": {
+            d: [{"ppl": c[0].tolist(), "data_fraction": c[1].tolist()} for c in cs] for d, cs in server.items()
+        },
     }
     workload = {"local_steps": cfg.local_steps, "batch_size": cfg.local_batch, "seq_len": cfg.seq_len}
-    table = fit_table(measured, server, model=model, model_name=model_name, l=cfg.adapter_l, r=cfg.adapter_r, ppl0=ppl0,
-                      population=population.tolist(), workload=workload, source=source or "fedpeat calibrate", meta=meta)
+    table = fit_table(
+        measured,
+        server,
+        model=model,
+        model_name=model_name,
+        l=cfg.adapter_l,
+        r=cfg.adapter_r,
+        ppl0=ppl0,
+        population=population.tolist(),
+        workload=workload,
+        source=source or "fedpeat calibrate",
+        meta=meta,
+    )
     if mixed is not None:
-        predicted = predict_mixed(table, mixed["ppl"][0], mixed["device_fraction"], mixed["server_fraction"], mixed["k"], mixed["domain"])
-        table.meta["mixed"] = {**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in mixed.items()},
-                               "predicted": predicted.tolist(),
-                               "max_rel_error": float(np.max(np.abs(predicted / mixed["ppl"] - 1)))}
+        predicted = predict_mixed(
+            table, mixed["ppl"][0], mixed["device_fraction"], mixed["server_fraction"], mixed["k"], mixed["domain"]
+        )
+        table.meta["mixed"] = {
+            **{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in mixed.items()},
+            "predicted": predicted.tolist(),
+            "max_rel_error": float(np.max(np.abs(predicted / mixed["ppl"] - 1))),
+        }
     if out is not None:
         table.save(out)
     return table
 
 
-__all__ = ["CalibrateConfig", "FIT_TOLERANCE", "calibrate", "curve_errors", "fit_level", "fit_table", "predict_mixed", "simulate"]
+__all__ = [
+    "CalibrateConfig",
+    "FIT_TOLERANCE",
+    "calibrate",
+    "curve_errors",
+    "fit_level",
+    "fit_table",
+    "predict_mixed",
+    "simulate",
+]

@@ -123,8 +123,10 @@ class CalibrationTable:
         object.__setattr__(self, "workload", {k: float(v) for k, v in dict(self.workload).items()})
         server = {}
         for domain, resp in dict(self.server).items():
-            require(isinstance(resp, (ServerResponse, dict)),
-                     f"calibration table: server[{domain!r}] must be a ServerResponse or a dict, got {resp!r}")
+            require(
+                isinstance(resp, (ServerResponse, dict)),
+                f"calibration table: server[{domain!r}] must be a ServerResponse or a dict, got {resp!r}",
+            )
             server[str(domain)] = resp if isinstance(resp, ServerResponse) else ServerResponse(**resp)
         object.__setattr__(self, "server", server)
         self.validate()
@@ -135,9 +137,13 @@ class CalibrationTable:
         require(not missing, f"calibration table: model shape lacks {missing} (need {list(SHAPE_FIELDS)})")
         for name in SHAPE_FIELDS:
             v = self.model[name]
-            require(isinstance(v, int) and v > 0, f"calibration table: model.{name} must be a positive integer, got {v!r}")
+            require(
+                isinstance(v, int) and v > 0, f"calibration table: model.{name} must be a positive integer, got {v!r}"
+            )
         n_layer = self.model["n_layer"]
-        require(self.l >= 0 and self.r >= 0, f"calibration table: adapter l, r must be >= 0, got l={self.l}, r={self.r}")
+        require(
+            self.l >= 0 and self.r >= 0, f"calibration table: adapter l, r must be >= 0, got l={self.l}, r={self.r}"
+        )
         k_full = n_layer - self.l - self.r
         require(k_full > 0, f"calibration table: adapter l={self.l} + r={self.r} leaves no middle in {n_layer} blocks")
         require(len(self.k) >= 1, "calibration table: needs at least one emulator level")
@@ -156,23 +162,41 @@ class CalibrationTable:
             f"l={self.l}, r={self.r} (valid: 0..{k_full} middle blocks)",
         )
         for k, p, e in zip(self.k, self.ppl_inf, self.eta):
-            require(math.isfinite(p) and p >= 1.0, f"calibration table: ppl_inf at k={k} must be a finite perplexity >= 1, got {p}")
+            require(
+                math.isfinite(p) and p >= 1.0,
+                f"calibration table: ppl_inf at k={k} must be a finite perplexity >= 1, got {p}",
+            )
             require(math.isfinite(e) and e > 0.0, f"calibration table: eta at k={k} must be finite and > 0, got {e}")
-        require(math.isfinite(self.ppl0) and self.ppl0 >= 1.0, f"calibration table: ppl0 must be a finite perplexity >= 1, got {self.ppl0}")
+        require(
+            math.isfinite(self.ppl0) and self.ppl0 >= 1.0,
+            f"calibration table: ppl0 must be a finite perplexity >= 1, got {self.ppl0}",
+        )
         require(self.server, "calibration table: 'server' must hold the response of at least one server data domain")
         for domain, resp in self.server.items():
-            require(math.isfinite(resp.ppl_inf) and resp.ppl_inf >= 1.0,
-                     f"calibration table: server[{domain!r}].ppl_inf must be a finite perplexity >= 1, got {resp.ppl_inf}")
-            require(math.isfinite(resp.eta) and resp.eta >= 0.0,
-                     f"calibration table: server[{domain!r}].eta must be finite and >= 0, got {resp.eta}")
-            require(math.isfinite(resp.data) and resp.data > 0,
-                     f"calibration table: server[{domain!r}].data must be > 0 examples, got {resp.data}")
-        require(self.server_domain in self.server,
-                 f"calibration table: server_domain {self.server_domain!r} is not one of the measured domains {sorted(self.server)}")
-        require(len(self.population) >= 1 and all(math.isfinite(d) and d > 0 for d in self.population),
-                 f"calibration table: population must list every device's examples (> 0), got {list(self.population)}")
-        require(set(self.workload) == set(WORKLOAD_FIELDS) and all(v >= 1 for v in self.workload.values()),
-                 f"calibration table: workload must give {list(WORKLOAD_FIELDS)} (each >= 1), got {self.workload}")
+            require(
+                math.isfinite(resp.ppl_inf) and resp.ppl_inf >= 1.0,
+                f"calibration table: server[{domain!r}].ppl_inf must be a finite perplexity >= 1, got {resp.ppl_inf}",
+            )
+            require(
+                math.isfinite(resp.eta) and resp.eta >= 0.0,
+                f"calibration table: server[{domain!r}].eta must be finite and >= 0, got {resp.eta}",
+            )
+            require(
+                math.isfinite(resp.data) and resp.data > 0,
+                f"calibration table: server[{domain!r}].data must be > 0 examples, got {resp.data}",
+            )
+        require(
+            self.server_domain in self.server,
+            f"calibration table: server_domain {self.server_domain!r} is not one of the measured domains {sorted(self.server)}",
+        )
+        require(
+            len(self.population) >= 1 and all(math.isfinite(d) and d > 0 for d in self.population),
+            f"calibration table: population must list every device's examples (> 0), got {list(self.population)}",
+        )
+        require(
+            set(self.workload) == set(WORKLOAD_FIELDS) and all(v >= 1 for v in self.workload.values()),
+            f"calibration table: workload must give {list(WORKLOAD_FIELDS)} (each >= 1), got {self.workload}",
+        )
 
     def check_model(self, model, l: int, r: int) -> None:
         """Raise ValueError unless the table was fitted for ``model`` (GPT2Config) with split (l, r)."""
@@ -194,8 +218,10 @@ class CalibrationTable:
     def server_response(self, domain: Optional[str] = None) -> ServerResponse:
         """The server-only response of ``domain`` (default: the table's ``server_domain``)."""
         domain = self.server_domain if domain is None else domain
-        require(domain in self.server,
-                 f"the calibration table has no server response for domain {domain!r}; measured: {sorted(self.server)}")
+        require(
+            domain in self.server,
+            f"the calibration table has no server response for domain {domain!r}; measured: {sorted(self.server)}",
+        )
         return self.server[domain]
 
     # -- (de)serialization --------------------------------------------------------------------
@@ -219,8 +245,10 @@ class CalibrationTable:
     def from_dict(cls, data: dict, where: str = "calibration table") -> CalibrationTable:
         require(isinstance(data, dict), f"{where}: expected a JSON object, got {type(data).__name__}")
         if data.get("schema") == "fedpeat_jax.mec.calibration/1":
-            raise ValueError(f"{where}: schema /1 (before server data domains and round deadlines); "
-                             "measure a new table with `fedpeat calibrate`")
+            raise ValueError(
+                f"{where}: schema /1 (before server data domains and round deadlines); "
+                "measure a new table with `fedpeat calibrate`"
+            )
         require(data.get("schema") == SCHEMA, f"{where}: schema must be {SCHEMA!r}, got {data.get('schema')!r}")
         for key in ("model", "adapter", "ppl0", "levels", "server", "server_domain", "population", "workload"):
             require(key in data, f"{where}: missing key {key!r}")
@@ -236,8 +264,10 @@ class CalibrationTable:
         server = data["server"]
         require(isinstance(server, dict), f"{where}: 'server' must map domains to {{ppl_inf, eta, data}}")
         for domain, resp in server.items():
-            require(isinstance(resp, dict) and set(resp) == {"ppl_inf", "eta", "data"},
-                     f"{where}: server[{domain!r}] must have keys 'ppl_inf', 'eta', 'data', got {resp!r}")
+            require(
+                isinstance(resp, dict) and set(resp) == {"ppl_inf", "eta", "data"},
+                f"{where}: server[{domain!r}] must have keys 'ppl_inf', 'eta', 'data', got {resp!r}",
+            )
         try:
             return cls(
                 model_name=name,
@@ -310,8 +340,15 @@ def default_levels(k_full: int, n_levels: int = 4) -> tuple:
     return tuple(ks)
 
 
-def synthetic_table(model, l: int = 2, r: int = 2, k: Optional[tuple] = None, model_name: str = "synthetic",
-                    ppl0: float = 100.0, n_devices: int = 10) -> CalibrationTable:
+def synthetic_table(
+    model,
+    l: int = 2,
+    r: int = 2,
+    k: Optional[tuple] = None,
+    model_name: str = "synthetic",
+    ppl0: float = 100.0,
+    n_devices: int = 10,
+) -> CalibrationTable:
     """A SYNTHETIC placeholder table (``synthetic=True``): for tests and throughput benchmarks only.
 
     Its numbers are made up, not measured: device rounds' ppl_inf falls linearly from 0.8 ppl0

@@ -106,28 +106,28 @@ class EnvState(environment.EnvState):
     """Per-episode state; device arrays have shape (N, *B), ``took_part`` (N + 1, *B) with the
     server first, scalars (*B); B = () for one environment (see "Batches" in the module doc)."""
 
-    distance: jax.Array      # (N,) m from the base station
-    gain: jax.Array          # (N,) linear channel gain of the coming round
-    flops: jax.Array         # (N,) FLOP/s
+    distance: jax.Array  # (N,) m from the base station
+    gain: jax.Array  # (N,) linear channel gain of the coming round
+    flops: jax.Array  # (N,) FLOP/s
     mem_capacity: jax.Array  # (N,) bytes
-    data: jax.Array          # (N,) local data size, examples
+    data: jax.Array  # (N,) local data size, examples
     stored_level: jax.Array  # (N,) int32 emulator level held by the device, -1 = none
-    took_part: jax.Array     # (N + 1,) float32: server, devices 1..N in the last round
-    ppl: jax.Array           # () plug-in perplexity after the last round
+    took_part: jax.Array  # (N + 1,) float32: server, devices 1..N in the last round
+    ppl: jax.Array  # () plug-in perplexity after the last round
     last_latency: jax.Array  # () s
-    time: jax.Array          # () int32 rounds done in this episode
-    learner: Any = None      # live mode: the federated server state; None for the surrogate
+    time: jax.Array  # () int32 rounds done in this episode
+    learner: Any = None  # live mode: the federated server state; None for the surrogate
 
 
 class RoundOutcome(NamedTuple):
     """What a round's choices gave the learning side (:meth:`FedPEATMEC.learn`)."""
 
-    k_bar: jax.Array            # () data-weighted mean emulator size of the devices that made it
-    data_fraction: jax.Array    # () their data / all devices' data
+    k_bar: jax.Array  # () data-weighted mean emulator size of the devices that made it
+    data_fraction: jax.Array  # () their data / all devices' data
     server_fraction: jax.Array  # () server data / all devices' data when the server made it, else 0
-    succeeded: jax.Array        # (N,) float32 1 for a device that took part, fit its memory and met the deadline
-    level: jax.Array            # (N,) int32 emulator level chosen for each device
-    server: jax.Array           # () float32 1 when the server took part and met the deadline
+    succeeded: jax.Array  # (N,) float32 1 for a device that took part, fit its memory and met the deadline
+    level: jax.Array  # (N,) int32 emulator level chosen for each device
+    server: jax.Array  # () float32 1 when the server took part and met the deadline
 
 
 def _lookup(table: jax.Array, index: jax.Array) -> jax.Array:
@@ -264,7 +264,12 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
         done = jnp.logical_or(terminated, truncated)
         fresh = self._fresh_state(u, params)
         state_out = jax.tree.map(lambda a, b: jnp.where(done, a, b), fresh, walked)
-        info = {**info, "terminated": terminated, "truncated": truncated, "final_observation": self.get_obs(walked, params)}
+        info = {
+            **info,
+            "terminated": terminated,
+            "truncated": truncated,
+            "final_observation": self.get_obs(walked, params),
+        }
         return self.get_obs(state_out, params), state_out, reward, terminated, truncated, info
 
     def _advance(self, u, state, action, params):
@@ -301,7 +306,9 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
     def _with_channel(self, state: EnvState, u_fading, params) -> EnvState:
         """Fill the coming round's channel: Rayleigh fading from ``u_fading`` and path loss at the distance."""
         fading = system.rayleigh_power(u_fading, params.min_fading, jnp)
-        return state.replace(gain=system.channel_gain(fading, state.distance, params.pl_const_db, params.pl_exp_db, jnp))
+        return state.replace(
+            gain=system.channel_gain(fading, state.distance, params.pl_const_db, params.pl_exp_db, jnp)
+        )
 
     # -- what the round does ----------------------------------------------------------------------
     def learn(self, state: EnvState, params: EnvParams, outcome: RoundOutcome):
@@ -317,8 +324,16 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
         """The two-source response model: the devices' pull at kbar and the server's pull."""
         dev_inf = system.interp_clamped(outcome.k_bar, params.cal_k, params.cal_ppl_inf, jnp)
         dev_eta = system.interp_clamped(outcome.k_bar, params.cal_k, params.cal_eta, jnp)
-        return system.two_source_perplexity(ppl, dev_inf, dev_eta, outcome.data_fraction, params.srv_ppl_inf,
-                                            params.srv_eta, outcome.server_fraction, jnp)
+        return system.two_source_perplexity(
+            ppl,
+            dev_inf,
+            dev_eta,
+            outcome.data_fraction,
+            params.srv_ppl_inf,
+            params.srv_eta,
+            outcome.server_fraction,
+            jnp,
+        )
 
     def _round(self, state: EnvState, action, params: EnvParams):
         """Run the round chosen by ``action`` from ``state`` (devices have not moved yet)."""
@@ -336,20 +351,37 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
         s_emu = params.q_bits * p_dev
         s_peft = system.peft_bits(params.p_peft, params.q_bits)
         tokens = system.tokens_per_round(params.local_steps, params.batch_size, params.seq_len)
-        mem = system.device_memory_bytes(k, params.p_emb, params.p_blk, params.n_adapter, params.p_peft,
-                                         params.q_bits, params.batch_size, params.seq_len, params.n_embd, params.n_head)
+        mem = system.device_memory_bytes(
+            k,
+            params.p_emb,
+            params.p_blk,
+            params.n_adapter,
+            params.p_peft,
+            params.q_bits,
+            params.batch_size,
+            params.seq_len,
+            params.n_embd,
+            params.n_head,
+        )
 
         # radio and time; stragglers past the deadline are dropped
         beta = system.bandwidth_shares(w, x, jnp)
-        r_dl = system.downlink_rate(beta, state.gain, params.bandwidth_hz, params.bs_power_w, params.noise_psd_w_hz, jnp)
-        r_ul = system.uplink_rate(beta, state.gain, params.bandwidth_hz, params.device_power_w, params.noise_psd_w_hz, jnp)
-        t_cmp = system.compute_time(tokens, system.flops_per_token(p_dev, params.p_peft), state.flops, params.utilization)
+        r_dl = system.downlink_rate(
+            beta, state.gain, params.bandwidth_hz, params.bs_power_w, params.noise_psd_w_hz, jnp
+        )
+        r_ul = system.uplink_rate(
+            beta, state.gain, params.bandwidth_hz, params.device_power_w, params.noise_psd_w_hz, jnp
+        )
+        t_cmp = system.compute_time(
+            tokens, system.flops_per_token(p_dev, params.p_peft), state.flops, params.utilization
+        )
         xchg = system.exchange_indicator(state.stored_level, lvl, x)
         t_dev = system.device_latency(xchg, s_emu, s_peft, r_dl, t_cmp, r_ul, x, jnp)
         t_down = system.download_time(xchg, s_emu, s_peft, r_dl, x, jnp)
         p_full = system.device_param_count(params.k_full, params.p_emb, params.p_blk, params.n_adapter)
-        t_srv = srv * system.compute_time(tokens, system.flops_per_token(p_full, params.p_peft), params.server_flops,
-                                          params.utilization)
+        t_srv = srv * system.compute_time(
+            tokens, system.flops_per_token(p_full, params.p_peft), params.server_flops, params.utilization
+        )
         late = system.stragglers(t_dev, deadline, x)
         srv_ok = srv * (t_srv <= deadline)
         latency = system.round_latency(t_dev, t_srv, deadline, jnp)
@@ -379,8 +411,11 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
         gap = (ppl - params.ppl_best) / (params.ppl_ref - params.ppl_best)
         n_viol = jnp.sum(viol, axis=0)
         empty = (n_dev + srv) == 0
-        reward = -(params.w_ppl * gap + params.w_latency * latency / params.latency_ref
-                   + params.w_memory * mem_ratio) - params.w_violation * n_viol - params.w_empty * empty
+        reward = (
+            -(params.w_ppl * gap + params.w_latency * latency / params.latency_ref + params.w_memory * mem_ratio)
+            - params.w_violation * n_viol
+            - params.w_empty * empty
+        )
 
         stepped = state.replace(
             stored_level=jnp.where(x * (t_down <= deadline) > 0, lvl, state.stored_level),
@@ -418,12 +453,14 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
             (state.stored_level + 1).astype(jnp.float32) * (1.0 / self.n_levels),
             state.took_part[1:],
         ]
-        glob = jnp.stack([
-            state.time * (1.0 / p.max_steps_in_episode),
-            (state.ppl - p.ppl_best) * (1.0 / (p.ppl_ref - p.ppl_best)),
-            state.last_latency * (1.0 / p.latency_ref),
-            state.took_part[0],
-        ]).astype(jnp.float32)
+        glob = jnp.stack(
+            [
+                state.time * (1.0 / p.max_steps_in_episode),
+                (state.ppl - p.ppl_best) * (1.0 / (p.ppl_ref - p.ppl_best)),
+                state.last_latency * (1.0 / p.latency_ref),
+                state.took_part[0],
+            ]
+        ).astype(jnp.float32)
         return jnp.concatenate(dev + [glob]).astype(jnp.float32)
 
 

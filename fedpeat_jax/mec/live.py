@@ -64,7 +64,15 @@ class LiveConfig(Config):
     """Seed of the device choice and the runs."""
 
     def validate(self) -> None:
-        for name in ("n_devices", "local_steps", "local_batch", "lora_rank", "max_examples", "eval_windows", "server_windows"):
+        for name in (
+            "n_devices",
+            "local_steps",
+            "local_batch",
+            "lora_rank",
+            "max_examples",
+            "eval_windows",
+            "server_windows",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"LiveConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
@@ -119,29 +127,45 @@ class LiveFedPEATMEC(FedPEATMEC):
 
     native_batch = False  # one federated state per environment: batch with jax.vmap
 
-    def __init__(self, sim: FedPEAT, weights, data: FedData, heldout, params: EnvParams, *, server_data=None, seed: int = 0):
+    def __init__(
+        self, sim: FedPEAT, weights, data: FedData, heldout, params: EnvParams, *, server_data=None, seed: int = 0
+    ):
         n, ks = params.n_devices, tuple(int(k) for k in np.asarray(params.level_k))
         if int(data.tokens.shape[0]) != n:
-            raise ValueError(f"live mode needs one client per device: data has {data.tokens.shape[0]} clients, params.n_devices = {n}")
+            raise ValueError(
+                f"live mode needs one client per device: data has {data.tokens.shape[0]} clients, params.n_devices = {n}"
+            )
         if tuple(sim.fed.emulator_levels) != ks:
-            raise ValueError(f"the simulator's emulator_levels {sim.fed.emulator_levels} must be the env's level_k {ks}")
+            raise ValueError(
+                f"the simulator's emulator_levels {sim.fed.emulator_levels} must be the env's level_k {ks}"
+            )
         if tuple(sim.fed.slots) != (n,) * len(ks):
-            raise ValueError(f"the simulator needs {n} client slots on every level (level_slots={(n,) * len(ks)}), has {sim.fed.slots}")
+            raise ValueError(
+                f"the simulator needs {n} client slots on every level (level_slots={(n,) * len(ks)}), has {sim.fed.slots}"
+            )
         n_adapter = sim.fed.adapter_l + sim.fed.adapter_r
         if float(params.n_adapter) != n_adapter or float(params.k_full) != sim.model.n_layer - n_adapter:
-            raise ValueError(f"EnvParams describe a different model (n_adapter={params.n_adapter}, k_full={params.k_full}) "
-                             f"than the simulator's ({n_adapter} adapter blocks of {sim.model.n_layer})")
+            raise ValueError(
+                f"EnvParams describe a different model (n_adapter={params.n_adapter}, k_full={params.k_full}) "
+                f"than the simulator's ({n_adapter} adapter blocks of {sim.model.n_layer})"
+            )
         if sim.fed.server_participation != (server_data is not None):
             raise ValueError("give server_data exactly when the simulator has FedConfig.server_participation=True")
         self.sim = sim
         live = LiveParams(
             **{f.name: getattr(params, f.name) for f in dataclasses.fields(EnvParams)},
-            weights=weights, clients=data, heldout=tuple(jnp.asarray(x) for x in heldout),
+            weights=weights,
+            clients=data,
+            heldout=tuple(jnp.asarray(x) for x in heldout),
             server_windows=None if server_data is None else tuple(jnp.asarray(x) for x in server_data),
-            fresh_learner=jax.jit(sim.init)(jax.random.key(seed), weights), hyper=Hyper.from_config(sim.fed))
+            fresh_learner=jax.jit(sim.init)(jax.random.key(seed), weights),
+            hyper=Hyper.from_config(sim.fed),
+        )
         ppl0 = float(jax.jit(self.plugin_perplexity)(live.fresh_learner, live))
         super().__init__(live.replace(ppl0=ppl0, ppl_ref=ppl0))
-        self._step_vmappable = self._step_native  # plain vmap semantics: the round is not laid out for trailing batch axes
+        self._step_vmappable = (
+            self._step_native
+        )  # plain vmap semantics: the round is not laid out for trailing batch axes
 
     # The base class's jitted step/reset fill a missing ``params`` from ``default_params`` INSIDE the
     # trace, which would bake the weights into the program: fill it here, before the jit.
@@ -168,12 +192,18 @@ class LiveFedPEATMEC(FedPEATMEC):
 
     def learn(self, state, params, outcome: RoundOutcome):
         learner, metrics = self.sim.round(
-            state.learner, params.weights, params.clients._replace(levels=outcome.level), params.hyper, params.server_windows,
+            state.learner,
+            params.weights,
+            params.clients._replace(levels=outcome.level),
+            params.hyper,
+            params.server_windows,
             available=outcome.succeeded > 0,
             server_available=None if params.server_windows is None else outcome.server > 0,
         )
         info = {
-            "surrogate_perplexity": self.surrogate_perplexity(state.ppl, params, outcome),  # what the calibrated env would say
+            "surrogate_perplexity": self.surrogate_perplexity(
+                state.ppl, params, outcome
+            ),  # what the calibrated env would say
             "train_loss": metrics.loss,
             "clients_trained": metrics.participants,
             "clients_dropped": metrics.dropped,
@@ -181,8 +211,9 @@ class LiveFedPEATMEC(FedPEATMEC):
         return self.plugin_perplexity(learner, params), learner, info
 
 
-def make_live_env(foundation=None, config: LiveConfig = LiveConfig(), *, calibration=None, cache_dir=None,
-                  **env_overrides) -> LiveFedPEATMEC:
+def make_live_env(
+    foundation=None, config: LiveConfig = LiveConfig(), *, calibration=None, cache_dir=None, **env_overrides
+) -> LiveFedPEATMEC:
     """A live environment on ``foundation`` (default: the cached default model) and the Folio task.
 
     The env's workload (local steps, batch, sequence length) is the real one, so its latency and
@@ -198,24 +229,49 @@ def make_live_env(foundation=None, config: LiveConfig = LiveConfig(), *, calibra
     model = fnd.config.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     if cfg.seq_len > model.n_positions:
         raise ValueError(f"LiveConfig.seq_len ({cfg.seq_len}) exceeds the model's n_positions ({model.n_positions})")
-    task_cfg = TaskConfig(seq_len=cfg.seq_len, max_examples=cfg.max_examples, max_eval_windows=cfg.eval_windows,
-                          server_domain=cfg.server_domain, server_windows=cfg.server_windows, seed=cfg.seed)
+    task_cfg = TaskConfig(
+        seq_len=cfg.seq_len,
+        max_examples=cfg.max_examples,
+        max_eval_windows=cfg.eval_windows,
+        server_domain=cfg.server_domain,
+        server_windows=cfg.server_windows,
+        seed=cfg.seed,
+    )
     task = build_task(task_cfg, fnd.tokenizer, cache_dir=cache_dir)
     task = device_population(task, cfg.n_devices, cfg.seed)  # the clients `fedpeat calibrate` measures
     data = task.train
     counts = np.asarray(data.counts, np.float64)
     server_data = task.server if cfg.server else None
     env_params = make_params(
-        model, calibration, peft=cfg.peft(), n_devices=cfg.n_devices, emulator_k=cfg.emulator_k, server_domain=cfg.server_domain,
-        **{"local_steps": float(cfg.local_steps), "batch_size": float(cfg.local_batch), "seq_len": float(cfg.seq_len),
-           "data_min": float(counts.min()), "data_max": float(counts.max()),
-           "server_data": float(len(task.server[0])), "server_enabled": 1.0 if cfg.server else 0.0,
-           **env_overrides},
+        model,
+        calibration,
+        peft=cfg.peft(),
+        n_devices=cfg.n_devices,
+        emulator_k=cfg.emulator_k,
+        server_domain=cfg.server_domain,
+        **{
+            "local_steps": float(cfg.local_steps),
+            "batch_size": float(cfg.local_batch),
+            "seq_len": float(cfg.seq_len),
+            "data_min": float(counts.min()),
+            "data_max": float(counts.max()),
+            "server_data": float(len(task.server[0])),
+            "server_enabled": 1.0 if cfg.server else 0.0,
+            **env_overrides,
+        },
     )
     ks = tuple(int(k) for k in np.asarray(env_params.level_k))
-    fed = FedConfig(clients_per_round=cfg.n_devices * len(ks), level_slots=(cfg.n_devices,) * len(ks), emulator_levels=ks,
-                    local_steps=cfg.local_steps, local_batch=cfg.local_batch, client_lr=cfg.client_lr,
-                    server_participation=cfg.server, log_lora_gap=False, seed=cfg.seed)
+    fed = FedConfig(
+        clients_per_round=cfg.n_devices * len(ks),
+        level_slots=(cfg.n_devices,) * len(ks),
+        emulator_levels=ks,
+        local_steps=cfg.local_steps,
+        local_batch=cfg.local_batch,
+        client_lr=cfg.client_lr,
+        server_participation=cfg.server,
+        log_lora_gap=False,
+        seed=cfg.seed,
+    )
     sim = FedPEAT(model, cfg.peft(), fed)
     return LiveFedPEATMEC(sim, fnd.params, data, task.heldout, env_params, server_data=server_data, seed=cfg.seed)
 

@@ -40,50 +40,50 @@ class EnvParams(environment.EnvParams):
     max_steps_in_episode: int = 50
     n_devices: int = struct.field(pytree_node=False, default=10)
     # topology and mobility
-    cell_radius: float = 500.0         # m
-    min_distance: float = 10.0         # m
-    mobility_step: float = 0.0         # m per round per axis (0: static devices)
+    cell_radius: float = 500.0  # m
+    min_distance: float = 10.0  # m
+    mobility_step: float = 0.0  # m per round per axis (0: static devices)
     # radio
-    bandwidth_hz: float = 20e6         # B, uplink and downlink each
+    bandwidth_hz: float = 20e6  # B, uplink and downlink each
     noise_psd_w_hz: float = system.dbm_to_watt(-174.0)
-    device_power_w: float = 0.2        # p_n
-    bs_power_w: float = 10.0           # P_bs (40 dBm)
+    device_power_w: float = 0.2  # p_n
+    bs_power_w: float = 10.0  # P_bs (40 dBm)
     pl_const_db: float = 128.1
     pl_exp_db: float = 37.6
     min_fading: float = 1e-6
-    bw_weights: jax.Array              # (L,) weight of bandwidth level 1..L (positive)
+    bw_weights: jax.Array  # (L,) weight of bandwidth level 1..L (positive)
     # devices
-    flops_min: float = 1e10            # phone-class CPUs training in float32: 10..100 GFLOP/s
+    flops_min: float = 1e10  # phone-class CPUs training in float32: 10..100 GFLOP/s
     flops_max: float = 1e11
     utilization: float = 0.3
-    mem_choices: jax.Array             # (C,) bytes
-    data_min: float                    # examples (make_params: the calibrated population's range)
+    mem_choices: jax.Array  # (C,) bytes
+    data_min: float  # examples (make_params: the calibrated population's range)
     data_max: float
     # server (participant 0)
     server_flops: float = 100e12
-    server_data: float                 # examples of the server's own data
+    server_data: float  # examples of the server's own data
     server_enabled: float = 1.0
-    srv_ppl_inf: float                 # where the server's data pulls the perplexity (its domain's)
-    srv_eta: float                     # and how strongly, per unit of server data / all devices' data
+    srv_ppl_inf: float  # where the server's data pulls the perplexity (its domain's)
+    srv_eta: float  # and how strongly, per unit of server data / all devices' data
     # the round
-    round_deadline: float              # s: a participant not done by then is dropped (straggler)
+    round_deadline: float  # s: a participant not done by then is dropped (straggler)
     local_steps: float = 4.0
     batch_size: float = 2.0
     seq_len: float = 64.0
-    q_bits: float = 16.0               # bits per parameter on the wire (emulator and PEFT) and in device memory
+    q_bits: float = 16.0  # bits per parameter on the wire (emulator and PEFT) and in device memory
     # model (from GPT2Config / PeftConfig)
     p_emb: float
     p_blk: float
     p_peft: float
-    n_adapter: float                   # l + r
-    k_full: float                      # n_layer - l - r
+    n_adapter: float  # l + r
+    k_full: float  # n_layer - l - r
     n_embd: float
     n_head: float
-    level_k: jax.Array                 # (m,) middle blocks of each emulator level
+    level_k: jax.Array  # (m,) middle blocks of each emulator level
     # device rounds' perplexity response (from the calibration table)
-    cal_k: jax.Array                   # (K,)
-    cal_ppl_inf: jax.Array             # (K,)
-    cal_eta: jax.Array                 # (K,)
+    cal_k: jax.Array  # (K,)
+    cal_ppl_inf: jax.Array  # (K,)
+    cal_eta: jax.Array  # (K,)
     ppl0: float
     # reward: r = -(w_ppl g + w_latency T / latency_ref + w_memory mu) - w_violation n_viol - w_empty [empty]
     w_ppl: float = 1.0
@@ -91,9 +91,9 @@ class EnvParams(environment.EnvParams):
     w_memory: float = 0.1
     w_violation: float = 1.0
     w_empty: float = 1.0
-    ppl_ref: float                     # g = (ppl - ppl_best) / (ppl_ref - ppl_best): 1 at the start, 0 at the best
+    ppl_ref: float  # g = (ppl - ppl_best) / (ppl_ref - ppl_best): 1 at the start, 0 at the best
     ppl_best: float
-    latency_ref: float                 # make_params: the round deadline, so T / latency_ref lies in [0, 1]
+    latency_ref: float  # make_params: the round deadline, so T / latency_ref lies in [0, 1]
     # observation scaling
     gain_db_center: float = -85.0
     gain_db_scale: float = 30.0
@@ -110,11 +110,25 @@ PRESETS = {
     # The project's own foundation model with the workload, data and devices it was calibrated on.
     "default": dict(model="default"),
     # GPT-2 small shape (124M) on phones: activations make large emulators exceed small devices.
-    "gpt2-small": dict(model="gpt2", local_steps=10.0, batch_size=16.0, seq_len=512.0, flops_min=1e12, flops_max=10e12,
-                       mem_choices_gb=(4.0, 6.0, 8.0, 12.0)),
+    "gpt2-small": dict(
+        model="gpt2",
+        local_steps=10.0,
+        batch_size=16.0,
+        seq_len=512.0,
+        flops_min=1e12,
+        flops_max=10e12,
+        mem_choices_gb=(4.0, 6.0, 8.0, 12.0),
+    ),
     # GPT-2 XL shape (1.5B): the emulator exchange dominates the latency.
-    "gpt2-xl": dict(model="gpt2-xl", local_steps=10.0, batch_size=2.0, seq_len=1024.0, flops_min=1e12, flops_max=10e12,
-                    mem_choices_gb=(4.0, 6.0, 8.0, 12.0)),
+    "gpt2-xl": dict(
+        model="gpt2-xl",
+        local_steps=10.0,
+        batch_size=2.0,
+        seq_len=1024.0,
+        flops_min=1e12,
+        flops_max=10e12,
+        mem_choices_gb=(4.0, 6.0, 8.0, 12.0),
+    ),
 }
 
 
@@ -180,7 +194,9 @@ def make_params(
         )
     uncal = [k for k in ks if k not in table.k]
     if uncal:
-        raise ValueError(f"emulator level(s) k={uncal} have no entry in the calibration table (calibrated: {list(table.k)})")
+        raise ValueError(
+            f"emulator level(s) k={uncal} have no entry in the calibration table (calibrated: {list(table.k)})"
+        )
     if bw_weights is None:
         if int(bw_levels) < 1:
             raise ValueError(f"bw_levels must be >= 1, got {bw_levels}")
@@ -250,8 +266,9 @@ def preset_params(name: str = "default", calibration=None, **overrides) -> EnvPa
 def level_memory_bytes(params: EnvParams):
     """Device memory need of every emulator level (m,), bytes (the environment's formula)."""
     p = params
-    return system.device_memory_bytes(p.level_k, p.p_emb, p.p_blk, p.n_adapter, p.p_peft, p.q_bits,
-                                      p.batch_size, p.seq_len, p.n_embd, p.n_head)
+    return system.device_memory_bytes(
+        p.level_k, p.p_emb, p.p_blk, p.n_adapter, p.p_peft, p.q_bits, p.batch_size, p.seq_len, p.n_embd, p.n_head
+    )
 
 
 def reference_latency(params: EnvParams) -> float:
@@ -296,10 +313,33 @@ def validate_params(params: EnvParams) -> None:
     need(arr("max_steps_in_episode") >= 1, "max_steps_in_episode must be >= 1")
     bw = arr("bw_weights")
     need(bw.ndim >= 1 and bw.shape[-1] >= 1, f"bw_weights must hold at least one bandwidth level, got shape {bw.shape}")
-    need(np.isfinite(bw) & (bw > 0), f"bandwidth level weights must be finite and > 0 so shares can be normalized, got {bw}")
-    for name in ("bandwidth_hz", "noise_psd_w_hz", "device_power_w", "bs_power_w", "utilization", "flops_min",
-                 "server_flops", "data_min", "local_steps", "batch_size", "seq_len", "q_bits", "min_distance",
-                 "min_fading", "round_deadline", "latency_ref", "gain_db_scale", "p_emb", "p_blk", "n_embd", "n_head"):
+    need(
+        np.isfinite(bw) & (bw > 0),
+        f"bandwidth level weights must be finite and > 0 so shares can be normalized, got {bw}",
+    )
+    for name in (
+        "bandwidth_hz",
+        "noise_psd_w_hz",
+        "device_power_w",
+        "bs_power_w",
+        "utilization",
+        "flops_min",
+        "server_flops",
+        "data_min",
+        "local_steps",
+        "batch_size",
+        "seq_len",
+        "q_bits",
+        "min_distance",
+        "min_fading",
+        "round_deadline",
+        "latency_ref",
+        "gain_db_scale",
+        "p_emb",
+        "p_blk",
+        "n_embd",
+        "n_head",
+    ):
         v = arr(name)
         need(np.isfinite(v) & (v > 0), f"{name} must be finite and > 0, got {v}")
     need(arr("utilization") <= 1.0, "utilization must be in (0, 1]")
@@ -311,7 +351,9 @@ def validate_params(params: EnvParams) -> None:
     need((arr("server_enabled") == 0) | (arr("server_enabled") == 1), "server_enabled must be 0 or 1")
     need(arr("p_peft") >= 0, "p_peft must be >= 0")
     mem = arr("mem_choices")
-    need(mem.ndim >= 1 and mem.shape[-1] >= 1 and np.all(mem > 0), f"mem_choices must be positive capacities, got {mem}")
+    need(
+        mem.ndim >= 1 and mem.shape[-1] >= 1 and np.all(mem > 0), f"mem_choices must be positive capacities, got {mem}"
+    )
     for name in ("w_ppl", "w_latency", "w_memory", "w_violation", "w_empty"):
         need(np.isfinite(arr(name)) & (arr(name) >= 0), f"{name} must be finite and >= 0")
     k_full = arr("k_full")
@@ -322,7 +364,9 @@ def validate_params(params: EnvParams) -> None:
         f"emulator level(s) level_k={lk} do not exist for the model (valid: integers 0..{k_full} middle blocks)",
     )
     ck, cp, ce = arr("cal_k"), arr("cal_ppl_inf"), arr("cal_eta")
-    need(ck.shape == cp.shape == ce.shape and ck.shape[-1] >= 1, "cal_k, cal_ppl_inf, cal_eta must have one equal length")
+    need(
+        ck.shape == cp.shape == ce.shape and ck.shape[-1] >= 1, "cal_k, cal_ppl_inf, cal_eta must have one equal length"
+    )
     need(np.diff(ck, axis=-1) > 0, f"calibration levels cal_k must be strictly increasing, got {ck}")
     need(np.isin(lk, ck), f"emulator level(s) {lk} lack a calibration entry (calibrated k: {ck})")
     need(np.isfinite(cp) & (cp >= 1), "calibration ppl_inf must be finite perplexities >= 1")
@@ -330,8 +374,10 @@ def validate_params(params: EnvParams) -> None:
     need(np.isfinite(arr("srv_ppl_inf")) & (arr("srv_ppl_inf") >= 1), "srv_ppl_inf must be a finite perplexity >= 1")
     need(np.isfinite(arr("srv_eta")) & (arr("srv_eta") >= 0), "srv_eta must be finite and >= 0")
     need(np.isfinite(arr("ppl0")) & (arr("ppl0") >= 1), "ppl0 must be a finite perplexity >= 1")
-    need(np.isfinite(arr("ppl_ref")) & np.isfinite(arr("ppl_best")) & (arr("ppl_ref") > arr("ppl_best")),
-         f"ppl_ref ({arr('ppl_ref')}) must exceed ppl_best ({arr('ppl_best')}): they span the perplexity term of the reward")
+    need(
+        np.isfinite(arr("ppl_ref")) & np.isfinite(arr("ppl_best")) & (arr("ppl_ref") > arr("ppl_best")),
+        f"ppl_ref ({arr('ppl_ref')}) must exceed ppl_best ({arr('ppl_best')}): they span the perplexity term of the reward",
+    )
 
 
 __all__ = [

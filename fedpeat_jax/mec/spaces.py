@@ -90,7 +90,13 @@ def check_action_shape(shape, nvec, batch_ndim=None) -> None:
     shape = tuple(shape)
     ok = len(shape) >= 1 and shape[0] == n_branches and (batch_ndim is None or len(shape) == 1 + batch_ndim)
     if not ok:
-        batch = "" if batch_ndim == 0 else " (+ trailing batch axes)" if batch_ndim is None else f" + {batch_ndim} batch axes"
+        batch = (
+            ""
+            if batch_ndim == 0
+            else " (+ trailing batch axes)"
+            if batch_ndim is None
+            else f" + {batch_ndim} batch axes"
+        )
         raise ValueError(
             f"action must have {n_branches} entries = 3N + 1 for N = {n} devices ([server] + participate (N) + "
             f"emulator level (N) + bandwidth level (N)){batch}, got shape {shape}"

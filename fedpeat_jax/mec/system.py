@@ -269,7 +269,9 @@ def activation_bytes(n_blocks: Array, batch_size, seq_len, n_embd, n_head) -> Ar
     return per_block * n_blocks
 
 
-def device_memory_bytes(k: Array, p_emb, p_blk, n_adapter, p_peft, q_bits, batch_size, seq_len, n_embd, n_head) -> Array:
+def device_memory_bytes(
+    k: Array, p_emb, p_blk, n_adapter, p_peft, q_bits, batch_size, seq_len, n_embd, n_head
+) -> Array:
     """M(k) = (q/8) P_dev(k) + 16 P_peft + activations over the l + r + k on-device blocks, bytes.
 
     16 bytes per trainable parameter: fp32 master weight, gradient and two Adam moments.
@@ -286,8 +288,9 @@ def exchange_indicator(stored_level: Array, chosen_level: Array, participate: Ar
     return participate * (stored_level != chosen_level)
 
 
-def device_latency(exchange: Array, s_emu: Array, s_peft, rate_dl: Array, t_cmp: Array, rate_ul: Array,
-                   participate: Array, xp=np) -> Array:
+def device_latency(
+    exchange: Array, s_emu: Array, s_peft, rate_dl: Array, t_cmp: Array, rate_ul: Array, participate: Array, xp=np
+) -> Array:
     """T_n = x_n S_emu / R_dl + S_peft / R_dl + T_cmp + S_peft / R_ul for participants, else 0."""
     on = participate > 0
     r_dl = xp.where(on, rate_dl, 1.0)
@@ -336,8 +339,16 @@ def surrogate_perplexity(ppl_prev: Array, ppl_inf: Array, eta: Array, data_fract
     return ppl_inf + (ppl_prev - ppl_inf) * xp.exp(-eta * data_fraction)
 
 
-def two_source_perplexity(ppl_prev: Array, dev_ppl_inf: Array, dev_eta: Array, dev_fraction: Array, srv_ppl_inf: Array,
-                          srv_eta: Array, srv_fraction: Array, xp=np) -> Array:
+def two_source_perplexity(
+    ppl_prev: Array,
+    dev_ppl_inf: Array,
+    dev_eta: Array,
+    dev_fraction: Array,
+    srv_ppl_inf: Array,
+    srv_eta: Array,
+    srv_fraction: Array,
+    xp=np,
+) -> Array:
     """Devices and server data pulling together (module docstring), each pull weighted by its FedAvg weight.
 
     ppl_t = ppl_{t-1} + (P* - ppl_{t-1}) (1 - exp(-A)); unchanged when nobody brings data.

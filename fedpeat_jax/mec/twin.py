@@ -154,8 +154,9 @@ class NumpyFedPEAT:
         tokens = system.tokens_per_round(p.local_steps, p.batch_size, p.seq_len)
         fpt = system.flops_per_token(system.device_param_count(k, p.p_emb, p.p_blk, p.n_adapter), p.p_peft)
         t_cmp = system.compute_time(tokens, fpt, state.flops, p.utilization)
-        mem = system.device_memory_bytes(k, p.p_emb, p.p_blk, p.n_adapter, p.p_peft, p.q_bits, p.batch_size,
-                                         p.seq_len, p.n_embd, p.n_head)
+        mem = system.device_memory_bytes(
+            k, p.p_emb, p.p_blk, p.n_adapter, p.p_peft, p.q_bits, p.batch_size, p.seq_len, p.n_embd, p.n_head
+        )
 
         # radio and time, per device: download (emulator only on an exchange), compute, upload
         beta = system.bandwidth_shares(weight, part)
@@ -190,19 +191,32 @@ class NumpyFedPEAT:
         pull_dev = np.interp(k_bar, p.cal_k, p.cal_eta) * (data_ok / data_all) * (data_ok / used)
         pull_srv = p.srv_eta * (data_srv / data_all) * (data_srv / used)
         pull = pull_dev + pull_srv
-        target = np.where(pull > 0, (pull_dev * np.interp(k_bar, p.cal_k, p.cal_ppl_inf) + pull_srv * p.srv_ppl_inf)
-                          / np.where(pull > 0, pull, 1.0), state.ppl)
+        target = np.where(
+            pull > 0,
+            (pull_dev * np.interp(k_bar, p.cal_k, p.cal_ppl_inf) + pull_srv * p.srv_ppl_inf)
+            / np.where(pull > 0, pull, 1.0),
+            state.ppl,
+        )
         ppl = target + (state.ppl - target) * np.exp(-pull)
 
         n_viol = violation.sum(axis=0)
         empty = (n_part + server) == 0
         gap = (ppl - p.ppl_best) / (p.ppl_ref - p.ppl_best)
-        reward = (-(p.w_ppl * gap + p.w_latency * latency / p.latency_ref + p.w_memory * mem_ratio)
-                  - p.w_violation * n_viol - p.w_empty * empty)
+        reward = (
+            -(p.w_ppl * gap + p.w_latency * latency / p.latency_ref + p.w_memory * mem_ratio)
+            - p.w_violation * n_viol
+            - p.w_empty * empty
+        )
 
         # next round: devices move, fading is redrawn
-        distance = system.random_walk_distance(state.distance, u[1].astype(np.float64), u[2].astype(np.float64),
-                                               p.mobility_step, p.min_distance, p.cell_radius)
+        distance = system.random_walk_distance(
+            state.distance,
+            u[1].astype(np.float64),
+            u[2].astype(np.float64),
+            p.mobility_step,
+            p.min_distance,
+            p.cell_radius,
+        )
         gain = self._channel(distance, u[0])
         after = TwinState(
             distance=distance,
@@ -238,9 +252,9 @@ class NumpyFedPEAT:
             return obs_after, after, reward, terminated, truncated, info
         info["final_observation"] = obs_after
         obs_fresh, fresh = self.reset_from_draws(u)
-        state_out = TwinState(**{
-            f.name: np.where(truncated, getattr(fresh, f.name), getattr(after, f.name)) for f in fields(TwinState)
-        })
+        state_out = TwinState(
+            **{f.name: np.where(truncated, getattr(fresh, f.name), getattr(after, f.name)) for f in fields(TwinState)}
+        )
         obs = np.where(truncated, obs_fresh, obs_after)
         return obs, state_out, reward, terminated, truncated, info
 
@@ -301,15 +315,19 @@ class FedPEATTwin(gymnasium.Env):
         if self.state is None:
             raise RuntimeError("call reset() before step()")
         obs, self.state, reward, terminated, truncated, info = self.sim.step_from_draws(
-            self.state, np.asarray(action), u, autoreset=False)
+            self.state, np.asarray(action), u, autoreset=False
+        )
         info = {key: (bool(v) if np.asarray(v).dtype == bool else float(v)) for key, v in info.items()}
         return obs, float(reward), bool(terminated), bool(truncated), info
 
 
 # gymnasium.make(ENV_ID) gives the numpy twin, gymnasium.make_vec(ENV_ID, num_envs) the jitted vector env
 if ENV_ID not in gymnasium.registry:
-    gymnasium.register(id=ENV_ID, entry_point="fedpeat_jax.mec.twin:FedPEATTwin",
-                       vector_entry_point="fedpeat_jax.mec.vector:FedPEATVectorEnv")
+    gymnasium.register(
+        id=ENV_ID,
+        entry_point="fedpeat_jax.mec.twin:FedPEATTwin",
+        vector_entry_point="fedpeat_jax.mec.vector:FedPEATVectorEnv",
+    )
 
 
 __all__ = ["FedPEATTwin", "NumpyFedPEAT", "TwinState"]

@@ -61,14 +61,24 @@ class FedPEATVectorEnv(gymnasium.vector.VectorEnv):
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
 
-    def __init__(self, num_envs: int, params: Optional[EnvParams] = None, *, autoreset_mode="next_step", preset: str = "default",
-                 calibration=None, **overrides):
+    def __init__(
+        self,
+        num_envs: int,
+        params: Optional[EnvParams] = None,
+        *,
+        autoreset_mode="next_step",
+        preset: str = "default",
+        calibration=None,
+        **overrides,
+    ):
         if not (isinstance(num_envs, (int, np.integer)) and num_envs >= 1):
             raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
         mode = _mode(autoreset_mode)
         if mode not in MODES:
-            raise ValueError(f"autoreset_mode must be one of {[m.value for m in MODES]}: the jitted environment always "
-                             f"resets a finished episode, got {mode.value!r}")
+            raise ValueError(
+                f"autoreset_mode must be one of {[m.value for m in MODES]}: the jitted environment always "
+                f"resets a finished episode, got {mode.value!r}"
+            )
         self.env = FedPEATMEC(params, preset=preset, calibration=calibration, **overrides)
         self.params = self.env.default_params
         self.num_envs = int(num_envs)
@@ -117,10 +127,14 @@ class FedPEATVectorEnv(gymnasium.vector.VectorEnv):
         actions = np.asarray(actions)
         check_action_shape(actions.shape[::-1], self.env.nvec, batch_ndim=1)
         if actions.shape[0] != self.num_envs:
-            raise ValueError(f"actions must have shape (num_envs={self.num_envs}, {len(self.env.nvec)}), got {actions.shape}")
+            raise ValueError(
+                f"actions must have shape (num_envs={self.num_envs}, {len(self.env.nvec)}), got {actions.shape}"
+            )
         self._key, k_step = jax.random.split(self._key)
         pending = self._pending if self.autoreset_mode == AutoresetMode.NEXT_STEP else np.zeros(self.num_envs, bool)
-        out = jax.device_get(self._step_fn(k_step, self._state, jnp.asarray(actions, jnp.int32), jnp.asarray(pending), self.params))
+        out = jax.device_get(
+            self._step_fn(k_step, self._state, jnp.asarray(actions, jnp.int32), jnp.asarray(pending), self.params)
+        )
         self._state = out.pop("state")
         terminated, truncated = np.asarray(out["terminated"]), np.asarray(out["truncated"])
         done = terminated | truncated

@@ -132,8 +132,15 @@ def generate(
         pad_token_id=jnp.asarray(pad_token_id, jnp.int32),
     )
     return _generate(
-        params, input_ids.astype(jnp.int32), attention_mask.astype(jnp.int32), peft, rng, sampling,
-        config=config, peft_config=peft_config, max_new_tokens=int(max_new_tokens),
+        params,
+        input_ids.astype(jnp.int32),
+        attention_mask.astype(jnp.int32),
+        peft,
+        rng,
+        sampling,
+        config=config,
+        peft_config=peft_config,
+        max_new_tokens=int(max_new_tokens),
     )
 
 
@@ -166,8 +173,9 @@ def _pick(logits, key, sampling: Sampling):
 
 
 @partial(jax.jit, static_argnames=("config", "peft_config", "max_new_tokens"))
-def _generate(params, input_ids, attention_mask, peft, rng, sampling: Sampling, *, config, peft_config,
-              max_new_tokens) -> Generation:
+def _generate(
+    params, input_ids, attention_mask, peft, rng, sampling: Sampling, *, config, peft_config, max_new_tokens
+) -> Generation:
     kind = None if peft_config is None else peft_config.kind
     prompt = peft["prompt"] if kind == "prompt" else None
     peft_blocks = peft.get("blocks") if peft is not None else None
@@ -177,9 +185,7 @@ def _generate(params, input_ids, attention_mask, peft, rng, sampling: Sampling, 
     N = max_new_tokens
     n_soft = 0 if prompt is None else prompt.shape[0]
     S = n_soft + T + N  # cache slots: [soft prompt | left-padded prompt | new tokens]
-    cache_mask = jnp.concatenate(
-        [jnp.ones((B, n_soft), jnp.int32), mask, jnp.ones((B, N), jnp.int32)], axis=1
-    )
+    cache_mask = jnp.concatenate([jnp.ones((B, n_soft), jnp.int32), mask, jnp.ones((B, N), jnp.int32)], axis=1)
     dtype = jnp.dtype(config.dtype)
     shape = (config.n_layer, B, S, config.n_head, config.head_dim)
     cache = gpt2.KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))

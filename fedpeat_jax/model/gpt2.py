@@ -205,8 +205,9 @@ def attention(q, k, v, bias: Optional[jax.Array], cfg: GPT2Config, rng=None) -> 
     """
     drop = rng is not None and cfg.attn_pdrop > 0
     if cfg.attention == "dot_product" and not drop:
-        return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
-                                            is_causal=bias is None)
+        return jax.nn.dot_product_attention(
+            q, k, v, bias=None if bias is None else bias.astype(q.dtype), is_causal=bias is None
+        )
     if bias is None:
         bias = attention_bias(None, q.shape[1], k.shape[1])
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
@@ -221,6 +222,7 @@ def block(p: Params, h: jax.Array, ctx: Ctx, peft_p: Optional[Params], rng, kv=N
     r_attn, r_resid1, r_resid2, r_lora = _split_rng(rng if ctx.train else None, 4)
     lora = peft_p.get("lora") if peft_p else None
     adapter = peft_p.get("adapter") if peft_p else None
+
     def maybe_lora(group, name):
         if lora is None or name not in lora.get(group, {}):
             return None, None
@@ -369,7 +371,9 @@ def head(params: Params, h: jax.Array, config: GPT2Config) -> jax.Array:
     return matmul(h.reshape(-1, h.shape[-1]), params["wte"].T).reshape(h.shape[:-1] + (-1,))
 
 
-def check_inputs(input_ids, config: GPT2Config, peft_config: Optional[PeftConfig] = None, n_layer: Optional[int] = None) -> None:
+def check_inputs(
+    input_ids, config: GPT2Config, peft_config: Optional[PeftConfig] = None, n_layer: Optional[int] = None
+) -> None:
     """Checks that must fail before anything runs or compiles (sequence longer than n_positions,
     PEFT blocks outside the stack...)."""
     if input_ids.ndim != 2:
@@ -455,7 +459,9 @@ def lm_loss(logits: jax.Array, input_ids: jax.Array, mask: Optional[jax.Array] =
     return total / jnp.maximum(count, 1.0)
 
 
-def head_nll(params: Params, h: jax.Array, input_ids: jax.Array, mask: Optional[jax.Array] = None, *, config: GPT2Config):
+def head_nll(
+    params: Params, h: jax.Array, input_ids: jax.Array, mask: Optional[jax.Array] = None, *, config: GPT2Config
+):
     """`token_nll(head(params, h), input_ids, mask)` from the hidden states `h` (B, T, d), cheaper.
 
     The head runs on the T-1 positions that predict a token (not on all T, then sliced), and the

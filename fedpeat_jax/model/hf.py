@@ -206,7 +206,9 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config: GPT2Config) ->
     missing = sorted(set(expected) - set(tensors), key=_natural)
     if unexpected or missing:
         depth = len({name.split(".")[1] for name in tensors if name.startswith("h.")})
-        hint = f"the weights have {depth} blocks, the config n_layer={config.n_layer}; " if depth != config.n_layer else ""
+        hint = (
+            f"the weights have {depth} blocks, the config n_layer={config.n_layer}; " if depth != config.n_layer else ""
+        )
         raise ValueError(
             f"GPT-2 weights do not match the config ({_describe(config)}): {hint}"
             f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
@@ -245,7 +247,9 @@ def state_dict_from_params(params, prefix: str = PREFIX, dtype=np.float32) -> di
     out = {}
     for name, path in TOP_LEVEL.items():
         out[prefix + name] = np.asarray(_get(params, path), np.float32).astype(dtype)
-    stacked = {name: np.asarray(_get(params["blocks"], path), np.float32).astype(dtype) for name, path in PER_BLOCK.items()}
+    stacked = {
+        name: np.asarray(_get(params["blocks"], path), np.float32).astype(dtype) for name, path in PER_BLOCK.items()
+    }
     for i in range(stacked["ln_1.weight"].shape[0]):
         for name, value in stacked.items():
             out[f"{prefix}h.{i}.{name}"] = np.ascontiguousarray(value[i])
@@ -277,7 +281,11 @@ def read_json(file: Path) -> dict:
 
 def _unreadable(file: Path, err: Exception) -> WeightFileError:
     size = file.stat().st_size
-    what = "is empty (0 bytes)" if size == 0 else f"cannot be read ({size:,} bytes; {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    what = (
+        "is empty (0 bytes)"
+        if size == 0
+        else f"cannot be read ({size:,} bytes; {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    )
     return WeightFileError(f"weight file {file} {what}: it is probably truncated or corrupt; copy or export it again")
 
 
@@ -358,8 +366,10 @@ def load_pretrained(path, **config_overrides):
 
 def from_torch_model(model, **config_overrides):
     """(params, config) from an in-memory `transformers` GPT2LMHeadModel (or GPT2Model)."""
-    state = {k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()).numpy()
-             for k, v in model.state_dict().items()}
+    state = {
+        k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()).numpy()
+        for k, v in model.state_dict().items()
+    }
     config = config_from_hf(model.config, **config_overrides)
     return params_from_state_dict(state, config), config
 
@@ -375,8 +385,10 @@ def load_tokenizer(path):
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many kinds
-        raise ValueError(f"the tokenizer in {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                         "its tokenizer files may be corrupt") from e
+        raise ValueError(
+            f"the tokenizer in {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "its tokenizer files may be corrupt"
+        ) from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,7 +460,11 @@ def save_pretrained(
     with _atomic_directory(path, overwrite) as tmp:
         to_hf_config(config, **(hf_config_overrides or {})).to_json_file(str(tmp / CONFIG_FILE))
         # "format": "pt" is the metadata transformers expects on safetensors files.
-        save_file(state_dict_from_params(params, dtype=WEIGHT_DTYPES[weights_dtype]), str(tmp / SAFETENSORS), metadata={"format": "pt"})
+        save_file(
+            state_dict_from_params(params, dtype=WEIGHT_DTYPES[weights_dtype]),
+            str(tmp / SAFETENSORS),
+            metadata={"format": "pt"},
+        )
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return path

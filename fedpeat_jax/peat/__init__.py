@@ -12,5 +12,14 @@ from fedpeat_jax.peat.emulator import EmulatorSpec, build
 from fedpeat_jax.peat.foundation import Foundation, PretrainConfig, load_foundation
 from fedpeat_jax.peat.train import TrainConfig, evaluate_perplexity, fit, lm_objective
 
-__all__ = ["EmulatorSpec", "Foundation", "PretrainConfig", "TrainConfig", "build", "evaluate_perplexity", "fit",
-           "lm_objective", "load_foundation"]
+__all__ = [
+    "EmulatorSpec",
+    "Foundation",
+    "PretrainConfig",
+    "TrainConfig",
+    "build",
+    "evaluate_perplexity",
+    "fit",
+    "lm_objective",
+    "load_foundation",
+]

@@ -76,8 +76,16 @@ class DistillConfig(Config):
 
     def train_config(self) -> TrainConfig:
         # No weight decay: it would pull the copied blocks away from the teacher for no gain.
-        return TrainConfig.of("DistillConfig", steps=self.steps, batch=self.batch, lr=self.lr, warmup=self.warmup,
-                           final_lr_ratio=self.final_lr_ratio, chunk=self.chunk, seed=self.seed)
+        return TrainConfig.of(
+            "DistillConfig",
+            steps=self.steps,
+            batch=self.batch,
+            lr=self.lr,
+            warmup=self.warmup,
+            final_lr_ratio=self.final_lr_ratio,
+            chunk=self.chunk,
+            seed=self.seed,
+        )
 
 
 def kd_loss(h_teacher: jax.Array, h_student: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -108,7 +116,11 @@ def split_forward(full_params, student_middle, tokens: jax.Array, model: GPT2Con
     h_teacher, _ = gpt2.run_blocks(emu.middle(full_params, spec, emulator=False), h_bottom, ctx)
     h_student, _ = gpt2.run_blocks(student_middle, h_bottom, ctx)
     h_top, _ = gpt2.run_blocks(select_blocks(blocks, range(spec.n_layer - spec.r, spec.n_layer)), h_student, ctx)
-    return {"teacher": jax.lax.stop_gradient(h_teacher), "student": h_student, "logits": gpt2.head(full_params, h_top, model)}
+    return {
+        "teacher": jax.lax.stop_gradient(h_teacher),
+        "student": h_student,
+        "logits": gpt2.head(full_params, h_top, model),
+    }
 
 
 @functools.lru_cache(maxsize=16)
@@ -127,7 +139,9 @@ def distill_objective(model: GPT2Config, spec: emu.EmulatorSpec, kd_weight: floa
     return loss
 
 
-def distill_metrics(full_params, student_middle, tokens, model: GPT2Config, spec: emu.EmulatorSpec, batch: int = 16) -> dict:
+def distill_metrics(
+    full_params, student_middle, tokens, model: GPT2Config, spec: emu.EmulatorSpec, batch: int = 16
+) -> dict:
     """Mean KD and LM loss of the student over eval windows (full windows, no padding)."""
     kd = lm = 0.0
     for i in range(0, len(tokens), batch):
@@ -171,8 +185,16 @@ def distill(
     if heldout is not None:
         before = distill_metrics(full_params, student, heldout, model, spec)
     result = fit(
-        objective, student, full_params, {"tokens": jnp.asarray(windows)}, cfg.train_config(),
-        logger=logger, checkpoints=checkpoints, desc=f"distill {spec.name}", log_prefix="distill/", show_progress=show_progress,
+        objective,
+        student,
+        full_params,
+        {"tokens": jnp.asarray(windows)},
+        cfg.train_config(),
+        logger=logger,
+        checkpoints=checkpoints,
+        desc=f"distill {spec.name}",
+        log_prefix="distill/",
+        show_progress=show_progress,
     )
     if heldout is not None:
         after = distill_metrics(full_params, result.params, heldout, model, spec)
@@ -206,21 +228,38 @@ def load_distilled(
                 raise FileNotFoundError(f"no distilled {spec.name} emulator cached in {path}")
             heldout_plays = tuple(foundation.info.get("heldout_plays", data_lib.DEFAULT_HELDOUT_PLAYS))
             text = foundation.info.get("pretrain", {}).get("text")  # a foundation pretrained on a user's text
-            train_texts, held_texts, _ = pretraining_texts(heldout_plays, text=None if text is None else TextConfig(**text))
+            train_texts, held_texts, _ = pretraining_texts(
+                heldout_plays, text=None if text is None else TextConfig(**text)
+            )
             windows = data_lib.pretraining_windows(train_texts, foundation.tokenizer, cfg.seq_len)
             held = data_lib.pretraining_windows(held_texts, foundation.tokenizer, cfg.seq_len)
             held = held[np.linspace(0, len(held) - 1, min(cfg.eval_windows, len(held))).round().astype(int)]
             run_dir = path.with_name(path.name + ".run")
             ckpt = CheckpointManager(run_dir / "ckpt", max_to_keep=1)
             with RunLogger(run_dir / "logs", resume_step=ckpt.latest_step()) as logger:
-                result = distill(foundation.params, foundation.config, spec, windows, cfg, heldout=held,
-                                 logger=logger, checkpoints=ckpt, show_progress=show_progress)
+                result = distill(
+                    foundation.params,
+                    foundation.config,
+                    spec,
+                    windows,
+                    cfg,
+                    heldout=held,
+                    logger=logger,
+                    checkpoints=ckpt,
+                    show_progress=show_progress,
+                )
             ckpt.close()
             info = {
-                "spec": dataclasses.asdict(spec), "middle_ids": list(spec.middle_ids), "distill": dataclasses.asdict(cfg),
-                "foundation": str(foundation.path), "before": result.before, "after": result.after,
-                "seconds": result.seconds, "tokens_per_s": result.steps_per_s * cfg.batch * cfg.seq_len,
-                "final": result.history[-1] if result.history else None, "machine": machine_info(),
+                "spec": dataclasses.asdict(spec),
+                "middle_ids": list(spec.middle_ids),
+                "distill": dataclasses.asdict(cfg),
+                "foundation": str(foundation.path),
+                "before": result.before,
+                "after": result.after,
+                "seconds": result.seconds,
+                "tokens_per_s": result.steps_per_s * cfg.batch * cfg.seq_len,
+                "final": result.history[-1] if result.history else None,
+                "machine": machine_info(),
             }
             hf.save_pretrained(result.params, spec.emulator_config(foundation.config), path, overwrite=True)
             write_json_atomic(path / INFO_FILE, info)

@@ -100,15 +100,24 @@ class PretrainConfig(Config):
         if not 0.0 <= self.layerdrop < 1.0:
             raise ValueError(f"PretrainConfig.layerdrop must be in [0, 1), got {self.layerdrop}")
         if len(self.layerdrop_span) != 2 or min(self.layerdrop_span) < 0:
-            raise ValueError(f"PretrainConfig.layerdrop_span must be two block counts (l, r) >= 0, got {self.layerdrop_span}")
+            raise ValueError(
+                f"PretrainConfig.layerdrop_span must be two block counts (l, r) >= 0, got {self.layerdrop_span}"
+            )
         if self.seq_len < 2:
             raise ValueError(f"PretrainConfig.seq_len must be >= 2, got {self.seq_len}")
         self.train_config()  # validates steps, batch, lr, warmup...
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig.of("PretrainConfig",
-            steps=self.steps, batch=self.batch, lr=self.lr, warmup=self.warmup, final_lr_ratio=self.final_lr_ratio,
-            weight_decay=self.weight_decay, chunk=self.chunk, seed=self.seed,
+        return TrainConfig.of(
+            "PretrainConfig",
+            steps=self.steps,
+            batch=self.batch,
+            lr=self.lr,
+            warmup=self.warmup,
+            final_lr_ratio=self.final_lr_ratio,
+            weight_decay=self.weight_decay,
+            chunk=self.chunk,
+            seed=self.seed,
         )
 
     def layerdrop_blocks(self, n_layer: int) -> tuple:
@@ -134,7 +143,9 @@ class Foundation(NamedTuple):
     tokenizer: Any  # transformers PreTrainedTokenizerFast
     path: Path
     info: dict  # the contents of foundation.json (held-out perplexity, timings, settings)
-    work_dir: Path  # where files derived from it are cached (distilled emulators): `path`, or the cache for the shipped model
+    work_dir: (
+        Path  # where files derived from it are cached (distilled emulators): `path`, or the cache for the shipped model
+    )
 
     @property
     def shipped(self) -> bool:
@@ -145,8 +156,17 @@ class Foundation(NamedTuple):
 # The GPT2Config fields that decide the pretrained weights: the shape, plus initialisation and
 # compute precision. A whitelist, so execution-only fields (rematerialisation, attention kernel)
 # never change a fingerprint. Dropout rates count only when pretraining uses dropout.
-WEIGHT_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "d_mlp", "layer_norm_epsilon",
-                 "initializer_range", "dtype")
+WEIGHT_FIELDS = (
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "d_mlp",
+    "layer_norm_epsilon",
+    "initializer_range",
+    "dtype",
+)
 DROPOUT_FIELDS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
 
 
@@ -166,11 +186,20 @@ def fingerprint(model: GPT2Config, pretrain: PretrainConfig) -> str:
     pretraining settings, held-out plays, corpus checksum)."""
     settings = fingerprinted_settings(pretrain)
     fields = WEIGHT_FIELDS + (DROPOUT_FIELDS if pretrain.dropout else ())
-    return fingerprint_of({"format": FORMAT_VERSION, "model": {name: getattr(model, name) for name in fields}, "pretrain": settings,
-                           "corpus": data_lib.corpus_digest(pretrain.text)}, length=12)
+    return fingerprint_of(
+        {
+            "format": FORMAT_VERSION,
+            "model": {name: getattr(model, name) for name in fields},
+            "pretrain": settings,
+            "corpus": data_lib.corpus_digest(pretrain.text),
+        },
+        length=12,
+    )
 
 
-def resolve_settings(preset: str, model: Optional[GPT2Config] = None, pretrain_config: Optional[PretrainConfig] = None) -> tuple:
+def resolve_settings(
+    preset: str, model: Optional[GPT2Config] = None, pretrain_config: Optional[PretrainConfig] = None
+) -> tuple:
     """(model config, pretraining config) of a preset, either overridable."""
     if model is None:
         model = GPT2Config.preset(preset)
@@ -187,7 +216,13 @@ def resolve_settings(preset: str, model: Optional[GPT2Config] = None, pretrain_c
     return model, pretrain
 
 
-def foundation_dir(preset: str = "default", *, cache_dir=None, model: Optional[GPT2Config] = None, pretrain_config: Optional[PretrainConfig] = None) -> Path:
+def foundation_dir(
+    preset: str = "default",
+    *,
+    cache_dir=None,
+    model: Optional[GPT2Config] = None,
+    pretrain_config: Optional[PretrainConfig] = None,
+) -> Path:
     """`<cache>/foundation/<preset>-<fingerprint>` (cache: `cache_dir`, $FEDPEAT_CACHE, ~/.cache/fedpeat_jax)."""
     model, pcfg = resolve_settings(preset, model, pretrain_config)
     return data_lib.resolve_cache_dir(cache_dir) / "foundation" / f"{preset}-{fingerprint(model, pcfg)}"
@@ -211,22 +246,30 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def pretraining_texts(heldout_plays=data_lib.DEFAULT_HELDOUT_PLAYS, *, cache_dir=None, text: Optional[TextConfig] = None) -> tuple:
+def pretraining_texts(
+    heldout_plays=data_lib.DEFAULT_HELDOUT_PLAYS, *, cache_dir=None, text: Optional[TextConfig] = None
+) -> tuple:
     """(training examples, held-out examples, held-out document names) of `text` (default: the
     modern-spelling plays, the "general corpus" that emulator distillation uses too);
     `heldout_plays` are Shakespeare's held-out plays, a user's text holds out its TextConfig's documents."""
     text = PretrainConfig.text if text is None else text
-    return data_lib.training_and_heldout_texts(text, cache_dir, heldout_docs=heldout_plays if text.is_shakespeare else None)
+    return data_lib.training_and_heldout_texts(
+        text, cache_dir, heldout_docs=heldout_plays if text.is_shakespeare else None
+    )
 
 
-def pretraining_data(model: GPT2Config, pretrain_config: PretrainConfig, tokenizer_dir: Path, *, cache_dir=None) -> tuple:
+def pretraining_data(
+    model: GPT2Config, pretrain_config: PretrainConfig, tokenizer_dir: Path, *, cache_dir=None
+) -> tuple:
     """(tokenizer, training windows int32[N, T], held-out (tokens, mask) or None, held-out document
     names) of the pretraining text.
 
     The tokenizer is trained once and saved in `tokenizer_dir`, so a resumed run sees exactly
     the token ids of the interrupted one.
     """
-    train_texts, held_texts, held_docs = pretraining_texts(pretrain_config.heldout_plays, cache_dir=cache_dir, text=pretrain_config.text)
+    train_texts, held_texts, held_docs = pretraining_texts(
+        pretrain_config.heldout_plays, cache_dir=cache_dir, text=pretrain_config.text
+    )
     if (tokenizer_dir / "tokenizer.json").is_file():
         tokenizer = data_lib.load_tokenizer(tokenizer_dir)
     else:
@@ -235,9 +278,13 @@ def pretraining_data(model: GPT2Config, pretrain_config: PretrainConfig, tokeniz
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size {model.vocab_size}")
     windows = data_lib.pretraining_windows(train_texts, tokenizer, pretrain_config.seq_len)
     if len(windows) == 0:
-        raise ValueError(f"PretrainConfig.seq_len: the pretraining text of {pretrain_config.text.describe()} gives no full window of "
-                         f"{pretrain_config.seq_len} tokens; lower it or give more text")
-    heldout = data_lib.eval_windows(held_texts, tokenizer, pretrain_config.seq_len) if held_texts else None  # None: no held-out text
+        raise ValueError(
+            f"PretrainConfig.seq_len: the pretraining text of {pretrain_config.text.describe()} gives no full window of "
+            f"{pretrain_config.seq_len} tokens; lower it or give more text"
+        )
+    heldout = (
+        data_lib.eval_windows(held_texts, tokenizer, pretrain_config.seq_len) if held_texts else None
+    )  # None: no held-out text
     return tokenizer, windows, heldout, held_docs
 
 
@@ -257,7 +304,11 @@ def pretrain(
     (deleted once the export is complete). Re-running after an interruption resumes.
     """
     model, pcfg = resolve_settings(preset, model, pretrain_config)
-    out = Path(out_dir) if out_dir is not None else foundation_dir(preset, cache_dir=cache_dir, model=model, pretrain_config=pcfg)
+    out = (
+        Path(out_dir)
+        if out_dir is not None
+        else foundation_dir(preset, cache_dir=cache_dir, model=model, pretrain_config=pcfg)
+    )
     if (out / INFO_FILE).is_file() and not overwrite:
         raise FileExistsError(f"a foundation model already exists in {out}; use load_foundation, or overwrite=True")
     run_dir = out.with_name(out.name + ".run")
@@ -269,10 +320,21 @@ def pretrain(
     params = gpt2.init(jax.random.PRNGKey(pcfg.seed), model)
     with RunLogger(run_dir / "logs", resume_step=resume) as logger:
         result = fit(
-            lm_objective(train_model, dropout=pcfg.dropout, layerdrop=pcfg.layerdrop,
-                         layerdrop_blocks=pcfg.layerdrop_blocks(model.n_layer)),
-            params, None, {"tokens": windows}, pcfg.train_config(),
-            logger=logger, checkpoints=ckpt, desc=f"pretrain {preset}", log_prefix="pretrain/", show_progress=show_progress,
+            lm_objective(
+                train_model,
+                dropout=pcfg.dropout,
+                layerdrop=pcfg.layerdrop,
+                layerdrop_blocks=pcfg.layerdrop_blocks(model.n_layer),
+            ),
+            params,
+            None,
+            {"tokens": windows},
+            pcfg.train_config(),
+            logger=logger,
+            checkpoints=ckpt,
+            desc=f"pretrain {preset}",
+            log_prefix="pretrain/",
+            show_progress=show_progress,
         )
         held = {"ppl": None, "nll": None, "tokens": 0}  # no held-out text: no perplexity
         if heldout is not None:
@@ -334,7 +396,13 @@ def load_foundation(
                     "(or call load_foundation with allow_pretrain=True)"
                 )
             return pretrain(
-                preset, out_dir=path, cache_dir=cache_dir, model=model, pretrain_config=pcfg, show_progress=show_progress, overwrite=True
+                preset,
+                out_dir=path,
+                cache_dir=cache_dir,
+                model=model,
+                pretrain_config=pcfg,
+                show_progress=show_progress,
+                overwrite=True,
             )
     return open_foundation(path)
 
@@ -348,7 +416,9 @@ def open_foundation(path, *, work_dir=None) -> Foundation:
     info = read_info(path)
     verify_files(path, info.get("sha256", {}))
     params, config = hf.load_pretrained(path)
-    return Foundation(params, config, hf.load_tokenizer(path), path, info, Path(work_dir) if work_dir is not None else path)
+    return Foundation(
+        params, config, hf.load_tokenizer(path), path, info, Path(work_dir) if work_dir is not None else path
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +442,9 @@ def verify_files(path: Path, checksums: dict) -> None:
     for name, expected in sorted(checksums.items()):
         file = Path(path) / name
         if not file.is_file():
-            raise FoundationFilesError(f"foundation model file {file} is missing: restore it (reinstall the package for the shipped model)")
+            raise FoundationFilesError(
+                f"foundation model file {file} is missing: restore it (reinstall the package for the shipped model)"
+            )
         got = file_sha256(file)
         if got != expected:
             raise FoundationFilesError(
@@ -426,7 +498,12 @@ def ship(fm: Foundation, dest, *, command: str, cache_dir=None) -> Foundation:
         "heldout_ppl": full["ppl"],
         "heldout_nll": full["nll"],
         "heldout_tokens": full["tokens"],
-        "heldout_subset": {"windows": SUBSET_WINDOWS, "ppl": subset["ppl"], "nll": subset["nll"], "tokens": subset["tokens"]},
+        "heldout_subset": {
+            "windows": SUBSET_WINDOWS,
+            "ppl": subset["ppl"],
+            "nll": subset["nll"],
+            "tokens": subset["tokens"],
+        },
         "shipped": {
             "command": command,
             "weights_dtype": SHIPPED_DTYPE,

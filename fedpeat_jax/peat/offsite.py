@@ -98,7 +98,15 @@ class OffsiteConfig(Config):
         self.train_config(self.lr)
 
     def train_config(self, lr: float) -> TrainConfig:
-        return TrainConfig.of("OffsiteConfig", steps=self.steps, batch=self.batch, lr=lr, warmup=self.warmup, chunk=min(25, self.steps), seed=self.seed)
+        return TrainConfig.of(
+            "OffsiteConfig",
+            steps=self.steps,
+            batch=self.batch,
+            lr=lr,
+            warmup=self.warmup,
+            chunk=min(25, self.steps),
+            seed=self.seed,
+        )
 
     def peft(self, kind: str) -> PeftConfig:
         return PeftConfig(kind=kind, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=self.dropout)
@@ -115,9 +123,13 @@ def task_texts(text: TextConfig, heldout_plays=data_lib.DEFAULT_HELDOUT_PLAYS) -
     """(training examples, held-out examples, held-out documents) of the fine-tuning text:
     Shakespeare holds out `heldout_plays` (the foundation model's), a user's text its
     TextConfig's held-out documents. Needs no model, so a user's text is checked first."""
-    train, held, docs = data_lib.training_and_heldout_texts(text, heldout_docs=heldout_plays if text.is_shakespeare else None)
+    train, held, docs = data_lib.training_and_heldout_texts(
+        text, heldout_docs=heldout_plays if text.is_shakespeare else None
+    )
     if not held:
-        raise ValueError(f"TextConfig.heldout_docs: the offsite table compares held-out perplexities, and {text.describe()} has no held-out documents")
+        raise ValueError(
+            f"TextConfig.heldout_docs: the offsite table compares held-out perplexities, and {text.describe()} has no held-out documents"
+        )
     return train, held, docs
 
 
@@ -127,7 +139,9 @@ def task_data(text: TextConfig, tokenizer, seq_len: int, heldout_plays, eval_win
     train_texts, held_texts, held_docs = texts if texts is not None else task_texts(text, heldout_plays)
     train = data_lib.pretraining_windows(train_texts, tokenizer, seq_len)
     if len(train) == 0:
-        raise ValueError(f"OffsiteConfig.seq_len: the training documents of {text.describe()} give no full window of {seq_len} tokens")
+        raise ValueError(
+            f"OffsiteConfig.seq_len: the training documents of {text.describe()} give no full window of {seq_len} tokens"
+        )
     tokens, mask = data_lib.eval_windows(held_texts, tokenizer, seq_len)
     keep = spread(len(tokens), eval_windows)
     return train, (tokens[keep], mask[keep]), held_docs
@@ -148,8 +162,18 @@ def n_params(tree) -> int:
     return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 
 
-def tune(base, model: GPT2Config, peft: Optional[PeftConfig], windows, tcfg: TrainConfig, *, name: str, logdir=None,
-         show_progress=True, dropout: float = 0.0) -> tuple:
+def tune(
+    base,
+    model: GPT2Config,
+    peft: Optional[PeftConfig],
+    windows,
+    tcfg: TrainConfig,
+    *,
+    name: str,
+    logdir=None,
+    show_progress=True,
+    dropout: float = 0.0,
+) -> tuple:
     """Fine-tune (FT when `peft` is None, else the PEFT state on `base`) with `dropout` on the
     embedding, attention and residuals; returns (trained tree, efficiency dict). The memory figure
     is of the very step `fit` runs."""
@@ -161,14 +185,25 @@ def tune(base, model: GPT2Config, peft: Optional[PeftConfig], windows, tcfg: Tra
     memory = step_memory(objective, trainable, frozen, example, tcfg)
     logger = RunLogger(Path(logdir) / name) if logdir is not None else None
     try:
-        result = fit(objective, trainable, frozen, {"tokens": jnp.asarray(windows)}, tcfg, logger=logger,
-                     desc=name, log_prefix="train/", show_progress=show_progress)
+        result = fit(
+            objective,
+            trainable,
+            frozen,
+            {"tokens": jnp.asarray(windows)},
+            tcfg,
+            logger=logger,
+            desc=name,
+            log_prefix="train/",
+            show_progress=show_progress,
+        )
     finally:
         if logger is not None:
             logger.close()
     trainable_count = n_params(trainable)
     # A device holds the base once: full adapter tuning trains its adapter blocks in place.
-    on_device = n_params(base) + (0 if peft is not None and peft.kind == "full" else (trainable_count if peft is not None else 0))
+    on_device = n_params(base) + (
+        0 if peft is not None and peft.kind == "full" else (trainable_count if peft is not None else 0)
+    )
     stats = {
         "trainable_params": trainable_count,
         "on_device_params": on_device,
@@ -191,17 +226,31 @@ def check_pattern(row: dict) -> dict:
     }
 
 
-def run_table(cfg: OffsiteConfig = OffsiteConfig(), *, foundation: Optional[Foundation] = None, logdir=None, show_progress: bool = True) -> dict:
+def run_table(
+    cfg: OffsiteConfig = OffsiteConfig(),
+    *,
+    foundation: Optional[Foundation] = None,
+    logdir=None,
+    show_progress: bool = True,
+) -> dict:
     """Every run of the table; returns the JSON-ready result (see `to_markdown`)."""
     start = time.perf_counter()
-    texts = None if cfg.text.is_shakespeare else task_texts(cfg.text)  # a user's text is checked before any model is loaded
+    texts = (
+        None if cfg.text.is_shakespeare else task_texts(cfg.text)
+    )  # a user's text is checked before any model is loaded
     fm = foundation if foundation is not None else load_foundation(cfg.preset, show_progress=show_progress)
     model = fm.config
     if cfg.seq_len > model.n_positions:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's n_positions {model.n_positions}")
     spec = emu.EmulatorSpec(model.n_layer, cfg.l, cfg.r, cfg.k)
     windows, (held_tokens, held_mask), heldout_plays = task_data(
-        cfg.text, fm.tokenizer, cfg.seq_len, tuple(fm.info.get("heldout_plays", data_lib.DEFAULT_HELDOUT_PLAYS)), cfg.eval_windows, texts)
+        cfg.text,
+        fm.tokenizer,
+        cfg.seq_len,
+        tuple(fm.info.get("heldout_plays", data_lib.DEFAULT_HELDOUT_PLAYS)),
+        cfg.eval_windows,
+        texts,
+    )
 
     def ppl(params, config, state=None, peft=None):
         return evaluate_perplexity(params, held_tokens, held_mask, config, state, peft, cfg.eval_batch)["ppl"]
@@ -216,13 +265,33 @@ def run_table(cfg: OffsiteConfig = OffsiteConfig(), *, foundation: Optional[Foun
         depth_sweep[s_k.name] = ppl(emu.build(full, s_k), s_k.emulator_config(model))
     efficiency, runs = [], {}
 
-    ft_params, ft_stats = tune(full, model, None, windows, cfg.train_config(cfg.lr), name="FT", logdir=logdir, show_progress=show_progress, dropout=cfg.dropout)
+    ft_params, ft_stats = tune(
+        full,
+        model,
+        None,
+        windows,
+        cfg.train_config(cfg.lr),
+        name="FT",
+        logdir=logdir,
+        show_progress=show_progress,
+        dropout=cfg.dropout,
+    )
     ft_ppl = ppl(ft_params, model)
     del ft_params
     efficiency.append(dict(setting="FT", emulator="-", peft="all parameters", **ft_stats))
     if cfg.ft_lora:
         lora_all = cfg.peft("lora")
-        state, stats = tune(full, model, lora_all, windows, cfg.train_config(cfg.lr_lora), name="FT-LoRA", logdir=logdir, show_progress=show_progress, dropout=cfg.dropout)
+        state, stats = tune(
+            full,
+            model,
+            lora_all,
+            windows,
+            cfg.train_config(cfg.lr_lora),
+            name="FT-LoRA",
+            logdir=logdir,
+            show_progress=show_progress,
+            dropout=cfg.dropout,
+        )
         efficiency.append(dict(setting="FT", emulator="-", peft="lora", ppl=ppl(full, model, state, lora_all), **stats))
 
     emu_cfg = spec.emulator_config(model)
@@ -239,9 +308,23 @@ def run_table(cfg: OffsiteConfig = OffsiteConfig(), *, foundation: Optional[Foun
             on_emu, on_full = spec.emulator_peft(pc), spec.full_peft(pc)
             lr = cfg.lr if peft_kind == "full" else cfg.lr_lora
             name = f"OT-{kind}-{peft_kind}"
-            state, stats = tune(emulator, emu_cfg, on_emu, windows, cfg.train_config(lr), name=name, logdir=logdir, show_progress=show_progress, dropout=cfg.dropout)
+            state, stats = tune(
+                emulator,
+                emu_cfg,
+                on_emu,
+                windows,
+                cfg.train_config(lr),
+                name=name,
+                logdir=logdir,
+                show_progress=show_progress,
+                dropout=cfg.dropout,
+            )
             row = {
-                "emulator": kind, "peft": peft_kind, "Full ZS": full_zs, "Emulator ZS": emulator_zs, "FT": ft_ppl,
+                "emulator": kind,
+                "peft": peft_kind,
+                "Full ZS": full_zs,
+                "Emulator ZS": emulator_zs,
+                "FT": ft_ppl,
                 "OT Emulator": ppl(emulator, emu_cfg, state, on_emu),
                 "OT Plug-in": ppl(full, model, state, on_full),  # the same state, run in the full model
             }
@@ -253,12 +336,22 @@ def run_table(cfg: OffsiteConfig = OffsiteConfig(), *, foundation: Optional[Foun
         "config": dataclasses.asdict(cfg),
         "emulator": {"name": spec.name, "middle_ids": list(spec.middle_ids), "adapter_ids": list(spec.adapter_ids)},
         "foundation": {
-            "path": _display_path(fm.path), "fingerprint": fm.info.get("fingerprint"), "modern_heldout_ppl": fm.info.get("heldout_ppl"),
-            "param_count": model.param_count(), "pretraining_text": describe_text(fm.info["pretrain"].get("text", {"spelling": "modern"})) if "pretrain" in fm.info else "text this project did not record",
+            "path": _display_path(fm.path),
+            "fingerprint": fm.info.get("fingerprint"),
+            "modern_heldout_ppl": fm.info.get("heldout_ppl"),
+            "param_count": model.param_count(),
+            "pretraining_text": describe_text(fm.info["pretrain"].get("text", {"spelling": "modern"}))
+            if "pretrain" in fm.info
+            else "text this project did not record",
         },
         "data": {
-            "train_windows": int(len(windows)), "seq_len": cfg.seq_len, "train_tokens_seen": cfg.steps * cfg.batch * cfg.seq_len,
-            "corpus": cfg.text.describe(), "heldout_plays": list(heldout_plays), "heldout_windows": int(len(held_tokens)), "heldout_tokens": int(held_mask[:, 1:].sum()),
+            "train_windows": int(len(windows)),
+            "seq_len": cfg.seq_len,
+            "train_tokens_seen": cfg.steps * cfg.batch * cfg.seq_len,
+            "corpus": cfg.text.describe(),
+            "heldout_plays": list(heldout_plays),
+            "heldout_windows": int(len(held_tokens)),
+            "heldout_tokens": int(held_mask[:, 1:].sum()),
         },
         "rows": rows,
         "layer_drop_zero_shot": depth_sweep,
@@ -278,7 +371,9 @@ def to_markdown(result: dict) -> str:
     cfg, data, fm = result["config"], result["data"], result["foundation"]
     em = result["emulator"]
     sweep = result["layer_drop_zero_shot"]
-    folio = describe_text(cfg.get("text", {})) == TextConfig().describe()  # results written before `text` existed are Folio
+    folio = (
+        describe_text(cfg.get("text", {})) == TextConfig().describe()
+    )  # results written before `text` existed are Folio
     pretrained = fm.get("pretraining_text", "Shakespeare (modern spelling)")
     own = fm["modern_heldout_ppl"]
     if pretrained == "Shakespeare (modern spelling)":
@@ -293,15 +388,22 @@ def to_markdown(result: dict) -> str:
         + ("First-Folio-spelling text" if folio else f"the training documents of {data['corpus']}")
         + f" ({data['train_windows']} training windows); lr {cfg['lr']:g} (FT, full adapter), "
         f"{cfg['lr_lora']:g} (LoRA r={cfg['lora_rank']}, alpha={cfg['lora_alpha']:g}). Perplexity on {data['heldout_tokens']:,} "
-        + (f"tokens of the held-out plays {', '.join(data['heldout_plays'])} in Folio spelling (lower is better)." if folio
-           else f"tokens of the held-out documents {', '.join(data['heldout_plays'])} (lower is better)."),
+        + (
+            f"tokens of the held-out plays {', '.join(data['heldout_plays'])} in Folio spelling (lower is better)."
+            if folio
+            else f"tokens of the held-out documents {', '.join(data['heldout_plays'])} (lower is better)."
+        ),
         "",
         "| emulator | adapter tuning | " + " | ".join(SETTINGS) + " | pattern |",
         "|---|---|" + "---|" * len(SETTINGS) + "---|",
     ]
     for row in result["rows"]:
-        ok = "yes" if all(row["pattern"].values()) else "NO: " + ", ".join(k for k, v in row["pattern"].items() if not v)
-        lines.append(f"| {row['emulator']} | {row['peft']} | " + " | ".join(f"{row[s]:.2f}" for s in SETTINGS) + f" | {ok} |")
+        ok = (
+            "yes" if all(row["pattern"].values()) else "NO: " + ", ".join(k for k, v in row["pattern"].items() if not v)
+        )
+        lines.append(
+            f"| {row['emulator']} | {row['peft']} | " + " | ".join(f"{row[s]:.2f}" for s in SETTINGS) + f" | {ok} |"
+        )
     lines += [
         "",
         "Pattern: OT Plug-in < Full ZS, OT Plug-in < OT Emulator, Emulator ZS > Full ZS. "
@@ -345,4 +447,16 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SETTINGS", "OffsiteConfig", "spread", "task_texts", "task_data", "folio_data", "n_params", "tune", "check_pattern", "run_table", "to_markdown"]
+__all__ = [
+    "SETTINGS",
+    "OffsiteConfig",
+    "spread",
+    "task_texts",
+    "task_data",
+    "folio_data",
+    "n_params",
+    "tune",
+    "check_pattern",
+    "run_table",
+    "to_markdown",
+]

@@ -22,10 +22,14 @@ def model_config(preset: str, model_dir: Optional[str] = None) -> GPT2Config:
 
     path = Path(model_dir).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist (expected a Hugging Face GPT-2 directory: config.json, weights, tokenizer)")
+        raise FileNotFoundError(
+            f"model directory {path} does not exist (expected a Hugging Face GPT-2 directory: config.json, weights, tokenizer)"
+        )
     config_file = path / hf.CONFIG_FILE
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found (a Hugging Face GPT-2 directory needs config.json and weights)")
+        raise FileNotFoundError(
+            f"{config_file} not found (a Hugging Face GPT-2 directory needs config.json and weights)"
+        )
     return hf.config_from_hf(hf.read_json(config_file))
 
 
@@ -39,7 +43,9 @@ def load_model(preset: str, model_dir: Optional[str] = None, cache_dir=None) -> 
         params, config = hf.load_pretrained(path)
         tokenizer = hf.load_tokenizer(path)
         if len(tokenizer) > config.vocab_size:  # ids past the embedding table would be clamped silently
-            raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} tokens, more than the model's vocab_size {config.vocab_size}")
+            raise ValueError(
+                f"the tokenizer in {path} has {len(tokenizer)} tokens, more than the model's vocab_size {config.vocab_size}"
+            )
         return params, config, tokenizer
     from fedpeat_jax.peat import foundation
 

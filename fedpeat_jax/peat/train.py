@@ -179,7 +179,11 @@ class _Runner:
     def compiled(self, state, frozen, data, n_steps: int):
         """(executable, seconds spent compiling it now: 0 when cached)."""
         args = (state, frozen, data)
-        key = (n_steps, jax.tree.structure(args), tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(args)))
+        key = (
+            n_steps,
+            jax.tree.structure(args),
+            tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(args)),
+        )
         if key in self._compiled:
             return self._compiled[key], 0.0
         t0 = time.perf_counter()
@@ -222,7 +226,9 @@ def fit(
     if not leaves:
         raise ValueError("fit() got no training data")
     if any(x.shape[0] != leaves[0].shape[0] for x in leaves) or leaves[0].shape[0] == 0:
-        raise ValueError(f"fit(): every data leaf needs the same, non-zero leading (example) axis; got {[x.shape for x in leaves]}")
+        raise ValueError(
+            f"fit(): every data leaf needs the same, non-zero leading (example) axis; got {[x.shape for x in leaves]}"
+        )
     start = time.perf_counter()
     data, frozen = jax.device_put((data, frozen))  # once, not at every chunk
     runner = _runner(loss_fn, cfg)
@@ -241,13 +247,23 @@ def fit(
         timing["compile"] += seconds
         timing["steps"] += n
         if not np.isfinite(record["loss"]):
-            raise FloatingPointError(f"{desc}: loss became {record['loss']} by step {step + n}; lower the learning rate")
+            raise FloatingPointError(
+                f"{desc}: loss became {record['loss']} by step {step + n}; lower the learning rate"
+            )
         return state, [dict(record, step=step + n)]
 
     state, history = run_chunks(
-        state, advance, start=int(state.step), total=cfg.steps, chunk=cfg.chunk, desc=desc, logger=logger,
-        log_tag=lambda name: log_prefix + name, checkpoints=checkpoints,
-        checkpoint_meta=lambda step: {"step": step, "desc": desc}, show_progress=show_progress,
+        state,
+        advance,
+        start=int(state.step),
+        total=cfg.steps,
+        chunk=cfg.chunk,
+        desc=desc,
+        logger=logger,
+        log_tag=lambda name: log_prefix + name,
+        checkpoints=checkpoints,
+        checkpoint_meta=lambda step: {"step": step, "desc": desc},
+        show_progress=show_progress,
     )
     train_seconds, compile_seconds, steps_done = timing["train"], timing["compile"], timing["steps"]
     steps_per_s = steps_done / train_seconds if steps_done else float("nan")
@@ -283,8 +299,13 @@ def step_memory(loss_fn: LossFn, trainable: PyTree, frozen: PyTree, batch: PyTre
 # GPT-2 language modelling: the objective and the perplexity every run reports
 # --------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
-def lm_objective(model: GPT2Config, peft: Optional[PeftConfig] = None, dropout: bool = False,
-                 layerdrop: float = 0.0, layerdrop_blocks: tuple = ()) -> LossFn:
+def lm_objective(
+    model: GPT2Config,
+    peft: Optional[PeftConfig] = None,
+    dropout: bool = False,
+    layerdrop: float = 0.0,
+    layerdrop_blocks: tuple = (),
+) -> LossFn:
     """Next-token loss for `fit` on batches {"tokens": (B, T)[, "mask": (B, T)]}.
 
     Without `peft` the trainable tree is the GPT-2 params themselves (pretraining, FT) and
@@ -299,7 +320,9 @@ def lm_objective(model: GPT2Config, peft: Optional[PeftConfig] = None, dropout: 
         if layerdrop > 0.0:
             rng, k_drop = jax.random.split(rng)
             params = drop_blocks(params, k_drop, layerdrop, layerdrop_blocks)
-        logits = gpt2.apply(params, batch["tokens"], config=model, peft=state, peft_config=peft, rng=rng if dropout else None)
+        logits = gpt2.apply(
+            params, batch["tokens"], config=model, peft=state, peft_config=peft, rng=rng if dropout else None
+        )
         return gpt2.lm_loss(logits, batch["tokens"], batch.get("mask"))
 
     return loss
@@ -334,11 +357,15 @@ def _eval_nll(params, peft_state, tokens, mask, model, peft, batch):
     return gpt2.evaluate_nll(params, peft_state, tokens, mask, model, peft, batch)
 
 
-def evaluate_perplexity(params, tokens, mask, model: GPT2Config, peft_state=None, peft: Optional[PeftConfig] = None, batch: int = 16) -> dict:
+def evaluate_perplexity(
+    params, tokens, mask, model: GPT2Config, peft_state=None, peft: Optional[PeftConfig] = None, batch: int = 16
+) -> dict:
     """Perplexity over eval windows (pads masked): {"ppl", "nll" (mean per token), "tokens", "seconds"
     (wall time, compilation included on a first call)}."""
     t0 = time.perf_counter()
-    total, count = jax.device_get(_eval_nll(params, peft_state, jnp.asarray(tokens), jnp.asarray(mask), model, peft, batch))
+    total, count = jax.device_get(
+        _eval_nll(params, peft_state, jnp.asarray(tokens), jnp.asarray(mask), model, peft, batch)
+    )
     seconds = time.perf_counter() - t0
     if count == 0:
         raise ValueError("evaluate_perplexity: the eval windows hold no real tokens")
@@ -346,4 +373,17 @@ def evaluate_perplexity(params, tokens, mask, model: GPT2Config, peft_state=None
     return {"ppl": float(np.exp(nll)), "nll": nll, "tokens": int(count), "seconds": seconds}
 
 
-__all__ = ["lm_objective", "evaluate_perplexity", "TrainConfig", "TrainState", "TrainResult", "fit", "make_step", "optimizer", "schedule", "step_memory", "init_state", "decay_mask"]
+__all__ = [
+    "lm_objective",
+    "evaluate_perplexity",
+    "TrainConfig",
+    "TrainState",
+    "TrainResult",
+    "fit",
+    "make_step",
+    "optimizer",
+    "schedule",
+    "step_memory",
+    "init_state",
+    "decay_mask",
+]

@@ -50,7 +50,9 @@ def merge(params, state, model: GPT2Config, peft: PeftConfig):
         return dict(params, blocks=lora.merge(params["blocks"], state["blocks"]["lora"], peft, ids))
     if peft.kind in ("bitfit", "full"):
         return dict(params, blocks=write_blocks(params["blocks"], ids, state["blocks"]))
-    raise ValueError(f"PEFT kind {peft.kind!r} adds modules to the architecture and cannot be merged into GPT-2 weights")
+    raise ValueError(
+        f"PEFT kind {peft.kind!r} adds modules to the architecture and cannot be merged into GPT-2 weights"
+    )
 
 
 def trainable_mask(state, peft: PeftConfig):

@@ -74,7 +74,10 @@ low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 def products(state: dict, scale: float) -> dict:
     """Dense kernel updates scale * a @ b, {group: {name: (n, in, out)}}."""
-    return {g: {n: jnp.einsum("nir,nro->nio", p["a"], p["b"]) * scale for n, p in layers.items()} for g, layers in state.items()}
+    return {
+        g: {n: jnp.einsum("nir,nro->nio", p["a"], p["b"]) * scale for n, p in layers.items()}
+        for g, layers in state.items()
+    }
 
 
 def add_to_kernels(blocks: dict, updates: dict, ids) -> dict:
@@ -96,6 +99,8 @@ def merge(blocks: dict, state: dict, peft: PeftConfig, ids) -> dict:
 
 
 def trainable_mask(state: dict, peft: PeftConfig) -> dict:
-    return jax.tree.map(lambda _: True, state) if not peft.lora_freeze_a else {
-        g: {n: {"a": False, "b": True} for n in layers} for g, layers in state.items()
-    }
+    return (
+        jax.tree.map(lambda _: True, state)
+        if not peft.lora_freeze_a
+        else {g: {n: {"a": False, "b": True} for n in layers} for g, layers in state.items()}
+    )

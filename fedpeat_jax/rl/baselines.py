@@ -122,16 +122,24 @@ class _SABPPOApply:
         return sample_branches(rng, logits, self.nvec)
 
 
-def sabppo_policy(trainer: _sabppo.Trainer, state: _sabppo.TrainState, deterministic: bool = True,
-                  name: str = "sabppo") -> Policy:
+def sabppo_policy(
+    trainer: _sabppo.Trainer, state: _sabppo.TrainState, deterministic: bool = True, name: str = "sabppo"
+) -> Policy:
     """The policy of a trained SABPPO ``state`` (one run, not a vmapped batch): the network with the
     state's frozen observation normalizer; ``deterministic`` takes the most likely choice per branch."""
     cfg = trainer.config
     if jnp.ndim(state.update) != 0:
-        raise ValueError("sabppo_policy needs the state of ONE run; slice a vmapped state first, "
-                         "e.g. jax.tree.map(lambda x: x[i], states)")
-    apply = _SABPPOApply(network=trainer.network, nvec=tuple(trainer.nvec), normalize_obs=cfg.normalize_obs,
-                         obs_clip=cfg.obs_clip, deterministic=bool(deterministic))
+        raise ValueError(
+            "sabppo_policy needs the state of ONE run; slice a vmapped state first, "
+            "e.g. jax.tree.map(lambda x: x[i], states)"
+        )
+    apply = _SABPPOApply(
+        network=trainer.network,
+        nvec=tuple(trainer.nvec),
+        normalize_obs=cfg.normalize_obs,
+        obs_clip=cfg.obs_clip,
+        deterministic=bool(deterministic),
+    )
     return Policy(apply=apply, params=(state.params, state.obs_rms), name=name)
 
 

@@ -31,15 +31,27 @@ def _collect(apply, env, episodes: int, num_steps: int, policy_params, env_param
     def step(carry, key):
         obs, state = carry
         k_pol, k_env = jax.random.split(key)
-        action = jax.vmap(apply, in_axes=(None, 0, 0, None, 0))(policy_params, obs, state, env_params,
-                                                                 jax.random.split(k_pol, episodes))
-        seen = {"gain_db": system.to_db(state.gain, jnp), "flops": state.flops, "mem_capacity": state.mem_capacity,
-                "data": state.data, "stored_level": state.stored_level, "time": state.time,
-                "server": action[:, 0], "participate": action[:, 1 : n + 1], "level": action[:, n + 1 : 2 * n + 1],
-                "bandwidth": action[:, 2 * n + 1 :]}
+        action = jax.vmap(apply, in_axes=(None, 0, 0, None, 0))(
+            policy_params, obs, state, env_params, jax.random.split(k_pol, episodes)
+        )
+        seen = {
+            "gain_db": system.to_db(state.gain, jnp),
+            "flops": state.flops,
+            "mem_capacity": state.mem_capacity,
+            "data": state.data,
+            "stored_level": state.stored_level,
+            "time": state.time,
+            "server": action[:, 0],
+            "participate": action[:, 1 : n + 1],
+            "level": action[:, n + 1 : 2 * n + 1],
+            "bandwidth": action[:, 2 * n + 1 :],
+        }
         obs, state, reward, _, _, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-            jax.random.split(k_env, episodes), state, action, env_params)
-        seen.update(reward=reward, perplexity=info["perplexity"], latency=info["latency"], stragglers=info["stragglers"])
+            jax.random.split(k_env, episodes), state, action, env_params
+        )
+        seen.update(
+            reward=reward, perplexity=info["perplexity"], latency=info["latency"], stragglers=info["stragglers"]
+        )
         return (obs, state), seen
 
     _, records = jax.lax.scan(step, (obs, state), jax.random.split(k_run, num_steps))
@@ -83,8 +95,11 @@ def summarize(records: dict, env_params) -> dict:
         "participation_by_compute": _rate_by_quartile(records["flops"], part),
         "participation_by_data": _rate_by_quartile(records["data"], part),
         "by_memory_class": by_class,
-        "bandwidth_level_by_channel": _rate_by_quartile(records["gain_db"][on], records["bandwidth"][on].astype(np.float64))
-        if on.any() else [float("nan")] * 4,
+        "bandwidth_level_by_channel": _rate_by_quartile(
+            records["gain_db"][on], records["bandwidth"][on].astype(np.float64)
+        )
+        if on.any()
+        else [float("nan")] * 4,
         "repeat_participation": float(part[1:][prev[1:] > 0].mean()) if (prev[1:] > 0).any() else float("nan"),
         "devices_per_round": part.sum(-1).mean(-1).tolist(),
         "server_per_round": records["server"].astype(np.float64).mean(-1).tolist(),
@@ -102,10 +117,12 @@ def plot(records: dict, env_params, path) -> None:
     names = list(summaries)
     width = 0.8 / max(len(names), 1)
     x = np.arange(4)
-    bars = [("participation_by_channel", "participation rate", "channel gain quartile"),
-            ("participation_by_compute", "participation rate", "compute speed quartile"),
-            ("participation_by_data", "participation rate", "data size quartile"),
-            ("bandwidth_level_by_channel", "bandwidth level index (participants)", "channel gain quartile")]
+    bars = [
+        ("participation_by_channel", "participation rate", "channel gain quartile"),
+        ("participation_by_compute", "participation rate", "compute speed quartile"),
+        ("participation_by_data", "participation rate", "data size quartile"),
+        ("bandwidth_level_by_channel", "bandwidth level index (participants)", "channel gain quartile"),
+    ]
     for ax, (key, ylabel, xlabel) in zip(axes[0], bars):
         for i, name in enumerate(names):
             ax.bar(x + (i - (len(names) - 1) / 2) * width, summaries[name][key], width, label=name)
@@ -117,16 +134,20 @@ def plot(records: dict, env_params, path) -> None:
     classes = list(next(iter(summaries.values()))["by_memory_class"])
     xc = np.arange(len(classes))
     for i, name in enumerate(names):
-        axes[1][0].bar(xc + (i - (len(names) - 1) / 2) * width, [summaries[name]["by_memory_class"][c]["mean_k"] for c in classes],
-                       width, label=name)
+        axes[1][0].bar(
+            xc + (i - (len(names) - 1) / 2) * width,
+            [summaries[name]["by_memory_class"][c]["mean_k"] for c in classes],
+            width,
+            label=name,
+        )
     axes[1][0].set_xticks(xc, classes)
     axes[1][0].set_xlabel("device memory capacity")
     axes[1][0].set_ylabel("emulator size k given (participants)")
     axes[1][0].grid(axis="y", alpha=0.3)
     rounds = np.arange(1, len(next(iter(summaries.values()))["devices_per_round"]) + 1)
-    for i, name in enumerate(names):
+    for name in names:
         s = summaries[name]
-        line, = axes[1][1].plot(rounds, s["devices_per_round"], label=f"{name}: devices")
+        (line,) = axes[1][1].plot(rounds, s["devices_per_round"], label=f"{name}: devices")
         axes[1][1].plot(rounds, s["server_per_round"], ls="--", color=line.get_color(), label=f"{name}: server")
         axes[1][2].plot(rounds, s["perplexity_per_round"], label=name)
         axes[1][3].plot(rounds, s["latency_per_round"], label=name)

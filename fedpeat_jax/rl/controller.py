@@ -102,8 +102,16 @@ def _params_digest(tree) -> str:
 
 
 def _fingerprint(config: SABPPOConfig, controller: ControllerConfig, env_params) -> str:
-    payload = json.dumps({"sabppo": dataclasses.asdict(config), "seeds": controller.seeds, "seed": controller.seed,
-                          "env_params": _params_digest(env_params)}, sort_keys=True, default=str)
+    payload = json.dumps(
+        {
+            "sabppo": dataclasses.asdict(config),
+            "seeds": controller.seeds,
+            "seed": controller.seed,
+            "env_params": _params_digest(env_params),
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -124,9 +132,16 @@ def _is_scalar_metric(v) -> bool:
 # =============================================================================================
 # Training
 # =============================================================================================
-def train_controller(config: SABPPOConfig, env_params, out_dir, resume: bool = True,
-                     controller: Optional[ControllerConfig] = None, env=None, show_progress: bool = True,
-                     stop_after_chunks: Optional[int] = None) -> dict:
+def train_controller(
+    config: SABPPOConfig,
+    env_params,
+    out_dir,
+    resume: bool = True,
+    controller: Optional[ControllerConfig] = None,
+    env=None,
+    show_progress: bool = True,
+    stop_after_chunks: Optional[int] = None,
+) -> dict:
     """Train SABPPO on the MEC environment with ``env_params``; returns the summary dict.
 
     resume:  continue from the newest checkpoint in ``out_dir/checkpoints`` (it must belong to the
@@ -149,11 +164,14 @@ def train_controller(config: SABPPOConfig, env_params, out_dir, resume: bool = T
         meta = manager.metadata()
         problem = None
         if not resume:
-            problem = (f"{out / 'checkpoints'} already holds checkpoints; pass resume=True to continue "
-                       "or pick a new out_dir")
+            problem = (
+                f"{out / 'checkpoints'} already holds checkpoints; pass resume=True to continue or pick a new out_dir"
+            )
         elif meta.get("fingerprint") != fingerprint:
-            problem = (f"checkpoints in {out / 'checkpoints'} belong to a run with other settings (fingerprint "
-                       f"{meta.get('fingerprint')} != {fingerprint}); use another out_dir or the settings of that run")
+            problem = (
+                f"checkpoints in {out / 'checkpoints'} belong to a run with other settings (fingerprint "
+                f"{meta.get('fingerprint')} != {fingerprint}); use another out_dir or the settings of that run"
+            )
         if problem:
             manager.close()
             raise ValueError(problem)
@@ -164,9 +182,16 @@ def train_controller(config: SABPPOConfig, env_params, out_dir, resume: bool = T
         state = manager.restore(target=jax.eval_shape(lambda: _init_states(trainer, controller)))
     else:
         state = _init_states(trainer, controller)
-    (out / CONFIG_FILE).write_text(json.dumps({
-        "sabppo": dataclasses.asdict(config), "controller": dataclasses.asdict(controller),
-        "fingerprint": fingerprint}, indent=2))
+    (out / CONFIG_FILE).write_text(
+        json.dumps(
+            {
+                "sabppo": dataclasses.asdict(config),
+                "controller": dataclasses.asdict(controller),
+                "fingerprint": fingerprint,
+            },
+            indent=2,
+        )
+    )
 
     total = config.num_updates
     done = int(np.asarray(state.update)[0])
@@ -197,8 +222,9 @@ def train_controller(config: SABPPOConfig, env_params, out_dir, resume: bool = T
                         row.update({f"seed{j}/episode_return": float(vals[j]) for j in range(controller.seeds)})
                 logger.scalars(steps, row, prefix="train/")
             done += n
-            manager.save(done, state, {"fingerprint": fingerprint, "update": done,
-                                       "env_steps": done * config.batch_size})
+            manager.save(
+                done, state, {"fingerprint": fingerprint, "update": done, "env_steps": done * config.batch_size}
+            )
             bar.update(n)
             last = np.asarray(metrics["episode_return"][:, -1], np.float64)
             if np.any(np.isfinite(last)):
@@ -215,8 +241,16 @@ def train_controller(config: SABPPOConfig, env_params, out_dir, resume: bool = T
         return {"run_dir": str(out), "updates": done, "total_updates": total, "finished": False}
 
     summary = evaluate_controller(trainer, state, env, env_params, controller)
-    summary.update({"run_dir": str(out), "updates": done, "total_updates": total, "finished": True,
-                    "env_steps_per_seed": done * config.batch_size, "resumed": resumed})
+    summary.update(
+        {
+            "run_dir": str(out),
+            "updates": done,
+            "total_updates": total,
+            "finished": True,
+            "env_steps_per_seed": done * config.batch_size,
+            "resumed": resumed,
+        }
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     history = read_metrics(out / "logs")
     plot_learning_curve(history, summary, out / "learning_curve.png", seeds=controller.seeds)
@@ -228,13 +262,14 @@ def train_controller(config: SABPPOConfig, env_params, out_dir, resume: bool = T
         shown = {f"SABPPO (seed {best})": B.sabppo_policy(trainer, _select(state, best))}
         if summary.get("best_rule"):
             shown["best rule"] = rule_policy(env, Rule.of_fields(summary["best_rule"]["rule"]), "best_rule")
-        records = {name: behaviour.collect(p, env, env_params, controller.behaviour_episodes, controller.eval_seed)
-                   for name, p in shown.items()}
+        records = {
+            name: behaviour.collect(p, env, env_params, controller.behaviour_episodes, controller.eval_seed)
+            for name, p in shown.items()
+        }
         summary["behaviour"] = {name: behaviour.summarize(r, env_params) for name, r in records.items()}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         behaviour.plot(records, env_params, out / "behaviour.png")
     return summary
-
 
 
 # =============================================================================================
@@ -255,23 +290,42 @@ def evaluate_controller(trainer: Trainer, states, env, env_params, controller: C
         "per_seed_return_mean": returns.tolist(),
         "per_seed": per_seed,
     }
-    for name in ("perplexity_mean", "final_perplexity_mean", "latency_mean", "memory_mean", "violations_mean",
-                 "stragglers_mean", "participants_mean", "data_fraction_mean"):
+    for name in (
+        "perplexity_mean",
+        "final_perplexity_mean",
+        "latency_mean",
+        "memory_mean",
+        "violations_mean",
+        "stragglers_mean",
+        "participants_mean",
+        "data_fraction_mean",
+    ):
         sabppo[name] = float(np.mean([r[name] for r in per_seed]))
     greedy_n = controller.greedy_devices or None
     policies = B.baseline_policies(env, greedy_n)
     rule = None
     if controller.rule_search_episodes:  # the search runs on its own draws, not on the evaluation's
-        rule = search_rules(env, env_params, episodes=controller.rule_search_episodes, finalists=controller.rule_finalists,
-                            final_episodes=controller.eval_episodes, rng=controller.eval_seed + 1)
+        rule = search_rules(
+            env,
+            env_params,
+            episodes=controller.rule_search_episodes,
+            finalists=controller.rule_finalists,
+            final_episodes=controller.eval_episodes,
+            rng=controller.eval_seed + 1,
+        )
         policies["best_rule"] = rule["policy"]
     base = {name: B.evaluate(p, **kw) for name, p in policies.items()}
     best_name = max(base, key=lambda k: base[k]["return_mean"])
     return {
         "sabppo": sabppo,
         "baselines": base,
-        "best_rule": None if rule is None else {"description": rule["description"], "rules_searched": rule["rules_searched"],
-                                                "rule": rule["rule"].fields()},
+        "best_rule": None
+        if rule is None
+        else {
+            "description": rule["description"],
+            "rules_searched": rule["rules_searched"],
+            "rule": rule["rule"].fields(),
+        },
         "best_baseline": best_name,
         "beats_every_baseline": bool(all(sabppo["return_mean"] > b["return_mean"] for b in base.values())),
         "seeds_beating_every_baseline": int(sum(all(r > b["return_mean"] for b in base.values()) for r in returns)),
@@ -293,7 +347,9 @@ def plot_learning_curve(history: list, summary: Optional[dict], path, seeds: int
         ax.plot(steps, y, lw=0.7, alpha=0.35, color="C0")
     y = np.array([h.get("train/episode_return", np.nan) for h in history])
     ok = np.isfinite(y)
-    ax.plot(steps[ok], y[ok], lw=1.8, color="C0", label=f"SABPPO (training, mean of {seeds} seed{'s' if seeds > 1 else ''})")
+    ax.plot(
+        steps[ok], y[ok], lw=1.8, color="C0", label=f"SABPPO (training, mean of {seeds} seed{'s' if seeds > 1 else ''})"
+    )
     if summary is not None:
         for c, (name, b) in enumerate(summary["baselines"].items(), start=1):
             ax.axhline(b["return_mean"], ls="--", lw=1.0, color=f"C{c}", label=f"{name} ({b['return_mean']:.1f})")
@@ -315,12 +371,20 @@ def plot_comparison(summary: dict, path):
     names = ["SABPPO"] + list(summary["baselines"])
     means = [summary["sabppo"]["return_mean"]] + [b["return_mean"] for b in summary["baselines"].values()]
     errs = [summary["sabppo"]["return_std_across_seeds"]] + [
-        b["return_std"] / math.sqrt(max(b["episodes"], 1)) for b in summary["baselines"].values()]
+        b["return_std"] / math.sqrt(max(b["episodes"], 1)) for b in summary["baselines"].values()
+    ]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     bars = ax.bar(names, means, yerr=errs, capsize=4, color=["C0"] + [f"C{i}" for i in range(1, len(names))])
     for bar, m in zip(bars, means):
-        ax.annotate(f"{m:.1f}", (bar.get_x() + bar.get_width() / 2, m), ha="center",
-                    va="top" if m < 0 else "bottom", fontsize=8, xytext=(0, -3 if m < 0 else 3), textcoords="offset points")
+        ax.annotate(
+            f"{m:.1f}",
+            (bar.get_x() + bar.get_width() / 2, m),
+            ha="center",
+            va="top" if m < 0 else "bottom",
+            fontsize=8,
+            xytext=(0, -3 if m < 0 else 3),
+            textcoords="offset points",
+        )
     ax.set_ylabel("mean episode return (higher is better)")
     ax.set_title(f"SABPPO vs baselines ({summary['eval_episodes']} evaluation episodes each)")
     ax.grid(axis="y", alpha=0.3)
@@ -369,12 +433,17 @@ def load_policy(out_dir, env, env_params=None, seed_index: int = 0, deterministi
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m fedpeat_jax.rl.controller",
-                                     description="Train SABPPO on the FedPEAT MEC env and compare with the baselines.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fedpeat_jax.rl.controller",
+        description="Train SABPPO on the FedPEAT MEC env and compare with the baselines.",
+    )
     parser.add_argument("--preset", default="default", help="MEC environment preset")
-    parser.add_argument("--synthetic", action="store_true",
-                        help="use the SYNTHETIC placeholder perplexity table (needed until `fedpeat calibrate` "
-                             "has produced the default one)")
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="use the SYNTHETIC placeholder perplexity table (needed until `fedpeat calibrate` "
+        "has produced the default one)",
+    )
     parser.add_argument("--out", default="runs/controller")
     parser.add_argument("--fresh", action="store_true", help="fail instead of resuming when --out has checkpoints")
     parser.add_argument("--seeds", type=int, default=ControllerConfig.seeds)
@@ -392,12 +461,15 @@ def main(argv=None) -> int:
     table = synthetic_table(GPT2Config.preset(PRESETS[args.preset]["model"])) if args.synthetic else None
     env_params = preset_params(args.preset, calibration=table)
     config = SABPPOConfig(total_timesteps=args.total_timesteps, num_envs=args.num_envs, lr=args.lr)
-    controller = ControllerConfig(seeds=args.seeds, seed=args.seed, eval_episodes=args.eval_episodes,
-                                  chunk_updates=args.chunk_updates)
+    controller = ControllerConfig(
+        seeds=args.seeds, seed=args.seed, eval_episodes=args.eval_episodes, chunk_updates=args.chunk_updates
+    )
     summary = train_controller(config, env_params, args.out, resume=not args.fresh, controller=controller)
     s = summary["sabppo"]
-    print(f"SABPPO ({args.seeds} seeds): {s['return_mean']:.2f} +- {s['return_std_across_seeds']:.2f} "
-          f"(per seed {', '.join(f'{r:.2f}' for r in s['per_seed_return_mean'])})")
+    print(
+        f"SABPPO ({args.seeds} seeds): {s['return_mean']:.2f} +- {s['return_std_across_seeds']:.2f} "
+        f"(per seed {', '.join(f'{r:.2f}' for r in s['per_seed_return_mean'])})"
+    )
     for name, b in summary["baselines"].items():
         print(f"{name:>12s}: {b['return_mean']:.2f} +- {b['return_std']:.2f} (std over episodes)")
     print(f"beats every baseline: {summary['beats_every_baseline']}   results in {summary['run_dir']}")

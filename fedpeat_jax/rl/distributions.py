@@ -75,15 +75,23 @@ def _branch_layout(nvec: tuple) -> BranchLayout:
     branch = np.repeat(np.arange(len(nvec)), nvec)
     choice = np.concatenate([np.arange(n) for n in nvec])
     branch_first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    return BranchLayout(nvec, groups, branch.astype(np.int32), branch_first[branch].astype(np.int32),
-                        choice.astype(np.float32), branch_first.astype(np.int32))
+    return BranchLayout(
+        nvec,
+        groups,
+        branch.astype(np.int32),
+        branch_first[branch].astype(np.int32),
+        choice.astype(np.float32),
+        branch_first.astype(np.int32),
+    )
 
 
 def _branch_sum(x: jax.Array, layout: BranchLayout) -> jax.Array:
     """Per-branch sums of (..., K) values -> (..., n_branches): one reshape + reduction per run."""
     lead = x.shape[:-1]
-    return jnp.concatenate([x[..., off: off + nb * size].reshape(lead + (nb, size)).sum(-1)
-                            for _, nb, size, off in layout.groups], axis=-1)
+    return jnp.concatenate(
+        [x[..., off : off + nb * size].reshape(lead + (nb, size)).sum(-1) for _, nb, size, off in layout.groups],
+        axis=-1,
+    )
 
 
 class BranchSoftmax(NamedTuple):
@@ -169,8 +177,10 @@ def sample_branches(key: jax.Array, logits: jax.Array, nvec) -> jax.Array:
 
 def mode_branches(logits: jax.Array, nvec) -> jax.Array:
     """The most likely choice of every branch (the deterministic policy)."""
-    parts = [jnp.argmax(logits[..., off: off + nb * size].reshape(logits.shape[:-1] + (nb, size)), axis=-1)
-             for _, nb, size, off in branch_groups(nvec)]
+    parts = [
+        jnp.argmax(logits[..., off : off + nb * size].reshape(logits.shape[:-1] + (nb, size)), axis=-1)
+        for _, nb, size, off in branch_groups(nvec)
+    ]
     return jnp.concatenate(parts, axis=-1).astype(jnp.int32)
 
 
@@ -188,8 +198,10 @@ class MultiCategorical:
         self.logits = logits
         self.nvec = tuple(int(n) for n in np.asarray(nvec).ravel())
         if logits.shape[-1] != sum(self.nvec):
-            raise ValueError(f"logits must end in sum(nvec) = {sum(self.nvec)} entries for nvec={list(self.nvec)}, "
-                             f"got shape {logits.shape}")
+            raise ValueError(
+                f"logits must end in sum(nvec) = {sum(self.nvec)} entries for nvec={list(self.nvec)}, "
+                f"got shape {logits.shape}"
+            )
 
     @functools.cached_property
     def _softmax(self) -> BranchSoftmax:

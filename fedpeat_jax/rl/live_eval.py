@@ -36,15 +36,24 @@ def baselines(env: FedPEATMEC, names, search_episodes: int = 64, seed: int = 0) 
     return out
 
 
-def run_policy(env: FedPEATMEC, policy, rounds: int, seed: int = 0, params: Optional[EnvParams] = None,
-               show_progress: bool = True, desc: str = "live rounds") -> list:
+def run_policy(
+    env: FedPEATMEC,
+    policy,
+    rounds: int,
+    seed: int = 0,
+    params: Optional[EnvParams] = None,
+    show_progress: bool = True,
+    desc: str = "live rounds",
+) -> list:
     """Step ``env`` ``rounds`` times with ``policy`` (any policy of :mod:`fedpeat_jax.rl.baselines`);
     returns one dict per round: round, reward, the action's choices and every info scalar."""
     from fedpeat_jax.io.logging import progress
 
     policy = as_policy(policy)
     params = env.default_params if params is None else params
-    act = jax.jit(lambda pp, ep, obs, state, key: policy.apply(pp, obs, state, ep, key))  # params are arguments: a live env's hold weights
+    act = jax.jit(
+        lambda pp, ep, obs, state, key: policy.apply(pp, obs, state, ep, key)
+    )  # params are arguments: a live env's hold weights
     key = jax.random.key(seed)
     key, k_reset = jax.random.split(key)
     obs, state = env.reset(k_reset, params)
@@ -54,13 +63,15 @@ def run_policy(env: FedPEATMEC, policy, rounds: int, seed: int = 0, params: Opti
         action = act(policy.params, params, obs, state, k_act)
         obs, state, reward, _, _, info = env.step(k_step, state, action, params)
         choice = decode_action(np.asarray(action), env.n_devices)
-        records.append({
-            "round": t + 1,
-            "reward": float(reward),
-            "devices": int(np.sum(choice["participate"])),
-            "server": int(choice["server"]),
-            **{k: float(v) for k, v in info.items() if np.ndim(v) == 0},
-        })
+        records.append(
+            {
+                "round": t + 1,
+                "reward": float(reward),
+                "devices": int(np.sum(choice["participate"])),
+                "server": int(choice["server"]),
+                **{k: float(v) for k, v in info.items() if np.ndim(v) == 0},
+            }
+        )
         bar.update(1)
         bar.set_postfix(ppl=f"{records[-1]['perplexity']:.1f}", latency=f"{records[-1]['latency']:.2f}s")
     bar.close()
@@ -100,11 +111,16 @@ def to_markdown(result: dict, ppl0: float) -> str:
     ]
     for name, p in result["policies"].items():
         s = p["summary"]
-        rows.append(f"| {name} | {s['return']:.2f} | {s['mean_perplexity']:.2f} | {s['final_perplexity']:.2f} | "
-                    f"{s['final_surrogate_perplexity']:.2f} | {s['mean_latency_s']:.3f} | {s['total_latency_s']:.1f} | "
-                    f"{s['stragglers']} | {s['violations']} | {s['clients_trained']} |")
-    rows += ["", "Real: the held-out plug-in perplexity measured after each real round. Surrogate: what the calibrated "
-             "response model predicts for the same round from the previous real perplexity."]
+        rows.append(
+            f"| {name} | {s['return']:.2f} | {s['mean_perplexity']:.2f} | {s['final_perplexity']:.2f} | "
+            f"{s['final_surrogate_perplexity']:.2f} | {s['mean_latency_s']:.3f} | {s['total_latency_s']:.1f} | "
+            f"{s['stragglers']} | {s['violations']} | {s['clients_trained']} |"
+        )
+    rows += [
+        "",
+        "Real: the held-out plug-in perplexity measured after each real round. Surrogate: what the calibrated "
+        "response model predicts for the same round from the previous real perplexity.",
+    ]
     return "\n".join(rows) + "\n"
 
 
@@ -115,8 +131,14 @@ def plot(result: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for _i, (name, p) in enumerate(result["policies"].items()):
         rounds = [r["round"] for r in p["records"]]
-        line, = ax.plot(rounds, [r["perplexity"] for r in p["records"]], marker="o", label=f"{name} (real)")
-        ax.plot(rounds, [r["surrogate_perplexity"] for r in p["records"]], ls="--", color=line.get_color(), label=f"{name} (surrogate)")
+        (line,) = ax.plot(rounds, [r["perplexity"] for r in p["records"]], marker="o", label=f"{name} (real)")
+        ax.plot(
+            rounds,
+            [r["surrogate_perplexity"] for r in p["records"]],
+            ls="--",
+            color=line.get_color(),
+            label=f"{name} (surrogate)",
+        )
     ax.set_xlabel("round")
     ax.set_ylabel("held-out plug-in perplexity")
     ax.set_title("Live FedPEAT rounds")

@@ -74,19 +74,24 @@ class DeviceActorCritic(nn.Module):
         n, f = lay.n_devices, lay.device_features
         lead = obs.shape[:-1]
         dev = jnp.swapaxes(obs[..., : f * n].reshape(lead + (f, n)), -1, -2)  # (..., N, F)
-        glob = obs[..., f * n:]  # (..., G)
+        glob = obs[..., f * n :]  # (..., G)
         x = jnp.concatenate([dev, jnp.broadcast_to(glob[..., None, :], lead + (n, glob.shape[-1]))], axis=-1)
         x = _trunk(x, self.hidden_sizes, self.activation)  # the device encoder, shared by the devices
         context = jnp.concatenate([jnp.mean(x, axis=-2), jnp.max(x, axis=-2)], axis=-1)  # (..., 2H)
         width = self.hidden_sizes[-1]
-        h = act(_dense(width, math.sqrt(2.0), name="device_head")(
-            jnp.concatenate([x, jnp.broadcast_to(context[..., None, :], lead + (n, context.shape[-1]))], axis=-1)))
-        dev_logits = _dense(int(sum(lay.device_branches)), 0.01, name="device_logits")(h)  # (..., N, sum device branches)
+        h = act(
+            _dense(width, math.sqrt(2.0), name="device_head")(
+                jnp.concatenate([x, jnp.broadcast_to(context[..., None, :], lead + (n, context.shape[-1]))], axis=-1)
+            )
+        )
+        dev_logits = _dense(int(sum(lay.device_branches)), 0.01, name="device_logits")(
+            h
+        )  # (..., N, sum device branches)
         g = act(_dense(width, math.sqrt(2.0), name="global_head")(jnp.concatenate([context, glob], axis=-1)))
         parts = [_dense(int(sum(lay.global_branches)), 0.01, name="global_logits")(g)]
         offsets = np.concatenate([[0], np.cumsum(lay.device_branches)])
         for b, size in enumerate(lay.device_branches):  # branch-major: all devices' branch b, device by device
-            parts.append(dev_logits[..., offsets[b]: offsets[b] + size].reshape(lead + (n * size,)))
+            parts.append(dev_logits[..., offsets[b] : offsets[b] + size].reshape(lead + (n * size,)))
         value = _dense(1, 1.0, name="value")(g)
         return jnp.concatenate(parts, axis=-1), value[..., 0]
 
@@ -101,7 +106,9 @@ def make_network(kind: str, nvec: tuple, hidden_sizes: tuple, activation: str, l
     if layout is None:
         raise ValueError("SABPPOConfig.network='devices' needs an environment with agent_layout() (e.g. FedPEATMEC)")
     if tuple(layout.nvec()) != tuple(nvec):
-        raise ValueError(f"the environment's agent_layout() gives branches {layout.nvec()}, its action space {tuple(nvec)}")
+        raise ValueError(
+            f"the environment's agent_layout() gives branches {layout.nvec()}, its action space {tuple(nvec)}"
+        )
     return DeviceActorCritic(layout=layout, hidden_sizes=tuple(hidden_sizes), activation=activation)
 
 

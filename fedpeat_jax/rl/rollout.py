@@ -46,14 +46,28 @@ def as_policy(policy, name: Optional[str] = None) -> Policy:
         return policy if name is None else policy._replace(name=name)
     if callable(policy):
         return Policy(apply=_Plain(policy), params=None, name=name or getattr(policy, "__name__", "policy"))
-    raise TypeError(f"a policy must be a Policy or a callable (obs, state, env_params, rng) -> action, got {type(policy).__name__}")
+    raise TypeError(
+        f"a policy must be a Policy or a callable (obs, state, env_params, rng) -> action, got {type(policy).__name__}"
+    )
 
 
 # =============================================================================================
 # Evaluation
 # =============================================================================================
-EPISODE_METRICS = ("return", "perplexity", "final_perplexity", "latency", "total_latency", "memory", "violations",
-                   "stragglers", "participants", "data_fraction", "bytes", "empty_rounds")
+EPISODE_METRICS = (
+    "return",
+    "perplexity",
+    "final_perplexity",
+    "latency",
+    "total_latency",
+    "memory",
+    "violations",
+    "stragglers",
+    "participants",
+    "data_fraction",
+    "bytes",
+    "empty_rounds",
+)
 
 
 def _rollout(apply, env, episodes: int, num_steps: int, policy_params, env_params, rng):
@@ -67,16 +81,28 @@ def _rollout(apply, env, episodes: int, num_steps: int, policy_params, env_param
     k_reset, k_run = jax.random.split(rng)
     obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, episodes), env_params)
     zeros = jnp.zeros((episodes,), jnp.float32)
-    sums0 = {"return": zeros, "perplexity": zeros, "latency": zeros, "memory": zeros, "violations": zeros,
-             "stragglers": zeros, "participants": zeros, "data_fraction": zeros, "bytes": zeros, "empty_rounds": zeros}
+    sums0 = {
+        "return": zeros,
+        "perplexity": zeros,
+        "latency": zeros,
+        "memory": zeros,
+        "violations": zeros,
+        "stragglers": zeros,
+        "participants": zeros,
+        "data_fraction": zeros,
+        "bytes": zeros,
+        "empty_rounds": zeros,
+    }
 
     def step(carry, key):
         obs, state, sums, _, _ = carry
         k_pol, k_env = jax.random.split(key)
         action = jax.vmap(apply, in_axes=(None, 0, 0, None, 0))(
-            policy_params, obs, state, env_params, jax.random.split(k_pol, episodes))
+            policy_params, obs, state, env_params, jax.random.split(k_pol, episodes)
+        )
         obs, state, reward, terminated, truncated, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-            jax.random.split(k_env, episodes), state, action, env_params)
+            jax.random.split(k_env, episodes), state, action, env_params
+        )
         f = lambda name: info[name].astype(jnp.float32) if name in info else zeros  # noqa: E731
         sums = {
             "return": sums["return"] + reward.astype(jnp.float32),
@@ -94,7 +120,8 @@ def _rollout(apply, env, episodes: int, num_steps: int, policy_params, env_param
         return (obs, state, sums, f("perplexity"), done), None
 
     (_, _, sums, last_ppl, last_done), _ = jax.lax.scan(
-        step, (obs, state, sums0, zeros, zeros), jax.random.split(k_run, num_steps))
+        step, (obs, state, sums0, zeros, zeros), jax.random.split(k_run, num_steps)
+    )
     return {
         "return": sums["return"],
         "perplexity": sums["perplexity"] / num_steps,
@@ -143,8 +170,12 @@ def evaluate(policy, env, env_params=None, episodes: int = 64, rng=0, num_steps:
     key = jax.random.key(int(rng)) if isinstance(rng, (int, np.integer)) else rng
     per_episode = rollout_episodes(p.apply, env, int(episodes), int(num_steps), p.params, env_params, key)
     per_episode = jax.tree.map(np.asarray, per_episode)
-    out = {"policy": p.name, "episodes": int(episodes), "num_steps": int(num_steps),
-           "completed_fraction": float(per_episode["completed"].mean())}
+    out = {
+        "policy": p.name,
+        "episodes": int(episodes),
+        "num_steps": int(num_steps),
+        "completed_fraction": float(per_episode["completed"].mean()),
+    }
     for name in EPISODE_METRICS:
         values = per_episode[name].astype(np.float64)
         out[f"{name}_mean"] = float(values.mean())

@@ -68,7 +68,11 @@ class Rule:
     def describe(self, n_levels: int) -> str:
         level = int(self.level)
         lv = "largest fitting emulator" if level >= n_levels else f"emulator level {level}"
-        who = "no device" if int(self.n) == 0 else f"top {int(self.n)} by {SCORES[int(self.score)]}, {lv}, {BANDWIDTH_RULES[int(self.bw)]} bandwidth"
+        who = (
+            "no device"
+            if int(self.n) == 0
+            else f"top {int(self.n)} by {SCORES[int(self.score)]}, {lv}, {BANDWIDTH_RULES[int(self.bw)]} bandwidth"
+        )
         return f"server {'on' if int(self.server) else 'off'}, {who}"
 
 
@@ -83,7 +87,9 @@ def _estimated_time(state, env_params, level, k, n_chosen):
     t_cmp = system.compute_time(tokens, system.flops_per_token(p_dev, p.p_peft), state.flops, p.utilization)
     exchange = (state.stored_level != level).astype(jnp.float32)
     ones = jnp.ones_like(exchange)
-    return system.device_latency(exchange, p.q_bits * p_dev, system.peft_bits(p.p_peft, p.q_bits), r_dl, t_cmp, r_ul, ones, jnp)
+    return system.device_latency(
+        exchange, p.q_bits * p_dev, system.peft_bits(p.p_peft, p.q_bits), r_dl, t_cmp, r_ul, ones, jnp
+    )
 
 
 @dataclass(frozen=True)
@@ -101,12 +107,14 @@ class RuleApply:
         level = jnp.where(rule.level >= m, largest, jnp.minimum(rule.level, m - 1)).astype(jnp.int32)
         can = jnp.take_along_axis(fits, level[:, None], axis=1)[:, 0]
         k = level_k[level]
-        scores = jnp.stack([
-            state.gain,
-            state.flops,
-            state.data,
-            -_estimated_time(state, env_params, level, k, rule.n),
-        ])
+        scores = jnp.stack(
+            [
+                state.gain,
+                state.flops,
+                state.data,
+                -_estimated_time(state, env_params, level, k, rule.n),
+            ]
+        )
         score = jnp.where(can, jnp.take(scores, rule.score, axis=0), -jnp.inf)
         rank = jnp.argsort(jnp.argsort(-score))  # 0 for the best device
         participate = ((rank < rule.n) & can).astype(jnp.int32)
@@ -129,7 +137,9 @@ def rule_grid(env) -> Rule:
     """
     n, m = int(env.n_devices), int(env.n_levels)
     rows = [(1, 0, 0, m, 0)]
-    rows += list(itertools.product((0, 1), range(len(SCORES)), range(1, n + 1), range(m + 1), range(len(BANDWIDTH_RULES))))
+    rows += list(
+        itertools.product((0, 1), range(len(SCORES)), range(1, n + 1), range(m + 1), range(len(BANDWIDTH_RULES)))
+    )
     cols = np.asarray(rows, np.int32).T
     return Rule(*(jnp.asarray(c) for c in cols))
 
@@ -138,8 +148,17 @@ def _take(rules: Rule, index) -> Rule:
     return jax.tree.map(lambda x: x[index], rules)
 
 
-def search_rules(env, env_params=None, *, episodes: int = 32, finalists: int = 8, final_episodes: int = 256, rng=0,
-                 chunk: int = 256, show_progress: bool = False) -> dict:
+def search_rules(
+    env,
+    env_params=None,
+    *,
+    episodes: int = 32,
+    finalists: int = 8,
+    final_episodes: int = 256,
+    rng=0,
+    chunk: int = 256,
+    show_progress: bool = False,
+) -> dict:
     """The best rule of :func:`rule_grid` by mean episode return.
 
     Every rule runs ``episodes`` episodes (the same draws for all, key ``rng``); the ``finalists``
@@ -158,18 +177,28 @@ def search_rules(env, env_params=None, *, episodes: int = 32, finalists: int = 8
     returns, bar = [], progress(total, "rule search", disable=not show_progress)
     for start in range(0, total, chunk):
         index = np.minimum(np.arange(start, start + chunk), total - 1)  # the last chunk padded: one compile
-        out = rollout_many(apply, env, episodes, num_steps, _take(rules, jnp.asarray(index)), env_params, jax.random.key(rng))
+        out = rollout_many(
+            apply, env, episodes, num_steps, _take(rules, jnp.asarray(index)), env_params, jax.random.key(rng)
+        )
         returns.append(np.asarray(out["return"]).mean(axis=1)[: total - start])
         bar.update(min(chunk, total - start))
     bar.close()
     screen = np.concatenate(returns)
     top = np.argsort(-screen)[: int(finalists)]
-    out = rollout_many(apply, env, final_episodes, num_steps, _take(rules, jnp.asarray(top)), env_params, jax.random.key(rng + 1))
+    out = rollout_many(
+        apply, env, final_episodes, num_steps, _take(rules, jnp.asarray(top)), env_params, jax.random.key(rng + 1)
+    )
     finals = np.asarray(out["return"]).mean(axis=1)
     best = int(top[int(np.argmax(finals))])
     rule = _take(rules, best)
-    return {"rule": rule, "description": rule.describe(int(env.n_levels)), "policy": rule_policy(env, rule, "best_rule"),
-            "screen": screen, "finals": list(zip(top.tolist(), finals.tolist())), "rules_searched": total}
+    return {
+        "rule": rule,
+        "description": rule.describe(int(env.n_levels)),
+        "policy": rule_policy(env, rule, "best_rule"),
+        "screen": screen,
+        "finals": list(zip(top.tolist(), finals.tolist())),
+        "rules_searched": total,
+    }
 
 
 def greedy_n(n_devices: int) -> int:

@@ -9,7 +9,8 @@ be ``jax.jit``-ed whole and ``jax.vmap``-ed over seeds *and* hyperparameters in 
     keys = jax.random.split(jax.random.key(0), 2)
     states, metrics = jit(jax.vmap(trainer.train))(keys, hps)             # a sweep, one compile
 
-(``jit`` is ``jax.jit`` with ``cpu_tricks.compiler_options()``.) The branch distribution is
+(``jit`` is ``jax.jit`` with ``cpu_tricks.compiler_options()``; the settings live in
+:mod:`fedpeat_jax.rl.sabppo_config` and are re-exported here.) The branch distribution is
 :class:`fedpeat_jax.rl.distributions.MultiCategorical`'s machinery; the running normalizers are
 :mod:`fedpeat_jax.rl.normalize`.
 
@@ -45,9 +46,7 @@ options) is in the static :class:`SABPPOConfig`.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -57,150 +56,14 @@ import optax
 from flax import struct
 
 from fedpeat_jax import cpu_tricks
-from fedpeat_jax.config import Config, require
 from fedpeat_jax.cpu_tricks import compiler_options
 from fedpeat_jax.rl.distributions import branch_softmax, sample_with_log_probs
-from fedpeat_jax.rl.networks import ACTIVATIONS, ActorCritic, make_network
+from fedpeat_jax.rl.networks import ActorCritic, make_network
 from fedpeat_jax.rl.normalize import RunningMeanStd, normalize_obs, rms_init, rms_update
+from fedpeat_jax.rl.sabppo_config import CLIP_MODES, HParams, SABPPOConfig, default_hparams, stack_hparams
 from fedpeat_jax.rl.vec_env import env_nvec, vec_env
 
 PyTree = Any
-
-CLIP_MODES = ("joint", "branch")
-NETWORKS = ("auto", "mlp", "devices")
-
-
-# =============================================================================================
-# Configuration
-# =============================================================================================
-@dataclass(frozen=True)
-class SABPPOConfig(Config):
-    """Static settings of an SABPPO run (shapes, loop lengths, options) and hyperparameter defaults.
-
-    ``lr``, ``ent_coef``, ``clip_eps``, ``vf_coef``, ``max_grad_norm``, ``gamma`` and
-    ``gae_lambda`` here are only the defaults of :class:`HParams`; a sweep overrides them per run.
-    One update collects ``num_envs * num_steps`` environment steps.
-    """
-
-    num_envs: int = 64
-    """Parallel environments per update."""
-    num_steps: int = 50  # rollout length per update (env steps per environment)
-    total_timesteps: int = 1_000_000
-    """Environment steps per run; updates = total_timesteps // (num_envs * num_steps)."""
-    update_epochs: int = 4
-    """Passes over each rollout."""
-    num_minibatches: int = 16  # minibatches of 200 at the default sizes: learned faster than 4 on the MEC env
-    lr: float = 3e-4
-    """Adam learning rate (default of `HParams.lr`)."""
-    anneal_lr: bool = True
-    """Anneal the learning rate linearly to 0 over the run."""
-    gamma: float = 0.99
-    """Discount (default of `HParams.gamma`)."""
-    gae_lambda: float = 0.95
-    """GAE lambda (default of `HParams.gae_lambda`)."""
-    clip_eps: float = 0.2
-    """PPO clip range (default of `HParams.clip_eps`); also clips the value update."""
-    clip_mode: str = "joint"  # "joint": clip pi/pi_old of the whole action; "branch": per branch
-    clip_value: bool = True  # PPO-style clipping of the value update
-    ent_coef: float = 0.01
-    """Entropy bonus weight on the sum of branch entropies (default of `HParams.ent_coef`)."""
-    vf_coef: float = 0.5
-    """Value-loss weight (default of `HParams.vf_coef`)."""
-    max_grad_norm: float = 0.5
-    """Global gradient-norm clip (default of `HParams.max_grad_norm`)."""
-    adam_eps: float = 1e-5
-    """Adam epsilon."""
-    network: str = "auto"
-    """'mlp' (trunk over the flat observation), 'devices' (trunk and heads shared by the devices; needs env.agent_layout()), 'auto' (devices where the env allows)."""
-    hidden_sizes: tuple[int, ...] = (64, 64)
-    """Widths of the shared trunk (the per-device encoder with network='devices')."""
-    activation: str = "tanh"
-    """Trunk activation: 'tanh' or 'relu'."""
-    normalize_obs: bool = True
-    """Running mean/variance observation normalization (kept in the training state)."""
-    # Off by default: the MEC rewards are of order 1 per round by design (docs/system_model.md), and
-    # return-scaled rewards learned more slowly there in our runs.
-    normalize_reward: bool = False
-    normalize_advantages: bool = True
-    """Normalize advantages per minibatch."""
-    obs_clip: float = 10.0
-    """Clip of the normalized observation."""
-    reward_clip: float = 10.0
-    """Clip of the scaled reward (normalize_reward only)."""
-
-    def validate(self) -> None:
-        for name in ("num_envs", "num_steps", "total_timesteps", "update_epochs", "num_minibatches"):
-            v = getattr(self, name)
-            require(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1,
-                     f"SABPPOConfig.{name} must be an integer >= 1, got {v!r}")
-        require(self.total_timesteps >= self.batch_size,
-                 f"SABPPOConfig.total_timesteps ({self.total_timesteps}) must be at least one update of "
-                 f"num_envs * num_steps = {self.batch_size} env steps")
-        require(self.batch_size % self.num_minibatches == 0,
-                 f"SABPPOConfig.num_minibatches ({self.num_minibatches}) must divide num_envs * num_steps "
-                 f"({self.batch_size})")
-        require(self.lr > 0 and math.isfinite(self.lr), f"SABPPOConfig.lr must be finite and > 0, got {self.lr}")
-        require(0 <= self.gamma <= 1, f"SABPPOConfig.gamma must be in [0, 1], got {self.gamma}")
-        require(0 <= self.gae_lambda <= 1, f"SABPPOConfig.gae_lambda must be in [0, 1], got {self.gae_lambda}")
-        require(self.clip_eps > 0, f"SABPPOConfig.clip_eps must be > 0, got {self.clip_eps}")
-        require(self.clip_mode in CLIP_MODES, f"SABPPOConfig.clip_mode must be one of {CLIP_MODES}, got {self.clip_mode!r}")
-        require(self.ent_coef >= 0, f"SABPPOConfig.ent_coef must be >= 0, got {self.ent_coef}")
-        require(self.vf_coef >= 0, f"SABPPOConfig.vf_coef must be >= 0, got {self.vf_coef}")
-        require(self.max_grad_norm > 0, f"SABPPOConfig.max_grad_norm must be > 0, got {self.max_grad_norm}")
-        require(self.adam_eps > 0, f"SABPPOConfig.adam_eps must be > 0, got {self.adam_eps}")
-        require(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes),
-                 f"SABPPOConfig.hidden_sizes must be one or more layer widths >= 1, got {self.hidden_sizes}")
-        require(self.network in NETWORKS, f"SABPPOConfig.network must be one of {NETWORKS}, got {self.network!r}")
-        require(self.activation in ACTIVATIONS,
-                 f"SABPPOConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        require(self.obs_clip > 0, f"SABPPOConfig.obs_clip must be > 0, got {self.obs_clip}")
-        require(self.reward_clip > 0, f"SABPPOConfig.reward_clip must be > 0, got {self.reward_clip}")
-
-    @property
-    def batch_size(self) -> int:
-        """Environment steps per update (num_envs * num_steps)."""
-        return self.num_envs * self.num_steps
-
-    @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
-
-    @property
-    def num_updates(self) -> int:
-        """PPO updates in a full run: total_timesteps // (num_envs * num_steps)."""
-        return self.total_timesteps // self.batch_size
-
-
-@struct.dataclass
-class HParams:
-    """Traced hyperparameters of one run; a batch of them (leading axis) is vmapped in a sweep."""
-
-    lr: jax.Array
-    ent_coef: jax.Array
-    clip_eps: jax.Array
-    vf_coef: jax.Array
-    max_grad_norm: jax.Array
-    gamma: jax.Array
-    gae_lambda: jax.Array
-    env_params: Any  # fedpeat_jax.mec.EnvParams (reward weights, physics), or any gymnax params
-
-
-def default_hparams(config: SABPPOConfig, env_params) -> HParams:
-    """The config's hyperparameter defaults together with ``env_params``."""
-    f = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
-    return HParams(lr=f(config.lr), ent_coef=f(config.ent_coef), clip_eps=f(config.clip_eps),
-                   vf_coef=f(config.vf_coef), max_grad_norm=f(config.max_grad_norm), gamma=f(config.gamma),
-                   gae_lambda=f(config.gae_lambda), env_params=env_params)
-
-
-def stack_hparams(hparams: Sequence[HParams]) -> HParams:
-    """Stack runs' hyperparameters along a new leading axis (for ``jax.vmap(train)``).
-
-    Every leaf is converted to an array first, so Python-number fields of ``EnvParams`` stack too.
-    """
-    if not hparams:
-        raise ValueError("stack_hparams needs at least one HParams")
-    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *hparams)
 
 
 # =============================================================================================
@@ -221,8 +84,9 @@ def compute_gae(rewards, values, dones, last_value, gamma, gae_lambda):
         gae = delta + gamma * gae_lambda * not_done * gae
         return (gae, value), gae
 
-    _, adv = jax.lax.scan(step, (jnp.zeros_like(last_value), last_value), (rewards, values, dones.astype(values.dtype)),
-                          reverse=True)
+    _, adv = jax.lax.scan(
+        step, (jnp.zeros_like(last_value), last_value), (rewards, values, dones.astype(values.dtype)), reverse=True
+    )
     return adv, adv + values
 
 
@@ -335,9 +199,10 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
 
     def optimizer(hp: HParams):
         steps_per_update = config.update_epochs * config.num_minibatches
-        return optax.chain(optax.clip_by_global_norm(hp.max_grad_norm),
-                           optax.adam(learning_rate=lambda count: learning_rate(hp, count // steps_per_update),
-                                      eps=config.adam_eps))
+        return optax.chain(
+            optax.clip_by_global_norm(hp.max_grad_norm),
+            optax.adam(learning_rate=lambda count: learning_rate(hp, count // steps_per_update), eps=config.adam_eps),
+        )
 
     def obs_normalizer(state: TrainState):
         return state.obs_rms if config.normalize_obs else None
@@ -410,8 +275,14 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
             "info_sum": jax.tree.map(jnp.add, stats["info_sum"], info_means),
         }
         state = state.replace(
-            env_state=env_state, obs=obs, obs_rms=obs_rms, ret_rms=ret_rms, disc_return=disc_return,
-            ep_return=jnp.where(done, 0.0, ep_return), ep_length=jnp.where(done, 0, ep_length))
+            env_state=env_state,
+            obs=obs,
+            obs_rms=obs_rms,
+            ret_rms=ret_rms,
+            disc_return=disc_return,
+            ep_return=jnp.where(done, 0.0, ep_return),
+            ep_length=jnp.where(done, 0, ep_length),
+        )
         return (state, stats), Transition(obs_n, action, logp_b, value, learn_reward, done)
 
     def info_template(state: TrainState):
@@ -419,8 +290,11 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
         action = jnp.zeros((E, n_branches), jnp.int32)
         out = jax.eval_shape(venv.step, state.rng, state.env_state, action, state.hparams.env_params)
         info = out[4]
-        return {k: jnp.zeros((), jnp.float32) for k, v in info.items()
-                if v.shape == (E,) and k not in ("terminated", "truncated")}
+        return {
+            k: jnp.zeros((), jnp.float32)
+            for k, v in info.items()
+            if v.shape == (E,) and k not in ("terminated", "truncated")
+        }
 
     # ------------------------------------------------------------------------------- UPDATE
     def loss_fn(params, batch, adv, targets, hp: HParams):
@@ -443,8 +317,14 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
         total = pg_loss + hp.vf_coef * v_loss - hp.ent_coef * entropy
         log_ratio = jnp.sum(logp_b - old_logp_b, axis=-1)
         approx_kl = jnp.mean(jnp.exp(log_ratio) - 1.0 - log_ratio)
-        return total, {"loss": total, "policy_loss": pg_loss, "value_loss": v_loss, "entropy": entropy,
-                       "approx_kl": approx_kl, "clip_frac": clip_frac}
+        return total, {
+            "loss": total,
+            "policy_loss": pg_loss,
+            "value_loss": v_loss,
+            "entropy": entropy,
+            "approx_kl": approx_kl,
+            "clip_frac": clip_frac,
+        }
 
     def update_epoch(carry, key):
         params, opt_state, traj, adv, targets, hp = carry
@@ -452,7 +332,9 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
         flat = lambda x: x.reshape((config.batch_size,) + x.shape[2:])  # noqa: E731
         data = jax.tree.map(flat, ((traj.obs, traj.action, traj.logp_b, traj.value), adv, targets))
         perm = cpu_tricks.permutation(key, config.batch_size)
-        mbs = jax.tree.map(lambda x: x[perm].reshape((config.num_minibatches, config.minibatch_size) + x.shape[1:]), data)
+        mbs = jax.tree.map(
+            lambda x: x[perm].reshape((config.num_minibatches, config.minibatch_size) + x.shape[1:]), data
+        )
 
         def minibatch(carry, mb):
             params, opt_state = carry
@@ -467,8 +349,13 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
     def one_update(state: TrainState, _):
         hp = state.hparams
         zero = jnp.zeros((), jnp.float32)
-        stats0 = {"episodes": zero, "episode_return_sum": zero, "episode_length_sum": zero, "reward_sum": zero,
-                  "info_sum": info_template(state)}
+        stats0 = {
+            "episodes": zero,
+            "episode_return_sum": zero,
+            "episode_length_sum": zero,
+            "reward_sum": zero,
+            "info_sum": info_template(state),
+        }
         rng, k_rollout, k_epochs = jax.random.split(state.rng, 3)
         # every step's (action, env) keys drawn at once: one threefry call per update, not per step
         (state, stats), traj = jax.lax.scan(env_step, (state, stats0), jax.random.split(k_rollout, (T, 2)))
@@ -480,8 +367,10 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
         # ----- epochs x minibatches
         lr_now = learning_rate(hp, state.update)
         (params, opt_state, *_), aux = jax.lax.scan(
-            update_epoch, (state.params, state.opt_state, traj, adv, targets, hp),
-            jax.random.split(k_epochs, config.update_epochs))
+            update_epoch,
+            (state.params, state.opt_state, traj, adv, targets, hp),
+            jax.random.split(k_epochs, config.update_epochs),
+        )
         state = state.replace(params=params, opt_state=opt_state, rng=rng, update=state.update + 1)
 
         # ----- metrics of this update (scalars)
@@ -508,8 +397,16 @@ def make_trainer(config: SABPPOConfig, env, env_params=None) -> Trainer:
         """A whole run: ``init`` then ``config.num_updates`` updates."""
         return run_updates(init(rng, hparams), num_updates_total)
 
-    return Trainer(config=config, network=network, nvec=nvec, default_hparams=default, init=init,
-                   run_updates=run_updates, train=train, policy_logits=policy_logits)
+    return Trainer(
+        config=config,
+        network=network,
+        nvec=nvec,
+        default_hparams=default,
+        init=init,
+        run_updates=run_updates,
+        train=train,
+        policy_logits=policy_logits,
+    )
 
 
 def make_train(config: SABPPOConfig, env, env_params=None) -> Callable:

@@ -42,7 +42,8 @@ def vec_env(env, num_envs: int, scalar_action: bool = False) -> VecEnv:
     def step(key, state, action, params):
         action = action[:, 0] if scalar_action else action
         obs, state, reward, terminated, truncated, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-            jax.random.split(key, num_envs), state, action, params)
+            jax.random.split(key, num_envs), state, action, params
+        )
         return obs, state, reward, jnp.logical_or(terminated, truncated), info
 
     return VecEnv(reset, step)
@@ -56,8 +57,9 @@ def env_nvec(env, env_params) -> tuple:
         return tuple(int(n) for n in np.asarray(space.nvec))
     if hasattr(space, "n"):
         return (int(space.n),)
-    raise ValueError(f"cannot read the action branches of {type(env).__name__}: its action space "
-                     f"{space!r} has neither nvec nor n")
+    raise ValueError(
+        f"cannot read the action branches of {type(env).__name__}: its action space {space!r} has neither nvec nor n"
+    )
 
 
 __all__ = ["VecEnv", "env_nvec", "vec_env"]

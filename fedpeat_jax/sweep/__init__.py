@@ -10,8 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def run_spec(path, overrides=(), *, out=None, resume: bool = True, cache_dir=None, dry_run: bool = False, show_progress: bool = True,
-             log=print) -> dict:
+def run_spec(
+    path,
+    overrides=(),
+    *,
+    out=None,
+    resume: bool = True,
+    cache_dir=None,
+    dry_run: bool = False,
+    show_progress: bool = True,
+    log=print,
+) -> dict:
     """Load and check the spec at `path` (with `KEY=VALUE` overrides) and run its study in `out`
     (default runs/sweep/<name>); prints where the report is."""
     from fedpeat_jax.sweep import federated, report
@@ -19,7 +28,9 @@ def run_spec(path, overrides=(), *, out=None, resume: bool = True, cache_dir=Non
 
     spec = spec_lib.load(path, overrides)
     out = Path(out if out is not None else Path("runs") / "sweep" / spec.name)
-    result = federated.run(spec, out, resume=resume, cache_dir=cache_dir, show_progress=show_progress, log=log, dry_run=dry_run)
+    result = federated.run(
+        spec, out, resume=resume, cache_dir=cache_dir, show_progress=show_progress, log=log, dry_run=dry_run
+    )
     if result.get("files"):
         layout = federated.layout(spec)
         best = [f"  group {g['group']} ({g['label']}): {report.best_line(g, layout)}" for g in result["summary"]]

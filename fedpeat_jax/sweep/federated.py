@@ -32,7 +32,12 @@ import numpy as np
 from fedpeat_jax.sweep import report, search
 from fedpeat_jax.sweep.spec import HYPERPARAMETERS, Spec
 
-CLASS_FIELDS = {"FedConfig": "base.fed", "PeftConfig": "base.peft", "TaskConfig": "base.task", "TextConfig": "base.text"}
+CLASS_FIELDS = {
+    "FedConfig": "base.fed",
+    "PeftConfig": "base.peft",
+    "TaskConfig": "base.task",
+    "TextConfig": "base.text",
+}
 
 
 def _in_spec(spec: Spec, err: Exception):
@@ -70,8 +75,16 @@ def _log_axes(spec: Spec) -> tuple:
 
 def layout(spec: Spec) -> report.Layout:
     label = "held-out plug-in perplexity" if spec.objective == "plugin_ppl" else "final training loss"
-    return report.Layout(title=f"Sweep {spec.name}", objective=spec.objective, objective_label=label, minimize=True, step="round",
-                         axes=spec.axis_names, structure=tuple(k for k, _ in spec.structure), log_axes=_log_axes(spec))
+    return report.Layout(
+        title=f"Sweep {spec.name}",
+        objective=spec.objective,
+        objective_label=label,
+        minimize=True,
+        step="round",
+        axes=spec.axis_names,
+        structure=tuple(k for k, _ in spec.structure),
+        log_axes=_log_axes(spec),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,8 +95,11 @@ def _hypers(group, settings: list, seeds: tuple):
     from fedpeat_jax.fed.client import Hyper
 
     values = [{h: float(s.get(h, getattr(group.fed, h))) for h in HYPERPARAMETERS} for s in settings for _ in seeds]
-    return np.asarray([seed for _ in settings for seed in seeds], np.int32), Hyper(*(np.asarray([v[h] for v in values], np.float32)
-                                                                                      for h in HYPERPARAMETERS)), values
+    return (
+        np.asarray([seed for _ in settings for seed in seeds], np.int32),
+        Hyper(*(np.asarray([v[h] for v in values], np.float32) for h in HYPERPARAMETERS)),
+        values,
+    )
 
 
 def _records(group, settings: list, trials: list, seeds: tuple, result, first_setting: int) -> list:
@@ -93,9 +109,20 @@ def _records(group, settings: list, trials: list, seeds: tuple, result, first_se
     for i, trial in enumerate(trials):
         for j, seed in enumerate(seeds):
             r = i * len(seeds) + j
-            out.append({"group": group.index, "group_label": group.label, "structure": {k: v for k, v in group.choices},
-                        "setting": first_setting + i, "trial": trial, "hyper": values[r], "seed": int(seed),
-                        "zero_shot_ppl": float(result.zero_shot[r]), "history": result.histories[r], "diverged": result.diverged.get(r)})
+            out.append(
+                {
+                    "group": group.index,
+                    "group_label": group.label,
+                    "structure": {k: v for k, v in group.choices},
+                    "setting": first_setting + i,
+                    "trial": trial,
+                    "hyper": values[r],
+                    "seed": int(seed),
+                    "zero_shot_ppl": float(result.zero_shot[r]),
+                    "history": result.histories[r],
+                    "diverged": result.diverged.get(r),
+                }
+            )
     return out
 
 
@@ -105,13 +132,30 @@ def tidy(records: list, spec: Spec, groups: list) -> list:
     for run, rec in enumerate(records):
         fed = groups[rec["group"]].fed
         evals = set(_eval_rounds(fed))
-        base = {"run": run, "group": rec["group"], "group_label": rec["group_label"],
-                **{k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in rec["structure"].items()},
-                "setting": rec["setting"], **({"trial": rec["trial"]} if rec["trial"] is not None else {}), **rec["hyper"], "seed": rec["seed"]}
+        base = {
+            "run": run,
+            "group": rec["group"],
+            "group_label": rec["group_label"],
+            **{k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in rec["structure"].items()},
+            "setting": rec["setting"],
+            **({"trial": rec["trial"]} if rec["trial"] is not None else {}),
+            **rec["hyper"],
+            "seed": rec["seed"],
+        }
         dp = fed.dp_clip is not None and rec["hyper"]["dp_noise"] > 0
         zero = rec["zero_shot_ppl"]
-        rows.append({**base, "round": 0, "plugin_ppl": zero if math.isfinite(zero) else None, "loss": None, "bytes_up": 0, "bytes_down": 0,
-                     **({"epsilon": 0.0} if dp else {}), "status": "ok"})
+        rows.append(
+            {
+                **base,
+                "round": 0,
+                "plugin_ppl": zero if math.isfinite(zero) else None,
+                "loss": None,
+                "bytes_up": 0,
+                "bytes_down": 0,
+                **({"epsilon": 0.0} if dp else {}),
+                "status": "ok",
+            }
+        )
         up = down = 0
         history = rec["history"]
         for k, h in enumerate(history):
@@ -119,9 +163,18 @@ def tidy(records: list, spec: Spec, groups: list) -> list:
             last = k == len(history) - 1
             stopped = last and rec["diverged"] is not None
             if h["round"] in evals or stopped:
-                row = {**base, "round": h["round"], "plugin_ppl": h.get("plugin_ppl"), "loss": h["loss"], "participants": h["participants"],
-                       "dropped": h["dropped"], "bytes_up": up, "bytes_down": down, **({"epsilon": h.get("epsilon", 0.0)} if dp else {}),
-                       "status": "diverged" if stopped else "ok"}
+                row = {
+                    **base,
+                    "round": h["round"],
+                    "plugin_ppl": h.get("plugin_ppl"),
+                    "loss": h["loss"],
+                    "participants": h["participants"],
+                    "dropped": h["dropped"],
+                    "bytes_up": up,
+                    "bytes_down": down,
+                    **({"epsilon": h.get("epsilon", 0.0)} if dp else {}),
+                    "status": "diverged" if stopped else "ok",
+                }
                 if stopped:
                     row["reason"] = rec["diverged"]["reason"]
                 rows.append(row)
@@ -145,12 +198,17 @@ def _prepare(spec: Spec, cache_dir, log) -> tuple:
         raise _in_spec(spec, e) from None
     groups = spec.groups(shape, plan.n_clients)
     if spec.objective == "plugin_ppl" and not plan.heldout:
-        raise spec.error("objective", f"plugin_ppl needs held-out text and {spec.text.describe()} holds none out "
-                                      "(base.text.heldout_fraction); set objective: loss")
+        raise spec.error(
+            "objective",
+            f"plugin_ppl needs held-out text and {spec.text.describe()} holds none out "
+            "(base.text.heldout_fraction); set objective: loss",
+        )
     runs = len(groups) * spec.settings_per_group() * len(spec.seeds)
     log(f"data: {plan.summary}")
-    log(f"study {spec.name}: {len(groups)} structural group(s) x {spec.settings_per_group()} setting(s) ({spec.sampler}) x "
-        f"{len(spec.seeds)} seed(s) = {runs} runs; one compiled program per group")
+    log(
+        f"study {spec.name}: {len(groups)} structural group(s) x {spec.settings_per_group()} setting(s) ({spec.sampler}) x "
+        f"{len(spec.seeds)} seed(s) = {runs} runs; one compiled program per group"
+    )
     return shape, plan, groups
 
 
@@ -163,15 +221,20 @@ class _Store:
         if path.is_file():
             old = json.loads(path.read_text()).get("fingerprint")
             if old != self.digest:
-                raise spec.error("out", f"{out} holds a study of another spec (fingerprint {old} != {self.digest}); use --fresh to set "
-                                        "it aside, or another --out")
+                raise spec.error(
+                    "out",
+                    f"{out} holds a study of another spec (fingerprint {old} != {self.digest}); use --fresh to set "
+                    "it aside, or another --out",
+                )
         elif out.exists() and any(out.iterdir()):
             raise spec.error("out", f"{out} exists and holds no study; choose a new folder (nothing was written)")
 
     def commit(self) -> None:
         """Write the resolved spec: from here on the folder is this study's."""
         (self.out / "cohorts").mkdir(parents=True, exist_ok=True)
-        report.write_json(self.out / "spec.json", {"fingerprint": self.digest, "spec": self.spec.resolved, "source": self.spec.path})
+        report.write_json(
+            self.out / "spec.json", {"fingerprint": self.digest, "spec": self.spec.resolved, "source": self.spec.path}
+        )
 
     def cohort(self, name: str) -> Optional[dict]:
         path = self.out / "cohorts" / f"{name}.json"
@@ -184,8 +247,17 @@ class _Store:
         return self.out / "checkpoints" / name
 
 
-def run(spec: Spec, out, *, resume: bool = True, cache_dir=None, show_progress: bool = True, log: Callable[[str], None] = print,
-        stop_after_chunks: Optional[int] = None, dry_run: bool = False) -> dict:
+def run(
+    spec: Spec,
+    out,
+    *,
+    resume: bool = True,
+    cache_dir=None,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+    stop_after_chunks: Optional[int] = None,
+    dry_run: bool = False,
+) -> dict:
     """Run (or resume) the study of `spec` in `out`; returns {"done", "records", "rows", "summary", "files", "timing"}."""
     import jax
 
@@ -216,8 +288,13 @@ def run(spec: Spec, out, *, resume: bool = True, cache_dir=None, show_progress: 
     n_clients = int(task.train.tokens.shape[0])
     per_group = spec.settings_per_group()
     batch = spec.batch if spec.sampler == "optuna" else per_group
-    names = {g.index: [f"g{g.index:03d}" if spec.sampler != "optuna" else f"g{g.index:03d}-b{b:03d}"
-                       for b in range(math.ceil(per_group / batch))] for g in groups}
+    names = {
+        g.index: [
+            f"g{g.index:03d}" if spec.sampler != "optuna" else f"g{g.index:03d}-b{b:03d}"
+            for b in range(math.ceil(per_group / batch))
+        ]
+        for g in groups
+    }
 
     # Compile every unfinished group first: memory problems surface before anything trains.
     cohorts, t0 = {}, time.perf_counter()
@@ -225,23 +302,42 @@ def run(spec: Spec, out, *, resume: bool = True, cache_dir=None, show_progress: 
         if all(store.cohort(n) is not None for n in names[g.index]):
             continue
         sim = FedPEAT(model, g.peft, g.fed, n_clients=n_clients)
-        cohort = engine.Cohort(sim, shared[0], shared[1], eval_data=shared[2], server_data=shared[3] if g.fed.server_participation else None,
-                               mesh=mesh)
+        cohort = engine.Cohort(
+            sim,
+            shared[0],
+            shared[1],
+            eval_data=shared[2],
+            server_data=shared[3] if g.fed.server_participation else None,
+            mesh=mesh,
+        )
         n_runs = batch * len(spec.seeds)
         host = cohort.state_bytes(n_runs if spec.sampler == "optuna" else per_group * len(spec.seeds))
         if host > 0.5 * _host_memory():
-            raise spec.error(f"group {g.label}", f"its runs keep {host / 2**30:.1f} GiB of server state on the host, more than half of the "
-                                                 "memory available; run fewer settings or seeds per study")
+            raise spec.error(
+                f"group {g.label}",
+                f"its runs keep {host / 2**30:.1f} GiB of server state on the host, more than half of the "
+                "memory available; run fewer settings or seeds per study",
+            )
         try:
-            chunk = cohort.fit(n_runs, min(g.fed.rounds_per_chunk, g.fed.rounds),
-                               run_chunk=n_runs if spec.sampler == "optuna" else spec.run_chunk)
+            chunk = cohort.fit(
+                n_runs,
+                min(g.fed.rounds_per_chunk, g.fed.rounds),
+                run_chunk=n_runs if spec.sampler == "optuna" else spec.run_chunk,
+            )
         except engine.RunsTooBig as e:
             if spec.sampler == "optuna":
                 fits = e.fits // len(spec.seeds)
-                advice = f"about {fits} trials fit: lower batch" if fits else "not one trial fits: raise base.fed.memory_budget_gb or use fewer seeds"
-                raise spec.error("batch", f"{batch} trials x {len(spec.seeds)} seeds = {e.runs} runs at once need {e.need / 2**30:.2f} GiB "
-                                          f"(group {g.label}), more than the memory budget of {e.budget / 2**30:.2f} GiB "
-                                          f"(base.fed.memory_budget_gb); {advice}") from None
+                advice = (
+                    f"about {fits} trials fit: lower batch"
+                    if fits
+                    else "not one trial fits: raise base.fed.memory_budget_gb or use fewer seeds"
+                )
+                raise spec.error(
+                    "batch",
+                    f"{batch} trials x {len(spec.seeds)} seeds = {e.runs} runs at once need {e.need / 2**30:.2f} GiB "
+                    f"(group {g.label}), more than the memory budget of {e.budget / 2**30:.2f} GiB "
+                    f"(base.fed.memory_budget_gb); {advice}",
+                ) from None
             raise spec.error("run_chunk", f"{e} (group {g.label}); lower run_chunk or set it to null") from None
         for n in set(_chunk_lengths(g.fed)):
             cohort.compiled(n, chunk)
@@ -270,18 +366,38 @@ def run(spec: Spec, out, *, resume: bool = True, cache_dir=None, show_progress: 
 
                     def on_progress(n, info, g=g, b=b):
                         bar.update(n)
-                        where = f"group {g.index + 1}/{len(groups)}" + (f" batch {b + 1}/{len(names[g.index])}" if spec.sampler == "optuna" else "")
-                        bar.set_postfix_str(f"{where}, {info['live']}/{info['runs']} runs live, round {info['round']}/{info['rounds']}")
+                        where = f"group {g.index + 1}/{len(groups)}" + (
+                            f" batch {b + 1}/{len(names[g.index])}" if spec.sampler == "optuna" else ""
+                        )
+                        bar.set_postfix_str(
+                            f"{where}, {info['live']}/{info['runs']} runs live, round {info['round']}/{info['rounds']}"
+                        )
 
-                    result = engine.run_cohort(cohort, seeds, hypers, rounds=g.fed.rounds, run_chunk=chunk, ckpt_dir=store.checkpoints(name),
-                                               resume=resume, on_progress=on_progress, stop_after_chunks=chunks_left)
+                    result = engine.run_cohort(
+                        cohort,
+                        seeds,
+                        hypers,
+                        rounds=g.fed.rounds,
+                        run_chunk=chunk,
+                        ckpt_dir=store.checkpoints(name),
+                        resume=resume,
+                        on_progress=on_progress,
+                        stop_after_chunks=chunks_left,
+                    )
                     if not result.done:
                         return {"done": False, "records": records}
                     if chunks_left is not None:
                         chunks_left -= result.chunks_run
-                    trials = list(range(b * batch, b * batch + len(settings))) if spec.sampler == "optuna" else [None] * len(settings)
-                    done = {"settings": settings, "records": _records(g, settings, trials, spec.seeds, result, b * batch),
-                            "run_chunk": result.run_chunk}
+                    trials = (
+                        list(range(b * batch, b * batch + len(settings)))
+                        if spec.sampler == "optuna"
+                        else [None] * len(settings)
+                    )
+                    done = {
+                        "settings": settings,
+                        "records": _records(g, settings, trials, spec.seeds, result, b * batch),
+                        "run_chunk": result.run_chunk,
+                    }
                     if primary:
                         store.finish(name, done)
                 else:
@@ -325,7 +441,7 @@ def _tell(done: dict, spec: Spec) -> list:
     per = len(spec.seeds)
     for i, setting in enumerate(done["settings"]):
         finals = []
-        for rec in done["records"][i * per:(i + 1) * per]:
+        for rec in done["records"][i * per : (i + 1) * per]:
             last = rec["history"][-1] if rec["history"] else {}
             value = last.get(spec.objective) if rec["diverged"] is None else None
             finals.append(value if value is not None and math.isfinite(value) else None)
@@ -348,10 +464,14 @@ def _write(out: Path, spec: Spec, groups: list, records: list, rows: list, timin
     rounds = sorted({g.fed.rounds for g in groups})
     header = [
         f"{runs} runs: {len(groups)} structural group(s) x {spec.settings_per_group()} setting(s) ({spec.sampler} sampler"
-        + (f", batches of {spec.batch} trials" if spec.sampler == "optuna" else "") + f") x {len(spec.seeds)} seed(s), "
+        + (f", batches of {spec.batch} trials" if spec.sampler == "optuna" else "")
+        + f") x {len(spec.seeds)} seed(s), "
         f"{'/'.join(map(str, rounds))} rounds each; objective: {lay.objective_label} after the last round (lower is better).",
-        "Axes: " + ("; ".join(f"{a.name} {a.describe()}" for a in spec.axes) or "none") + ". Structure: "
-        + ("; ".join(f"{k} {list(v)}" for k, v in spec.structure) or "none") + f". Model: {spec.model_dir or spec.preset}.",
+        "Axes: "
+        + ("; ".join(f"{a.name} {a.describe()}" for a in spec.axes) or "none")
+        + ". Structure: "
+        + ("; ".join(f"{k} {list(v)}" for k, v in spec.structure) or "none")
+        + f". Model: {spec.model_dir or spec.preset}.",
         f"Wall time {timing['total_s']:.0f} s (compiling {timing['compile_s']:.0f} s, training {timing['run_s']:.0f} s): "
         f"{runs / max(timing['total_s'], 1e-9) * 3600:,.0f} runs per hour. Results: `results.csv` (one row per run and evaluation point), "
         "`results.json`, TensorBoard logs in `tensorboard/` (HPARAMS tab).",

@@ -97,8 +97,17 @@ def summarize(rows: list, layout: Layout) -> list:
     groups = {}
     for row in finals(rows, layout).values():
         g = groups.setdefault(row["group"], {"group": row["group"], "label": row["group_label"], "settings": {}})
-        s = g["settings"].setdefault(row["setting"], {"setting": row["setting"], "values": {a: row[a] for a in layout.axes},
-                                                      "trial": row.get("trial"), "finals": [], "seeds": [], "diverged": 0})
+        s = g["settings"].setdefault(
+            row["setting"],
+            {
+                "setting": row["setting"],
+                "values": {a: row[a] for a in layout.axes},
+                "trial": row.get("trial"),
+                "finals": [],
+                "seeds": [],
+                "diverged": 0,
+            },
+        )
         s["seeds"].append(row["seed"])
         if row["status"] == "diverged" or row.get(layout.objective) is None or not math.isfinite(row[layout.objective]):
             s["diverged"] += 1
@@ -112,7 +121,12 @@ def summarize(rows: list, layout: Layout) -> list:
             s["mean"] = float(x.mean()) if len(x) else math.nan
             s["se"] = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
             settings.append(s)
-        settings.sort(key=lambda s: (s["diverged"] > 0 or not math.isfinite(s["mean"]), sign * s["mean"] if math.isfinite(s["mean"]) else 0.0))
+        settings.sort(
+            key=lambda s: (
+                s["diverged"] > 0 or not math.isfinite(s["mean"]),
+                sign * s["mean"] if math.isfinite(s["mean"]) else 0.0,
+            )
+        )
         best = settings[0] if settings and settings[0]["diverged"] == 0 and math.isfinite(settings[0]["mean"]) else None
         out.append({"group": g["group"], "label": g["label"], "settings": settings, "best": best})
     return out
@@ -132,7 +146,11 @@ def _mean_se(s: dict) -> str:
 def best_line(group: dict, layout: Layout) -> str:
     """'client_lr=0.003, server_lr=1: held-out plug-in perplexity 153.2 ± 0.41' of a summarized group."""
     best = group["best"]
-    return f"{_setting_text(best['values'])}: {layout.objective_label} {_mean_se(best)}" if best else "no setting finished on every seed"
+    return (
+        f"{_setting_text(best['values'])}: {layout.objective_label} {_mean_se(best)}"
+        if best
+        else "no setting finished on every seed"
+    )
 
 
 def markdown(rows: list, layout: Layout, header: list, plots: list, top: int = 10) -> str:
@@ -145,12 +163,21 @@ def markdown(rows: list, layout: Layout, header: list, plots: list, top: int = 1
         if best is None:
             lines += ["No setting finished on every seed.", ""]
         else:
-            lines += [f"**Best: {_setting_text(best['values'])}**: {layout.objective_label} {_mean_se(best)} "
-                      f"(mean ± standard error over {len(best['finals'])} seeds; {direction} is better)", ""]
+            lines += [
+                f"**Best: {_setting_text(best['values'])}**: {layout.objective_label} {_mean_se(best)} "
+                f"(mean ± standard error over {len(best['finals'])} seeds; {direction} is better)",
+                "",
+            ]
         cols = ["rank", *layout.axes, f"{layout.objective_label} (mean ± SE)", "seeds", "diverged"]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for i, s in enumerate(g["settings"][:top]):
-            cells = [str(i + 1), *(f"{s['values'][a]:.4g}" for a in layout.axes), _mean_se(s), str(len(s["seeds"])), str(s["diverged"])]
+            cells = [
+                str(i + 1),
+                *(f"{s['values'][a]:.4g}" for a in layout.axes),
+                _mean_se(s),
+                str(len(s["seeds"])),
+                str(s["diverged"]),
+            ]
             if i == 0 and best is not None:
                 cells = [f"**{c}**" for c in cells]
             lines.append("| " + " | ".join(cells) + " |")
@@ -161,8 +188,10 @@ def markdown(rows: list, layout: Layout, header: list, plots: list, top: int = 1
     if stopped:
         lines += ["## Diverged runs", "", f"{len(stopped)} run(s) stopped (the others ran on unchanged):", ""]
         for r in stopped[:50]:
-            lines.append(f"- run {r['run']} (group {r['group']}, {_setting_text({a: r[a] for a in layout.axes})}, seed {r['seed']}): "
-                         f"{r.get('reason', 'diverged')} at {layout.step} {r[layout.step]}")
+            lines.append(
+                f"- run {r['run']} (group {r['group']}, {_setting_text({a: r[a] for a in layout.axes})}, seed {r['seed']}): "
+                f"{r.get('reason', 'diverged')} at {layout.step} {r[layout.step]}"
+            )
         lines.append("")
     if plots:
         lines += ["## Plots", ""] + [f"![{title}]({path})" for title, path in plots] + [""]
@@ -211,7 +240,11 @@ def plot_best_curves(rows: list, layout: Layout, path: Path) -> Optional[Path]:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, g in enumerate(summary):
         best = g["best"]
-        mine = [r for r in rows if r["group"] == g["group"] and r["setting"] == best["setting"] and r.get(layout.objective) is not None]
+        mine = [
+            r
+            for r in rows
+            if r["group"] == g["group"] and r["setting"] == best["setting"] and r.get(layout.objective) is not None
+        ]
         curves = {}
         for r in mine:
             curves.setdefault(r["seed"], []).append((r[layout.step], r[layout.objective]))
@@ -220,7 +253,15 @@ def plot_best_curves(rows: list, layout: Layout, path: Path) -> Optional[Path]:
             ax.plot(*zip(*pts), color=f"C{i % 10}", lw=0.7, alpha=0.35)
         steps = sorted({s for pts in curves.values() for s, _ in pts})
         mean = [np.mean([v for pts in curves.values() for s, v in pts if s == step]) for step in steps]
-        ax.plot(steps, mean, color=f"C{i % 10}", lw=2, marker="o", ms=3, label=f"{g['label']}: {_setting_text(best['values'])}")
+        ax.plot(
+            steps,
+            mean,
+            color=f"C{i % 10}",
+            lw=2,
+            marker="o",
+            ms=3,
+            label=f"{g['label']}: {_setting_text(best['values'])}",
+        )
     ax.set_xlabel(layout.step)
     ax.set_ylabel(layout.objective_label)
     ax.set_title("best setting of each group (thin: seeds, thick: mean)", fontsize=10)
@@ -246,7 +287,11 @@ def write_tensorboard(rows: list, layout: Layout, logdir: Path, metrics: tuple) 
     for run, mine in sorted(by_run.items()):
         mine.sort(key=lambda r: r[layout.step])
         first, last = mine[0], mine[-1]
-        hparams = {"group": first["group_label"], "seed": int(first["seed"]), **{a: float(first[a]) for a in layout.axes}}
+        hparams = {
+            "group": first["group_label"],
+            "seed": int(first["seed"]),
+            **{a: float(first[a]) for a in layout.axes},
+        }
         hparams.update({c: str(first[c]) for c in layout.structure})
         with SummaryWriter(str(Path(logdir) / f"run-{run:04d}")) as writer:
             for r in mine:
@@ -256,8 +301,11 @@ def write_tensorboard(rows: list, layout: Layout, logdir: Path, metrics: tuple) 
                         writer.add_scalar(name, value, int(r[layout.step]))
             final = last.get(layout.objective)
             final = float(final) if final is not None and math.isfinite(final) else float("nan")
-            writer.add_hparams(hparams, {f"hparam/final_{layout.objective}": final, "hparam/diverged": float(last["status"] == "diverged")},
-                               name=".")
+            writer.add_hparams(
+                hparams,
+                {f"hparam/final_{layout.objective}": final, "hparam/diverged": float(last["status"] == "diverged")},
+                name=".",
+            )
 
 
 def write_all(out: Path, rows: list, layout: Layout, header: list, extra: dict, tb_metrics: tuple) -> dict:
@@ -268,8 +316,10 @@ def write_all(out: Path, rows: list, layout: Layout, header: list, extra: dict, 
     summary = summarize(rows, layout)
     write_json(out / "results.json", {**extra, "summary": summary, "rows": rows})
     plots = []
-    for title, fn, name in (("final objective against each axis", plot_finals, "final_vs_axes.png"),
-                            ("best runs' curves", plot_best_curves, "best_curves.png")):
+    for title, fn, name in (
+        ("final objective against each axis", plot_finals, "final_vs_axes.png"),
+        ("best runs' curves", plot_best_curves, "best_curves.png"),
+    ):
         if fn(rows, layout, out / "plots" / name) is not None:
             plots.append((title, f"plots/{name}"))
     _atomic_write(out / "report.md", markdown(rows, layout, header, plots))
@@ -279,9 +329,26 @@ def write_all(out: Path, rows: list, layout: Layout, header: list, extra: dict, 
     write_tensorboard(rows, layout, fresh, tb_metrics)
     shutil.rmtree(out / "tensorboard", ignore_errors=True)
     os.replace(fresh, out / "tensorboard")
-    return {"csv": out / "results.csv", "json": out / "results.json", "report": out / "report.md",
-            "plots": [out / p for _, p in plots], "tensorboard": out / "tensorboard", "summary": summary}
+    return {
+        "csv": out / "results.csv",
+        "json": out / "results.json",
+        "report": out / "report.md",
+        "plots": [out / p for _, p in plots],
+        "tensorboard": out / "tensorboard",
+        "summary": summary,
+    }
 
 
-__all__ = ["Layout", "best_line", "finals", "summarize", "markdown", "plot_finals", "plot_best_curves", "write_tensorboard", "write_all",
-           "write_csv", "write_json"]
+__all__ = [
+    "Layout",
+    "best_line",
+    "finals",
+    "summarize",
+    "markdown",
+    "plot_finals",
+    "plot_best_curves",
+    "write_tensorboard",
+    "write_all",
+    "write_csv",
+    "write_json",
+]

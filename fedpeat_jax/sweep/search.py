@@ -57,7 +57,9 @@ class OptunaSearch:
         self.optuna, self.spec = optuna, spec
         dist = optuna.distributions
         self.distributions = {
-            a.name: dist.CategoricalDistribution(list(a.values)) if not a.is_range else dist.FloatDistribution(a.low, a.high, log=a.log)
+            a.name: dist.CategoricalDistribution(list(a.values))
+            if not a.is_range
+            else dist.FloatDistribution(a.low, a.high, log=a.log)
             for a in spec.axes
         }
 
@@ -81,8 +83,14 @@ class OptunaSearch:
             study = self.optuna.create_study(direction="minimize", sampler=self._sampler(batch))
             for setting, value in told:
                 ok = value is not None and math.isfinite(value)
-                study.add_trial(trial.create_trial(params=setting, distributions=self.distributions, value=value if ok else None,
-                                                   state=trial.TrialState.COMPLETE if ok else trial.TrialState.FAIL))
+                study.add_trial(
+                    trial.create_trial(
+                        params=setting,
+                        distributions=self.distributions,
+                        value=value if ok else None,
+                        state=trial.TrialState.COMPLETE if ok else trial.TrialState.FAIL,
+                    )
+                )
             asked = [study.ask(self.distributions) for _ in range(size)]
         return [{name: float(value) for name, value in t.params.items()} for t in asked]
 

@@ -43,8 +43,21 @@ OPTUNA_SAMPLERS = ("tpe", "random", "qmc")
 OBJECTIVES = ("plugin_ppl", "loss")  # minimized: held-out plug-in perplexity, or the final training loss
 SECTIONS = {"text": TextConfig, "task": TaskConfig, "peft": PeftConfig, "fed": FedConfig}
 ALIASES = {"emulator_k": ("fed", "emulator_levels")}  # structure: emulator_k: [1, 2] -> fed.emulator_levels (1,), (2,)
-KEYS = ("name", "model", "base", "seeds", "axes", "structure", "sampler", "trials", "batch", "sampler_seed", "optuna_sampler",
-        "objective", "run_chunk")
+KEYS = (
+    "name",
+    "model",
+    "base",
+    "seeds",
+    "axes",
+    "structure",
+    "sampler",
+    "trials",
+    "batch",
+    "sampler_seed",
+    "optuna_sampler",
+    "objective",
+    "run_chunk",
+)
 
 
 class SpecError(ValueError):
@@ -76,7 +89,10 @@ class Axis:
         if self.num == 1:
             return (self.low,)
         if self.log:
-            points = [math.exp(math.log(self.low) + i * (math.log(self.high) - math.log(self.low)) / (self.num - 1)) for i in range(self.num)]
+            points = [
+                math.exp(math.log(self.low) + i * (math.log(self.high) - math.log(self.low)) / (self.num - 1))
+                for i in range(self.num)
+            ]
         else:
             points = [self.low + i * (self.high - self.low) / (self.num - 1) for i in range(self.num)]
         return tuple(float(f"{p:.10g}") for p in points)
@@ -163,7 +179,10 @@ class Spec:
                 raise self.error(field, f"cannot run: {e}") from None
             for axis in self.axes:
                 if axis.name == "prox_mu" and fed.algorithm != "fedprox":
-                    raise self.error("axes.prox_mu", f"FedProx's mu acts only with fed.algorithm 'fedprox'; {field} has {fed.algorithm!r}")
+                    raise self.error(
+                        "axes.prox_mu",
+                        f"FedProx's mu acts only with fed.algorithm 'fedprox'; {field} has {fed.algorithm!r}",
+                    )
                 for value in _axis_points(axis):
                     try:
                         fed.replace(**{axis.name: value})
@@ -265,8 +284,10 @@ def _axis_name(path: str, name: str) -> str:
     hint = ""
     if _structure_key(name) is not None:
         hint = f"; {name} is a static setting: put it under structure (each value compiles separately)"
-    raise SpecError(f"spec {path}: axes.{name}: unknown hyperparameter; numeric axes are the traced hyperparameters "
-                    f"{', '.join(HYPERPARAMETERS)}{hint}")
+    raise SpecError(
+        f"spec {path}: axes.{name}: unknown hyperparameter; numeric axes are the traced hyperparameters "
+        f"{', '.join(HYPERPARAMETERS)}{hint}"
+    )
 
 
 def _structure_key(name: str) -> Optional[tuple]:
@@ -292,12 +313,20 @@ def _parse_structure(path: str, raw, base: dict) -> tuple:
         field = f"structure.{name}"
         key = _structure_key(name)
         if key is None:
-            where = " (task and text settings are shared by every group: set them under base)" if name.split(".")[0] in ("task", "text") else ""
-            raise SpecError(f"spec {path}: {field}: unknown setting{where}; use peft.FIELD or fed.FIELD (e.g. peft.lora_rank, "
-                            f"fed.aggregation) or emulator_k")
+            where = (
+                " (task and text settings are shared by every group: set them under base)"
+                if name.split(".")[0] in ("task", "text")
+                else ""
+            )
+            raise SpecError(
+                f"spec {path}: {field}: unknown setting{where}; use peft.FIELD or fed.FIELD (e.g. peft.lora_rank, "
+                f"fed.aggregation) or emulator_k"
+            )
         if key[1] in HYPERPARAMETERS:
-            raise SpecError(f"spec {path}: {field}: {key[1]} is a traced hyperparameter: put it under axes (its values then run "
-                            "in one compiled call)")
+            raise SpecError(
+                f"spec {path}: {field}: {key[1]} is a traced hyperparameter: put it under axes (its values then run "
+                "in one compiled call)"
+            )
         if key[1] == "seed":
             raise SpecError(f"spec {path}: {field}: seeds are set by the top-level field seeds")
         if not isinstance(values, list):
@@ -402,7 +431,10 @@ def parse(data: dict, path: str = "<spec>") -> Spec:
     if sampler == "grid":
         for name, value in (("trials", trials), ("batch", batch)):
             if value is not None:
-                raise fail(name, "the grid sampler runs every point of the grid; trials and batch are for sampler random or optuna")
+                raise fail(
+                    name,
+                    "the grid sampler runs every point of the grid; trials and batch are for sampler random or optuna",
+                )
         for axis in axes:
             if axis.is_range and axis.num is None:
                 raise fail(f"axes.{axis.name}", "a range on a grid needs num (the number of grid points)")
@@ -413,17 +445,24 @@ def parse(data: dict, path: str = "<spec>") -> Spec:
             raise fail("trials", f"sampler {sampler} needs trials (settings per structural group) >= 1, got {trials!r}")
         for axis in axes:
             if axis.is_range and axis.num is not None:
-                raise fail(f"axes.{axis.name}.num", f"sampler {sampler} draws from the whole range; num is for the grid sampler")
+                raise fail(
+                    f"axes.{axis.name}.num",
+                    f"sampler {sampler} draws from the whole range; num is for the grid sampler",
+                )
         if sampler == "random" and batch is not None:
             raise fail("batch", "the random sampler runs all its trials together; batch is for sampler optuna")
         if sampler == "optuna":
             batch = trials if batch is None else batch
             if not (_integer(batch) and 1 <= batch <= trials):
-                raise fail("batch", f"trials per Optuna batch must be an integer in 1..trials ({trials}), got {batch!r}")
+                raise fail(
+                    "batch", f"trials per Optuna batch must be an integer in 1..trials ({trials}), got {batch!r}"
+                )
             try:
                 import optuna  # noqa: F401
             except ImportError:
-                raise fail("sampler", "optuna is not installed: pip install optuna (or pip install 'fedpeat_jax[sweep]')") from None
+                raise fail(
+                    "sampler", "optuna is not installed: pip install optuna (or pip install 'fedpeat_jax[sweep]')"
+                ) from None
     optuna_sampler = data.get("optuna_sampler", "tpe")
     if optuna_sampler not in OPTUNA_SAMPLERS:
         raise fail("optuna_sampler", f"must be one of {OPTUNA_SAMPLERS}, got {optuna_sampler!r}")
@@ -435,15 +474,36 @@ def parse(data: dict, path: str = "<spec>") -> Spec:
         raise fail("objective", f"must be one of {OBJECTIVES} (minimized), got {objective!r}")
     run_chunk = data.get("run_chunk")
     if run_chunk is not None and not (_integer(run_chunk) and run_chunk >= 1):
-        raise fail("run_chunk", f"runs vmapped at once must be null (as many as fit the memory budget) or an integer >= 1, got {run_chunk!r}")
+        raise fail(
+            "run_chunk",
+            f"runs vmapped at once must be null (as many as fit the memory budget) or an integer >= 1, got {run_chunk!r}",
+        )
     if run_chunk is not None and sampler == "optuna":
         raise fail("run_chunk", "an Optuna batch (batch trials x seeds) runs in one call: set batch instead")
     name = data.get("name") or Path(path).stem
     if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
         raise fail("name", f"must be a word (letters, digits, _ . -), got {name!r}")
-    return Spec(path=str(path), name=name, preset=preset, model_dir=model_dir, text=base["text"], task=base["task"], peft=base["peft"],
-                fed=base["fed"], seeds=seeds, axes=tuple(axes), structure=structure, sampler=sampler, trials=trials, batch=batch,
-                sampler_seed=sampler_seed, optuna_sampler=optuna_sampler, objective=objective, run_chunk=run_chunk, resolved=data)
+    return Spec(
+        path=str(path),
+        name=name,
+        preset=preset,
+        model_dir=model_dir,
+        text=base["text"],
+        task=base["task"],
+        peft=base["peft"],
+        fed=base["fed"],
+        seeds=seeds,
+        axes=tuple(axes),
+        structure=structure,
+        sampler=sampler,
+        trials=trials,
+        batch=batch,
+        sampler_seed=sampler_seed,
+        optuna_sampler=optuna_sampler,
+        objective=objective,
+        run_chunk=run_chunk,
+        resolved=data,
+    )
 
 
 def load(path, overrides=()) -> Spec:
@@ -451,4 +511,16 @@ def load(path, overrides=()) -> Spec:
     return parse(apply_overrides(read_file(path), overrides, str(path)), str(path))
 
 
-__all__ = ["Axis", "Group", "Spec", "SpecError", "HYPERPARAMETERS", "SAMPLERS", "DEFAULT_PEFT", "load", "parse", "apply_overrides", "read_file"]
+__all__ = [
+    "Axis",
+    "Group",
+    "Spec",
+    "SpecError",
+    "HYPERPARAMETERS",
+    "SAMPLERS",
+    "DEFAULT_PEFT",
+    "load",
+    "parse",
+    "apply_overrides",
+    "read_file",
+]
