@@ -318,7 +318,12 @@ CHUNK_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CHUNK_CASES))
+FAST_CHUNK_CASES = ("fedavg", "levels_and_server")  # the rest behind --runslow: the default suite stays under 10 minutes
+
+
+@pytest.mark.parametrize(
+    "case", [c if c in FAST_CHUNK_CASES else pytest.param(c, marks=pytest.mark.slow) for c in sorted(CHUNK_CASES)]
+)
 def test_chunked_round_equals_unchunked(params, data, case):
     """5 clients a round, 2 at a time (3 chunks, one padded slot) == all 5 at once, over 2 rounds."""
     kw = dict(clients_per_round=5, rounds_per_chunk=2, **CHUNK_CASES[case])
@@ -467,6 +472,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     """A mesh of 2 processes x 2 CPU devices (jax.distributed, gloo) runs the same 3 rounds as
     one process with 4 devices: each process feeds only its own clients."""
@@ -517,6 +523,7 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     assert np.isfinite(a["loss"]).all() and len(a["loss"]) == 3
 
 
+@pytest.mark.slow
 def test_automatic_chunk_fits_the_memory_budget_and_a_client_too_big_is_refused(params, data):
     """client_chunk=None: the driver halves the chunk until the compiled round fits
     FedConfig.memory_budget_gb; a round that does not fit one client at a time is refused."""

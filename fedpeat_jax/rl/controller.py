@@ -26,7 +26,6 @@ for a small command line until the ``fedpeat`` CLI wires this in.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -39,7 +38,10 @@ import numpy as np
 
 from fedpeat_jax.config import Config
 from fedpeat_jax.io.checkpoint import CheckpointManager
-from fedpeat_jax.io.logging import RunLogger, progress, read_metrics
+from fedpeat_jax.io.fingerprint import fingerprint as settings_fingerprint
+from fedpeat_jax.io.fingerprint import tree_digest
+from fedpeat_jax.io.logging import RunLogger, read_metrics
+from fedpeat_jax.io.loop import restore_latest, run_chunks
 from fedpeat_jax.io.plots import pyplot
 from fedpeat_jax.rl import baselines as B
 from fedpeat_jax.rl import sabppo
@@ -91,28 +93,10 @@ def _env_for(env_params, env=None):
     return FedPEATMEC(env_params)
 
 
-def _params_digest(tree) -> str:
-    h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        h.update(jax.tree_util.keystr(path).encode())
-        a = np.asarray(leaf)
-        h.update(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes())
-    h.update(str(jax.tree.structure(tree)).encode())
-    return h.hexdigest()[:16]
-
-
 def _fingerprint(config: SABPPOConfig, controller: ControllerConfig, env_params) -> str:
-    payload = json.dumps(
-        {
-            "sabppo": dataclasses.asdict(config),
-            "seeds": controller.seeds,
-            "seed": controller.seed,
-            "env_params": _params_digest(env_params),
-        },
-        sort_keys=True,
-        default=str,
+    return settings_fingerprint(
+        {"sabppo": config, "seeds": controller.seeds, "seed": controller.seed, "env_params": tree_digest(env_params)}
     )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _init_states(trainer: Trainer, controller: ControllerConfig):
@@ -157,30 +141,19 @@ def train_controller(
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(config, controller, env_params)
 
-    # settle resume / refuse before compiling anything
-    manager = CheckpointManager(out / "checkpoints", max_to_keep=controller.keep_checkpoints)
-    resumed = manager.latest_step() is not None
-    if resumed:
-        meta = manager.metadata()
-        problem = None
-        if not resume:
-            problem = (
-                f"{out / 'checkpoints'} already holds checkpoints; pass resume=True to continue or pick a new out_dir"
-            )
-        elif meta.get("fingerprint") != fingerprint:
-            problem = (
-                f"checkpoints in {out / 'checkpoints'} belong to a run with other settings (fingerprint "
-                f"{meta.get('fingerprint')} != {fingerprint}); use another out_dir or the settings of that run"
-            )
-        if problem:
-            manager.close()
-            raise ValueError(problem)
-
     env = _env_for(env_params, env)
     trainer = make_trainer(config, env, env_params)
-    if resumed:  # the restore target only needs shapes: trace init, do not run it
-        state = manager.restore(target=jax.eval_shape(lambda: _init_states(trainer, controller)))
-    else:
+    manager = CheckpointManager(out / "checkpoints", max_to_keep=controller.keep_checkpoints)
+    try:  # resume or refuse before compiling anything: the restore target only needs shapes
+        target = jax.eval_shape(lambda: _init_states(trainer, controller))
+        state, resumed_at = restore_latest(
+            manager, target, fingerprint, fresh=not resume, hint="pass resume=True to continue or pick a new out_dir"
+        )
+    except ValueError:
+        manager.close()
+        raise
+    resumed = resumed_at is not None
+    if not resumed:
         state = _init_states(trainer, controller)
     (out / CONFIG_FILE).write_text(
         json.dumps(
@@ -202,40 +175,47 @@ def train_controller(
             chunk_fns[n] = sabppo.jit(jax.vmap(partial(trainer.run_updates, num_updates=n)), donate_argnums=0)
         return chunk_fns[n](s)
 
+    def advance(s, start, n):
+        s, metrics = run_chunk(s, n)
+        metrics = jax.device_get(metrics)  # leaves (seeds, n)
+        rows = []
+        for i in range(n):
+            row = {"step": int(metrics["env_steps"][0, i])}
+            for k, v in metrics.items():
+                if k in ("update", "env_steps"):
+                    continue
+                vals = np.asarray(v[:, i], np.float64)
+                row[k] = float(np.nanmean(vals)) if np.any(np.isfinite(vals)) else float("nan")
+                if k == "episode_return" and controller.seeds > 1:
+                    row.update({f"seed{j}/episode_return": float(vals[j]) for j in range(controller.seeds)})
+            rows.append(row)
+        return s, rows
+
     logger = RunLogger(out / "logs", resume_step=done * config.batch_size if resumed else None)
-    bar = progress(total, "SABPPO updates", initial=done, disable=not show_progress)
-    chunks = 0
     try:
-        while done < total:
-            n = min(controller.chunk_updates, total - done)
-            state, metrics = run_chunk(state, n)
-            metrics = jax.device_get(metrics)  # leaves (seeds, n)
-            for i in range(n):
-                steps = int(metrics["env_steps"][0, i])
-                row = {}
-                for k, v in metrics.items():
-                    if k in ("update", "env_steps"):
-                        continue
-                    vals = np.asarray(v[:, i], np.float64)
-                    row[k] = float(np.nanmean(vals)) if np.any(np.isfinite(vals)) else float("nan")
-                    if k == "episode_return" and controller.seeds > 1:
-                        row.update({f"seed{j}/episode_return": float(vals[j]) for j in range(controller.seeds)})
-                logger.scalars(steps, row, prefix="train/")
-            done += n
-            manager.save(
-                done, state, {"fingerprint": fingerprint, "update": done, "env_steps": done * config.batch_size}
-            )
-            bar.update(n)
-            last = np.asarray(metrics["episode_return"][:, -1], np.float64)
-            if np.any(np.isfinite(last)):
-                bar.set_postfix(ret=f"{np.nanmean(last):.2f}")
-            chunks += 1
-            if stop_after_chunks is not None and chunks >= stop_after_chunks:
-                break
+        state, rows = run_chunks(
+            state,
+            advance,
+            start=done,
+            total=total,
+            chunk=controller.chunk_updates,
+            desc="SABPPO updates",
+            logger=logger,
+            log_tag=lambda name: "train/" + name,
+            checkpoints=manager,
+            checkpoint_meta=lambda end: {
+                "fingerprint": fingerprint,
+                "update": end,
+                "env_steps": end * config.batch_size,
+            },
+            postfix=lambda row: {"ret": f"{row['episode_return']:.2f}"} if np.isfinite(row["episode_return"]) else {},
+            show_progress=show_progress,
+            stop_after_chunks=stop_after_chunks,
+        )
     finally:
-        bar.close()
         logger.close()
         manager.close()
+    done = int(np.asarray(state.update)[0])
 
     if done < total:  # interrupted on purpose: no evaluation yet
         return {"run_dir": str(out), "updates": done, "total_updates": total, "finished": False}
