@@ -185,7 +185,12 @@ def main(argv=None):
         write(
             common,
             args.write,
-            {"machine": start_info, "machine_at_end": common.machine_info(), "code": str(args.code), "rows": rows},
+            {
+                "machine": start_info,
+                "machine_at_end": common.machine_info(),
+                "code": "this checkout" if args.code.resolve() == HERE.parent.resolve() else args.code.name,
+                "rows": rows,
+            },
         )
 
 
