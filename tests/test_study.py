@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fedpeat_jax.config import GPT2Config, PeftConfig
 
@@ -22,6 +23,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fedpeat_study.py"
 METHODS = ["fedpeat_lora", "fed_full_adapter", "fed_lora_full_model", "fed_full_ft", "local_lora"]
 
 
+@pytest.mark.slow  # a subprocess of every method (about 2.5 minutes): behind --runslow to keep the default suite short
 def test_tiny_study_results_are_consistent(tmp_path):
     out = tmp_path / "study"
     # Unoptimized machine code compiles about twice as fast; the tiny run's timings mean nothing anyway.
