@@ -318,7 +318,10 @@ CHUNK_CASES = {
 }
 
 
-FAST_CHUNK_CASES = ("fedavg", "levels_and_server")  # the rest behind --runslow: the default suite stays under 10 minutes
+FAST_CHUNK_CASES = (
+    "fedavg",
+    "levels_and_server",
+)  # the rest behind --runslow: the default suite stays under 10 minutes
 
 
 @pytest.mark.parametrize(
