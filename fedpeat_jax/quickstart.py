@@ -66,8 +66,8 @@ class QuickstartConfig(Config):
     calibrate_clients: tuple[int, ...] = (3, 10)  # of the calibration's 10-device population
     calibrate_rounds: int = 5
     """Rounds per calibration curve."""
-    controller_steps: int = 200_000
-    """SABPPO environment steps (total_timesteps)."""
+    controller_steps: int = 1_000_000
+    """SABPPO environment steps (total_timesteps; the controller study's length, which beats the best fixed rule)."""
     controller_envs: int = 64
     """SABPPO parallel environments (num_envs)."""
     eval_episodes: int = 32
