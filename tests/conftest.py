@@ -1,14 +1,35 @@
 """Shared pytest setup: `--runslow` enables the tests marked `slow` (the marker is registered in
-pyproject.toml); without it they are skipped, so the default run stays fast."""
+pyproject.toml); without it they are skipped, so the default run stays fast.
+
+The tests compile hundreds of tiny programs that then run for milliseconds, so compiling is most
+of the suite's time: XLA's expensive optimizations are off (`JAX_DISABLE_MOST_OPTIMIZATIONS`, an
+environment variable read when jax is first imported, after this file, and inherited by the
+subprocesses the tests start), which halves the suite's time. The programs compute the same
+values (tests compare against references with tolerances, or a program with itself); run with
+`JAX_DISABLE_MOST_OPTIMIZATIONS=0` to test with the optimizations users and benchmarks get.
+(A persistent compilation cache was tried too: it hit too rarely to pay for writing it.)
+"""
+
+import os
 
 import pytest
+
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 
 
+# Files whose tests take minutes, longest first. They are collected first, so that under
+# `-n 2 --dist loadfile` (the README's command) they start at once and the other worker runs the
+# many short files meanwhile, instead of one of them starting last and running alone.
+LONG_FILES = ("test_quickstart.py", "test_fed.py", "test_sweep_cli.py", "test_own_data_cli.py", "test_mec_live.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: the rest keep their order
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")
