@@ -16,6 +16,7 @@ scalars per logged step, each holding its step under `step_key`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Optional
 
@@ -74,6 +75,11 @@ def run_chunks(
     early, as an interruption would (tests)."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if start and checkpoints is not None:  # say so: with progress bars off a resumed run is otherwise silent
+        done = "nothing left to do" if start >= total else f"continuing to {total}"
+        print(
+            f"{desc}: resumed from the checkpoint at step {start} in {checkpoints.directory}; {done}", file=sys.stderr
+        )
     history, chunks = [], 0
     with progress(total, desc, initial=start, disable=not show_progress) as bar:
         while start < total:
