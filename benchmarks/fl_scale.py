@@ -64,7 +64,7 @@ def run_point(point: dict) -> dict:
     from fedpeat_jax.fed.data import FedData, from_process_local, process_slice
     from fedpeat_jax.fed.simulation import FedPEAT
     from fedpeat_jax.model import gpt2
-    from fedpeat_jax.model.flops import lora_param_count, train_flops_per_token
+    from fedpeat_jax.model.flops import train_flops_per_token
 
     extra = {"remat": True} if point.get("remat") else {}
     model = GPT2Config.preset(point["preset"], embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, **extra)
@@ -114,7 +114,9 @@ def run_point(point: dict) -> dict:
         * LOCAL_STEPS
         * BATCH
         * SEQ
-        * train_flops_per_token(model, 2 + k + 2, SEQ, lora_params=lora_param_count(model, RANK, 4)),
+        * train_flops_per_token(
+            model, 2 + k + 2, SEQ, lora_params=peft.replace(layers=(0, 1, 2, 3)).param_count(model)
+        ),
     }
     available = driver.memory_budget(fed.replace(memory_budget_gb=None)) * 2  # the budget is half of what is available
     if not point.get("compile_only") and out["xla_peak_bytes"] > 0.9 * available:

@@ -39,10 +39,11 @@ from fedpeat_jax.fed import aggregate
 from fedpeat_jax.fed.client import Hyper, local_update
 from fedpeat_jax.fed.simulation import FedData, FedPEAT
 from fedpeat_jax.model import gpt2
-from fedpeat_jax.model.flops import lora_param_count, train_flops_per_token
+from fedpeat_jax.model.flops import train_flops_per_token
 
 NAME = "fl_throughput"
 RANK, LOCAL_STEPS = 8, 4
+ADAPTER_LORA = PeftConfig(kind="lora", lora_rank=RANK, layers=(0, 1, 2, 3))  # the 2 + 2 adapter blocks
 
 
 def foundation_params(preset: str):
@@ -79,9 +80,7 @@ def client_data(m: int, batch: int, seq: int, vocab: int) -> FedData:
 
 
 def flops_per_client_step(cfg: GPT2Config, depth: int, batch: int, seq: int) -> float:
-    return (
-        batch * seq * train_flops_per_token(cfg, depth, seq, lora_params=lora_param_count(cfg, RANK, 4))
-    )  # four adapter blocks
+    return batch * seq * train_flops_per_token(cfg, depth, seq, lora_params=ADAPTER_LORA.param_count(cfg))
 
 
 # --------------------------------------------------------------------------------------------

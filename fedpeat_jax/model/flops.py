@@ -24,9 +24,3 @@ def train_flops_per_token(
 def matmul_param_count(model: GPT2Config, depth: int) -> int:
     """Weights that tokens multiply: the dense weights of `depth` blocks and the tied LM head."""
     return depth * model.block_param_count() + model.vocab_size * model.n_embd
-
-
-def lora_param_count(model: GPT2Config, rank: int, n_blocks: int) -> int:
-    """LoRA factor parameters on all four dense layers of `n_blocks` blocks."""
-    d, f = model.n_embd, model.d_mlp
-    return n_blocks * rank * ((d + 3 * d) + (d + d) + (d + f) + (f + d))
