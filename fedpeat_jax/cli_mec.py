@@ -19,8 +19,8 @@ from fedpeat_jax.options import (
 
 @subcommand("calibrate", "fit the MEC environment's perplexity response to real FedPEAT runs")
 def cmd_calibrate(argv):
-    from fedpeat_jax.mec.calibrate import CalibrateConfig, calibrate
-    from fedpeat_jax.mec.calibration import DEFAULT_TABLE_PATH
+    from fedpeat_jax.mec.calibrate import CalibrateConfig, add_drift, calibrate
+    from fedpeat_jax.mec.calibration import DEFAULT_TABLE_PATH, load_calibration
     from fedpeat_jax.peat.pretrained import load_model, model_config
     from fedpeat_jax.tasks import plan_task
 
@@ -37,6 +37,12 @@ def cmd_calibrate(argv):
         help=f"where to write the table (the shipped default is {DEFAULT_TABLE_PATH.name})",
     )
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument(
+        "--drift-only",
+        default=None,
+        metavar="TABLE",
+        help="measure only the fixed-subset runs and write TABLE with its participation drift fitted to --out",
+    )
     groups = [text_group(), Group("calibrate", CalibrateConfig, CalibrateConfig(), skip=("text",))]
     table = add_groups(parser, groups)
     args = parser.parse_args(argv)
@@ -57,10 +63,23 @@ def cmd_calibrate(argv):
         raise ValueError(
             f"CalibrateConfig.clients_per_round {cfg.clients_per_round} asks for more than the {n} clients of {cfg.text.describe()}"
         )
+    base = None if args.drift_only is None else load_calibration(args.drift_only)  # checked before loading weights
+    if base is not None:
+        base.check_model(model, cfg.adapter_l, cfg.adapter_r)
     params, model, tokenizer = load_model(args.preset, args.model_dir, args.cache_dir)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     source = "fedpeat calibrate " + " ".join(argv)
+    if base is not None:
+        table = add_drift(base, cfg, params, model, tokenizer, cache_dir=args.cache_dir)
+        table = table.replace(source=f"{base.source}; drift: {source.strip()}")
+        table.save(out)
+        fit = table.meta["fit"]["drift"]
+        print(f"calibration table: {out}")
+        print(
+            f"  drift {table.drift:.3f} (max rel. error per fixed-subset curve {[round(e, 3) for e in fit['curve_rel_errors']]})"
+        )
+        return
     from fedpeat_jax.peat import foundation
 
     fingerprint = None if args.model_dir else foundation.fingerprint(*foundation.resolve_settings(args.preset))
@@ -84,6 +103,10 @@ def cmd_calibrate(argv):
     for domain, resp in result.server.items():
         print(
             f"  server {domain}: ppl_inf={resp.ppl_inf:.2f} eta={resp.eta:.3f} (max rel. error {fit['server'][domain]['max_rel_error']:.3f})"
+        )
+    if "drift" in fit:
+        print(
+            f"  drift {result.drift:.3f} (max rel. error per fixed-subset curve {[round(e, 3) for e in fit['drift']['curve_rel_errors']]})"
         )
     if "mixed" in result.meta:
         print(

@@ -9,8 +9,9 @@
 2. Builds the live environment (real FedPEAT rounds of the shipped foundation model on the Folio
    role clients, the server on public modern-spelling text) with ``--live-rounds`` rounds per
    episode, trains SABPPO on the calibrated surrogate with the live environment's own parameters,
-   searches the best rule there too, and runs SABPPO and the baselines for one live episode each
-   from the same start: ``benchmarks/results/live.{json,md,png}``.
+   searches the best rule there too, and runs SABPPO and the baselines for ``--live-seeds`` live
+   episodes each (every policy from the same start in an episode):
+   ``benchmarks/results/live.{json,md,png}``.
 
     python scripts/controller_study.py              # about 20 minutes on a 2-core CPU
     python scripts/controller_study.py --quick      # a smoke run (few steps, 2 live rounds), not for the results
@@ -131,38 +132,57 @@ def live_part(args, out: Path, runs: Path) -> dict:
         "sabppo": policy,
         **live_eval.baselines(env, ("best_rule", "greedy", "all_devices"), search_episodes=16 if args.quick else 64),
     }
-    result = live_eval.compare(env, policies, rounds, seed=0)
+    results = [live_eval.compare(env, policies, rounds, seed=seed) for seed in range(args.live_seeds)]
     seconds = time.time() - started
     ppl0 = float(env.default_params.ppl0)
-    returns = {name: p["summary"]["return"] for name, p in result["policies"].items()}
+    per_episode = {name: [r["policies"][name]["summary"]["return"] for r in results] for name in policies}
+    returns = {name: float(sum(v) / len(v)) for name, v in per_episode.items()}
     best_baseline = max((n for n in returns if n != "sabppo"), key=returns.get)
+    wins = [
+        all(ret["sabppo"] > r for n, r in ret.items() if n != "sabppo")
+        for ret in ({name: v[i] for name, v in per_episode.items()} for i in range(len(results)))
+    ]
     payload = {
         "live_config": dataclasses.asdict(live.LiveConfig()),
         "ppl0": ppl0,
+        "ppl_drift": float(env.default_params.ppl_drift),
         "rounds": rounds,
+        "seeds": list(range(args.live_seeds)),
         "sabppo_env_steps": config.total_timesteps,
+        "mean_return": returns,
         "best_baseline": best_baseline,
         "sabppo_beats_every_baseline": all(returns["sabppo"] > r for n, r in returns.items() if n != "sabppo"),
+        "episodes_sabppo_beats_every_baseline": int(sum(wins)),
         "seconds": round(seconds, 1),
         "machine": machine_info(),
         "environment": _model_line(),
-        **result,
+        "episodes": results,
     }
     (out / "live.json").write_text(json.dumps(payload, indent=1, default=str))
-    live_eval.plot(result, out / "live.png")
-    md = live_eval.to_markdown(result, ppl0)
+    for seed, result in enumerate(results):
+        live_eval.plot(result, out / ("live.png" if seed == 0 else f"live_seed{seed}.png"))
+    md = f"# Live FedPEAT rounds: SABPPO and the baselines over {len(results)} episodes\n\n" + "\n".join(
+        live_eval.to_markdown(result, ppl0).replace("# Live", "## Live", 1) for result in results
+    )
     md += (
-        f"\nOne live episode of {rounds} real FedPEAT rounds per policy, from the same start (the same devices and channel "
-        f"draws). SABPPO beats every baseline in measured return: **{payload['sabppo_beats_every_baseline']}** (best baseline: "
-        f"{best_baseline}). SABPPO was trained for {config.total_timesteps:,} steps on the calibrated surrogate with the live "
-        f"environment's parameters ({rounds}-round episodes, LiveConfig defaults: {env.n_devices} devices = Folio role clients, "
-        f"the server on public modern-spelling text, the shipped foundation model); best_rule was searched on that surrogate "
-        f"too. Wall time {seconds:.0f} s. Machine: {payload['machine']['cpu_model']}, load average at the end "
-        f"{payload['machine']['loadavg_1_5_15']}. Plot: `live.png`.\n"
+        f"\n## Mean over the {len(results)} episodes\n\n| policy | mean return | per episode |\n|---|---|---|\n"
+        + "".join(f"| {n} | {returns[n]:.2f} | {', '.join(f'{r:.2f}' for r in v)} |\n" for n, v in per_episode.items())
+    )
+    md += (
+        f"\n{len(results)} live episodes (seeds {payload['seeds']}) of {rounds} real FedPEAT rounds per policy, each "
+        f"policy from the same start in an episode (the same devices and channel draws). SABPPO beats every baseline in "
+        f"mean measured return: **{payload['sabppo_beats_every_baseline']}** (best baseline: {best_baseline}); in "
+        f"{payload['episodes_sabppo_beats_every_baseline']} of {len(results)} episodes on their own. SABPPO was trained for "
+        f"{config.total_timesteps:,} steps on the calibrated surrogate with the live environment's parameters ({rounds}-round "
+        f"episodes, LiveConfig defaults: {env.n_devices} devices = Folio role clients, the server on public modern-spelling "
+        f"text, the shipped foundation model, the participation drift ppl_drift = {payload['ppl_drift']:.3f} of the "
+        f"shipped table on); best_rule was searched on that surrogate too. Wall time {seconds:.0f} s. Machine: "
+        f"{payload['machine']['cpu_model']}, load average at the end {payload['machine']['loadavg_1_5_15']}. Plots: "
+        f"`live.png` (seed 0)" + "".join(f", `live_seed{i}.png`" for i in range(1, len(results))) + ".\n"
     )
     (out / "live.md").write_text(md)
     print(md)
-    return result
+    return payload
 
 
 def main(argv=None) -> int:
@@ -172,6 +192,9 @@ def main(argv=None) -> int:
         "--live-rounds", type=int, default=20, help="rounds of the live episodes (the live env's episode length)"
     )
     parser.add_argument(
+        "--live-seeds", type=int, default=2, help="live episodes (seeds 0..N-1) per policy; the mean return decides"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="tiny training budgets (smoke run; do not commit its results)"
     )
     parser.add_argument("--skip", choices=("controller", "live"), default=None, help="skip one part")
@@ -179,7 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="runs/controller_study", help="training run directories (resumable)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.live_rounds = min(args.live_rounds, 2)
+        args.live_rounds, args.live_seeds = min(args.live_rounds, 2), 1
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     if args.skip != "controller":

@@ -97,11 +97,40 @@ def test_fit_on_measured_fedpeat_rounds_within_tolerance_and_loads_in_env():
     server_data = (jnp.asarray(other), jnp.ones((6, 16), jnp.float32))
     ppl, used = runs.curve(cfg.fed(server_participation=True), train, 4, 0, server_data=server_data, devices_on=False)
     np.testing.assert_allclose(used, 6.0)  # only the server's examples
+    fixed = runs.curve(cfg.fed(clients_per_round=2, emulator_levels=(1,)), train, 2, 0, available=jnp.arange(12) < 2)
+    np.testing.assert_allclose(fixed[1], 12.0)  # a fixed subset: the same two clients' examples every round
     table = _fit(measured, {"modern": [(ppl, used / 72.0)]}, ppl0=float(measured[1][0][0][0]))
     for fit in (table.meta["fit"]["levels"]["1"], table.meta["fit"]["server"]["modern"]):
         assert fit["max_rel_error"] < calibrate.FIT_TOLERANCE
     with pytest.raises(ValueError, match="does not match"):  # a table for another model is refused
         FedPEATMEC(preset="default", calibration=table)
+
+
+def test_fit_drift_recovers_the_participation_drift_of_repeated_clients():
+    truth, ppl_inf, eta = 4.0, 40.0, 3.0
+    curves = []
+    for phi in (0.2, 0.5):
+        f = np.full(12, phi)
+        repeat = (np.arange(12) > 0).astype(float)  # the same clients: nobody repeated in the first round
+        curves.append((calibrate.simulate(120.0, f, ppl_inf, eta, truth, repeat), f))
+    assert curves[0][0][-1] > ppl_inf + 0.9 * truth * (1 / 0.2 - 1)  # it settles above ppl_inf
+    fit = calibrate.fit_drift(curves, ppl_inf, eta)
+    assert fit["drift"] == pytest.approx(truth, rel=1e-3)
+    assert max(fit["curve_rel_errors"]) < 1e-4 < min(fit["curve_rel_errors_without_drift"])
+    # the table carries it; the environment uses it only when asked (the default problem is unchanged)
+    table = _fit({1: curves}, {"modern": [(calibrate.simulate(120.0, [0.5] * 4, 110.0, 1.0), np.full(4, 0.5))]})
+    table = table.replace(drift=fit["drift"])
+    again = type(table).from_dict(table.to_dict())
+    assert again.drift == table.drift
+    legacy = table.to_dict()
+    del legacy["drift"]
+    assert type(table).from_dict(legacy).drift == 0.0  # tables measured before the drift: none
+    from fedpeat_jax.mec import make_params
+
+    assert float(make_params(MODEL, table).ppl_drift) == 0.0
+    assert float(make_params(MODEL, table, participation_drift=True).ppl_drift) == pytest.approx(truth, rel=1e-3)
+    with pytest.raises(ValueError, match="drift must be finite"):
+        table.replace(drift=float("nan"))
 
 
 def test_bad_calibrate_config():
@@ -125,6 +154,10 @@ def test_bad_population():
     with pytest.raises(ValueError, match="at most the population"):
         calibrate.CalibrateConfig(population=10, clients_per_round=(3, 16))
     calibrate.CalibrateConfig(population=None, clients_per_round=(3, 16))  # every client: no bound here
+    with pytest.raises(ValueError, match="fixed_clients"):
+        calibrate.CalibrateConfig(population=10, fixed_clients=(2, 10))  # all of them: nothing to drift from
+    with pytest.raises(ValueError, match="fixed_rounds"):
+        calibrate.CalibrateConfig(fixed_rounds=1)
 
 
 def test_device_population_is_a_seeded_subset_shared_by_calibration_and_live_mode():

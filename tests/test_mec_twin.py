@@ -4,7 +4,8 @@ The JAX environment and the numpy twin are fed the same uniform draws and must a
 observations, rewards and infos within 1e-5 (relative to max(1, |value|); counts and flags
 exactly) over many random episodes that exercise every part of the round: stragglers past the
 deadline, memory violations, server rounds on its own domain, emulator exchanges, empty rounds,
-auto-resets, and invalid actions (out of range, floats), which both treat by the same rule.
+auto-resets, the participation drift (``ppl_drift``), and invalid actions (out of range, floats),
+which both treat by the same rule.
 Tables are SYNTHETIC placeholders.
 """
 
@@ -45,6 +46,7 @@ CASES = {
         32,
         60,
     ),
+    "default, participation drift": ("default", "default", dict(ppl_drift=6.0), 32, 60),
     "gpt2-small mobile, short episodes": (
         "gpt2-small",
         "gpt2",
@@ -209,3 +211,29 @@ def test_gymnasium_make():
     env = gymnasium.make("FedPEAT-MEC-v0", calibration=table, disable_env_checker=True)
     obs, _ = env.reset(seed=0)
     assert obs.shape == (74,)
+
+
+def test_participation_drift_raises_the_fixed_point_only_for_repeated_few_devices():
+    """ppl_drift moves the perplexity only when devices that took part last round train again
+    and not every device takes part; both implementations agree on it."""
+    table = synthetic_table(GPT2Config.preset("default"))
+    runs = {}
+    for drift in (0.0, 6.0):
+        env = FedPEATMEC(calibration=table, ppl_drift=drift, server_enabled=0.0, mem_choices_gb=(1.0,))
+        p, n = env.default_params, env.n_devices
+        twin = NumpyFedPEAT(p)
+        u = np.asarray(env.draw(jax.random.key(0)))
+        _, s_j = env.reset_with_draws(jnp.asarray(u), p)
+        _, s_t = twin.reset_from_draws(u)
+        for devices in (2, 2, 2, n, n):  # the same two devices three times, then every device twice
+            a = np.zeros(3 * n + 1, np.int32)
+            a[1 : devices + 1] = 1
+            _, s_j, _, _, _, ij = env.step_with_draws(jnp.asarray(u), s_j, jnp.asarray(a), p)
+            _, s_t, _, _, _, it = twin.step_from_draws(s_t, a, u)
+            _close("perplexity", ij["perplexity"], it["perplexity"])
+            runs.setdefault(drift, []).append(float(ij["perplexity"]))
+    plain, drifting = np.asarray(runs[0.0]), np.asarray(runs[6.0])
+    assert plain[0] == drifting[0]  # the first round: nobody took part before
+    assert np.all(drifting[1:3] > plain[1:3] + 1.0)  # the same two again: a higher fixed point
+    # every device: no drift term, so both approach the same fixed point from where they were
+    assert abs(drifting[4] - plain[4]) < abs(drifting[2] - plain[2])

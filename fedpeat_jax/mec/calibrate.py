@@ -12,7 +12,11 @@ the held-out plug-in perplexity after every round:
   foundation's own domain; "target": the devices' domain); the fraction is server examples /
   population examples (the environment's phi_srv);
 * one **mixed** run (server on the default domain + every device on the largest level), which is
-  not fitted: it checks how well the fitted two-source model predicts rounds that combine both.
+  not fitted: it checks how well the fitted two-source model predicts rounds that combine both;
+* **fixed-subset** runs (``fixed_clients``): the same first m clients every round on the largest
+  level, for ``fixed_rounds`` rounds; the model drifts towards their data and the held-out
+  perplexity rises again. They fit the table's ``drift`` (``fit_drift``, the level's (P, eta) kept),
+  which the environment uses with ``make_params(participation_drift=True)`` (the live preset).
 
 Every curve is fitted by the single-source response ``ppl_t = P + (ppl_{t-1} - P) exp(-eta f_t)``:
 per emulator level (its curves together) and per server domain, by a grid over (P, eta) refined
@@ -56,6 +60,11 @@ class CalibrateConfig(Config):
     )
     server_windows: int = 32  # windows of server data (the environment's default server_data)
     mixed_run: bool = True  # also measure server + all devices (a check of the two-source model, not fitted)
+    fixed_clients: tuple[int, ...] = (2, 5)
+    """Fixed-subset runs: the same first m clients of the population every round, on the largest
+    level, to fit the table's ``drift`` (empty: none, drift 0)."""
+    fixed_rounds: int = 16
+    """FedPEAT rounds of each fixed-subset run (the drift shows after several rounds)."""
     rounds: int = 8
     """FedPEAT rounds per measured curve (>= 2)."""
     local_steps: int = 4
@@ -109,6 +118,14 @@ class CalibrateConfig(Config):
             raise ValueError(
                 f"CalibrateConfig.clients_per_round {self.clients_per_round} must be at most the population ({self.population})"
             )
+        too_many = self.population is not None and max(self.fixed_clients, default=0) >= self.population
+        if min(self.fixed_clients, default=1) < 1 or too_many:
+            raise ValueError(
+                f"CalibrateConfig.fixed_clients {self.fixed_clients} must be between 1 and fewer than the population "
+                f"({self.population}): with every client there is nothing to drift from"
+            )
+        if self.fixed_rounds < 2:
+            raise ValueError(f"CalibrateConfig.fixed_rounds must be >= 2, got {self.fixed_rounds}")
         if self.rounds < 2:
             raise ValueError(f"CalibrateConfig.rounds must be >= 2 to fit a rate, got {self.rounds}")
 
@@ -164,11 +181,15 @@ class CalibrateConfig(Config):
 # --------------------------------------------------------------------------------------------
 # The fit (pure numpy)
 # --------------------------------------------------------------------------------------------
-def simulate(ppl0: float, fractions, ppl_inf: float, eta: float) -> np.ndarray:
-    """The single-source response's curve [ppl_0, ppl_1, ...] driven by per-round data fractions."""
+def simulate(ppl0: float, fractions, ppl_inf: float, eta: float, drift: float = 0.0, repeat=None) -> np.ndarray:
+    """The single-source response's curve [ppl_0, ppl_1, ...] driven by per-round data fractions;
+    with ``drift``, the fixed point of each round rises by its repeat share (``repeat``, per round)
+    as in the environment (``system.drifting_fixed_point``)."""
+    repeat = np.zeros(len(fractions)) if repeat is None else repeat
     out = [float(ppl0)]
-    for f in fractions:
-        out.append(float(system.surrogate_perplexity(out[-1], ppl_inf, eta, f)))
+    for f, rho in zip(fractions, repeat):
+        target = system.drifting_fixed_point(ppl_inf, drift, rho, f)
+        out.append(float(system.surrogate_perplexity(out[-1], target, eta, f)))
     return np.asarray(out)
 
 
@@ -211,6 +232,29 @@ def fit_level(curves: list) -> dict:
     ppl_inf, eta = float(to_ppl(x[0])), float(np.exp(x[1]))
     errs = curve_errors(curves, ppl_inf, eta)
     return {"ppl_inf": ppl_inf, "eta": eta, "max_rel_error": max(errs), "curve_rel_errors": errs}
+
+
+def fit_drift(curves: list, ppl_inf: float, eta: float, repeated_from: int = 1) -> dict:
+    """Fit the table's ``drift`` to fixed-subset curves [(ppl, fractions)] of one level whose
+    (ppl_inf, eta) stay as fitted: the same clients every round, so the repeat share is 0 before
+    round ``repeated_from`` (counting from 0) and 1 after. Bounded scalar search on the log error;
+    the worst relative error of every curve, with and without the drift term, is returned."""
+    from scipy.optimize import minimize_scalar
+
+    def repeat(f):
+        return (np.arange(len(f)) >= repeated_from).astype(np.float64)
+
+    def error(drift):
+        return sum(
+            float(np.sum((np.log(simulate(p[0], f, ppl_inf, eta, drift, repeat(f))) - np.log(p)) ** 2))
+            for p, f in curves
+        )
+
+    drift = float(minimize_scalar(error, bounds=(-ppl_inf, ppl_inf), method="bounded", options={"xatol": 1e-6}).x)
+    rel = lambda d: [  # noqa: E731
+        float(np.max(np.abs(simulate(p[0], f, ppl_inf, eta, d, repeat(f)) / p - 1))) for p, f in curves
+    ]
+    return {"drift": drift, "curve_rel_errors": rel(drift), "curve_rel_errors_without_drift": rel(0.0)}
 
 
 def predict_mixed(
@@ -279,14 +323,18 @@ class _Runs:
         self.params, self.model, self.peft = params, model, peft
         self.heldout = tuple(jnp.asarray(x) for x in heldout)
 
-    def curve(self, fed: FedConfig, data, rounds: int, seed: int, server_data=None, devices_on: bool = True) -> tuple:
-        """Plug-in perplexity after rounds 0..R and the examples each round used (devices, server)."""
+    def curve(
+        self, fed: FedConfig, data, rounds: int, seed: int, server_data=None, devices_on: bool = True, available=None
+    ) -> tuple:
+        """Plug-in perplexity after rounds 0..R and the examples each round used (devices, server);
+        ``available`` (C,) bool: only those clients may be drawn (default: all when ``devices_on``)."""
         from fedpeat_jax.fed.client import Hyper
         from fedpeat_jax.fed.simulation import FedPEAT
 
         sim = FedPEAT(self.model, self.peft, fed, n_clients=int(data.tokens.shape[0]))
         hyper = Hyper.from_config(fed)
-        available = jnp.full((data.tokens.shape[0],), bool(devices_on))
+        if available is None:
+            available = jnp.full((data.tokens.shape[0],), bool(devices_on))
         step = jax.jit(lambda s, p, d, h, srv, avail: sim.round(s, p, d, h, srv, available=avail))
         evaluate = jax.jit(lambda s, p, h: sim.eval_nll(s, p, *h))
         state = jax.jit(sim.init)(jax.random.key(seed), self.params)
@@ -321,24 +369,11 @@ def calibrate(
     """
     from fedpeat_jax.io.fingerprint import tree_digest
     from fedpeat_jax.io.logging import progress
-    from fedpeat_jax.tasks import build_task, device_population
 
-    model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-    cfg.check_model(model)
-    tasks = {domain: build_task(cfg.task(domain), tokenizer, cache_dir=cache_dir) for domain in cfg.server_domains}
-    task = tasks[cfg.server_domains[0]]
-    if cfg.population is not None:
-        task = device_population(task, cfg.population, cfg.seed)
-    data = task.train
+    model, tasks, data, runs = _setup(cfg, params, model, tokenizer, cache_dir)
     n_clients = int(data.tokens.shape[0])
-    too_many = [c for c in cfg.clients_per_round if c > n_clients]
-    if too_many:
-        raise ValueError(
-            f"CalibrateConfig.clients_per_round {too_many} is more than the {n_clients} clients that exist"
-        )
     population = np.asarray(data.counts, np.float64)
     total = float(population.sum())
-    runs = _Runs(params, model, cfg.peft(), task.heldout)
     n_runs = len(cfg.levels) * len(cfg.clients_per_round) + len(cfg.server_domains) + int(cfg.mixed_run)
     bar = progress(n_runs * cfg.rounds, "calibrate (FedPEAT rounds)", disable=not show_progress)
     started = time.time()
@@ -421,16 +456,87 @@ def calibrate(
             "predicted": predicted.tolist(),
             "max_rel_error": float(np.max(np.abs(predicted / mixed["ppl"] - 1))),
         }
+    if cfg.fixed_clients:
+        table = _with_drift(table, cfg, runs, data, show_progress)
     if out is not None:
         table.save(out)
     return table
 
 
+def _setup(cfg: CalibrateConfig, params, model, tokenizer, cache_dir):
+    """(model without dropout, {domain: task}, the devices' data, _Runs) of a measurement."""
+    from fedpeat_jax.tasks import build_task, device_population
+
+    model = model.replace(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    cfg.check_model(model)
+    tasks = {domain: build_task(cfg.task(domain), tokenizer, cache_dir=cache_dir) for domain in cfg.server_domains}
+    task = tasks[cfg.server_domains[0]]
+    if cfg.population is not None:
+        task = device_population(task, cfg.population, cfg.seed)
+    n_clients = int(task.train.tokens.shape[0])
+    too_many = [c for c in (*cfg.clients_per_round, *cfg.fixed_clients) if c > n_clients]
+    if too_many:
+        raise ValueError(
+            f"CalibrateConfig.clients_per_round / fixed_clients {too_many} is more than the {n_clients} clients that exist"
+        )
+    return model, tasks, task.train, _Runs(params, model, cfg.peft(), task.heldout)
+
+
+def _with_drift(table: CalibrationTable, cfg: CalibrateConfig, runs: _Runs, data, show_progress: bool):
+    """Measure the fixed-subset runs (the same first m clients every round, largest level) and
+    fit the table's ``drift`` with that level's (ppl_inf, eta) kept; curves and errors go to meta."""
+    from fedpeat_jax.io.logging import progress
+
+    k = cfg.levels[-1]
+    total = float(np.sum(np.asarray(data.counts, np.float64)))
+    n_clients = int(data.tokens.shape[0])
+    bar = progress(
+        len(cfg.fixed_clients) * cfg.fixed_rounds, "calibrate (fixed-subset rounds)", disable=not show_progress
+    )
+    curves = []
+    for m in cfg.fixed_clients:
+        fed = cfg.fed(clients_per_round=m, emulator_levels=(k,))
+        ppl, used = runs.curve(fed, data, cfg.fixed_rounds, cfg.seed, available=jnp.arange(n_clients) < m)
+        curves.append((ppl, used / total))
+        bar.update(cfg.fixed_rounds)
+        bar.set_postfix(clients=m, ppl=f"{ppl[-1]:.1f}")
+    bar.close()
+    i = table.k.index(k)
+    fit = fit_drift(curves, table.ppl_inf[i], table.eta[i])
+    meta = {
+        **table.meta,
+        "fixed_curves": {
+            "k": k,
+            "clients": list(cfg.fixed_clients),
+            "curves": [{"ppl": p.tolist(), "data_fraction": f.tolist()} for p, f in curves],
+        },
+    }
+    meta["fit"] = {**meta.get("fit", {}), "drift": fit}
+    return table.replace(drift=fit["drift"], meta=meta)
+
+
+def add_drift(
+    table: CalibrationTable, cfg: CalibrateConfig, params, model, tokenizer, *, cache_dir=None, show_progress=True
+) -> CalibrationTable:
+    """``table`` with its ``drift`` measured and fitted (only the fixed-subset runs of ``cfg``):
+    adds the participation drift to a table measured before it existed."""
+    if not cfg.fixed_clients:
+        raise ValueError("CalibrateConfig.fixed_clients is empty: there is no fixed-subset run to fit the drift on")
+    if cfg.levels[-1] not in table.k:
+        raise ValueError(
+            f"the table has no level k={cfg.levels[-1]} (the fixed-subset runs' level); it has {list(table.k)}"
+        )
+    model, _, data, runs = _setup(cfg, params, model, tokenizer, cache_dir)
+    return _with_drift(table, cfg, runs, data, show_progress)
+
+
 __all__ = [
     "CalibrateConfig",
+    "add_drift",
     "FIT_TOLERANCE",
     "calibrate",
     "curve_errors",
+    "fit_drift",
     "fit_level",
     "fit_table",
     "predict_mixed",

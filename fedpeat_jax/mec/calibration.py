@@ -25,6 +25,7 @@ JSON schema (``schema`` = "fedpeat_jax.mec.calibration/2")::
       "levels": [{"k": 0, "ppl_inf": 95.0, "eta": 0.8}, ...],   # device rounds, strictly increasing k
       "server": {"modern": {"ppl_inf": 300.1, "eta": 0.05, "data": 64}, ...},  # server-only rounds
       "server_domain": "modern",                                 # the default domain
+      "drift": 2.8,        # optional (0): fixed-point rise when the same few devices keep training
       "population": [12, 7, 16, ...],          # examples of each device the fractions refer to
       "workload": {"local_steps": 4, "batch_size": 2, "seq_len": 64},  # one participant's round
       "synthetic": false,
@@ -91,6 +92,10 @@ class CalibrationTable:
     ppl_inf, eta: device rounds' fixed point (>= 1) and rate per unit data fraction (> 0), per level.
     ppl0:         plug-in perplexity before any tuning round (>= 1).
     server:       {domain: ServerResponse} of server-only rounds; ``server_domain`` names the default.
+    drift:        how far the devices' fixed point rises when the same few devices keep training,
+                  ``drift * (1/phi - 1)`` (``system.drifting_fixed_point``; fitted on fixed-subset
+                  runs; 0 when not measured). The environment uses it only with
+                  ``make_params(participation_drift=True)``.
     population:   examples held by each device of the measured population (the fractions' unit).
     workload:     {local_steps, batch_size, seq_len} of one participant's round, as measured.
     synthetic:    True for placeholder tables that were not measured.
@@ -109,6 +114,7 @@ class CalibrationTable:
     server_domain: str
     population: tuple
     workload: dict
+    drift: float = 0.0
     synthetic: bool = False
     source: str = ""
     meta: dict = field(default_factory=dict, compare=False)
@@ -118,6 +124,7 @@ class CalibrationTable:
         object.__setattr__(self, "ppl_inf", tuple(float(v) for v in self.ppl_inf))
         object.__setattr__(self, "eta", tuple(float(v) for v in self.eta))
         object.__setattr__(self, "ppl0", float(self.ppl0))
+        object.__setattr__(self, "drift", float(self.drift))
         object.__setattr__(self, "model", dict(self.model))
         object.__setattr__(self, "population", tuple(float(v) for v in self.population))
         object.__setattr__(self, "workload", {k: float(v) for k, v in dict(self.workload).items()})
@@ -171,6 +178,7 @@ class CalibrationTable:
             math.isfinite(self.ppl0) and self.ppl0 >= 1.0,
             f"calibration table: ppl0 must be a finite perplexity >= 1, got {self.ppl0}",
         )
+        require(math.isfinite(self.drift), f"calibration table: drift must be finite, got {self.drift}")
         require(self.server, "calibration table: 'server' must hold the response of at least one server data domain")
         for domain, resp in self.server.items():
             require(
@@ -234,6 +242,7 @@ class CalibrationTable:
             "levels": [{"k": k, "ppl_inf": p, "eta": e} for k, p, e in zip(self.k, self.ppl_inf, self.eta)],
             "server": {d: dataclasses.asdict(resp) for d, resp in self.server.items()},
             "server_domain": self.server_domain,
+            "drift": self.drift,
             "population": list(self.population),
             "workload": dict(self.workload),
             "synthetic": self.synthetic,
@@ -280,6 +289,7 @@ class CalibrationTable:
                 ppl0=data["ppl0"],
                 server=server,
                 server_domain=str(data["server_domain"]),
+                drift=data.get("drift", 0.0),
                 population=data["population"],
                 workload=data["workload"],
                 synthetic=bool(data.get("synthetic", False)),

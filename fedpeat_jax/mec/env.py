@@ -128,6 +128,7 @@ class RoundOutcome(NamedTuple):
     succeeded: jax.Array  # (N,) float32 1 for a device that took part, fit its memory and met the deadline
     level: jax.Array  # (N,) int32 emulator level chosen for each device
     server: jax.Array  # () float32 1 when the server took part and met the deadline
+    repeat_share: jax.Array  # () share of the successful devices' data whose device also took part last round
 
 
 def _lookup(table: jax.Array, index: jax.Array) -> jax.Array:
@@ -322,7 +323,13 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
     @staticmethod
     def surrogate_perplexity(ppl, params: EnvParams, outcome: RoundOutcome):
         """The two-source response model: the devices' pull at kbar and the server's pull."""
-        dev_inf = system.interp_clamped(outcome.k_bar, params.cal_k, params.cal_ppl_inf, jnp)
+        dev_inf = system.drifting_fixed_point(
+            system.interp_clamped(outcome.k_bar, params.cal_k, params.cal_ppl_inf, jnp),
+            params.ppl_drift,
+            outcome.repeat_share,
+            outcome.data_fraction,
+            jnp,
+        )
         dev_eta = system.interp_clamped(outcome.k_bar, params.cal_k, params.cal_eta, jnp)
         return system.two_source_perplexity(
             ppl,
@@ -404,6 +411,7 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
             succeeded=ok,
             level=lvl,
             server=srv_ok,
+            repeat_share=jnp.sum(d_ok * state.took_part[1:], axis=0) / jnp.maximum(d_sum, 1e-12),
         )
         ppl, learner, learn_info = self.learn(state, params, outcome)
 

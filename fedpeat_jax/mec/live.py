@@ -60,6 +60,9 @@ class LiveConfig(Config):
     server: bool = True  # the server holds its own data and may take part
     server_domain: str = "modern"  # its data: "modern" (public modern-spelling text) or "target" (the devices' domain)
     server_windows: int = 32  # windows of server data (as in `fedpeat calibrate`)
+    participation_drift: bool = True
+    """The surrogate's fixed point rises when the same few devices keep training (the table's `drift`;
+    `make_params(participation_drift=)`), as real rounds of few devices do."""
     seed: int = 0
     """Seed of the device choice and the runs."""
 
@@ -249,6 +252,7 @@ def make_live_env(
         n_devices=cfg.n_devices,
         emulator_k=cfg.emulator_k,
         server_domain=cfg.server_domain,
+        participation_drift=cfg.participation_drift,
         **{
             "local_steps": float(cfg.local_steps),
             "batch_size": float(cfg.local_batch),

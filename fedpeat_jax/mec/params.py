@@ -85,6 +85,7 @@ class EnvParams(environment.EnvParams):
     cal_ppl_inf: jax.Array  # (K,)
     cal_eta: jax.Array  # (K,)
     ppl0: float
+    ppl_drift: float = 0.0  # rise of the devices' fixed point when the same few devices keep training (0: off)
     # reward: r = -(w_ppl g + w_latency T / latency_ref + w_memory mu) - w_violation n_viol - w_empty [empty]
     w_ppl: float = 1.0
     w_latency: float = 1.0
@@ -155,6 +156,7 @@ def make_params(
     bw_weights: Optional[tuple] = None,
     mem_choices_gb: Optional[tuple] = None,
     server_domain: Optional[str] = None,
+    participation_drift: bool = False,
     **overrides,
 ) -> EnvParams:
     """Environment parameters for ``model`` (GPT2Config or preset name) and a calibration table.
@@ -170,6 +172,9 @@ def make_params(
                     j holds the emulators up to level j.
     server_domain:  which of the table's server data domains the server holds (default: the
                     table's ``server_domain``); sets ``srv_ppl_inf``, ``srv_eta``, ``server_data``.
+    participation_drift: use the table's ``drift`` (``ppl_drift``): the devices' fixed point rises
+                    when the same few devices keep training. Off by default (the default problem's
+                    dynamics); the live environment turns it on (``LiveConfig.participation_drift``).
     overrides:      any other EnvParams field (e.g. cell_radius=300.0, w_latency=0.5).
     The workload (local_steps, batch_size, seq_len), the devices' data range (data_min, data_max)
     and the server's data default to what the table measured; ``round_deadline`` to
@@ -233,6 +238,7 @@ def make_params(
         cal_ppl_inf=f32(table.ppl_inf),
         cal_eta=f32(table.eta),
         ppl0=float(table.ppl0),
+        ppl_drift=float(table.drift) if participation_drift else 0.0,
         ppl_ref=float(table.ppl0),
         ppl_best=float(min(min(table.ppl_inf), srv.ppl_inf)),
         latency_ref=1.0,  # placeholder: the deadline, below
@@ -374,6 +380,7 @@ def validate_params(params: EnvParams) -> None:
     need(np.isfinite(arr("srv_ppl_inf")) & (arr("srv_ppl_inf") >= 1), "srv_ppl_inf must be a finite perplexity >= 1")
     need(np.isfinite(arr("srv_eta")) & (arr("srv_eta") >= 0), "srv_eta must be finite and >= 0")
     need(np.isfinite(arr("ppl0")) & (arr("ppl0") >= 1), "ppl0 must be a finite perplexity >= 1")
+    need(np.isfinite(arr("ppl_drift")), "ppl_drift must be finite")
     need(
         np.isfinite(arr("ppl_ref")) & np.isfinite(arr("ppl_best")) & (arr("ppl_ref") > arr("ppl_best")),
         f"ppl_ref ({arr('ppl_ref')}) must exceed ppl_best ({arr('ppl_best')}): they span the perplexity term of the reward",

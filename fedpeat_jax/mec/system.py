@@ -339,6 +339,15 @@ def surrogate_perplexity(ppl_prev: Array, ppl_inf: Array, eta: Array, data_fract
     return ppl_inf + (ppl_prev - ppl_inf) * xp.exp(-eta * data_fraction)
 
 
+def drifting_fixed_point(ppl_inf: Array, drift: Array, repeat_share: Array, fraction: Array, xp=np) -> Array:
+    """The devices' fixed point when the same few devices keep training: the model drifts towards
+    their own data, away from the held-out text. ``ppl_inf + drift * repeat_share * (1/fraction - 1)``:
+    0 extra when every device took part (fraction 1) or none of this round's data took part last
+    round (repeat_share 0); ``fraction`` 0 gives ``ppl_inf`` (such a round has no device pull)."""
+    safe = xp.where(fraction > 0, fraction, 1.0)
+    return ppl_inf + drift * repeat_share * (1.0 / safe - 1.0)
+
+
 def two_source_perplexity(
     ppl_prev: Array,
     dev_ppl_inf: Array,
@@ -376,6 +385,7 @@ __all__ = [
     "distance_in_annulus",
     "distance_in_annulus_sq",
     "downlink_rate",
+    "drifting_fixed_point",
     "downlink_spectral_efficiency",
     "download_time",
     "emulator_bits",
