@@ -165,7 +165,7 @@ def test_the_run_chunk_shrinks_to_fit_the_memory_budget(params, data, heldout):
     """With a budget between two and three runs' compiled memory, `fit` picks two runs per call;
     asking for a run chunk that does not fit is refused with the numbers."""
     probe = sweep.Cohort(FedPEAT(MODEL, LORA, fed(), n_clients=C), params, data, eval_data=heldout)
-    need = {n: driver.round_memory(probe.compiled(2, n)) for n in (2, 3)}
+    need = {n: probe.memory(2, n) for n in (2, 3)}
     assert need[3] > need[2] > 0
     budget = (need[2] + need[3]) / 2 / driver.GiB
     cohort = sweep.Cohort(

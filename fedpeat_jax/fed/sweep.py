@@ -4,12 +4,16 @@ A *cohort* is a set of runs that share every static setting (one `FedPEAT`: mode
 FedConfig) and differ in their seed and their traced hyperparameters (`Hyper`). `run_cohort`
 advances all of them `FedConfig.rounds_per_chunk` rounds at a time:
 
-  * one compiled program per chunk length: `jax.vmap` over runs of (the rounds in a `lax.scan`,
-    the held-out evaluation, a finiteness check); the frozen weights, the client data and the
-    held-out windows are shared arguments (`in_axes=None`), never constants of the program;
-  * the run axis in chunks of `run_chunk` runs: as many as fit the memory budget by XLA's memory
-    analysis of the compiled program (`Cohort.fit`), a multiple of the devices, split over a 1-D
-    "runs" mesh spanning every device of every process (runs never communicate);
+  * a few compiled programs, each `jax.vmap` over runs: the start, the rounds of a chunk (in a
+    `lax.scan`, with a finiteness check; one per chunk length) and the held-out evaluation (the
+    same program before training and at every chunk end); the frozen weights, the client data and
+    the held-out windows are shared arguments (`in_axes=None`), never constants of a program.
+    They are compiled once per cohort configuration, concurrently, before anything runs;
+  * the run axis in calls of `run_chunk` runs (`Cohort.fit`): the fewest equal calls of at most
+    `runs_per_call` runs (on a CPU a few per device, where more buy no throughput; on an
+    accelerator all), fewer while XLA's memory analysis of the compiled programs says they do not
+    fit the memory budget; a multiple of the devices, split over a 1-D "runs" mesh spanning every
+    device of every process (runs never communicate);
   * a run whose update, training loss, state or held-out loss stops being finite is stopped: it
     keeps its last finite state and its history up to the round it diverged, and leaves the run
     axis (later chunks pack only the live runs); the other runs are independent lanes of the
@@ -27,6 +31,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional
 
 import jax
@@ -43,6 +48,7 @@ from fedpeat_jax.io.fingerprint import fingerprint as settings_fingerprint
 from fedpeat_jax.io.loop import restore_latest, run_chunks
 
 RUNS = "runs"  # the mesh axis the run axis is split over
+CPU_RUNS_PER_DEVICE = 8  # runs per call on a CPU device (see `runs_per_call`)
 
 # Why a run was stopped (index 0: it was not).
 REASONS = (
@@ -108,6 +114,24 @@ def _take(tree, idx):
     return jax.tree.map(lambda x: x[idx], tree)
 
 
+def _gather(tree):
+    """Host copies of outputs whose run axis is split over the devices (of every process)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def runs_per_call(n_devices: int) -> int:
+    """Runs per compiled call when none is asked for: as many as fit the memory budget on an
+    accelerator; on a CPU `CPU_RUNS_PER_DEVICE` per device, since there larger calls buy no
+    throughput (their working set falls out of the caches) and cost memory."""
+    if jax.default_backend() == "cpu":
+        return CPU_RUNS_PER_DEVICE * n_devices
+    return 2**31 - 1
+
+
 class Cohort:
     """Compiled programs advancing runs of one `FedPEAT` configuration, on one device or a mesh.
 
@@ -156,12 +180,12 @@ class Cohort:
     # Programs
     # ----------------------------------------------------------------------------------------
     def _jit(self, fn, n_run_args: int, donate: tuple = ()):
-        """jit `fn` whose first `n_run_args` arguments carry the run axis (split over the mesh)
-        and whose other arguments are shared; outputs come back whole to every process."""
+        """jit `fn` whose first `n_run_args` arguments carry the run axis and whose other arguments
+        are shared; on a mesh the run axis of arguments and outputs is split over its devices."""
         if self.mesh is None:
             return jax.jit(fn, donate_argnums=donate)
         runs, whole = NamedSharding(self.mesh, P(RUNS)), NamedSharding(self.mesh, P())
-        return jax.jit(fn, in_shardings=(runs,) * n_run_args + (whole,) * 4, out_shardings=whole, donate_argnums=donate)
+        return jax.jit(fn, in_shardings=(runs,) * n_run_args + (whole,) * 4, out_shardings=runs, donate_argnums=donate)
 
     def _put(self, tree):
         """Host arrays with a leading run axis, as (global) arrays split over the mesh."""
@@ -179,23 +203,28 @@ class Cohort:
         state = jax.vmap(self._start, in_axes=(0, 0, None))(seeds, hypers, params)
         return state._replace(key=jax.random.key_data(state.key))
 
-    def _zero_program(self, seeds, hypers, params, data, eval_data, server_data):
-        def one(seed, hyper):
-            return self.sim.eval_nll(self._start(seed, hyper, params), params, *eval_data)
-
-        return jax.vmap(one)(seeds, hypers)
-
-    def _chunk_program(self, n_rounds: int):
+    def _rounds_program(self, n_rounds: int):
         sim = self.sim
 
-        def one(state, hyper, params, data, eval_data, server_data):
+        def one(state, hyper, params, data, server_data):
             state = state._replace(key=jax.random.wrap_key_data(state.key))
             state, metrics = sim.run_rounds(state, params, data, n_rounds, hyper, server_data)
             finite = _finite(state._replace(key=None, round=None))
-            nll = (jnp.zeros(()), jnp.zeros(())) if eval_data is None else sim.eval_nll(state, params, *eval_data)
-            return state._replace(key=jax.random.key_data(state.key)), metrics, nll, finite
+            return state._replace(key=jax.random.key_data(state.key)), metrics, finite
 
-        return jax.vmap(one, in_axes=(0, 0, None, None, None, None))
+        vmapped = jax.vmap(one, in_axes=(0, 0, None, None, None))
+        return lambda states, hypers, params, data, eval_data, server_data: vmapped(
+            states, hypers, params, data, server_data
+        )
+
+    def _eval_program(self, states, params, data, eval_data, server_data):
+        """Held-out (nll, count) of every run's state: one program for the untrained states and
+        for the states at every chunk end."""
+
+        def one(state):
+            return self.sim.eval_nll(state._replace(key=jax.random.wrap_key_data(state.key)), params, *eval_data)
+
+        return jax.vmap(one)(states)
 
     def _abstract_runs(self, n: int):
         seeds = jax.ShapeDtypeStruct((n,), jnp.int32)
@@ -203,40 +232,76 @@ class Cohort:
         states = jax.eval_shape(self._init_program, seeds, hypers, *self.shared)
         return seeds, hypers, states
 
-    def _program(self, key: tuple, fn, run_args: tuple, donate: tuple = ()):
-        """`fn(*run_args, *shared)` compiled for the abstract `run_args`, cached under `key` and
-        the cohort's configuration and shapes (so a resumed or repeated study does not compile again)."""
-        key = key + self._signature
-        if key not in _COMPILED:
-            _COMPILED[key] = self._jit(fn, len(run_args), donate).lower(*run_args, *self.shared).compile()
-            sharding.barrier(f"sweep compiled {key[:3]}")
-            while len(_COMPILED) > MAX_COMPILED:
-                _COMPILED.popitem(last=False)
-        _COMPILED.move_to_end(key)
-        return _COMPILED[key]
+    def _programs(self, n_rounds: Optional[int], run_chunk: int) -> dict:
+        """name -> (cache key, function, abstract run arguments, donated arguments) of the programs
+        of `run_chunk` runs at once: the start, `n_rounds` rounds (unless None) and, with held-out
+        windows, the evaluation."""
+        seeds, hypers, states = self._abstract_runs(run_chunk)
+        out = {"init": (("init", run_chunk), self._init_program, (seeds, hypers), ())}
+        if n_rounds is not None:
+            out["rounds"] = (("rounds", n_rounds, run_chunk), self._rounds_program(n_rounds), (states, hypers), (0,))
+        if self.shared[2] is not None:
+            out["eval"] = (("eval", run_chunk), self._eval_program, (states,), ())
+        return out
 
-    def compiled(self, n_rounds: int, run_chunk: int):
-        """The compiled program advancing `run_chunk` runs by `n_rounds` rounds (cached)."""
-        _, hypers, states = self._abstract_runs(run_chunk)
-        return self._program(
-            ("chunk", n_rounds, run_chunk), self._chunk_program(n_rounds), (states, hypers), donate=(0,)
-        )
+    def _compile(self, specs: list) -> list:
+        """The compiled programs of `specs` ((key, fn, run_args, donate), ...), cached under the key
+        and the cohort's configuration and shapes (a resumed or repeated study does not compile
+        again). The uncached ones are traced here and compiled concurrently: XLA compiles outside
+        Python's lock, so the small programs compile beside the big one."""
+        keys = [key + self._signature for key, *_ in specs]
+        todo = {}
+        for key, (_, fn, run_args, donate) in zip(keys, specs):
+            if key not in _COMPILED and key not in todo:
+                todo[key] = self._jit(fn, len(run_args), donate).lower(*run_args, *self.shared)
+        if todo:
+            with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+                done = dict(zip(todo, pool.map(lambda lowered: lowered.compile(), todo.values())))
+            sharding.barrier(f"sweep compiled {[key[:3] for key in todo]}")
+            _COMPILED.update(done)
+        for key in keys:
+            _COMPILED.move_to_end(key)
+        while len(_COMPILED) > MAX_COMPILED:
+            _COMPILED.popitem(last=False)
+        return [_COMPILED[key] for key in keys]
+
+    def programs(self, n_rounds: Optional[int], run_chunk: int) -> dict:
+        """name -> the compiled program ("init", "rounds" of `n_rounds` unless None, "eval" with
+        held-out windows) for `run_chunk` runs at once (cached)."""
+        specs = self._programs(n_rounds, run_chunk)
+        return dict(zip(specs, self._compile(list(specs.values()))))
+
+    def compile(self, lengths, run_chunk: int) -> None:
+        """Compile, together, every program a cohort of chunks of rounds of `lengths` needs."""
+        specs = {}
+        for n in lengths:
+            specs.update({spec[0]: spec for spec in self._programs(n, run_chunk).values()})
+        self._compile(list(specs.values()))
+
+    def memory(self, n_rounds: int, run_chunk: int) -> float:
+        """Peak bytes of a call of `run_chunk` runs by XLA's memory analysis: its largest program."""
+        return max(driver.round_memory(p) for p in self.programs(n_rounds, run_chunk).values())
 
     def state_bytes(self, n_runs: int = 1) -> int:
         """Bytes of `n_runs` runs' server states (what the host keeps between chunks)."""
         return _bytes(self._abstract_runs(n_runs)[2])
 
     # ----------------------------------------------------------------------------------------
-    # Memory
+    # Memory and throughput
     # ----------------------------------------------------------------------------------------
     def fit(self, n_runs: int, n_rounds: int, run_chunk: Optional[int] = None) -> int:
-        """Runs per call whose compiled program fits `driver.memory_budget`: `run_chunk` if given
-        (else RunsTooBig), otherwise every run at once or, when that does not fit, the fewest equal
-        calls the memory analysis says fit (re-checked), a multiple of the devices."""
+        """Runs per call: `run_chunk` if given (RunsTooBig if it does not fit `driver.memory_budget`),
+        otherwise the fewest equal calls of at most `runs_per_call()` runs, shrunk (re-checked) while
+        XLA's memory analysis says they do not fit; a multiple of the devices. Each size tried is
+        compiled once, and the one chosen is the program that then runs."""
         dev, budget = self.n_devices, driver.memory_budget(self.sim.fed)
-        want = dev * math.ceil((run_chunk or n_runs) / dev)
+        if run_chunk is not None:
+            want = dev * math.ceil(run_chunk / dev)
+        else:
+            calls = math.ceil(n_runs / max(runs_per_call(dev), dev))
+            want = dev * math.ceil(n_runs / calls / dev)
         while True:
-            need = driver.round_memory(self.compiled(n_rounds, want))
+            need = self.memory(n_rounds, want)
             if need <= budget:
                 return want
             per_run = max((need - self.shared_bytes) / (want / dev), 1.0)
@@ -256,39 +321,42 @@ class Cohort:
     # ----------------------------------------------------------------------------------------
     # Calls
     # ----------------------------------------------------------------------------------------
-    def _run(self, program, run_args: tuple, run_chunk: int):
-        """`program` over the runs of `run_args` (host, leading run axis) `run_chunk` at a time,
-        the last chunk padded with copies of its last run; host outputs for the real runs."""
+    def _run(self, call, run_args: tuple, run_chunk: int):
+        """`call(*run_args, *shared)` over the runs of `run_args` (host, leading run axis)
+        `run_chunk` at a time, the last chunk padded with copies of its last run; host outputs
+        for the real runs."""
         n = len(jax.tree.leaves(run_args)[0])
         outs = []
         for start in range(0, n, run_chunk):
             idx = np.arange(start, min(start + run_chunk, n))
             padded = np.concatenate([idx, np.full(run_chunk - len(idx), idx[-1])])
-            out = program(*self._put(_take(run_args, padded)), *self.shared)
-            outs.append(_take(driver._host(out), slice(0, len(idx))))
+            out = call(*self._put(_take(run_args, padded)), *self.shared)
+            outs.append(_take(_gather(out), slice(0, len(idx))))
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
-
-    def _chunk_for(self, n_runs: int, cap: int) -> int:
-        return min(cap, self.n_devices * math.ceil(n_runs / self.n_devices))
 
     def init(self, seeds: np.ndarray, hypers: Hyper, run_chunk: int):
         """Host states of runs starting from `seeds` with `hypers` (the key as key data)."""
-        run_chunk = self._chunk_for(len(seeds), run_chunk)
-        seeds_a, hypers_a, _ = self._abstract_runs(run_chunk)
-        program = self._program(("init", run_chunk), self._init_program, (seeds_a, hypers_a))
-        return self._run(program, (seeds, hypers), run_chunk)
+        init = self.programs(None, run_chunk)["init"]
+        return self._run(init, (seeds, hypers), run_chunk)
 
     def zero_shot(self, seeds: np.ndarray, hypers: Hyper, run_chunk: int) -> tuple:
         """Held-out (nll, count) of the untrained state of each of `seeds`."""
-        run_chunk = self._chunk_for(len(seeds), run_chunk)
-        seeds_a, hypers_a, _ = self._abstract_runs(run_chunk)
-        program = self._program(("zero", run_chunk), self._zero_program, (seeds_a, hypers_a))
-        return self._run(program, (seeds, hypers), run_chunk)
+        p = self.programs(None, run_chunk)
+        return self._run(lambda s, h, *shared: p["eval"](p["init"](s, h, *shared), *shared), (seeds, hypers), run_chunk)
 
     def advance(self, states, hypers: Hyper, n_rounds: int, run_chunk: int) -> tuple:
         """Run `n_rounds` rounds of every run in `states` (host, leading run axis); returns host
         (states, metrics (runs, n_rounds), (nll, count), finite)."""
-        return self._run(self.compiled(n_rounds, run_chunk), (states, hypers), run_chunk)
+        p = self.programs(n_rounds, run_chunk)
+
+        def call(states, hypers, *shared):
+            states, metrics, finite = p["rounds"](states, hypers, *shared)
+            return states, metrics, p["eval"](states, *shared) if "eval" in p else None, finite
+
+        states, metrics, nll, finite = self._run(call, (states, hypers), run_chunk)
+        if nll is None:  # no held-out windows: no evaluation
+            nll = (np.zeros(len(finite)), np.zeros(len(finite)))
+        return states, metrics, nll, finite
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,7 +479,7 @@ def run_cohort(
     """Train run i from `seeds[i]` with `Hyper(*(h[i] for h in hypers))` for `rounds` rounds
     (default `FedConfig.rounds`), all runs together; see the module docstring.
 
-    run_chunk:  runs per compiled call (None: as many as fit the memory budget).
+    run_chunk:  runs per compiled call (None: `Cohort.fit` chooses, for throughput within the memory budget).
     ckpt_dir:   checkpoint after every chunk of rounds; with `resume`, continue from the newest.
     on_progress(run_rounds, info): called after every chunk of rounds with the run-rounds just done.
     stop_after_chunks: stop early (simulates an interruption in tests).

@@ -339,8 +339,7 @@ def run(
                     f"(base.fed.memory_budget_gb); {advice}",
                 ) from None
             raise spec.error("run_chunk", f"{e} (group {g.label}); lower run_chunk or set it to null") from None
-        for n in set(_chunk_lengths(g.fed)):
-            cohort.compiled(n, chunk)
+        cohort.compile(sorted(set(_chunk_lengths(g.fed))), chunk)  # the other chunk lengths, if any
         cohorts[g.index] = (cohort, chunk)
     compile_s = time.perf_counter() - t0
     if primary:

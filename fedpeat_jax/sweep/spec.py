@@ -476,7 +476,7 @@ def parse(data: dict, path: str = "<spec>") -> Spec:
     if run_chunk is not None and not (_integer(run_chunk) and run_chunk >= 1):
         raise fail(
             "run_chunk",
-            f"runs vmapped at once must be null (as many as fit the memory budget) or an integer >= 1, got {run_chunk!r}",
+            f"runs vmapped at once must be null (chosen for throughput within the memory budget) or an integer >= 1, got {run_chunk!r}",
         )
     if run_chunk is not None and sampler == "optuna":
         raise fail("run_chunk", "an Optuna batch (batch trials x seeds) runs in one call: set batch instead")
