@@ -233,3 +233,17 @@ def test_a_trained_controller_loads_and_runs_live(live, tmp_path):
     for r in records + greedy:
         assert {"round", "reward", "perplexity", "surrogate_perplexity", "latency", "clients_trained"} <= set(r)
         assert np.isfinite(r["reward"]) and r["perplexity"] > 0
+
+
+def test_the_live_workload_is_the_calibrated_one():
+    """The surrogate a live controller is trained on was fitted by `fedpeat calibrate`: the live
+    rounds must be the same workload, measured on the same held-out windows, or the real and the
+    surrogate perplexities are on different scales."""
+    from fedpeat_jax.mec.calibrate import CalibrateConfig
+
+    live, cal = LiveConfig(), CalibrateConfig()
+    assert live.eval_windows == cal.max_eval_windows
+    assert live.n_devices == cal.population
+    for name in ("seq_len", "max_examples", "server_windows", "local_steps", "local_batch", "client_lr", "lora_rank"):
+        assert getattr(live, name) == getattr(cal, name), name
+    assert live.lora_alpha == cal.lora_alpha

@@ -56,7 +56,9 @@ class LiveConfig(Config):
     seq_len: int = 64
     """Tokens per window."""
     max_examples: int = 16  # windows per client
-    eval_windows: int = 32  # held-out windows behind each step's perplexity
+    eval_windows: int = 96
+    """Held-out windows behind each step's perplexity: the calibration's (`CalibrateConfig.max_eval_windows`),
+    on which the surrogate's fixed points were measured, so that real and surrogate perplexities share one scale."""
     server: bool = True  # the server holds its own data and may take part
     server_domain: str = "modern"  # its data: "modern" (public modern-spelling text) or "target" (the devices' domain)
     server_windows: int = 32  # windows of server data (as in `fedpeat calibrate`)
