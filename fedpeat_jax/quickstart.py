@@ -66,6 +66,10 @@ class QuickstartConfig(Config):
     calibrate_clients: tuple[int, ...] = (3, 10)  # of the calibration's 10-device population
     calibrate_rounds: int = 5
     """Rounds per calibration curve."""
+    calibrate_fixed_clients: tuple[int, ...] = (2, 5)
+    """Fixed-subset runs of the calibration (the same m devices every round: the drift term)."""
+    calibrate_fixed_rounds: int = 16
+    """Rounds of each fixed-subset run."""
     controller_steps: int = 1_000_000
     """SABPPO environment steps (total_timesteps; the controller study's length, which beats the best fixed rule)."""
     controller_envs: int = 64
@@ -109,6 +113,14 @@ class QuickstartConfig(Config):
             raise ValueError(
                 f"QuickstartConfig.calibrate_clients must be client counts >= 1, got {self.calibrate_clients}"
             )
+        if any(not isinstance(c, int) or c < 1 for c in self.calibrate_fixed_clients):
+            raise ValueError(
+                f"QuickstartConfig.calibrate_fixed_clients must be client counts >= 1, got {self.calibrate_fixed_clients}"
+            )
+        if not isinstance(self.calibrate_fixed_rounds, int) or self.calibrate_fixed_rounds < 2:
+            raise ValueError(
+                f"QuickstartConfig.calibrate_fixed_rounds must be an integer >= 2, got {self.calibrate_fixed_rounds!r}"
+            )
 
     @classmethod
     def tiny(cls) -> QuickstartConfig:
@@ -123,6 +135,8 @@ class QuickstartConfig(Config):
             calibrate_levels=(0, 2),
             calibrate_clients=(2, 4),
             calibrate_rounds=3,
+            calibrate_fixed_clients=(2,),
+            calibrate_fixed_rounds=4,
             controller_steps=4096,
             controller_envs=8,
             eval_episodes=4,
@@ -279,13 +293,17 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
                 levels=levels,
                 clients_per_round=config.calibrate_clients,
                 rounds=config.calibrate_rounds,
+                fixed_clients=config.calibrate_fixed_clients,
+                fixed_rounds=config.calibrate_fixed_rounds,
                 text=config.text,
                 seed=config.seed,
             )
             n = plan_task(cfg.task(), cache_dir).n_clients
             if cfg.population > n:  # a user's text may have fewer clients than the default population of devices
                 cfg = cfg.replace(
-                    population=n, clients_per_round=tuple(sorted({min(c, n) for c in cfg.clients_per_round}))
+                    population=n,
+                    clients_per_round=tuple(sorted({min(c, n) for c in cfg.clients_per_round})),
+                    fixed_clients=tuple(sorted({min(c, n - 1) for c in cfg.fixed_clients} - {0})),  # fewer than all
                 )
                 log(f"  a population of {n} devices: the text has {n} clients")
             table = fit(

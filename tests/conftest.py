@@ -24,7 +24,22 @@ def pytest_addoption(parser):
 # Files whose tests take minutes, longest first. They are collected first, so that under
 # `-n 2 --dist loadfile` (the README's command) they start at once and the other worker runs the
 # many short files meanwhile, instead of one of them starting last and running alone.
-LONG_FILES = ("test_quickstart.py", "test_fed.py", "test_sweep_cli.py", "test_own_data_cli.py", "test_mec_live.py")
+LONG_FILES = (
+    "test_quickstart.py",
+    "test_fed.py",
+    "test_sweep.py",
+    "test_own_data_cli.py",
+    "test_sweep_cli.py",
+    "test_calibrate.py",
+    "test_mec_live.py",
+    "test_baselines.py",
+    "test_foundation.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below (not files by test count)
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -42,23 +42,14 @@ from jax.sharding import PartitionSpec as P
 
 from fedpeat_jax.fed import driver, sharding
 from fedpeat_jax.fed.client import Hyper
-from fedpeat_jax.fed.simulation import FedData, FedPEAT, RoundMetrics, ServerState
+from fedpeat_jax.fed.simulation import FedData, FedPEAT, ServerState
+from fedpeat_jax.fed.sweep_record import REASONS, chunk_lengths, empty_record, fold_chunk, histories
 from fedpeat_jax.io.checkpoint import CheckpointManager
 from fedpeat_jax.io.fingerprint import fingerprint as settings_fingerprint
 from fedpeat_jax.io.loop import restore_latest, run_chunks
 
 RUNS = "runs"  # the mesh axis the run axis is split over
 CPU_RUNS_PER_DEVICE = 8  # runs per call on a CPU device (see `runs_per_call`)
-
-# Why a run was stopped (index 0: it was not).
-REASONS = (
-    "",
-    "the global update is not finite",
-    "every client's update is not finite",
-    "the training loss is not finite",
-    "the server state is not finite",
-    "the held-out loss is not finite",
-)
 
 
 def run_mesh(devices=None):
@@ -374,10 +365,6 @@ class CohortResult(NamedTuple):
     chunks_run: int  # chunks of rounds run by this call (a resumed cohort skips the ones done)
 
 
-def _chunks(rounds: int, per_chunk: int) -> list:
-    return [min(per_chunk, rounds - s) for s in range(0, rounds, per_chunk)]
-
-
 def fingerprint(sim: FedPEAT, seeds, hypers: Hyper, rounds: int) -> str:
     """A digest of everything that determines a cohort's results (settings, seeds, hyperparameters, rounds)."""
     return settings_fingerprint(
@@ -388,80 +375,6 @@ def fingerprint(sim: FedPEAT, seeds, hypers: Hyper, rounds: int) -> str:
             "rounds": rounds,
         }
     )
-
-
-def _empty_record(states, n_runs: int, rounds: int, n_evals: int) -> dict:
-    nan = lambda *shape: np.full(shape, np.nan)  # noqa: E731
-    return {
-        "states": states,
-        "metrics": {name: nan(n_runs, rounds) for name in RoundMetrics._fields},
-        "eval_nll": nan(n_runs, n_evals),
-        "eval_count": nan(n_runs, n_evals),
-        "zero": nan(n_runs, 2),
-        "stopped": np.full(n_runs, -1, np.int32),
-        "reason": np.zeros(n_runs, np.int32),
-    }
-
-
-def _first_bad_round(metrics) -> np.ndarray:
-    """(runs, n) -> per run the index of its first round whose update, clients or loss are not
-    finite (n when none), and the reason code."""
-    norm, used, dropped, loss = (
-        np.asarray(getattr(metrics, f), np.float64) for f in ("update_norm", "participants", "dropped", "loss")
-    )
-    codes = np.zeros(norm.shape, np.int32)
-    codes = np.where((used > 0) & ~np.isfinite(loss), 3, codes)
-    codes = np.where((used == 0) & (dropped > 0), 2, codes)
-    codes = np.where(~np.isfinite(norm), 1, codes)
-    bad = codes > 0
-    first = np.where(bad.any(axis=1), bad.argmax(axis=1), norm.shape[1])
-    return first, codes[np.arange(len(first)), np.minimum(first, norm.shape[1] - 1)] * (first < norm.shape[1])
-
-
-def _update(record: dict, idx: np.ndarray, start: int, e: int, out: tuple) -> None:
-    """Fold one chunk's outputs for runs `idx` into the record; stop the runs that diverged."""
-    states, metrics, (nll, count), finite = out
-    n = np.asarray(metrics.loss).shape[1]
-    first, code = _first_bad_round(metrics)
-    code = np.where((first == n) & ~finite, 4, code)
-    code = np.where((code == 0) & (count > 0) & ~np.isfinite(nll), 5, code)
-    ok = code == 0
-    for name in RoundMetrics._fields:
-        values = np.asarray(getattr(metrics, name), np.float64)
-        kept = np.where(
-            np.arange(n)[None, :] <= first[:, None], values, np.nan
-        )  # a diverged run's rows stop at its bad round
-        record["metrics"][name][idx, start : start + n] = kept
-    shown = first == n  # the chunk's evaluation belongs to the history unless a round before it diverged
-    record["eval_nll"][idx[shown], e] = nll[shown]
-    record["eval_count"][idx[shown], e] = count[shown]
-    live = idx[ok]
-    record["states"] = jax.tree.map(lambda s, v: _assign(s, live, v[ok]), record["states"], states)
-    record["stopped"][idx[~ok]] = start + np.minimum(first[~ok], n - 1) + 1
-    record["reason"][idx[~ok]] = code[~ok]
-
-
-def _assign(store: np.ndarray, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
-    store = np.array(store)  # restored checkpoints may be read-only
-    store[idx] = values
-    return store
-
-
-def _histories(sim: FedPEAT, record: dict, hypers: Hyper, rounds: int, per_chunk: int, sampling_rate: float) -> list:
-    ends = np.cumsum(_chunks(rounds, per_chunk))
-    out = []
-    for r in range(len(hypers.client_lr)):
-        done = int(
-            np.sum(~np.isnan(record["metrics"]["participants"][r]))
-        )  # rounds it ran (a stopped run: to its bad round)
-        metrics = RoundMetrics(*(record["metrics"][name][r, :done] for name in RoundMetrics._fields))
-        rows = driver.round_rows(sim, metrics, 0, float(hypers.dp_noise[r]), sampling_rate)
-        for e, end in enumerate(ends):
-            count = record["eval_count"][r, e]
-            if end <= done and np.isfinite(count) and count > 0:
-                rows[end - 1]["plugin_ppl"] = float(np.exp(record["eval_nll"][r, e] / max(count, 1.0)))
-        out.append(rows)
-    return out
 
 
 def run_cohort(
@@ -492,14 +405,14 @@ def run_cohort(
         raise ValueError("seeds must be (runs,) and every Hyper field of that shape (one entry per run)")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    n_runs, chunks = len(seeds), _chunks(rounds, sim.fed.rounds_per_chunk)
+    n_runs, chunks = len(seeds), chunk_lengths(rounds, sim.fed.rounds_per_chunk)
     run_chunk = cohort.fit(n_runs, chunks[0], run_chunk)
     digest = fingerprint(sim, seeds, hypers, rounds)
 
     per_chunk = sim.fed.rounds_per_chunk
     manager = None if ckpt_dir is None else CheckpointManager(ckpt_dir, max_to_keep=2)
     try:
-        template = _empty_record(cohort.init(seeds, hypers, run_chunk), n_runs, rounds, len(chunks))
+        template = empty_record(cohort.init(seeds, hypers, run_chunk), n_runs, rounds, len(chunks))
         record, start = restore_latest(
             manager, template, digest, fresh=not resume, hint="resume, or pick a new directory"
         )
@@ -515,7 +428,7 @@ def run_cohort(
             live = np.flatnonzero(record["stopped"] < 0)
             if len(live):
                 out = cohort.advance(_take(record["states"], live), _take(hypers, live), n, run_chunk)
-                _update(record, live, begin, begin // per_chunk, out)
+                fold_chunk(record, live, begin, begin // per_chunk, out)
             if on_progress is not None:
                 on_progress(
                     len(live) * n,
@@ -553,8 +466,8 @@ def _result(
         int(r): {"round": int(record["stopped"][r]), "reason": REASONS[int(record["reason"][r])]}
         for r in np.flatnonzero(record["stopped"] >= 0)
     }
-    histories = _histories(sim, record, hypers, rounds, sim.fed.rounds_per_chunk, cohort.sampling_rate)
-    return CohortResult(record["states"], histories, zero_ppl, diverged, run_chunk, done, chunks_run)
+    rows = histories(sim, record, hypers, rounds, sim.fed.rounds_per_chunk, cohort.sampling_rate)
+    return CohortResult(record["states"], rows, zero_ppl, diverged, run_chunk, done, chunks_run)
 
 
 __all__ = ["Cohort", "CohortResult", "REASONS", "RunsTooBig", "fingerprint", "place", "run_cohort", "run_mesh"]
