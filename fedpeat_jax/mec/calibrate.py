@@ -317,11 +317,26 @@ def fit_table(
 # --------------------------------------------------------------------------------------------
 class _Runs:
     """The FedPEAT calls of a measurement, in one place: build a simulator, init, round, evaluate.
-    The weights, data and held-out windows are arguments of the jitted functions."""
+    The weights, data and held-out windows are arguments of the jitted functions, which are
+    compiled once per FedConfig (runs that differ only in their rounds or clients share them)."""
 
     def __init__(self, params, model, peft, heldout):
         self.params, self.model, self.peft = params, model, peft
         self.heldout = tuple(jnp.asarray(x) for x in heldout)
+        self._programs = {}
+
+    def _compiled(self, fed: FedConfig, n_clients: int):
+        from fedpeat_jax.fed.simulation import FedPEAT
+
+        key = (fed, n_clients)
+        if key not in self._programs:
+            sim = FedPEAT(self.model, self.peft, fed, n_clients=n_clients)
+            self._programs[key] = (
+                jax.jit(sim.init),
+                jax.jit(lambda s, p, d, h, srv, avail: sim.round(s, p, d, h, srv, available=avail)),
+                jax.jit(lambda s, p, h: sim.eval_nll(s, p, *h)),
+            )
+        return self._programs[key]
 
     def curve(
         self, fed: FedConfig, data, rounds: int, seed: int, server_data=None, devices_on: bool = True, available=None
@@ -329,15 +344,13 @@ class _Runs:
         """Plug-in perplexity after rounds 0..R and the examples each round used (devices, server);
         ``available`` (C,) bool: only those clients may be drawn (default: all when ``devices_on``)."""
         from fedpeat_jax.fed.client import Hyper
-        from fedpeat_jax.fed.simulation import FedPEAT
 
-        sim = FedPEAT(self.model, self.peft, fed, n_clients=int(data.tokens.shape[0]))
+        n_clients = int(data.tokens.shape[0])
+        init, step, evaluate = self._compiled(fed, n_clients)
         hyper = Hyper.from_config(fed)
         if available is None:
-            available = jnp.full((data.tokens.shape[0],), bool(devices_on))
-        step = jax.jit(lambda s, p, d, h, srv, avail: sim.round(s, p, d, h, srv, available=avail))
-        evaluate = jax.jit(lambda s, p, h: sim.eval_nll(s, p, *h))
-        state = jax.jit(sim.init)(jax.random.key(seed), self.params)
+            available = jnp.full((n_clients,), bool(devices_on))
+        state = init(jax.random.key(seed), self.params)
         ppl, examples = [], []
         for t in range(rounds + 1):
             if t:
