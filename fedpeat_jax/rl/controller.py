@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedpeat_jax.config import Config
@@ -46,7 +47,7 @@ from fedpeat_jax.io.plots import pyplot
 from fedpeat_jax.rl import baselines as B
 from fedpeat_jax.rl import sabppo
 from fedpeat_jax.rl.rules import Rule, rule_policy, search_rules
-from fedpeat_jax.rl.sabppo import SABPPOConfig, Trainer, make_trainer, stack_hparams
+from fedpeat_jax.rl.sabppo import SABPPOConfig, Trainer, make_trainer
 
 CONFIG_FILE = "controller.json"
 
@@ -100,9 +101,12 @@ def _fingerprint(config: SABPPOConfig, controller: ControllerConfig, env_params)
 
 
 def _init_states(trainer: Trainer, controller: ControllerConfig):
+    # One seed per call, stacked: XLA:CPU (jaxlib 0.10.2) deadlocks running the vmapped init at
+    # exactly 2 seeds (an idle wait inside the compiled program); init runs once, so the loop costs nothing.
     keys = jax.random.split(jax.random.key(controller.seed), controller.seeds)
-    hps = stack_hparams([trainer.default_hparams()] * controller.seeds)
-    return jax.jit(jax.vmap(trainer.init))(keys, hps)
+    init = jax.jit(trainer.init)
+    states = [init(key, trainer.default_hparams()) for key in keys]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
 
 def _select(tree, i: int):
