@@ -31,12 +31,13 @@ from fedpeat_jax import data as data_lib
 from fedpeat_jax.config import Config, GPT2Config
 from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.io.checkpoint import CheckpointManager
+from fedpeat_jax.io.files import file_lock, write_json_atomic
 from fedpeat_jax.io.fingerprint import fingerprint
 from fedpeat_jax.io.logging import RunLogger
 from fedpeat_jax.io.machine import machine_info
 from fedpeat_jax.model import gpt2, hf
 from fedpeat_jax.peat import emulator as emu
-from fedpeat_jax.peat.foundation import Foundation, file_lock, pretraining_texts, write_json_atomic
+from fedpeat_jax.peat.foundation import Foundation, pretraining_texts
 from fedpeat_jax.peat.train import TrainConfig, fit
 from fedpeat_jax.tree import select_blocks
 

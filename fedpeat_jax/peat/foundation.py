@@ -24,12 +24,8 @@ the same model at once.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -42,6 +38,7 @@ from fedpeat_jax import data as data_lib
 from fedpeat_jax.config import Config, GPT2Config
 from fedpeat_jax.data.source import TextConfig
 from fedpeat_jax.io.checkpoint import CheckpointManager
+from fedpeat_jax.io.files import file_lock, file_sha256, write_json_atomic
 from fedpeat_jax.io.fingerprint import fingerprint as fingerprint_of
 from fedpeat_jax.io.fingerprint import tree_digest
 from fedpeat_jax.io.logging import RunLogger
@@ -228,24 +225,6 @@ def foundation_dir(
     return data_lib.resolve_cache_dir(cache_dir) / "foundation" / f"{preset}-{fingerprint(model, pcfg)}"
 
 
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock (released when the process dies, so never stale)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def pretraining_texts(
     heldout_plays=data_lib.DEFAULT_HELDOUT_PLAYS, *, cache_dir=None, text: Optional[TextConfig] = None
 ) -> tuple:
@@ -424,14 +403,6 @@ def open_foundation(path, *, work_dir=None) -> Foundation:
 # --------------------------------------------------------------------------------------------
 # Checksums and the shipped model
 # --------------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_checksums(path: Path) -> dict:
     """{file name: sha256} of every file of a foundation directory but foundation.json itself."""
     return {f.name: file_sha256(f) for f in sorted(Path(path).iterdir()) if f.is_file() and f.name != INFO_FILE}
@@ -538,6 +509,4 @@ __all__ = [
     "shipped_fingerprint",
     "heldout_perplexity",
     "ship",
-    "file_lock",
-    "write_json_atomic",
 ]
