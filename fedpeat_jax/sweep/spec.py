@@ -44,6 +44,7 @@ from fedpeat_jax.sweep.spec_fields import (
     parse_search,
     parse_seeds,
     read_file,
+    show,
 )
 from fedpeat_jax.tasks import TaskConfig
 from fedpeat_jax.tune import DEFAULT_PEFT
@@ -86,13 +87,7 @@ class Group:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k}={_show(v)}" for k, v in self.choices) or "base"
-
-
-def _show(value) -> str:
-    if isinstance(value, tuple):
-        return "[" + ",".join(map(str, value)) + "]"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+        return ", ".join(f"{k}={show(v)}" for k, v in self.choices) or "base"
 
 
 @dataclass(frozen=True)
@@ -128,7 +123,7 @@ class Spec(Study):
         out = []
         for index, values in enumerate(itertools.product(*(v for _, v in self.structure))):
             choices = tuple(zip(keys, values))
-            field = "structure " + ", ".join(f"{k}={_show(v)}" for k, v in choices) if choices else "base"
+            field = "structure " + ", ".join(f"{k}={show(v)}" for k, v in choices) if choices else "base"
             changes = {"peft": {}, "fed": {}}
             for key, value in choices:
                 section, name = key.split(".")
@@ -148,7 +143,7 @@ class Spec(Study):
                     try:
                         fed.replace(**{axis.name: value})
                     except ValueError as e:
-                        raise self.error(f"axes.{axis.name}", f"{_show(value)} cannot run with {field}: {e}") from None
+                        raise self.error(f"axes.{axis.name}", f"{show(value)} cannot run with {field}: {e}") from None
             out.append(Group(index, choices, peft, fed))
         return out
 

@@ -82,6 +82,13 @@ class Study:
         return tuple(out)
 
 
+def show(value) -> str:
+    """A setting's value in labels and messages: 0.001, [1,2], lora."""
+    if isinstance(value, tuple):
+        return "[" + ",".join(map(str, value)) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def axis_points(axis: Axis) -> tuple:
     return axis.values if not axis.is_range else (axis.low, axis.high)
 
@@ -281,4 +288,5 @@ __all__ = [
     "parse_search",
     "parse_seeds",
     "read_file",
+    "show",
 ]
