@@ -16,6 +16,9 @@ anything is loaded or compiled.
     trials: 16                            # random, optuna: settings per structural group
     batch: 8                              # optuna: trials asked, run vmapped and told at a time
 
+With `kind: controller` the spec is one of SABPPO training runs instead (`controller_spec.py`);
+the fields both kinds share are read in `spec_fields.py`.
+
 Overrides on the command line (`--set base.fed.rounds=20 --set axes.client_lr=[1e-3,1e-2]`) change
 the file's values before the checks. Every error names the field (`axes.client_lr`, `structure.
 fed.algorithm`, `batch`) and says what is wrong.
