@@ -241,9 +241,9 @@ def cmd_sweep(argv):
     parser = Parser(
         prog="fedpeat sweep",
         description="Run a study from a YAML or JSON spec (base settings, numeric axes, seeds, "
-        "structural axes; grid, random or Optuna search): one compiled call per structural group, checkpoints after every "
-        "chunk of rounds (rerun to resume), and results.csv/json, report.md, plots and TensorBoard hparams in --out. "
-        "The spec format: docs/sweep.md.",
+        "structural axes; grid, random or Optuna search) of federated runs or, with `kind: controller`, of SABPPO "
+        "controller runs: one compiled call per structural group, checkpoints after every chunk (rerun to resume), "
+        "and results.csv/json, report.md, plots and TensorBoard hparams in --out. The spec format: docs/sweep.md.",
     )
     parser.add_argument("spec", help="the study spec (.yaml, .yml or .json)")
     parser.add_argument(

@@ -76,7 +76,7 @@ SECTIONS = [
     (
         "fedpeat_jax.mec.params",
         "EnvParams",
-        "Every number of the MEC environment (a pytree: vmappable, sweepable). Build it with `make_params` / `preset_params`, not by hand; see [system_model.md](system_model.md) for the equations. The CLI exposes only `--env-preset` and `--calibration` (`fedpeat train-controller`); set other fields in Python (`preset_params('default', w_latency=0.5)`) or sweep them with `scripts/sweep.py --grid`.",
+        "Every number of the MEC environment (a pytree: vmappable, sweepable). Build it with `make_params` / `preset_params`, not by hand; see [system_model.md](system_model.md) for the equations. The CLI exposes only `--env-preset` and `--calibration` (`fedpeat train-controller`); set other fields in Python (`preset_params('default', w_latency=0.5)`) or sweep the float fields with `fedpeat sweep` (a spec of `kind: controller`, [sweep.md](sweep.md#the-controller-sabppo)).",
     ),
     (
         "fedpeat_jax.rl.sabppo",
@@ -96,7 +96,7 @@ TRACED = [
     (
         "fedpeat_jax.rl.sabppo",
         "HParams",
-        "Traced SABPPO hyperparameters; `default_hparams(config, env_params)` fills them from SABPPOConfig; `scripts/sweep.py` and `jax.vmap(trainer.train)` sweep them.",
+        "Traced SABPPO hyperparameters; `default_hparams(config, env_params)` fills them from SABPPOConfig; `fedpeat sweep` (a spec of `kind: controller`) and `jax.vmap(trainer.train)` sweep them.",
     ),
 ]
 

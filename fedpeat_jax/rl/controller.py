@@ -109,8 +109,22 @@ def _init_states(trainer: Trainer, controller: ControllerConfig):
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
 
-def _select(tree, i: int):
+def select_run(tree, i: int):
+    """Run ``i`` of a vmapped pytree (states, metrics)."""
     return jax.tree.map(lambda x: x[i], tree)
+
+
+def vmapped_updates(trainer: Trainer):
+    """``advance(states, n) -> (states, metrics (runs, n))``: n PPO updates of every run of a
+    vmapped state, one compiled program per chunk length (the states are donated)."""
+    compiled = {}
+
+    def advance(states, n: int):
+        if n not in compiled:
+            compiled[n] = sabppo.jit(jax.vmap(partial(trainer.run_updates, num_updates=n)), donate_argnums=0)
+        return compiled[n](states)
+
+    return advance
 
 
 def _is_scalar_metric(v) -> bool:
@@ -172,12 +186,7 @@ def train_controller(
 
     total = config.num_updates
     done = int(np.asarray(state.update)[0])
-    chunk_fns = {}
-
-    def run_chunk(s, n):
-        if n not in chunk_fns:
-            chunk_fns[n] = sabppo.jit(jax.vmap(partial(trainer.run_updates, num_updates=n)), donate_argnums=0)
-        return chunk_fns[n](s)
+    run_chunk = vmapped_updates(trainer)
 
     def advance(s, start, n):
         s, metrics = run_chunk(s, n)
@@ -243,7 +252,7 @@ def train_controller(
         from fedpeat_jax.rl import behaviour
 
         best = max(range(controller.seeds), key=lambda i: summary["sabppo"]["per_seed_return_mean"][i])
-        shown = {f"SABPPO (seed {best})": B.sabppo_policy(trainer, _select(state, best))}
+        shown = {f"SABPPO (seed {best})": B.sabppo_policy(trainer, select_run(state, best))}
         if summary.get("best_rule"):
             shown["best rule"] = rule_policy(env, Rule.of_fields(summary["best_rule"]["rule"]), "best_rule")
         records = {
@@ -265,7 +274,7 @@ def evaluate_controller(trainer: Trainer, states, env, env_params, controller: C
     kw = dict(env=env, env_params=env_params, episodes=controller.eval_episodes, rng=controller.eval_seed)
     per_seed = []
     for i in range(n_seeds):
-        policy = B.sabppo_policy(trainer, _select(states, i), deterministic=controller.deterministic_eval)
+        policy = B.sabppo_policy(trainer, select_run(states, i), deterministic=controller.deterministic_eval)
         per_seed.append(B.evaluate(policy, **kw))
     returns = np.array([r["return_mean"] for r in per_seed])
     sabppo = {
@@ -285,20 +294,7 @@ def evaluate_controller(trainer: Trainer, states, env, env_params, controller: C
         "data_fraction_mean",
     ):
         sabppo[name] = float(np.mean([r[name] for r in per_seed]))
-    greedy_n = controller.greedy_devices or None
-    policies = B.baseline_policies(env, greedy_n)
-    rule = None
-    if controller.rule_search_episodes:  # the search runs on its own draws, not on the evaluation's
-        rule = search_rules(
-            env,
-            env_params,
-            episodes=controller.rule_search_episodes,
-            finalists=controller.rule_finalists,
-            final_episodes=controller.eval_episodes,
-            rng=controller.eval_seed + 1,
-        )
-        policies["best_rule"] = rule["policy"]
-    base = {name: B.evaluate(p, **kw) for name, p in policies.items()}
+    base, rule = evaluate_baselines(env, env_params, controller)
     best_name = max(base, key=lambda k: base[k]["return_mean"])
     return {
         "sabppo": sabppo,
@@ -316,6 +312,25 @@ def evaluate_controller(trainer: Trainer, states, env, env_params, controller: C
         "eval_episodes": controller.eval_episodes,
         "deterministic_eval": controller.deterministic_eval,
     }
+
+
+def evaluate_baselines(env, env_params, controller: ControllerConfig) -> tuple:
+    """({name: evaluation} of every baseline on the evaluation's episodes, the searched best rule
+    or None): random, server-only, all-devices, greedy, and the best simple fixed rule."""
+    policies = B.baseline_policies(env, controller.greedy_devices or None)
+    rule = None
+    if controller.rule_search_episodes:  # the search runs on its own draws, not on the evaluation's
+        rule = search_rules(
+            env,
+            env_params,
+            episodes=controller.rule_search_episodes,
+            finalists=controller.rule_finalists,
+            final_episodes=controller.eval_episodes,
+            rng=controller.eval_seed + 1,
+        )
+        policies["best_rule"] = rule["policy"]
+    kw = dict(env=env, env_params=env_params, episodes=controller.eval_episodes, rng=controller.eval_seed)
+    return {name: B.evaluate(p, **kw) for name, p in policies.items()}, rule
 
 
 # =============================================================================================
@@ -407,7 +422,7 @@ def load_policy(out_dir, env, env_params=None, seed_index: int = 0, deterministi
     target = jax.eval_shape(lambda: _init_states(trainer, controller))
     with CheckpointManager(out / "checkpoints", create=False) as manager:
         states = manager.restore(target=target)
-    state = _select(states, seed_index)
+    state = select_run(states, seed_index)
     return B.sabppo_policy(trainer, state, deterministic=deterministic), trainer, state
 
 

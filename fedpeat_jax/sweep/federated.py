@@ -19,7 +19,6 @@ command resumes where it stopped. At the end: `out/results.csv`, `results.json`,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -31,6 +30,7 @@ import numpy as np
 
 from fedpeat_jax.sweep import report, search
 from fedpeat_jax.sweep.spec import HYPERPARAMETERS, Spec
+from fedpeat_jax.sweep.store import Store, fingerprint
 
 CLASS_FIELDS = {
     "FedConfig": "base.fed",
@@ -50,27 +50,12 @@ def _in_spec(spec: Spec, err: Exception):
     return spec.error("base", message)
 
 
-def fingerprint(spec: Spec) -> str:
-    """A digest of what determines the results (the resolved spec without its name and run chunk)."""
-    blob = {k: v for k, v in spec.resolved.items() if k not in ("name", "run_chunk")}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _eval_rounds(fed) -> list:
     ends, r = [], 0
     while r < fed.rounds:
         r = min(r + fed.rounds_per_chunk, fed.rounds)
         ends.append(r)
     return ends
-
-
-def _log_axes(spec: Spec) -> tuple:
-    out = []
-    for a in spec.axes:
-        points = a.values if not a.is_range else (a.low, a.high)
-        if (a.is_range and a.log) or (not a.is_range and min(points) > 0 and max(points) / min(points) >= 100):
-            out.append(a.name)
-    return tuple(out)
 
 
 def layout(spec: Spec) -> report.Layout:
@@ -83,7 +68,7 @@ def layout(spec: Spec) -> report.Layout:
         step="round",
         axes=spec.axis_names,
         structure=tuple(k for k, _ in spec.structure),
-        log_axes=_log_axes(spec),
+        log_axes=spec.log_axes(),
     )
 
 
@@ -212,41 +197,6 @@ def _prepare(spec: Spec, cache_dir, log) -> tuple:
     return shape, plan, groups
 
 
-class _Store:
-    """The study's folder: the resolved spec, finished cohorts (JSON), in-progress checkpoints."""
-
-    def __init__(self, out: Path, spec: Spec):
-        self.out, self.spec, self.digest = out, spec, fingerprint(spec)
-        path = out / "spec.json"
-        if path.is_file():
-            old = json.loads(path.read_text()).get("fingerprint")
-            if old != self.digest:
-                raise spec.error(
-                    "out",
-                    f"{out} holds a study of another spec (fingerprint {old} != {self.digest}); use --fresh to set "
-                    "it aside, or another --out",
-                )
-        elif out.exists() and any(out.iterdir()):
-            raise spec.error("out", f"{out} exists and holds no study; choose a new folder (nothing was written)")
-
-    def commit(self) -> None:
-        """Write the resolved spec: from here on the folder is this study's."""
-        (self.out / "cohorts").mkdir(parents=True, exist_ok=True)
-        report.write_json(
-            self.out / "spec.json", {"fingerprint": self.digest, "spec": self.spec.resolved, "source": self.spec.path}
-        )
-
-    def cohort(self, name: str) -> Optional[dict]:
-        path = self.out / "cohorts" / f"{name}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def finish(self, name: str, data: dict) -> None:
-        report.write_json(self.out / "cohorts" / f"{name}.json", data)
-
-    def checkpoints(self, name: str) -> Path:
-        return self.out / "checkpoints" / name
-
-
 def run(
     spec: Spec,
     out,
@@ -280,7 +230,7 @@ def run(
         if old is not None:
             log(f"the earlier study in {out} was moved to {old}")
     sharding.barrier("study directory ready")
-    store = _Store(out, spec)
+    store = Store(out, spec)
     params, model, _, task = load_task(plan, spec.task, spec.preset, spec.model_dir, cache_dir)
     mesh = engine.run_mesh() if jax.device_count() > 1 else None
     server = task.server if spec.fed.server_participation or any(g.fed.server_participation for g in groups) else None
@@ -421,7 +371,7 @@ def _chunk_lengths(fed) -> list:
     return [e - s for s, e in zip([0] + ends[:-1], ends)]
 
 
-def _settings(spec: Spec, store: _Store, name: str, b: int, batch: int, told: list, per_group: int) -> list:
+def _settings(spec: Spec, store: Store, name: str, b: int, batch: int, told: list, per_group: int) -> list:
     """The settings of cohort `name`: the grid or random draws, or Optuna's asked batch (kept in
     the folder before it runs, so a resumed batch runs the same trials)."""
     if spec.sampler != "optuna":

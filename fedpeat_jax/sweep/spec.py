@@ -16,6 +16,9 @@ anything is loaded or compiled.
     trials: 16                            # random, optuna: settings per structural group
     batch: 8                              # optuna: trials asked, run vmapped and told at a time
 
+With `kind: controller` the spec is one of SABPPO training runs instead (`controller_spec.py`);
+the fields both kinds share are read in `spec_fields.py`.
+
 Overrides on the command line (`--set base.fed.rounds=20 --set axes.client_lr=[1e-3,1e-2]`) change
 the file's values before the checks. Every error names the field (`axes.client_lr`, `structure.
 fed.algorithm`, `batch`) and says what is wrong.
@@ -25,25 +28,37 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from fedpeat_jax.config import GPT2_PRESETS, FedConfig, GPT2Config, PeftConfig
 from fedpeat_jax.data.source import TextConfig
+from fedpeat_jax.sweep.spec_fields import (
+    SAMPLERS,
+    Axis,
+    SpecError,
+    Study,
+    apply_overrides,
+    axis_points,
+    integer,
+    parse_axes,
+    parse_name,
+    parse_search,
+    parse_seeds,
+    read_file,
+    show,
+)
 from fedpeat_jax.tasks import TaskConfig
 from fedpeat_jax.tune import DEFAULT_PEFT
 
 HYPERPARAMETERS = ("client_lr", "server_lr", "prox_mu", "dp_noise")  # `fed.client.Hyper`'s fields: traced, vmappable
-SAMPLERS = ("grid", "random", "optuna")
-OPTUNA_SAMPLERS = ("tpe", "random", "qmc")
 OBJECTIVES = ("plugin_ppl", "loss")  # minimized: held-out plug-in perplexity, or the final training loss
 SECTIONS = {"text": TextConfig, "task": TaskConfig, "peft": PeftConfig, "fed": FedConfig}
 ALIASES = {"emulator_k": ("fed", "emulator_levels")}  # structure: emulator_k: [1, 2] -> fed.emulator_levels (1,), (2,)
+KINDS = ("federated", "controller")  # what a study runs: FedPEAT runs, or SABPPO training runs (controller_spec.py)
 KEYS = (
+    "kind",
     "name",
     "model",
     "base",
@@ -60,48 +75,8 @@ KEYS = (
 )
 
 
-class SpecError(ValueError):
-    """A bad spec: the message names the file and the field."""
-
-
 def _defaults() -> dict:
     return {"text": TextConfig(), "task": TaskConfig(), "peft": DEFAULT_PEFT, "fed": FedConfig()}
-
-
-@dataclass(frozen=True)
-class Axis:
-    """A numeric axis: a list of values, or a range (low, high, linear or log; `num` grid points)."""
-
-    name: str
-    values: Optional[tuple] = None
-    low: Optional[float] = None
-    high: Optional[float] = None
-    log: bool = False
-    num: Optional[int] = None
-
-    @property
-    def is_range(self) -> bool:
-        return self.values is None
-
-    def grid(self) -> tuple:
-        if not self.is_range:
-            return self.values
-        if self.num == 1:
-            return (self.low,)
-        if self.log:
-            points = [
-                math.exp(math.log(self.low) + i * (math.log(self.high) - math.log(self.low)) / (self.num - 1))
-                for i in range(self.num)
-            ]
-        else:
-            points = [self.low + i * (self.high - self.low) / (self.num - 1) for i in range(self.num)]
-        return tuple(float(f"{p:.10g}") for p in points)
-
-    def describe(self) -> str:
-        if not self.is_range:
-            return ", ".join(f"{v:g}" for v in self.values)
-        scale = "log" if self.log else "linear"
-        return f"{self.low:g} .. {self.high:g} ({scale}{'' if self.num is None else f', {self.num} points'})"
 
 
 @dataclass(frozen=True)
@@ -115,17 +90,13 @@ class Group:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k}={_show(v)}" for k, v in self.choices) or "base"
-
-
-def _show(value) -> str:
-    if isinstance(value, tuple):
-        return "[" + ",".join(map(str, value)) + "]"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+        return ", ".join(f"{k}={show(v)}" for k, v in self.choices) or "base"
 
 
 @dataclass(frozen=True)
-class Spec:
+class Spec(Study):
+    """A federated study (`kind: federated`, the default)."""
+
     path: str  # the file (for messages)
     name: str
     preset: str
@@ -146,18 +117,6 @@ class Spec:
     run_chunk: Optional[int]
     resolved: dict  # the spec as run (overrides applied), written next to the results
 
-    def error(self, field: str, message: str) -> SpecError:
-        return SpecError(f"spec {self.path}: {field}: {message}")
-
-    @property
-    def axis_names(self) -> tuple:
-        return tuple(a.name for a in self.axes)
-
-    def settings_per_group(self) -> int:
-        if self.sampler == "grid":
-            return math.prod(len(a.grid()) for a in self.axes)
-        return self.trials
-
     def groups(self, model: GPT2Config, n_clients: int) -> list:
         """Every structural combination as a validated (PEFT, FedConfig) pair, checked against the
         model's shape and the clients that exist: a value that cannot run is refused here, naming it."""
@@ -167,7 +126,7 @@ class Spec:
         out = []
         for index, values in enumerate(itertools.product(*(v for _, v in self.structure))):
             choices = tuple(zip(keys, values))
-            field = "structure " + ", ".join(f"{k}={_show(v)}" for k, v in choices) if choices else "base"
+            field = "structure " + ", ".join(f"{k}={show(v)}" for k, v in choices) if choices else "base"
             changes = {"peft": {}, "fed": {}}
             for key, value in choices:
                 section, name = key.split(".")
@@ -183,100 +142,18 @@ class Spec:
                         "axes.prox_mu",
                         f"FedProx's mu acts only with fed.algorithm 'fedprox'; {field} has {fed.algorithm!r}",
                     )
-                for value in _axis_points(axis):
+                for value in axis_points(axis):
                     try:
                         fed.replace(**{axis.name: value})
                     except ValueError as e:
-                        raise self.error(f"axes.{axis.name}", f"{_show(value)} cannot run with {field}: {e}") from None
+                        raise self.error(f"axes.{axis.name}", f"{show(value)} cannot run with {field}: {e}") from None
             out.append(Group(index, choices, peft, fed))
         return out
-
-
-def _axis_points(axis: Axis) -> tuple:
-    return axis.values if not axis.is_range else (axis.low, axis.high)
 
 
 # --------------------------------------------------------------------------------------------
 # Reading and checking
 # --------------------------------------------------------------------------------------------
-def read_file(path) -> dict:
-    """The spec file as a dict (YAML, or JSON which YAML reads too)."""
-    import yaml
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise SpecError(f"spec {path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise SpecError(f"spec {path} is not valid YAML or JSON: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"spec {path} must hold a mapping of fields ({', '.join(KEYS)})")
-    return data
-
-
-def apply_overrides(data: dict, overrides, path: str) -> dict:
-    """`KEY=VALUE` overrides (KEY dotted, VALUE read as YAML: 3, 1e-3, [1, 2], {low: 1, high: 2})."""
-    import yaml
-
-    data = json.loads(json.dumps(data))
-    for item in overrides or ():
-        if "=" not in item:
-            raise SpecError(f"--set {item}: expected KEY=VALUE, e.g. base.fed.rounds=20")
-        key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        parts = key.strip().split(".")
-        # structure and axes keys may themselves hold a dot (structure.peft.lora_rank): the rest is one key
-        if parts[0] in ("axes", "structure") and len(parts) > 2:
-            parts = [parts[0], ".".join(parts[1:])]
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise SpecError(f"--set {key}: {part} is not a mapping in spec {path}")
-        node[parts[-1]] = value
-    return data
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _parse_axis(path: str, name: str, raw) -> Axis:
-    field = f"axes.{name}"
-    fail = lambda message: SpecError(f"spec {path}: {field}: {message}")  # noqa: E731
-    if isinstance(raw, list):
-        if not raw:
-            raise fail("the axis is empty: give at least one value")
-        if not all(_number(v) for v in raw):
-            raise fail(f"values must be numbers, got {raw}")
-        if len(set(raw)) != len(raw):
-            raise fail(f"values repeat: {raw}")
-        return Axis(name, values=tuple(float(v) for v in raw))
-    if _number(raw):
-        return Axis(name, values=(float(raw),))
-    if not isinstance(raw, dict):
-        raise fail(f"expected a list of values or a range {{low, high, log, num}}, got {raw!r}")
-    unknown = sorted(set(raw) - {"low", "high", "log", "num"})
-    if unknown:
-        raise fail(f"unknown range field(s) {unknown}; a range has low, high, log (true/false) and num (grid points)")
-    low, high, log, num = raw.get("low"), raw.get("high"), raw.get("log", False), raw.get("num")
-    if not (_number(low) and _number(high)):
-        raise fail(f"a range needs numbers low and high, got low={low!r}, high={high!r}")
-    if not low < high:
-        raise fail(f"the range is empty: low ({low}) must be below high ({high})")
-    if not isinstance(log, bool):
-        raise fail(f"log must be true or false, got {log!r}")
-    if log and low <= 0:
-        raise fail(f"a log range needs low > 0, got {low}")
-    if num is not None and not (isinstance(num, int) and not isinstance(num, bool) and num >= 1):
-        raise fail(f"num must be an integer >= 1, got {num!r}")
-    return Axis(name, low=float(low), high=float(high), log=log, num=num)
-
-
 def _axis_name(path: str, name: str) -> str:
     bare = name[4:] if name.startswith("fed.") else name
     if bare in HYPERPARAMETERS:
@@ -377,12 +254,20 @@ def _base(path: str, raw) -> dict:
     return configs
 
 
-def _integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _check_hyper(base: dict):
+    return lambda name, value: base["fed"].replace(**{name: value})
 
 
-def parse(data: dict, path: str = "<spec>") -> Spec:
-    """A checked `Spec` from the file's mapping (overrides applied)."""
+def parse(data: dict, path: str = "<spec>"):
+    """A checked spec from the file's mapping (overrides applied): a `Spec` of federated runs, or
+    with `kind: controller` a `controller_spec.ControllerSpec` of SABPPO runs."""
+    kind = data.get("kind", "federated")
+    if kind not in KINDS:
+        raise SpecError(f"spec {path}: kind: must be one of {KINDS}, got {kind!r}")
+    if kind == "controller":
+        from fedpeat_jax.sweep.controller_spec import parse_controller
+
+        return parse_controller(data, path)
     unknown = sorted(set(data) - set(KEYS))
     if unknown:
         raise SpecError(f"spec {path}: unknown field(s) {unknown}; a spec has {', '.join(KEYS)}")
@@ -395,97 +280,24 @@ def parse(data: dict, path: str = "<spec>") -> Spec:
     if model_dir is None and preset not in GPT2_PRESETS:
         raise fail("model.preset", f"unknown preset {preset!r}")
     base = _base(path, data.get("base"))
-
-    seeds = data.get("seeds", 1)
-    if _integer(seeds):
-        if seeds < 1:
-            raise fail("seeds", f"must be >= 1 (a count) or a list of seeds, got {seeds}")
-        seeds = tuple(range(seeds))
-    elif isinstance(seeds, list) and seeds and all(_integer(s) and s >= 0 for s in seeds):
-        if len(set(seeds)) != len(seeds):
-            raise fail("seeds", f"seeds repeat: {seeds}")
-        seeds = tuple(seeds)
-    else:
-        raise fail("seeds", f"expected a count >= 1 or a non-empty list of integers >= 0, got {seeds!r}")
-
-    raw_axes = data.get("axes") or {}
-    if not isinstance(raw_axes, dict):
-        raise fail("axes", f"expected a mapping of hyperparameter: values, got {raw_axes!r}")
-    axes = []
-    for name, raw in raw_axes.items():
-        axis = _parse_axis(path, _axis_name(path, name), raw)
-        if axis.name in {a.name for a in axes}:
-            raise fail(f"axes.{name}", f"{axis.name} is given twice")
-        for value in _axis_points(axis):  # each value alone (negative learning rates, ...); per group in Spec.groups
-            try:
-                base["fed"].replace(**{axis.name: value})
-            except ValueError as e:
-                raise fail(f"axes.{name}", str(e)) from None
-        axes.append(axis)
+    seeds = parse_seeds(data, fail)
+    axes = parse_axes(path, data, _axis_name, _check_hyper(base))
     structure = _parse_structure(path, data.get("structure"), base)
-
-    sampler = data.get("sampler", "grid")
-    if sampler not in SAMPLERS:
-        raise fail("sampler", f"must be one of {SAMPLERS}, got {sampler!r}")
-    trials, batch = data.get("trials"), data.get("batch")
-    if sampler == "grid":
-        for name, value in (("trials", trials), ("batch", batch)):
-            if value is not None:
-                raise fail(
-                    name,
-                    "the grid sampler runs every point of the grid; trials and batch are for sampler random or optuna",
-                )
-        for axis in axes:
-            if axis.is_range and axis.num is None:
-                raise fail(f"axes.{axis.name}", "a range on a grid needs num (the number of grid points)")
-    else:
-        if not axes:
-            raise fail("axes", f"sampler {sampler} draws settings from the numeric axes; give at least one")
-        if not (_integer(trials) and trials >= 1):
-            raise fail("trials", f"sampler {sampler} needs trials (settings per structural group) >= 1, got {trials!r}")
-        for axis in axes:
-            if axis.is_range and axis.num is not None:
-                raise fail(
-                    f"axes.{axis.name}.num",
-                    f"sampler {sampler} draws from the whole range; num is for the grid sampler",
-                )
-        if sampler == "random" and batch is not None:
-            raise fail("batch", "the random sampler runs all its trials together; batch is for sampler optuna")
-        if sampler == "optuna":
-            batch = trials if batch is None else batch
-            if not (_integer(batch) and 1 <= batch <= trials):
-                raise fail(
-                    "batch", f"trials per Optuna batch must be an integer in 1..trials ({trials}), got {batch!r}"
-                )
-            try:
-                import optuna  # noqa: F401
-            except ImportError:
-                raise fail(
-                    "sampler", "optuna is not installed: pip install optuna (or pip install 'fedpeat_jax[sweep]')"
-                ) from None
-    optuna_sampler = data.get("optuna_sampler", "tpe")
-    if optuna_sampler not in OPTUNA_SAMPLERS:
-        raise fail("optuna_sampler", f"must be one of {OPTUNA_SAMPLERS}, got {optuna_sampler!r}")
-    sampler_seed = data.get("sampler_seed", 0)
-    if not _integer(sampler_seed):
-        raise fail("sampler_seed", f"must be an integer, got {sampler_seed!r}")
+    search = parse_search(data, axes, fail)
     objective = data.get("objective", "plugin_ppl")
     if objective not in OBJECTIVES:
         raise fail("objective", f"must be one of {OBJECTIVES} (minimized), got {objective!r}")
     run_chunk = data.get("run_chunk")
-    if run_chunk is not None and not (_integer(run_chunk) and run_chunk >= 1):
+    if run_chunk is not None and not (integer(run_chunk) and run_chunk >= 1):
         raise fail(
             "run_chunk",
             f"runs vmapped at once must be null (chosen for throughput within the memory budget) or an integer >= 1, got {run_chunk!r}",
         )
-    if run_chunk is not None and sampler == "optuna":
+    if run_chunk is not None and search["sampler"] == "optuna":
         raise fail("run_chunk", "an Optuna batch (batch trials x seeds) runs in one call: set batch instead")
-    name = data.get("name") or Path(path).stem
-    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
-        raise fail("name", f"must be a word (letters, digits, _ . -), got {name!r}")
     return Spec(
         path=str(path),
-        name=name,
+        name=parse_name(data, path, fail),
         preset=preset,
         model_dir=model_dir,
         text=base["text"],
@@ -493,21 +305,17 @@ def parse(data: dict, path: str = "<spec>") -> Spec:
         peft=base["peft"],
         fed=base["fed"],
         seeds=seeds,
-        axes=tuple(axes),
+        axes=axes,
         structure=structure,
-        sampler=sampler,
-        trials=trials,
-        batch=batch,
-        sampler_seed=sampler_seed,
-        optuna_sampler=optuna_sampler,
         objective=objective,
         run_chunk=run_chunk,
         resolved=data,
+        **search,
     )
 
 
-def load(path, overrides=()) -> Spec:
-    """Read, override and check a spec file."""
+def load(path, overrides=()):
+    """Read, override and check a spec file (either kind)."""
     return parse(apply_overrides(read_file(path), overrides, str(path)), str(path))
 
 
