@@ -120,14 +120,23 @@ def live_part(args, out: Path, runs: Path) -> dict:
     started = time.time()
     rounds = args.live_rounds
     env = live.make_live_env(config=live.LiveConfig(), max_steps_in_episode=rounds)
-    config = SABPPOConfig(total_timesteps=64 * 50 * 4 if args.quick else 500_000, num_steps=rounds)
-    train_controller(
+    config = SABPPOConfig(total_timesteps=64 * 50 * 4 if args.quick else 2_000_000, num_steps=rounds)
+    # Trained on the surrogate with the live parameters; of the training seeds, the one with the best
+    # return on the surrogate's evaluation episodes goes live (selected on the surrogate, never on live rounds).
+    trained = train_controller(
         config,
         env.default_params.surrogate(),
         runs / "controller_live",
-        controller=ControllerConfig(eval_episodes=64, rule_search_episodes=0, behaviour_episodes=0),
+        controller=ControllerConfig(
+            seeds=args.live_train_seeds,
+            eval_episodes=64 if args.quick else 256,
+            rule_search_episodes=8 if args.quick else 64,
+            behaviour_episodes=0,
+        ),
     )
-    policy, _, _ = load_policy(runs / "controller_live", env)
+    surrogate_returns = [float(r) for r in trained["sabppo"]["per_seed_return_mean"]]
+    chosen = max(range(len(surrogate_returns)), key=surrogate_returns.__getitem__)
+    policy, _, _ = load_policy(runs / "controller_live", env, seed_index=chosen)
     policies = {
         "sabppo": policy,
         **live_eval.baselines(env, ("best_rule", "greedy", "all_devices"), search_episodes=16 if args.quick else 64),
@@ -149,6 +158,12 @@ def live_part(args, out: Path, runs: Path) -> dict:
         "rounds": rounds,
         "seeds": list(range(args.live_seeds)),
         "sabppo_env_steps": config.total_timesteps,
+        "surrogate_eval": {
+            "sabppo_per_training_seed": surrogate_returns,
+            "chosen_training_seed": chosen,
+            "best_rule": float(trained["baselines"]["best_rule"]["return_mean"]),
+            "episodes": trained["eval_episodes"],
+        },
         "mean_return": returns,
         "best_baseline": best_baseline,
         "sabppo_beats_every_baseline": all(returns["sabppo"] > r for n, r in returns.items() if n != "sabppo"),
@@ -173,10 +188,14 @@ def live_part(args, out: Path, runs: Path) -> dict:
         f"policy from the same start in an episode (the same devices and channel draws). SABPPO beats every baseline in "
         f"mean measured return: **{payload['sabppo_beats_every_baseline']}** (best baseline: {best_baseline}); in "
         f"{payload['episodes_sabppo_beats_every_baseline']} of {len(results)} episodes on their own. SABPPO was trained for "
-        f"{config.total_timesteps:,} steps on the calibrated surrogate with the live environment's parameters ({rounds}-round "
+        f"{config.total_timesteps:,} steps per training seed on the calibrated surrogate with the live environment's parameters ({rounds}-round "
         f"episodes, LiveConfig defaults: {env.n_devices} devices = Folio role clients, the server on public modern-spelling "
         f"text, the shipped foundation model, the participation drift ppl_drift = {payload['ppl_drift']:.3f} of the "
-        f"shipped table on); best_rule was searched on that surrogate too. Wall time {seconds:.0f} s. Machine: "
+        f"shipped table on); best_rule was searched on that surrogate too. On the surrogate's {trained['eval_episodes']} "
+        f"evaluation episodes the {len(surrogate_returns)} training seeds scored "
+        f"{', '.join(f'{r:.2f}' for r in surrogate_returns)} and the best rule "
+        f"{payload['surrogate_eval']['best_rule']:.2f}; seed {chosen}, the better there, went live. "
+        f"Wall time {seconds:.0f} s. Machine: "
         f"{payload['machine']['cpu_model']}, load average at the end {payload['machine']['loadavg_1_5_15']}. Plots: "
         f"`live.png` (seed 0)" + "".join(f", `live_seed{i}.png`" for i in range(1, len(results))) + ".\n"
     )
@@ -193,6 +212,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--live-seeds", type=int, default=2, help="live episodes (seeds 0..N-1) per policy; the mean return decides"
+    )
+    parser.add_argument(
+        "--live-train-seeds",
+        type=int,
+        default=2,
+        help="SABPPO training seeds on the live surrogate; the best on its evaluation episodes goes live",
     )
     parser.add_argument(
         "--quick", action="store_true", help="tiny training budgets (smoke run; do not commit its results)"

@@ -47,7 +47,7 @@ from fedpeat_jax.io.plots import pyplot
 from fedpeat_jax.rl import baselines as B
 from fedpeat_jax.rl import sabppo
 from fedpeat_jax.rl.rules import Rule, rule_policy, search_rules
-from fedpeat_jax.rl.sabppo import SABPPOConfig, Trainer, make_trainer
+from fedpeat_jax.rl.sabppo import SABPPOConfig, Trainer, make_trainer, stack_hparams
 
 CONFIG_FILE = "controller.json"
 
@@ -100,13 +100,18 @@ def _fingerprint(config: SABPPOConfig, controller: ControllerConfig, env_params)
     )
 
 
-def _init_states(trainer: Trainer, controller: ControllerConfig):
-    # One seed per call, stacked: XLA:CPU (jaxlib 0.10.2) deadlocks running the vmapped init at
-    # exactly 2 seeds (an idle wait inside the compiled program); init runs once, so the loop costs nothing.
-    keys = jax.random.split(jax.random.key(controller.seed), controller.seeds)
+def init_runs(trainer: Trainer, keys, hparams):
+    """The initial states of stacked runs (keys (R,), hparams stacked on R), made one run per call
+    and stacked. XLA:CPU (jaxlib 0.10.2) deadlocks, idle, running the vmapped init at some run
+    counts (2 and 27 at the default sizes, reproducibly); init runs once, so the loop costs nothing."""
     init = jax.jit(trainer.init)
-    states = [init(key, trainer.default_hparams()) for key in keys]
+    states = [init(keys[i], select_run(hparams, i)) for i in range(len(keys))]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def _init_states(trainer: Trainer, controller: ControllerConfig):
+    keys = jax.random.split(jax.random.key(controller.seed), controller.seeds)
+    return init_runs(trainer, keys, stack_hparams([trainer.default_hparams()] * controller.seeds))
 
 
 def select_run(tree, i: int):

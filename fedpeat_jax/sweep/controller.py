@@ -113,12 +113,11 @@ class _Group:
         """The runs' initial states (or only their shapes: the target of a restore)."""
         import jax
 
-        from fedpeat_jax.rl import sabppo
+        from fedpeat_jax.rl.controller import init_runs
 
-        init = jax.vmap(self.trainer.init)
-        return (
-            jax.eval_shape(init, self.keys, self.hparams) if shapes_only else sabppo.jit(init)(self.keys, self.hparams)
-        )
+        if shapes_only:
+            return jax.eval_shape(jax.vmap(self.trainer.init), self.keys, self.hparams)
+        return init_runs(self.trainer, self.keys, self.hparams)
 
     def evaluate(self, states, train_return) -> list:
         """One row per run: its policy's evaluation on the shared episodes, its last training return."""
