@@ -28,6 +28,7 @@ from gymnax.wrappers.purerl import LogWrapper
 
 from fedpeat_jax.mec import FedPEATMEC
 from fedpeat_jax.rl.distributions import MultiCategorical
+from fedpeat_jax.rl.networks import orthogonal
 
 
 class ActorCritic(nn.Module):
@@ -35,7 +36,7 @@ class ActorCritic(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        ortho = nn.initializers.orthogonal
+        ortho = orthogonal  # flax's values; vmap-safe on XLA:CPU (see its docstring)
         h = nn.tanh(nn.Dense(64, kernel_init=ortho(np.sqrt(2)))(x))
         h = nn.tanh(nn.Dense(64, kernel_init=ortho(np.sqrt(2)))(h))
         logits = nn.Dense(self.n_logits, kernel_init=ortho(0.01))(h)

@@ -10,9 +10,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ENV = {**os.environ, "FEDPEAT_NO_PROGRESS": "1"}
 
 
+@pytest.mark.timeout(2400)  # its own subprocess timeouts (1500 s + 600 s) govern
 def test_quickstart_tiny_writes_the_report_and_resumes(tmp_path):
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "fedpeat_jax.cli", "quickstart", "--tiny", "--out", str(out)]

@@ -396,3 +396,42 @@ def test_device_network_trains(env):
     assert np.shape(metrics["loss"]) == (3,) and np.all(np.isfinite(np.asarray(metrics["loss"])))
     init = trainer.init(jax.random.key(0))
     assert _max_abs_diff(state.params, init.params) > 1e-4  # the updates moved the weights
+
+
+def test_orthogonal_init_is_flaxs_one_matrix_at_a_time_under_vmap():
+    from flax import linen as nn
+
+    from fedpeat_jax.rl.networks import orthogonal
+
+    keys = jax.random.split(jax.random.key(3), 3)
+    for shape in [(64, 64), (64, 7), (5, 64)]:
+        vmapped = jax.jit(jax.vmap(lambda k, s=shape: orthogonal(2.0)(k, s)))(keys)
+        for i in range(3):
+            np.testing.assert_array_equal(
+                np.asarray(vmapped[i]), np.asarray(nn.initializers.orthogonal(2.0)(keys[i], shape))
+            )
+    assert jax.vmap(jax.vmap(lambda k: orthogonal()(k, (4, 4))))(keys.reshape(3, 1)).shape == (3, 1, 4, 4)
+    jaxpr = str(jax.make_jaxpr(jax.vmap(lambda k: orthogonal()(k, (8, 8))))(keys))
+    assert "scan" in jaxpr  # the QRs run one matrix at a time
+
+
+def test_vmapped_init_of_two_seeds_at_default_sizes_returns():
+    """Batched QRs in the vmapped init deadlocked XLA:CPU on 2 cores (every pool worker waiting for
+    work queued behind it): run the default networks' init at 2 seeds in a subprocess with a timeout."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax\n"
+        "from fedpeat_jax.mec import FedPEATMEC\n"
+        "from fedpeat_jax.rl.controller import init_runs\n"
+        "from fedpeat_jax.rl.sabppo import SABPPOConfig, make_trainer, stack_hparams\n"
+        "env = FedPEATMEC()\n"
+        "trainer = make_trainer(SABPPOConfig(), env, env.default_params)\n"
+        "keys = jax.random.split(jax.random.key(0), 2)\n"
+        "state = init_runs(trainer, keys, stack_hparams([trainer.default_hparams()] * 2))\n"
+        "print(state.obs.shape, float(state.obs.sum()))\n"  # the sum waits for the computation
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1].startswith("(2, 64,")

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedpeat_jax.config import Config
@@ -101,12 +100,8 @@ def _fingerprint(config: SABPPOConfig, controller: ControllerConfig, env_params)
 
 
 def init_runs(trainer: Trainer, keys, hparams):
-    """The initial states of stacked runs (keys (R,), hparams stacked on R), made one run per call
-    and stacked. XLA:CPU (jaxlib 0.10.2) deadlocks, idle, running the vmapped init at some run
-    counts (2 and 27 at the default sizes, reproducibly); init runs once, so the loop costs nothing."""
-    init = jax.jit(trainer.init)
-    states = [init(keys[i], select_run(hparams, i)) for i in range(len(keys))]
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    """The initial states of stacked runs (keys (R,), hparams stacked on R), one vmapped program."""
+    return jax.jit(jax.vmap(trainer.init))(keys, hparams)
 
 
 def _init_states(trainer: Trainer, controller: ControllerConfig):

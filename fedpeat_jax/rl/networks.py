@@ -33,8 +33,34 @@ def _act(name: str):
     return nn.tanh if name == "tanh" else nn.relu
 
 
+def orthogonal(scale: float = 1.0):
+    """Flax's orthogonal initializer, the same values, but one matrix at a time under ``jax.vmap``.
+
+    Vmapped, flax's initializer is one batched LAPACK QR, and XLA:CPU (jaxlib 0.10.2) deadlocks
+    when two of them run at once on a small machine: each runs on a worker of the intra-op pool
+    and waits there for batch tasks queued on that same pool (seen on 2 cores at 2 seeds of the
+    default networks). A ``lax.map`` over the batch keeps every QR unbatched; init runs once,
+    so the loop costs nothing that matters."""
+    base = nn.initializers.orthogonal(scale)
+
+    def init(key, shape, dtype=jnp.float32):
+        @jax.custom_batching.custom_vmap
+        def one(key):
+            return base(key, shape, dtype)
+
+        @one.def_vmap
+        def _one_at_a_time(axis_size, in_batched, key):
+            if not in_batched[0]:
+                return one(key), False
+            return jax.lax.map(one, key), True
+
+        return one(key)
+
+    return init
+
+
 def _dense(width: int, scale: float, name=None):
-    return nn.Dense(width, kernel_init=nn.initializers.orthogonal(scale), bias_init=nn.initializers.zeros, name=name)
+    return nn.Dense(width, kernel_init=orthogonal(scale), bias_init=nn.initializers.zeros, name=name)
 
 
 def _trunk(x: jax.Array, hidden_sizes: tuple, activation: str) -> jax.Array:

@@ -116,7 +116,7 @@ class _Group:
         from fedpeat_jax.rl.controller import init_runs
 
         if shapes_only:
-            return jax.eval_shape(jax.vmap(self.trainer.init), self.keys, self.hparams)
+            return jax.eval_shape(lambda: init_runs(self.trainer, self.keys, self.hparams))
         return init_runs(self.trainer, self.keys, self.hparams)
 
     def evaluate(self, states, train_return) -> list:
