@@ -121,6 +121,19 @@ class QuickstartConfig(Config):
             raise ValueError(
                 f"QuickstartConfig.calibrate_fixed_rounds must be an integer >= 2, got {self.calibrate_fixed_rounds!r}"
             )
+        try:  # the controller stage's SABPPO run, checked now rather than after the stages before it
+            self.agent()
+        except ValueError as err:
+            raise ValueError(
+                f"QuickstartConfig.controller_envs = {self.controller_envs} (with controller_steps = "
+                f"{self.controller_steps}) makes no valid SABPPO run: {err}"
+            ) from None
+
+    def agent(self):
+        """The controller stage's SABPPOConfig."""
+        from fedpeat_jax.rl.sabppo_config import SABPPOConfig
+
+        return SABPPOConfig(total_timesteps=self.controller_steps, num_envs=self.controller_envs)
 
     @classmethod
     def tiny(cls) -> QuickstartConfig:
@@ -330,7 +343,6 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
     def controller():
         from fedpeat_jax.mec import load_calibration, preset_params
         from fedpeat_jax.rl.controller import ControllerConfig, train_controller
-        from fedpeat_jax.rl.sabppo import SABPPOConfig
 
         env_params = preset_params(
             "default",
@@ -338,9 +350,8 @@ def run(config: QuickstartConfig, out="runs/quickstart", cache_dir=None, log: Ca
             model=foundation().config,
             seq_len=float(config.seq_len),
         )
-        agent = SABPPOConfig(total_timesteps=config.controller_steps, num_envs=config.controller_envs)
         summary = train_controller(
-            agent,
+            config.agent(),
             env_params,
             out / "controller",
             controller=ControllerConfig(eval_episodes=config.eval_episodes, seed=config.seed),

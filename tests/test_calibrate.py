@@ -106,6 +106,19 @@ def test_fit_on_measured_fedpeat_rounds_within_tolerance_and_loads_in_env():
         FedPEATMEC(preset="default", calibration=table)
 
 
+def test_fit_drift_never_puts_a_fixed_point_below_zero():
+    """Curves that fall far below ppl_inf (a short noisy run) pull the drift negative: the search
+    stays where every round's fixed point is >= 0, so no curve goes through log of a negative."""
+    import warnings
+
+    curves = [(np.array([200.0, 101.0, 20.0]), np.array([0.1, 0.1]))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit = calibrate.fit_drift(curves, ppl_inf=100.0, eta=50.0)
+    assert 100.0 + fit["drift"] * (1 / 0.1 - 1) >= 0
+    assert fit["curve_rel_errors"][0] < 0.01 < fit["curve_rel_errors_without_drift"][0]
+
+
 def test_fit_drift_recovers_the_participation_drift_of_repeated_clients():
     truth, ppl_inf, eta = 4.0, 40.0, 3.0
     curves = []

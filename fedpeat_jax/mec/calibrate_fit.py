@@ -69,8 +69,8 @@ def fit_level(curves: list) -> dict:
 def fit_drift(curves: list, ppl_inf: float, eta: float, repeated_from: int = 1) -> dict:
     """Fit the table's ``drift`` to fixed-subset curves [(ppl, fractions)] of one level whose
     (ppl_inf, eta) stay as fitted: the same clients every round, so the repeat share is 0 before
-    round ``repeated_from`` (counting from 0) and 1 after. Bounded scalar search on the log error;
-    the worst relative error of every curve, with and without the drift term, is returned."""
+    round ``repeated_from`` (counting from 0) and 1 after. Bounded scalar search on the log error,
+    never below the drift that would put a round's fixed point under 0; the worst relative error of every curve, with and without the drift term, is returned."""
     from scipy.optimize import minimize_scalar
 
     def repeat(f):
@@ -82,7 +82,10 @@ def fit_drift(curves: list, ppl_inf: float, eta: float, repeated_from: int = 1) 
             for p, f in curves
         )
 
-    drift = float(minimize_scalar(error, bounds=(-ppl_inf, ppl_inf), method="bounded", options={"xatol": 1e-6}).x)
+    # below this drift some round's fixed point would fall under 0 (and the curve's log with it)
+    pull = max(float(np.max(repeat(f) * (1.0 / np.where(f > 0, f, 1.0) - 1.0))) for _, f in curves)
+    lowest = -ppl_inf / max(pull, 1.0)
+    drift = float(minimize_scalar(error, bounds=(lowest, ppl_inf), method="bounded", options={"xatol": 1e-6}).x)
     rel = lambda d: [  # noqa: E731
         float(np.max(np.abs(simulate(p[0], f, ppl_inf, eta, d, repeat(f)) / p - 1))) for p, f in curves
     ]
