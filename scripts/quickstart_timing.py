@@ -32,7 +32,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
 from fedpeat_jax.io.machine import machine_info  # noqa: E402
-from fedpeat_jax.quickstart import STAGES, headline  # noqa: E402
+from fedpeat_jax.quickstart import STAGES  # noqa: E402
+from fedpeat_jax.quickstart_report import headline  # noqa: E402
 
 BUDGET_S = 8 * 60
 SAMPLE_S = 5.0
