@@ -124,8 +124,8 @@ class QuickstartConfig(Config):
             self.agent()
         except ValueError as err:
             raise ValueError(
-                f"QuickstartConfig.controller_envs = {self.controller_envs} (with controller_steps = "
-                f"{self.controller_steps}) makes no valid SABPPO run: {err}"
+                f"QuickstartConfig.controller_steps = {self.controller_steps} with QuickstartConfig.controller_envs = "
+                f"{self.controller_envs} makes no valid SABPPO run: {err}"
             ) from None
 
     def agent(self):

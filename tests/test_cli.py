@@ -48,6 +48,11 @@ def test_help_of_every_subcommand(name, capsys):
         (["tune", "--config", "/nonexistent.json"], "--config: no such file"),
         (["quickstart", "--rounds", "0"], "--rounds (QuickstartConfig.rounds) must be an integer >= 1"),
         (
+            ["quickstart", "--tiny", "--controller-envs", "4"],
+            "--controller-envs (QuickstartConfig.controller_envs) = 4 makes no valid SABPPO run: "
+            "SABPPOConfig.num_minibatches (16) must divide",
+        ),
+        (
             ["quickstart", "--preset", "gpt2"],
             "--preset (QuickstartConfig.preset) must be one of ('tiny', 'default', 'base')",
         ),
