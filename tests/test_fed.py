@@ -271,7 +271,7 @@ def test_rank_larger_than_width_fails():
 SHARDED = textwrap.dedent(
     """
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig
     from fedpeat_jax.fed.simulation import FedData, FedPEAT

@@ -179,7 +179,7 @@ def test_the_run_chunk_shrinks_to_fit_the_memory_budget(params, data, heldout):
 SHARDED = textwrap.dedent(
     """
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     import jax, numpy as np
     sys.path.insert(0, os.path.dirname(os.path.abspath({test!r})))
     from test_sweep import C, LORA, MODEL, fed, hypers
