@@ -70,7 +70,8 @@ def fit_drift(curves: list, ppl_inf: float, eta: float, repeated_from: int = 1) 
     """Fit the table's ``drift`` to fixed-subset curves [(ppl, fractions)] of one level whose
     (ppl_inf, eta) stay as fitted: the same clients every round, so the repeat share is 0 before
     round ``repeated_from`` (counting from 0) and 1 after. Bounded scalar search on the log error,
-    never below the drift that would put a round's fixed point under 0; the worst relative error of every curve, with and without the drift term, is returned."""
+    never below the drift that would put a round's fixed point under 0; the worst relative error
+    of every curve, with and without the drift term, is returned."""
     from scipy.optimize import minimize_scalar
 
     def repeat(f):
