@@ -16,7 +16,7 @@ import pytest
 ENV = {**os.environ, "FEDPEAT_NO_PROGRESS": "1"}
 
 
-SMALLEST = (  # of --tiny: one round short of nothing in every stage
+SMALLEST = (  # on top of --tiny: the least work each stage accepts
     *("--rounds", "2", "--clients-per-round", "2", "--local-steps", "1"),
     *("--offsite-steps", "2", "--offsite-eval-windows", "4"),
     *("--calibrate-rounds", "2", "--calibrate-fixed-rounds", "2"),
@@ -36,7 +36,7 @@ def test_quickstart_runs_every_stage_writes_the_report_and_resumes(tmp_path, cap
     assert capsys.readouterr().out.count("done in an earlier run, reused") == 8  # every stage, the report included
 
 
-@pytest.mark.slow  # the whole --tiny quickstart in a subprocess, twice (about 3.5 minutes)
+@pytest.mark.slow  # the whole --tiny quickstart in a subprocess, then its resume (about 2.5 minutes)
 @pytest.mark.timeout(2400)  # its own subprocess timeouts (1500 s + 600 s) govern
 def test_quickstart_tiny_writes_the_report_and_resumes(tmp_path):
     out = tmp_path / "qs"
