@@ -16,7 +16,7 @@ import pytest
 from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig
 from fedpeat_jax.fed.client import Hyper
 from fedpeat_jax.fed.simulation import FedData, FedPEAT
-from fedpeat_jax.mec import FedPEATMEC, encode_action, make_params, synthetic_table
+from fedpeat_jax.mec import FedPEATMEC, encode_action, live_fit, make_params, synthetic_table
 from fedpeat_jax.mec.live import LiveConfig, LiveFedPEATMEC
 from fedpeat_jax.model import gpt2
 from fedpeat_jax.rl import baselines as B
@@ -124,6 +124,16 @@ def test_a_live_step_is_the_simulators_round_with_the_chosen_devices(live):
     assert int(info["clients_trained"]) == 2 == int(metrics.participants)
     assert float(info["perplexity"]) < float(state.ppl)  # two clients' tuning already helps on this task
     assert np.isfinite(float(info["surrogate_perplexity"])) and np.isfinite(float(reward))
+    # what the round brought, as the surrogate sees it: devices 1 and 3 (4 + 2 of 9 windows) on k = 2
+    assert float(info["k_bar"]) == pytest.approx(2.0)
+    assert float(info["data_fraction"]) == pytest.approx(6 / 9)
+    assert float(info["server_fraction"]) == 0.0 and float(info["repeat_share"]) == 0.0
+    # ... enough for mec.live_fit to redo the env's own surrogate prediction of this round
+    record = {k: float(v) for k, v in info.items() if np.ndim(v) == 0}
+    data = live_fit.transitions([record], float(state.ppl))
+    assert float(live_fit.predict(live.default_params, data)[0]) == pytest.approx(
+        float(info["surrogate_perplexity"]), rel=1e-6
+    )
 
 
 @pytest.mark.slow

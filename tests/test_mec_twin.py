@@ -47,6 +47,13 @@ CASES = {
         60,
     ),
     "default, participation drift": ("default", "default", dict(ppl_drift=6.0), 32, 60),
+    "default, a response refitted to live rounds": (
+        "default",
+        "default",
+        dict(ppl_drift=2.0, ppl_drift_fresh=7.0, data_exponent=0.4),
+        32,
+        60,
+    ),
     "gpt2-small mobile, short episodes": (
         "gpt2-small",
         "gpt2",

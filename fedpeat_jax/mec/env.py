@@ -329,6 +329,7 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
             outcome.repeat_share,
             outcome.data_fraction,
             jnp,
+            drift_fresh=params.ppl_drift_fresh,
         )
         dev_eta = system.interp_clamped(outcome.k_bar, params.cal_k, params.cal_eta, jnp)
         return system.two_source_perplexity(
@@ -340,6 +341,7 @@ class FedPEATMEC(environment.Environment[EnvState, EnvParams]):
             params.srv_eta,
             outcome.server_fraction,
             jnp,
+            dev_exponent=params.data_exponent,
         )
 
     def _round(self, state: EnvState, action, params: EnvParams):

@@ -212,6 +212,10 @@ class LiveFedPEATMEC(FedPEATMEC):
             "train_loss": metrics.loss,
             "clients_trained": metrics.participants,
             "clients_dropped": metrics.dropped,
+            # what the round brought, as the surrogate sees it (mec.live_fit refits it from these)
+            "k_bar": outcome.k_bar,
+            "server_fraction": outcome.server_fraction,
+            "repeat_share": outcome.repeat_share,
         }
         return self.plugin_perplexity(learner, params), learner, info
 

@@ -86,6 +86,8 @@ class EnvParams(environment.EnvParams):
     cal_eta: jax.Array  # (K,)
     ppl0: float
     ppl_drift: float = 0.0  # rise of the devices' fixed point when the same few devices keep training (0: off)
+    ppl_drift_fresh: float = 0.0  # the same for few devices that did not train last round (0: off)
+    data_exponent: float = 1.0  # the devices' pull grows as (their data fraction) ** data_exponent (1: linearly)
     # reward: r = -(w_ppl g + w_latency T / latency_ref + w_memory mu) - w_violation n_viol - w_empty [empty]
     w_ppl: float = 1.0
     w_latency: float = 1.0
@@ -381,6 +383,8 @@ def validate_params(params: EnvParams) -> None:
     need(np.isfinite(arr("srv_eta")) & (arr("srv_eta") >= 0), "srv_eta must be finite and >= 0")
     need(np.isfinite(arr("ppl0")) & (arr("ppl0") >= 1), "ppl0 must be a finite perplexity >= 1")
     need(np.isfinite(arr("ppl_drift")), "ppl_drift must be finite")
+    need(np.isfinite(arr("ppl_drift_fresh")), "ppl_drift_fresh must be finite")
+    need(np.isfinite(arr("data_exponent")) & (arr("data_exponent") > 0), "data_exponent must be finite and > 0")
     need(
         np.isfinite(arr("ppl_ref")) & np.isfinite(arr("ppl_best")) & (arr("ppl_ref") > arr("ppl_best")),
         f"ppl_ref ({arr('ppl_ref')}) must exceed ppl_best ({arr('ppl_best')}): they span the perplexity term of the reward",

@@ -339,13 +339,24 @@ def surrogate_perplexity(ppl_prev: Array, ppl_inf: Array, eta: Array, data_fract
     return ppl_inf + (ppl_prev - ppl_inf) * xp.exp(-eta * data_fraction)
 
 
-def drifting_fixed_point(ppl_inf: Array, drift: Array, repeat_share: Array, fraction: Array, xp=np) -> Array:
-    """The devices' fixed point when the same few devices keep training: the model drifts towards
-    their own data, away from the held-out text. ``ppl_inf + drift * repeat_share * (1/fraction - 1)``:
-    0 extra when every device took part (fraction 1) or none of this round's data took part last
-    round (repeat_share 0); ``fraction`` 0 gives ``ppl_inf`` (such a round has no device pull)."""
+def drifting_fixed_point(
+    ppl_inf: Array, drift: Array, repeat_share: Array, fraction: Array, xp=np, drift_fresh: Array = 0.0
+) -> Array:
+    """The devices' fixed point when few devices train: the model drifts towards their own data,
+    away from the held-out text. ``ppl_inf + (drift * repeat_share + drift_fresh * (1 - repeat_share))
+    * (1/fraction - 1)``: ``drift`` for data that also trained last round, ``drift_fresh`` (default 0)
+    for data that did not; 0 extra when every device took part (fraction 1); ``fraction`` 0 gives
+    ``ppl_inf`` (such a round has no device pull)."""
     safe = xp.where(fraction > 0, fraction, 1.0)
-    return ppl_inf + drift * repeat_share * (1.0 / safe - 1.0)
+    return ppl_inf + (drift * repeat_share + drift_fresh * (1.0 - repeat_share)) * (1.0 / safe - 1.0)
+
+
+def fraction_power(fraction: Array, exponent: Array, xp=np) -> Array:
+    """``fraction ** exponent`` for fractions in [0, 1], as ``fraction * fraction ** (exponent - 1)``:
+    exactly ``fraction`` at exponent 1 (x ** 0 is 1), 0 at fraction 0, and a finite gradient in the
+    exponent everywhere (no log 0)."""
+    safe = xp.where(fraction > 0, fraction, 1.0)
+    return fraction * safe ** (exponent - 1.0)
 
 
 def two_source_perplexity(
@@ -357,14 +368,16 @@ def two_source_perplexity(
     srv_eta: Array,
     srv_fraction: Array,
     xp=np,
+    dev_exponent: Array = 1.0,
 ) -> Array:
     """Devices and server data pulling together (module docstring), each pull weighted by its FedAvg weight.
 
-    ppl_t = ppl_{t-1} + (P* - ppl_{t-1}) (1 - exp(-A)); unchanged when nobody brings data.
+    ppl_t = ppl_{t-1} + (P* - ppl_{t-1}) (1 - exp(-A)); unchanged when nobody brings data. The
+    devices' pull grows as ``dev_fraction ** dev_exponent`` (default 1: in proportion to their data).
     """
     total = dev_fraction + srv_fraction
     safe = xp.where(total > 0, total, 1.0)
-    dev_pull = dev_eta * dev_fraction * (dev_fraction / safe)
+    dev_pull = dev_eta * fraction_power(dev_fraction, dev_exponent, xp) * (dev_fraction / safe)
     srv_pull = srv_eta * srv_fraction * (srv_fraction / safe)
     pull = dev_pull + srv_pull
     target = (dev_pull * dev_ppl_inf + srv_pull * srv_ppl_inf) / xp.where(pull > 0, pull, 1.0)
@@ -391,6 +404,7 @@ __all__ = [
     "emulator_bits",
     "exchange_indicator",
     "flops_per_token",
+    "fraction_power",
     "interp_clamped",
     "model_counts",
     "path_gain",

@@ -188,14 +188,15 @@ class NumpyFedPEAT:
         # each source's pull: eta * its fraction of all devices' data * its FedAvg weight in the round
         data_srv = server_ok * p.server_data
         used = np.where(data_ok + data_srv > 0, data_ok + data_srv, 1.0)
-        pull_dev = np.interp(k_bar, p.cal_k, p.cal_eta) * (data_ok / data_all) * (data_ok / used)
+        pull_dev = np.interp(k_bar, p.cal_k, p.cal_eta) * (data_ok / data_all) ** p.data_exponent * (data_ok / used)
         pull_srv = p.srv_eta * (data_srv / data_all) * (data_srv / used)
         pull = pull_dev + pull_srv
-        # the same few devices training again drift towards their own data (ppl_drift)
+        # few devices drift towards their own data: ppl_drift when they trained last round too, else ppl_drift_fresh
         made_it = np.where(data_ok > 0, data_ok, 1.0)
         repeat = (ok * state.data * state.took_part[1:]).sum(axis=0) / made_it
         phi = np.where(data_ok > 0, data_ok / data_all, 1.0)
-        dev_inf = np.interp(k_bar, p.cal_k, p.cal_ppl_inf) + p.ppl_drift * repeat * (1.0 / phi - 1.0)
+        drift = p.ppl_drift * repeat + p.ppl_drift_fresh * (1.0 - repeat)
+        dev_inf = np.interp(k_bar, p.cal_k, p.cal_ppl_inf) + drift * (1.0 / phi - 1.0)
         target = np.where(
             pull > 0,
             (pull_dev * dev_inf + pull_srv * p.srv_ppl_inf) / np.where(pull > 0, pull, 1.0),

@@ -18,16 +18,20 @@ from fedpeat_jax.rl.baselines import as_policy
 BASELINES = ("best_rule", "greedy", "all_devices", "server_only", "random")
 
 
-def baselines(env: FedPEATMEC, names, search_episodes: int = 64, seed: int = 0) -> dict:
-    """The named baselines for a live environment; "best_rule" is searched on the calibrated
-    surrogate with the live environment's parameters (a search in real rounds would cost hours)."""
+def baselines(
+    env: FedPEATMEC, names, search_episodes: int = 64, seed: int = 0, surrogate: Optional[EnvParams] = None
+) -> dict:
+    """The named baselines for a live environment; "best_rule" is searched on ``surrogate`` (default:
+    the calibrated surrogate with the live environment's parameters; a search in real rounds would
+    cost hours)."""
     from fedpeat_jax.rl.rules import search_rules
 
     available = B.baseline_policies(env)
     out = {}
     for name in names:
         if name == "best_rule":
-            found = search_rules(FedPEATMEC(env.default_params.surrogate()), episodes=search_episodes, rng=seed)
+            on = env.default_params.surrogate() if surrogate is None else surrogate
+            found = search_rules(FedPEATMEC(on), episodes=search_episodes, rng=seed)
             out[name] = found["policy"]._replace(name=f"best_rule: {found['description']}")
         elif name in available:
             out[name] = available[name]
