@@ -8,12 +8,14 @@
    the comparison and what SABPPO learned (``controller_behaviour.png``).
 2. Builds the live environment (real FedPEAT rounds of the shipped foundation model on the Folio
    role clients, the server on public modern-spelling text) with ``--live-rounds`` rounds per
-   episode, trains SABPPO on the calibrated surrogate with the live environment's own parameters,
-   searches the best rule there too, and runs SABPPO and the baselines for ``--live-seeds`` live
-   episodes each (every policy from the same start in an episode):
-   ``benchmarks/results/live.{json,md,png}``.
+   episode; runs a spread of simple rules (``COLLECTION_RULES``) for one live episode each on
+   their own seeds (100, 101, ...) and refits the surrogate's perplexity response to those rounds
+   (``mec.live_fit``); trains SABPPO on the refitted surrogate with the live environment's own
+   parameters, searches the best rule there and on the calibrated surrogate, and runs SABPPO and
+   the baselines for ``--live-seeds`` live episodes each (seeds 0, 1, ...; every policy from the
+   same start in an episode): ``benchmarks/results/live.{json,md,png}``.
 
-    python scripts/controller_study.py              # about 20 minutes on a 2-core CPU
+    python scripts/controller_study.py              # about an hour on a 2-core CPU
     python scripts/controller_study.py --quick      # a smoke run (few steps, 2 live rounds), not for the results
 """
 
@@ -111,8 +113,106 @@ def controller_part(args, out: Path, runs: Path) -> dict:
     return summary
 
 
-def live_part(args, out: Path, runs: Path) -> dict:
+# (server, score, devices, level, bandwidth) of `rl.rules.Rule.of`; level 5: the largest that fits.
+# A spread of participation (1..10 devices), emulator levels and server use for the refit's data;
+# the channel-ranked few change from round to round (fresh small sets).
+COLLECTION_RULES = (
+    (0, "fastest", 6, 5, "equal"),
+    (0, "channel", 3, 0, "equal"),
+    (1, "compute", 8, 2, "equal"),
+    (1, "data", 10, 4, "equal"),
+    (0, "channel", 5, 1, "exchange_first"),
+    (1, "fastest", 4, 3, "equal"),
+    (0, "channel", 1, 1, "equal"),
+    (0, "channel", 2, 1, "equal"),
+)
+COLLECTION_SEED0 = 100  # the collection's episodes run on seeds 100, 101, ...; the evaluation on 0, 1, ...
+
+
+def collect_live(env, rounds: int, rules, path: Path) -> list:
+    """One live episode per rule on its own seed: the refit's data. Each episode is kept in ``path``
+    and reused by a later run with the same rule, seed, rounds and live settings (live rounds are
+    the slow part)."""
+    from fedpeat_jax.io.files import write_json_atomic
     from fedpeat_jax.mec import live
+    from fedpeat_jax.rl import live_eval
+    from fedpeat_jax.rl.rules import Rule, rule_policy
+
+    kept = json.loads(path.read_text()).get("episodes", {}) if path.is_file() else {}
+    live_config = dataclasses.asdict(live.LiveConfig())
+    episodes = []
+    for i, fields in enumerate(rules):
+        seed = COLLECTION_SEED0 + i
+        key = json.dumps({"rule": fields, "seed": seed, "rounds": rounds, "live": live_config}, sort_keys=True)
+        if key not in kept:
+            rule = Rule.of(*fields)
+            records = live_eval.run_policy(
+                env, rule_policy(env, rule), rounds, seed=seed, desc=f"collect {i + 1}/{len(rules)}"
+            )
+            kept[key] = {"rule": rule.describe(int(env.n_levels)), "seed": seed, "records": records}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, {"episodes": kept})
+        episodes.append(kept[key])
+    return episodes
+
+
+def _surrogate_check(env, surrogates: dict, results: list) -> dict:
+    """One-round prediction errors of each surrogate on the evaluation episodes' real rounds (data
+    the refit never saw), per policy."""
+    from fedpeat_jax.mec import live_fit
+
+    ppl0 = float(env.default_params.ppl0)
+    names = results[0]["policies"]
+    per_policy = {
+        name: live_fit.concat([live_fit.transitions(r["policies"][name]["records"], ppl0) for r in results])
+        for name in names
+    }
+    return {
+        label: {name: live_fit.error_summary(params, data) for name, data in per_policy.items()}
+        for label, params in surrogates.items()
+    }
+
+
+def _refit_markdown(payload: dict) -> str:
+    fit = payload["refit"]
+    rows = [
+        "",
+        "## The surrogate refitted to live rounds",
+        "",
+        f"Data: {fit['transitions']} one-round transitions of {len(payload['collection'])} live episodes, one per rule on "
+        f"its own seed: " + "; ".join(f"seed {c['seed']}: {c['rule']}" for c in payload["collection"]) + ". "
+        "Fitted: the levels' fixed points and rates, the drifts of repeated and of fresh few devices, the data "
+        f"exponent and the server's fixed point and rate, one factor each (`mec.live_fit.fit_response`, horizon {fit['horizon']}, prior scale {fit['prior_scale']}, noise scale "
+        f"{fit['noise_scale']}).",
+        "",
+        "| field | calibrated (shipped table) | refitted to live rounds |",
+        "|---|---|---|",
+    ]
+    fmt = lambda v: ", ".join(f"{x:.3f}" for x in v) if isinstance(v, list) else f"{v:.3f}"  # noqa: E731
+    rows += [f"| {n} | {fmt(f['table'])} | {fmt(f['fitted'])} |" for n, f in fit["fields"].items()]
+    rows += [
+        "",
+        "Prediction error, predicted minus measured perplexity: over whole episodes (the surrogate run from each "
+        "episode's start on the measured rounds' outcomes, as a controller plans) and one round at a time (from the "
+        "measured previous perplexity).",
+        "",
+        "| data | surrogate | episode: mean | episode: RMS | round: mean | round: RMS |",
+        "|---|---|---|---|---|---|",
+    ]
+    cells = lambda e: " | ".join(  # noqa: E731
+        f"{e[h]['mean_ppl_error']:+.2f} | {e[h]['rms_ppl_error']:.2f}" for h in ("episode", "round")
+    )
+    rows += [
+        f"| collection (fitted on) | {label} | {cells(fit[key])} |"
+        for label, key in (("calibrated", "before"), ("refitted", "after"))
+    ]
+    for label, per_policy in payload["surrogate_check_on_evaluation"].items():
+        rows += [f"| evaluation, {name} (not fitted on) | {label} | {cells(e)} |" for name, e in per_policy.items()]
+    return "\n".join(rows) + "\n"
+
+
+def live_part(args, out: Path, runs: Path) -> dict:
+    from fedpeat_jax.mec import live, live_fit
     from fedpeat_jax.rl import live_eval
     from fedpeat_jax.rl.controller import ControllerConfig, load_policy, train_controller
     from fedpeat_jax.rl.sabppo import SABPPOConfig
@@ -120,13 +220,19 @@ def live_part(args, out: Path, runs: Path) -> dict:
     started = time.time()
     rounds = args.live_rounds
     env = live.make_live_env(config=live.LiveConfig(), max_steps_in_episode=rounds)
+    ppl0 = float(env.default_params.ppl0)
+    calibrated = env.default_params.surrogate()
+    rules = COLLECTION_RULES[:2] if args.quick else COLLECTION_RULES
+    collected = collect_live(env, rounds, rules, runs / "live_collect.json")
+    data = live_fit.concat([live_fit.transitions(e["records"], ppl0) for e in collected])
+    refitted, fit_report = live_fit.fit_response(calibrated, data)
     config = SABPPOConfig(total_timesteps=64 * 50 * 4 if args.quick else 2_000_000, num_steps=rounds)
-    # Trained on the surrogate with the live parameters; of the training seeds, the one with the best
-    # return on the surrogate's evaluation episodes goes live (selected on the surrogate, never on live rounds).
+    # Trained on the refitted surrogate with the live parameters; of the training seeds, the one with the
+    # best return on the surrogate's evaluation episodes goes live (selected there, never on live rounds).
     trained = train_controller(
         config,
-        env.default_params.surrogate(),
-        runs / "controller_live",
+        refitted,
+        runs / "controller_live_refit",
         controller=ControllerConfig(
             seeds=args.live_train_seeds,
             eval_episodes=64 if args.quick else 256,
@@ -136,14 +242,20 @@ def live_part(args, out: Path, runs: Path) -> dict:
     )
     surrogate_returns = [float(r) for r in trained["sabppo"]["per_seed_return_mean"]]
     chosen = max(range(len(surrogate_returns)), key=surrogate_returns.__getitem__)
-    policy, _, _ = load_policy(runs / "controller_live", env, seed_index=chosen)
+    policy, _, _ = load_policy(runs / "controller_live_refit", env, seed_index=chosen)
+    search = 16 if args.quick else 64
     policies = {
         "sabppo": policy,
-        **live_eval.baselines(env, ("best_rule", "greedy", "all_devices"), search_episodes=16 if args.quick else 64),
+        # the best rule on the refitted surrogate, and on the calibrated one (the previous study's best baseline)
+        **live_eval.baselines(env, ("best_rule",), search_episodes=search, surrogate=refitted),
+        "best_rule_calibrated": live_eval.baselines(env, ("best_rule",), search_episodes=search)["best_rule"],
+        **live_eval.baselines(env, ("greedy", "all_devices")),
     }
+    if policies["best_rule_calibrated"].name == policies["best_rule"].name:  # the same rule: run it once
+        del policies["best_rule_calibrated"]
     results = [live_eval.compare(env, policies, rounds, seed=seed) for seed in range(args.live_seeds)]
     seconds = time.time() - started
-    ppl0 = float(env.default_params.ppl0)
+    check = _surrogate_check(env, {"calibrated": calibrated, "refitted": refitted}, results)
     per_episode = {name: [r["policies"][name]["summary"]["return"] for r in results] for name in policies}
     returns = {name: float(sum(v) / len(v)) for name, v in per_episode.items()}
     best_baseline = max((n for n in returns if n != "sabppo"), key=returns.get)
@@ -158,6 +270,10 @@ def live_part(args, out: Path, runs: Path) -> dict:
         "rounds": rounds,
         "seeds": list(range(args.live_seeds)),
         "sabppo_env_steps": config.total_timesteps,
+        "collection": [{"rule": e["rule"], "seed": e["seed"]} for e in collected],
+        "refit": fit_report,
+        "surrogate_check_on_evaluation": check,
+        "rule_descriptions": {n: p.name for n, p in policies.items() if n.startswith("best_rule")},
         "surrogate_eval": {
             "sabppo_per_training_seed": surrogate_returns,
             "chosen_training_seed": chosen,
@@ -188,17 +304,20 @@ def live_part(args, out: Path, runs: Path) -> dict:
         f"policy from the same start in an episode (the same devices and channel draws). SABPPO beats every baseline in "
         f"mean measured return: **{payload['sabppo_beats_every_baseline']}** (best baseline: {best_baseline}); in "
         f"{payload['episodes_sabppo_beats_every_baseline']} of {len(results)} episodes on their own. SABPPO was trained for "
-        f"{config.total_timesteps:,} steps per training seed on the calibrated surrogate with the live environment's parameters ({rounds}-round "
-        f"episodes, LiveConfig defaults: {env.n_devices} devices = Folio role clients, the server on public modern-spelling "
-        f"text, the shipped foundation model, the participation drift ppl_drift = {payload['ppl_drift']:.3f} of the "
-        f"shipped table on); best_rule was searched on that surrogate too. On the surrogate's {trained['eval_episodes']} "
-        f"evaluation episodes the {len(surrogate_returns)} training seeds scored "
-        f"{', '.join(f'{r:.2f}' for r in surrogate_returns)} and the best rule "
-        f"{payload['surrogate_eval']['best_rule']:.2f}; seed {chosen}, the better there, went live. "
-        f"Wall time {seconds:.0f} s. Machine: "
+        f"{config.total_timesteps:,} steps per training seed on the refitted surrogate (below) with the live environment's "
+        f"parameters ({rounds}-round episodes, LiveConfig defaults: {env.n_devices} devices = Folio role clients, the "
+        f"server on public modern-spelling text, the shipped foundation model, the participation drift on). best_rule "
+        f"was searched on the refitted surrogate, and a rule on the calibrated one (the shipped table): "
+        f"{'best_rule_calibrated' if 'best_rule_calibrated' in payload['mean_return'] else 'the same rule'}. On the "
+        f"refitted surrogate's {trained['eval_episodes']} evaluation episodes the {len(surrogate_returns)} training seeds "
+        f"scored {', '.join(f'{r:.2f}' for r in surrogate_returns)} and its best rule "
+        f"{payload['surrogate_eval']['best_rule']:.2f}; seed {chosen}, the better there, went live. Rules: "
+        + "; ".join(f"{n} = {d}" for n, d in payload["rule_descriptions"].items())
+        + f". Wall time {seconds:.0f} s (collection, refit, training, search and evaluation). Machine: "
         f"{payload['machine']['cpu_model']}, load average at the end {payload['machine']['loadavg_1_5_15']}. Plots: "
         f"`live.png` (seed 0)" + "".join(f", `live_seed{i}.png`" for i in range(1, len(results))) + ".\n"
     )
+    md += _refit_markdown(payload)
     (out / "live.md").write_text(md)
     print(md)
     return payload
