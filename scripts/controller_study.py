@@ -157,8 +157,8 @@ def collect_live(env, rounds: int, rules, path: Path) -> list:
 
 
 def _surrogate_check(env, surrogates: dict, results: list) -> dict:
-    """One-round prediction errors of each surrogate on the evaluation episodes' real rounds (data
-    the refit never saw), per policy."""
+    """Prediction errors (whole episodes and one round at a time) of each surrogate on the
+    evaluation episodes' real rounds (data the refit never saw), per policy."""
     from fedpeat_jax.mec import live_fit
 
     ppl0 = float(env.default_params.ppl0)
