@@ -80,12 +80,19 @@ def assert_trees_close(a, b, **tol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
 
 
-def assert_trees_near(a, b, rel: float):
-    """||x - y|| <= rel ||y|| for every leaf (elementwise tolerances do not suit Adam: a coordinate
+def relative_distance(a, b) -> float:
+    """max over leaves of ||x - y|| / ||y|| (elementwise tolerances do not suit Adam: a coordinate
     whose gradient is at noise level steps by +-lr whichever way the noise falls)."""
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        assert np.linalg.norm(x - y) <= rel * max(np.linalg.norm(y), 1e-12), (np.linalg.norm(x - y), np.linalg.norm(y))
+    return max(
+        float(np.linalg.norm(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+        / max(float(np.linalg.norm(np.asarray(y, np.float64))), 1e-12)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+def assert_trees_near(a, b, rel: float):
+    distance = relative_distance(a, b)
+    assert distance <= rel, distance
 
 
 def assert_histories_close(a, b, rtol=1e-4):
@@ -101,7 +108,9 @@ def test_run_i_of_a_cohort_equals_driver_train(params, data, heldout, setup):
     """Every run of a study (3 runs, chunks of 2 runs: the last chunk padded) ends where
     `driver.train` with its seed and hyperparameters ends, with the same per-round rows. Float
     tolerance: the vmapped program sums in another order, which Adam's normalized steps magnify
-    on coordinates whose gradient is at noise level (the metrics agree to ~1e-6)."""
+    on coordinates whose gradient is at noise level, by how much depends on the CPU (weights: up to
+    2e-3 of a leaf's norm on AMD EPYC, 9e-3 on Intel Xeon; metrics: 2e-4); the check that another
+    run's weights lie over ten times further shows the tolerance still tells runs apart."""
     if setup == "fedavg":
         cfg, hyp = fed(), hypers([1e-3, 3e-2, 1e-2], [1.0, 0.5, 1.0])
     else:  # DP-FedAvg with a FedAdam server: the noise and the epsilon per run come from its own dp_noise
@@ -114,8 +123,9 @@ def test_run_i_of_a_cohort_equals_driver_train(params, data, heldout, setup):
     for r in (1, 2) if setup == "fedavg" else range(3):  # run 1 from the first chunk, run 2 from the padded second
         seed = seeds[r]
         alone = run_alone(sim, params, data, heldout, seed, run_of(hyp, r))
-        assert_trees_near(run_of(result.states.trainable, r), alone.state.trainable, rel=2e-3)
-        assert_histories_close(result.histories[r], alone.history)
+        assert_trees_near(run_of(result.states.trainable, r), alone.state.trainable, rel=2e-2)
+        assert relative_distance(run_of(result.states.trainable, (r + 1) % 3), alone.state.trainable) > 0.2
+        assert_histories_close(result.histories[r], alone.history, rtol=1e-3)
         assert "plugin_ppl" in result.histories[r][1] and "plugin_ppl" in result.histories[r][3]
         assert ("epsilon" in result.histories[r][0]) == (setup != "fedavg" and hyp.dp_noise[r] > 0)
     assert (
