@@ -82,27 +82,29 @@ def run_policy(
     return records
 
 
+def summarize(records: list) -> dict:
+    """One live episode's totals and means (the columns of :func:`to_markdown`)."""
+    col = lambda k: np.asarray([r[k] for r in records], np.float64)  # noqa: E731
+    return {
+        "return": float(col("reward").sum()),
+        "mean_perplexity": float(col("perplexity").mean()),
+        "final_perplexity": float(records[-1]["perplexity"]),
+        "final_surrogate_perplexity": float(records[-1]["surrogate_perplexity"]),
+        "mean_latency_s": float(col("latency").mean()),
+        "total_latency_s": float(col("latency").sum()),
+        "violations": int(col("violations").sum()),
+        "stragglers": int(col("stragglers").sum()),
+        "clients_trained": int(col("clients_trained").sum()),
+    }
+
+
 def compare(env: FedPEATMEC, policies: dict, rounds: int, seed: int = 0, show_progress: bool = True) -> dict:
     """Run each policy for ``rounds`` rounds from the same reset (same devices and channels draws);
     returns {"rounds", "seed", "policies": {name: {"records": [...], "summary": {...}}}}."""
     out = {"rounds": int(rounds), "seed": int(seed), "policies": {}}
     for name, policy in policies.items():
         records = run_policy(env, policy, rounds, seed=seed, show_progress=show_progress, desc=f"live: {name}")
-        col = lambda k: np.asarray([r[k] for r in records], np.float64)  # noqa: E731
-        out["policies"][name] = {
-            "records": records,
-            "summary": {
-                "return": float(col("reward").sum()),
-                "mean_perplexity": float(col("perplexity").mean()),
-                "final_perplexity": float(records[-1]["perplexity"]),
-                "final_surrogate_perplexity": float(records[-1]["surrogate_perplexity"]),
-                "mean_latency_s": float(col("latency").mean()),
-                "total_latency_s": float(col("latency").sum()),
-                "violations": int(col("violations").sum()),
-                "stragglers": int(col("stragglers").sum()),
-                "clients_trained": int(col("clients_trained").sum()),
-            },
-        }
+        out["policies"][name] = {"records": records, "summary": summarize(records)}
     return out
 
 
