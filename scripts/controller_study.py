@@ -129,30 +129,49 @@ COLLECTION_RULES = (
 COLLECTION_SEED0 = 100  # the collection's episodes run on seeds 100, 101, ...; the evaluation on 0, 1, ...
 
 
-def collect_live(env, rounds: int, rules, path: Path) -> list:
-    """One live episode per rule on its own seed: the refit's data. Each episode is kept in ``path``
-    and reused by a later run with the same rule, seed, rounds and live settings (live rounds are
-    the slow part)."""
+def live_episode(env, rounds: int, policy, seed: int, identity: dict, path: Path, desc: str) -> dict:
+    """One live episode of ``policy`` on ``seed``, kept in ``path`` under ``identity`` (what the policy
+    is: a rule's fields, a controller's weights digest) and reused by a later run with the same
+    identity, seed, rounds and live settings (live rounds are the slow part)."""
     from fedpeat_jax.io.files import write_json_atomic
     from fedpeat_jax.mec import live
     from fedpeat_jax.rl import live_eval
-    from fedpeat_jax.rl.rules import Rule, rule_policy
 
     kept = json.loads(path.read_text()).get("episodes", {}) if path.is_file() else {}
     live_config = dataclasses.asdict(live.LiveConfig())
+    key = json.dumps({**identity, "seed": seed, "rounds": rounds, "live": live_config}, sort_keys=True)
+    if key not in kept:
+        records = live_eval.run_policy(env, policy, rounds, seed=seed, desc=desc)
+        kept = json.loads(path.read_text()).get("episodes", {}) if path.is_file() else {}
+        kept[key] = {"policy": policy.name, "seed": seed, "records": records}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"episodes": kept})
+    return kept[key]
+
+
+def compare_live(env, rounds: int, policies: dict, seed: int, path: Path) -> dict:
+    """``live_eval.compare``, each policy's episode kept in ``path`` under its name and weights."""
+    from fedpeat_jax.io.fingerprint import tree_digest
+    from fedpeat_jax.rl import live_eval
+
+    out = {"rounds": rounds, "seed": seed, "policies": {}}
+    for name, policy in policies.items():
+        identity = {"evaluated": name, "weights": tree_digest(policy.params)}
+        episode = live_episode(env, rounds, policy, seed, identity, path, f"live: {name}, seed {seed}")
+        out["policies"][name] = {"records": episode["records"], "summary": live_eval.summarize(episode["records"])}
+    return out
+
+
+def collect_live(env, rounds: int, rules, path: Path) -> list:
+    """One live episode per rule on its own seed: the refit's first data."""
+    from fedpeat_jax.rl.rules import Rule, rule_policy
+
     episodes = []
     for i, fields in enumerate(rules):
-        seed = COLLECTION_SEED0 + i
-        key = json.dumps({"rule": fields, "seed": seed, "rounds": rounds, "live": live_config}, sort_keys=True)
-        if key not in kept:
-            rule = Rule.of(*fields)
-            records = live_eval.run_policy(
-                env, rule_policy(env, rule), rounds, seed=seed, desc=f"collect {i + 1}/{len(rules)}"
-            )
-            kept[key] = {"rule": rule.describe(int(env.n_levels)), "seed": seed, "records": records}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, {"episodes": kept})
-        episodes.append(kept[key])
+        rule = Rule.of(*fields)
+        policy = rule_policy(env, rule, rule.describe(int(env.n_levels)))
+        desc = f"collect {i + 1}/{len(rules)}"
+        episodes.append(live_episode(env, rounds, policy, COLLECTION_SEED0 + i, {"rule": fields}, path, desc))
     return episodes
 
 
@@ -173,14 +192,75 @@ def _surrogate_check(env, surrogates: dict, results: list) -> dict:
     }
 
 
+def _predicted_returns(params, policies: dict, rounds: int, seeds) -> dict:
+    """Each policy's return as the surrogate ``params`` predicts it for the live evaluation's episodes
+    (the same reset and channel draws; the surrogate's own perplexity carried from round to round, so a
+    controller, which observes it, may act differently there)."""
+    from fedpeat_jax.mec import FedPEATMEC
+    from fedpeat_jax.rl import live_eval
+
+    env = FedPEATMEC(params)
+    run = lambda p, s: live_eval.run_policy(env, p, rounds, seed=s, params=params, show_progress=False)  # noqa: E731
+    return {name: [float(sum(r["reward"] for r in run(p, s))) for s in seeds] for name, p in policies.items()}
+
+
+def _predicted_markdown(payload: dict) -> str:
+    rows = [
+        "",
+        "## Returns predicted by the last refitted surrogate for the same episodes",
+        "",
+        "Each policy run on the refitted surrogate from the live evaluation's starts (the same devices and channel "
+        "draws), next to its measured live return: how well the model the controller was trained on ranks the "
+        "policies where it matters.",
+        "",
+        "| policy | predicted (per episode) | measured (per episode) | predicted mean | measured mean |",
+        "|---|---|---|---|---|",
+    ]
+    for name, pred in payload["predicted_returns"].items():
+        meas = payload["per_episode_return"][name]
+        rows.append(
+            f"| {name} | {', '.join(f'{r:.2f}' for r in pred)} | {', '.join(f'{r:.2f}' for r in meas)} | "
+            f"{sum(pred) / len(pred):.2f} | {sum(meas) / len(meas):.2f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def _iterations_markdown(payload: dict) -> str:
+    rows = [
+        "",
+        "## Data aggregation: the controller's own live episodes added to the refit",
+        "",
+        "Each iteration refits the surrogate to every live episode so far, trains SABPPO on it, and (but the last) runs "
+        "the chosen controller live on a fresh seed and adds that episode. Refit error: predicted minus measured "
+        "perplexity on that episode, over the whole episode, before it was added.",
+        "",
+        "| iteration | episodes fitted | SABPPO on the surrogate (per seed) | best rule on the surrogate "
+        "| controller live: seed | return | devices / round | refit error: mean | RMS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, step in enumerate(payload["iterations"]):
+        ep = step.get("controller_episode")
+        live_cells = (
+            f"{ep['seed']} | {ep['return']:.2f} | {ep['devices_per_round']:.2f} | "
+            f"{ep['refit_error']['episode']['mean_ppl_error']:+.2f} | {ep['refit_error']['episode']['rms_ppl_error']:.2f}"
+            if ep
+            else "- | - | - | - | -"
+        )
+        rows.append(
+            f"| {i} | {step['episodes_fitted']} | {', '.join(f'{r:.2f}' for r in step['sabppo_on_surrogate'])} | "
+            f"{step['best_rule_on_surrogate']:.2f} | {live_cells} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def _refit_markdown(payload: dict) -> str:
     fit = payload["refit"]
     rows = [
         "",
         "## The surrogate refitted to live rounds",
         "",
-        f"Data: {fit['transitions']} one-round transitions of {len(payload['collection'])} live episodes, one per rule on "
-        f"its own seed: " + "; ".join(f"seed {c['seed']}: {c['rule']}" for c in payload["collection"]) + ". "
+        f"Data: {fit['transitions']} one-round transitions of {len(payload['collection'])} live episodes, each policy on "
+        f"its own seed: " + "; ".join(f"seed {c['seed']}: {c['policy']}" for c in payload["collection"]) + ". "
         "Fitted: the levels' fixed points and rates, the drifts of repeated and of fresh few devices, the data "
         f"exponent and the server's fixed point and rate, one factor each (`mec.live_fit.fit_response`, horizon {fit['horizon']}, prior scale {fit['prior_scale']}, noise scale "
         f"{fit['noise_scale']}).",
@@ -212,6 +292,9 @@ def _refit_markdown(payload: dict) -> str:
 
 
 def live_part(args, out: Path, runs: Path) -> dict:
+    import numpy as np
+
+    from fedpeat_jax.io.fingerprint import tree_digest
     from fedpeat_jax.mec import live, live_fit
     from fedpeat_jax.rl import live_eval
     from fedpeat_jax.rl.controller import ControllerConfig, load_policy, train_controller
@@ -223,26 +306,49 @@ def live_part(args, out: Path, runs: Path) -> dict:
     ppl0 = float(env.default_params.ppl0)
     calibrated = env.default_params.surrogate()
     rules = COLLECTION_RULES[:2] if args.quick else COLLECTION_RULES
-    collected = collect_live(env, rounds, rules, runs / "live_collect.json")
-    data = live_fit.concat([live_fit.transitions(e["records"], ppl0) for e in collected])
-    refitted, fit_report = live_fit.fit_response(calibrated, data)
+    cache = runs / "live_collect.json"
+    kept = lambda: len(json.loads(cache.read_text())["episodes"]) if cache.is_file() else 0  # noqa: E731
+    kept_before = kept()
+    collected = collect_live(env, rounds, rules, cache)
     config = SABPPOConfig(total_timesteps=64 * 50 * 4 if args.quick else 2_000_000, num_steps=rounds)
-    # Trained on the refitted surrogate with the live parameters; of the training seeds, the one with the
-    # best return on the surrogate's evaluation episodes goes live (selected there, never on live rounds).
-    trained = train_controller(
-        config,
-        refitted,
-        runs / "controller_live_refit",
-        controller=ControllerConfig(
-            seeds=args.live_train_seeds,
-            eval_episodes=64 if args.quick else 256,
-            rule_search_episodes=8 if args.quick else 64,
-            behaviour_episodes=0,
-        ),
+    controller = ControllerConfig(
+        seeds=args.live_train_seeds,
+        eval_episodes=64 if args.quick else 256,
+        rule_search_episodes=8 if args.quick else 64,
+        behaviour_episodes=0,
     )
-    surrogate_returns = [float(r) for r in trained["sabppo"]["per_seed_return_mean"]]
-    chosen = max(range(len(surrogate_returns)), key=surrogate_returns.__getitem__)
-    policy, _, _ = load_policy(runs / "controller_live_refit", env, seed_index=chosen)
+    # Data aggregation (as in DAgger / model-based RL): refit on every live episode so far, train SABPPO on
+    # the refitted surrogate with the live parameters, run it live on a fresh collection seed and add that
+    # episode, so the refit sees the rounds the controller itself plays. Of the training seeds, the one with
+    # the best return on the surrogate's evaluation episodes is the controller (selected there, never live).
+    iterations = []
+    for it in range(args.live_iterations + 1):
+        data = live_fit.concat([live_fit.transitions(e["records"], ppl0) for e in collected])
+        refitted, fit_report = live_fit.fit_response(calibrated, data)
+        run_dir = runs / f"controller_live_refit{it}"
+        trained = train_controller(config, refitted, run_dir, controller=controller)
+        surrogate_returns = [float(r) for r in trained["sabppo"]["per_seed_return_mean"]]
+        chosen = max(range(len(surrogate_returns)), key=surrogate_returns.__getitem__)
+        policy, _, _ = load_policy(run_dir, env, seed_index=chosen)
+        step = {
+            "episodes_fitted": len(collected),
+            "sabppo_on_surrogate": surrogate_returns,
+            "best_rule_on_surrogate": float(trained["baselines"]["best_rule"]["return_mean"]),
+        }
+        iterations.append(step)
+        if it == args.live_iterations:
+            break
+        seed = COLLECTION_SEED0 + len(rules) + it
+        identity = {"controller": tree_digest(policy.params)}
+        episode = live_episode(env, rounds, policy, seed, identity, cache, f"controller live, iteration {it + 1}")
+        own = live_fit.transitions(episode["records"], ppl0)  # how wrong the refit was on the controller's rounds
+        step["controller_episode"] = {
+            "seed": seed,
+            "return": float(sum(r["reward"] for r in episode["records"])),
+            "devices_per_round": float(np.mean([r["devices"] for r in episode["records"]])),
+            "refit_error": live_fit.error_summary(refitted, own),
+        }
+        collected.append(episode)
     search = 16 if args.quick else 64
     policies = {
         "sabppo": policy,
@@ -253,8 +359,10 @@ def live_part(args, out: Path, runs: Path) -> dict:
     }
     if policies["best_rule_calibrated"].name == policies["best_rule"].name:  # the same rule: run it once
         del policies["best_rule_calibrated"]
-    results = [live_eval.compare(env, policies, rounds, seed=seed) for seed in range(args.live_seeds)]
+    results = [compare_live(env, rounds, policies, seed, cache) for seed in range(args.live_seeds)]
     seconds = time.time() - started
+    used = len(collected) + len(policies) * len(results)
+    ran = kept() - kept_before
     check = _surrogate_check(env, {"calibrated": calibrated, "refitted": refitted}, results)
     per_episode = {name: [r["policies"][name]["summary"]["return"] for r in results] for name in policies}
     returns = {name: float(sum(v) / len(v)) for name, v in per_episode.items()}
@@ -270,7 +378,8 @@ def live_part(args, out: Path, runs: Path) -> dict:
         "rounds": rounds,
         "seeds": list(range(args.live_seeds)),
         "sabppo_env_steps": config.total_timesteps,
-        "collection": [{"rule": e["rule"], "seed": e["seed"]} for e in collected],
+        "collection": [{"policy": e["policy"], "seed": e["seed"]} for e in collected],
+        "iterations": iterations,
         "refit": fit_report,
         "surrogate_check_on_evaluation": check,
         "rule_descriptions": {n: p.name for n, p in policies.items() if n.startswith("best_rule")},
@@ -281,10 +390,13 @@ def live_part(args, out: Path, runs: Path) -> dict:
             "episodes": trained["eval_episodes"],
         },
         "mean_return": returns,
+        "per_episode_return": per_episode,
+        "predicted_returns": _predicted_returns(refitted, policies, rounds, list(range(args.live_seeds))),
         "best_baseline": best_baseline,
         "sabppo_beats_every_baseline": all(returns["sabppo"] > r for n, r in returns.items() if n != "sabppo"),
         "episodes_sabppo_beats_every_baseline": int(sum(wins)),
         "seconds": round(seconds, 1),
+        "live_episodes": {"used": used, "ran_in_this_call": ran},
         "machine": machine_info(),
         "environment": _model_line(),
         "episodes": results,
@@ -304,7 +416,8 @@ def live_part(args, out: Path, runs: Path) -> dict:
         f"policy from the same start in an episode (the same devices and channel draws). SABPPO beats every baseline in "
         f"mean measured return: **{payload['sabppo_beats_every_baseline']}** (best baseline: {best_baseline}); in "
         f"{payload['episodes_sabppo_beats_every_baseline']} of {len(results)} episodes on their own. SABPPO was trained for "
-        f"{config.total_timesteps:,} steps per training seed on the refitted surrogate (below) with the live environment's "
+        f"{config.total_timesteps:,} steps per training seed on the last refitted surrogate (below: "
+        f"{len(iterations) - 1} data-aggregation iterations) with the live environment's "
         f"parameters ({rounds}-round episodes, LiveConfig defaults: {env.n_devices} devices = Folio role clients, the "
         f"server on public modern-spelling text, the shipped foundation model, the participation drift on). best_rule "
         f"was searched on the refitted surrogate, and a rule on the calibrated one (the shipped table): "
@@ -313,11 +426,12 @@ def live_part(args, out: Path, runs: Path) -> dict:
         f"scored {', '.join(f'{r:.2f}' for r in surrogate_returns)} and its best rule "
         f"{payload['surrogate_eval']['best_rule']:.2f}; seed {chosen}, the better there, went live. Rules: "
         + "; ".join(f"{n} = {d}" for n, d in payload["rule_descriptions"].items())
-        + f". Wall time {seconds:.0f} s (collection, refit, training, search and evaluation). Machine: "
+        + f". Wall time {seconds:.0f} s (collection, refit, training, search and evaluation; {ran} of the {used} live "
+        f"episodes ran in this call, the others were kept from an earlier call in `{cache.name}`). Machine: "
         f"{payload['machine']['cpu_model']}, load average at the end {payload['machine']['loadavg_1_5_15']}. Plots: "
         f"`live.png` (seed 0)" + "".join(f", `live_seed{i}.png`" for i in range(1, len(results))) + ".\n"
     )
-    md += _refit_markdown(payload)
+    md += _predicted_markdown(payload) + _iterations_markdown(payload) + _refit_markdown(payload)
     (out / "live.md").write_text(md)
     print(md)
     return payload
@@ -339,6 +453,12 @@ def main(argv=None) -> int:
         help="SABPPO training seeds on the live surrogate; the best on its evaluation episodes goes live",
     )
     parser.add_argument(
+        "--live-iterations",
+        type=int,
+        default=3,
+        help="data-aggregation iterations: the trained controller's own live episodes added to the refit, then retrained",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="tiny training budgets (smoke run; do not commit its results)"
     )
     parser.add_argument("--skip", choices=("controller", "live"), default=None, help="skip one part")
@@ -346,7 +466,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="runs/controller_study", help="training run directories (resumable)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.live_rounds, args.live_seeds = min(args.live_rounds, 2), 1
+        args.live_rounds, args.live_seeds, args.live_iterations = min(args.live_rounds, 2), 1, 1
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     if args.skip != "controller":
