@@ -142,7 +142,6 @@ def live_episode(env, rounds: int, policy, seed: int, identity: dict, path: Path
     key = json.dumps({**identity, "seed": seed, "rounds": rounds, "live": live_config}, sort_keys=True)
     if key not in kept:
         records = live_eval.run_policy(env, policy, rounds, seed=seed, desc=desc)
-        kept = json.loads(path.read_text()).get("episodes", {}) if path.is_file() else {}
         kept[key] = {"policy": policy.name, "seed": seed, "records": records}
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, {"episodes": kept})
@@ -427,7 +426,8 @@ def live_part(args, out: Path, runs: Path) -> dict:
         f"{payload['surrogate_eval']['best_rule']:.2f}; seed {chosen}, the better there, went live. Rules: "
         + "; ".join(f"{n} = {d}" for n, d in payload["rule_descriptions"].items())
         + f". Wall time {seconds:.0f} s (collection, refit, training, search and evaluation; {ran} of the {used} live "
-        f"episodes ran in this call, the others were kept from an earlier call in `{cache.name}`). Machine: "
+        f"episodes ran in this call{'' if ran == used else f', the others were kept from an earlier call in `{cache.name}`'}). "
+        "Machine: "
         f"{payload['machine']['cpu_model']}, load average at the end {payload['machine']['loadavg_1_5_15']}. Plots: "
         f"`live.png` (seed 0)" + "".join(f", `live_seed{i}.png`" for i in range(1, len(results))) + ".\n"
     )
