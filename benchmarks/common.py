@@ -2,8 +2,10 @@
 
 Timing follows the project's benchmark hygiene: compile time is measured on its own (`compile_jax`),
 every timed call is synchronized before the clock stops (`block_until_ready` for JAX; torch on CPU
-is synchronous), and the reported figure is the median of several runs after warm-up. Results are
-written as benchmarks/results/NAME.json (everything) and NAME.md (a table for humans).
+is synchronous, on CUDA `torch_sync` waits for the device), and the reported figure is the median of
+several runs after warm-up. Results are written as benchmarks/results/NAME.json (everything) and
+NAME.md (a table for humans); set FEDPEAT_RESULTS_DIR to write them to another folder (results from
+another machine, e.g. FEDPEAT_RESULTS_DIR=benchmarks/results/h200 on a GPU).
 
     from benchmarks.common import compile_jax, machine_info, matmul_peak, median_time, write_json
 """
@@ -24,8 +26,43 @@ import numpy as np
 
 from fedpeat_jax.io.machine import machine_info  # noqa: F401 - re-exported for the benchmark scripts
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("FEDPEAT_RESULTS_DIR") or Path(__file__).resolve().parent / "results").resolve()
 LOADED = 2.5  # a 1-minute load average above this means other jobs shared the machine
+
+
+def hardware(info: dict) -> str:
+    """Where a benchmark's JAX code ran, in words, for the notes of its table: the CPU model and its
+    usable cores, or on an accelerator its name (jax's device_kind) and the host CPU beside it."""
+    cpu = f"{info['cpu_model']}, {info.get('cpus_usable') or info.get('cpu_count')} usable cores"
+    if info.get("jax_backend", "cpu") == "cpu":
+        return cpu
+    n = len(info.get("jax_devices") or [None])
+    kind = info.get("jax_device_kind") or info["jax_backend"]
+    return f"{n} x {kind} (jax backend {info['jax_backend']}); host CPU {cpu}"
+
+
+def torch_device(choice: str = "auto") -> str:
+    """'cuda' when asked, or for 'auto' when torch sees a CUDA device; else 'cpu'."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--torch-device cuda, but torch sees no CUDA device")
+    return choice
+
+
+def torch_sync(device: str) -> Callable[[Any], Any]:
+    """The `sync` for `median_time` of torch code on `device`: CUDA kernels run asynchronously."""
+    if device != "cuda":
+        return lambda out: out
+    import torch
+
+    def sync(out):
+        torch.cuda.synchronize()
+        return out
+
+    return sync
 
 
 def under_load(*loads: float) -> bool:
@@ -70,14 +107,23 @@ def median_time(
 # --------------------------------------------------------------------------------------------
 # Dense matmul peak
 # --------------------------------------------------------------------------------------------
-def matmul_peak(dtype: str = "float32", n: int = 2048, runs: int = 5) -> dict:
+def default_matmul_n() -> int:
+    """The peak matmul's size: 2048 on a CPU; 8192 on an accelerator, where a 2048^3 product takes
+    tens of microseconds and its launch would weigh in the figure."""
+    return 2048 if jax.default_backend() == "cpu" else 8192
+
+
+def matmul_peak(dtype: str = "float32", n: int | None = None, runs: int = 5) -> dict:
     """Achieved FLOP/s of a jitted (n x n) @ (n x n) matmul in `dtype` (2 n^3 FLOPs per call);
     bfloat16 operands accumulate into a float32 result, the kernel `gpt2.matmul` runs in bfloat16
-    compute (with AVX512-BF16 it is the fastest bfloat16 matmul XLA's CPU backend has).
+    compute (with AVX512-BF16 it is the fastest bfloat16 matmul XLA's CPU backend has). float32 at
+    JAX's default matmul precision, the one the models run at (on an NVIDIA GPU XLA may use TF32).
+    n: `default_matmul_n()` when None.
 
     The reference for model FLOP utilization: what this machine's XLA backend reaches on the
     friendliest dense kernel, measured in the same run as the model.
     """
+    n = n or default_matmul_n()
     rs = np.random.RandomState(0)
     a = jnp.asarray(rs.standard_normal((n, n)), dtype)
     b = jnp.asarray(rs.standard_normal((n, n)), dtype)
@@ -100,14 +146,23 @@ def best_peaks(measurements: list) -> dict:
     return {k: max((m[k] for m in measurements), key=lambda r: r["flops_per_s"]) for k in measurements[0]}
 
 
-def torch_matmul_peak(n: int = 2048, runs: int = 5) -> dict:
-    """The same float32 measurement for torch (its CPU kernels are not XLA's)."""
+def torch_matmul_peak(n: int | None = None, runs: int = 5, device: str = "cpu") -> dict:
+    """The same float32 measurement for torch (its kernels are not XLA's), on `device` (torch's
+    default float32 matmul precision)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    timing = median_time(torch.matmul, a, b, runs=runs, warmup=1, sync=lambda out: out)
+    n = n or default_matmul_n()
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    timing = median_time(torch.matmul, a, b, runs=runs, warmup=1, sync=torch_sync(device))
     flops = 2.0 * n**3
-    return {"dtype": "float32", "n": n, "flops_per_call": flops, "flops_per_s": flops / timing["median_s"], **timing}
+    return {
+        "dtype": "float32",
+        "n": n,
+        "device": device,
+        "flops_per_call": flops,
+        "flops_per_s": flops / timing["median_s"],
+        **timing,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +246,11 @@ __all__ = [
     "LOADED",
     "RESULTS_DIR",
     "under_load",
+    "hardware",
     "machine_info",
+    "torch_device",
+    "torch_sync",
+    "default_matmul_n",
     "compile_jax",
     "median_time",
     "matmul_peak",

@@ -21,7 +21,11 @@ timed calls, each ending with ``block_until_ready``. The observation and reward 
 are consumed (summed into the scan carry) so no work is dead code. The perplexity table is a
 SYNTHETIC placeholder: throughput does not depend on its values.
 
-Usage: python benchmarks/env_throughput.py [--quick] [--devices 10] [--out benchmarks/results]
+On an accelerator the two JAX variants and CartPole run there; the numpy batch and SB3 always run
+on the host CPU (numpy on one core), so their ratios compare the accelerator with that CPU.
+
+Usage: python benchmarks/env_throughput.py [--quick] [--devices 10] [--sizes 1,64,8192,65536]
+       [--out benchmarks/results]   (default: common.RESULTS_DIR, which FEDPEAT_RESULTS_DIR overrides)
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -234,12 +237,17 @@ def bench_sb3(table, params_overrides, n_envs_list, repeats, seconds=1.5):
 
 def _markdown(result) -> str:
     m = result["machine"]
+    where = (
+        f"{m['cpu_model']}, {m['cpu_count']} CPUs"
+        if m.get("jax_backend", "cpu") == "cpu"
+        else f"JAX on {common.hardware(m)} (the numpy batch and SB3 run on that CPU)"
+    )
     lines = [
         "# FedPEAT-MEC environment throughput",
         "",
         f"{result['n_devices']} devices, model preset `{result['preset']}`, random policy, "
         f"synthetic perplexity table (throughput does not depend on it). "
-        f"Machine: {m['cpu_model']}, {m['cpu_count']} CPUs, {m['platform']}, jax {m['jax']}, numpy {m['numpy']}; "
+        f"Machine: {where}, {m['platform']}, jax {m['jax']}, numpy {m['numpy']}; "
         f"load average {m['loadavg_start']} at the start, {m['loadavg_end']} at the end"
         + (
             " (other jobs shared the machine: absolute numbers are lower than on an idle one; "
@@ -293,10 +301,16 @@ def main(argv=None):
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats (smoke run)")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument(
+        "--sizes",
+        type=lambda text: sorted({int(x) for x in text.split(",")}),
+        help="comma-separated batch sizes (envs), e.g. 1,64,8192,65536,262144 on an accelerator "
+        "(default: 1,8,64,512,2048,8192; --quick: 1,64,1024,8192)",
+    )
+    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     args = ap.parse_args(argv)
 
-    sizes = [1, 64, 1024, 8192] if args.quick else [1, 8, 64, 512, 2048, 8192]
+    sizes = args.sizes or ([1, 64, 1024, 8192] if args.quick else [1, 8, 64, 512, 2048, 8192])
     repeats = 3 if args.quick else args.repeats
     table = synthetic_table(GPT2Config.preset("default"))  # SYNTHETIC placeholder numbers
     overrides = dict(n_devices=args.devices)
@@ -353,12 +367,7 @@ def main(argv=None):
         sb3_envs=sb3_envs,
         repeats=repeats,
         machine=dict(
-            platform=platform.platform(),
-            python=sys.version.split()[0],
-            cpu_model=common._cpu_model(),
-            cpu_count=os.cpu_count(),
-            jax=jax.__version__,
-            jax_devices=[str(d) for d in jax.devices()],
+            **common.machine_info(),
             numpy=np.__version__,
             gymnax=getattr(gymnax, "__version__", "1.x"),
             loadavg_start=load_start,

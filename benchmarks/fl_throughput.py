@@ -2,6 +2,8 @@
 
     python -m benchmarks.fl_throughput                 # default + tiny foundation shapes (~15 min on 2 cores)
     python -m benchmarks.fl_throughput --quick         # fewer client counts and runs
+    FEDPEAT_RESULTS_DIR=benchmarks/results/h200 python -m benchmarks.fl_throughput --clients 1,8,64,256,1024
+                                                       # on a GPU (results beside the CPU ones)
 
 One round = m clients, each doing S local Adam steps of LoRA (r=8, on the adapter blocks) on a
 2-k-2 emulator of the foundation model, with a batch of b sequences of T tokens, then FedAvg.
@@ -13,7 +15,7 @@ The same round is run three ways, on identical work, in the same process:
   torch loop  one transformers GPT2LMHeadModel (the emulator) with a peft LoRA; for each client
               the global LoRA is loaded, a fresh Adam runs S steps, the LoRA is read back; then
               the mean: how PyTorch federated-LLM frameworks (OpenFedLLM, FederatedScope-LLM)
-              simulate.
+              simulate. On torch's CUDA device when it sees one (--torch-device).
 
 FLOPs per client step (frozen base: the backward pass computes activation gradients only):
   4 * N * tokens + 12 * L * T * d * tokens + LoRA (6 * r * sum(in + out) per token),
@@ -33,7 +35,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import compile_jax, machine_info, matmul_peak, median_time, write_json, write_markdown
+from benchmarks.common import (
+    compile_jax,
+    hardware,
+    machine_info,
+    matmul_peak,
+    median_time,
+    torch_device,
+    torch_sync,
+    write_json,
+    write_markdown,
+)
 from fedpeat_jax.config import FedConfig, GPT2Config, PeftConfig
 from fedpeat_jax.fed import aggregate
 from fedpeat_jax.fed.client import Hyper, local_update
@@ -136,8 +148,8 @@ def bench_jax_loop(sim: FedPEAT, params, data: FedData, runs: int) -> dict:
     return {"compile_s": compile_s, **median_time(round_, runs=runs, warmup=1)}
 
 
-def bench_torch_loop(params, cfg: GPT2Config, data: FedData, batch: int, runs: int) -> dict:
-    """A sequential PyTorch + peft round on the same emulator, batches and LoRA."""
+def bench_torch_loop(params, cfg: GPT2Config, data: FedData, batch: int, runs: int, device: str = "cpu") -> dict:
+    """A sequential PyTorch + peft round on the same emulator, batches and LoRA, on torch's `device`."""
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -160,10 +172,10 @@ def bench_torch_loop(params, cfg: GPT2Config, data: FedData, batch: int, runs: i
         layers_to_transform=list(spec.emulator_adapter_ids),
         lora_dropout=0.0,
     )
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora).to(device)
     model.train()
     global_lora = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
-    tokens = torch.as_tensor(np.asarray(data.tokens), dtype=torch.long)
+    tokens = torch.as_tensor(np.asarray(data.tokens), dtype=torch.long, device=device)
     m = tokens.shape[0]
 
     def round_():
@@ -171,7 +183,7 @@ def bench_torch_loop(params, cfg: GPT2Config, data: FedData, batch: int, runs: i
         for c in range(m):
             set_peft_model_state_dict(model, global_lora)
             opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-            order = torch.randperm(tokens.shape[1])
+            order = torch.randperm(tokens.shape[1], device=device)
             for s in range(LOCAL_STEPS):
                 ids = tokens[c, order[s * batch : (s + 1) * batch]]
                 opt.zero_grad(set_to_none=True)
@@ -180,14 +192,22 @@ def bench_torch_loop(params, cfg: GPT2Config, data: FedData, batch: int, runs: i
             uploads.append({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()})
         return {k: torch.stack([u[k] for u in uploads]).mean(0) for k in global_lora}
 
-    return median_time(round_, runs=runs, warmup=1, sync=lambda out: out)
+    return median_time(round_, runs=runs, warmup=1, sync=torch_sync(device))
 
 
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
 def run_case(
-    preset: str, counts: list, head_m: int, batch: int, seq: int, runs: int, peaks: dict, baselines: bool
+    preset: str,
+    counts: list,
+    head_m: int,
+    batch: int,
+    seq: int,
+    runs: int,
+    peaks: dict,
+    baselines: bool,
+    device: str = "cpu",
 ) -> dict:
     params, cfg, weights = foundation_params(preset)
     depth = 6
@@ -223,7 +243,7 @@ def run_case(
                 row["jax_loop_s"] = loop["median_s"]
                 row["speedup_vs_jax_loop"] = loop["median_s"] / vec["median_s"]
                 if dtype == "float32":
-                    torch_t = bench_torch_loop(params, cfg, data, batch, max(1, runs // 2))
+                    torch_t = bench_torch_loop(params, cfg, data, batch, max(1, runs // 2), device)
                     row["torch_loop_s"] = torch_t["median_s"]
                     row["speedup_vs_torch_loop"] = torch_t["median_s"] / vec["median_s"]
             rows.append(row)
@@ -249,18 +269,31 @@ def main(argv=None):
     parser.add_argument("--head-clients", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--clients",
+        type=lambda text: sorted({int(x) for x in text.split(",")}),
+        help="comma-separated clients per round for the float32 sweep (overrides --max-clients and --quick)",
+    )
+    parser.add_argument(
+        "--torch-device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the torch+peft baseline runs (auto: cuda when torch sees it)",
+    )
     args = parser.parse_args(argv)
     counts = [2**i for i in range(0, 11) if 2**i <= args.max_clients]
     if args.quick:
         counts = [c for c in counts if c in (1, 8, 64, 256)]
+    counts = args.clients or counts
+    device = torch_device(args.torch_device)
     peaks = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
     cases = []
     for preset in args.presets.split(","):
-        cases.append(run_case(preset, counts, args.head_clients, 2, 64, args.runs, peaks, baselines=True))
+        cases.append(run_case(preset, counts, args.head_clients, 2, 64, args.runs, peaks, True, device))
         # Large local batches: fewer clients, 16 sequences per step.
-        cases.append(run_case(preset, [16], 16, 16, 64, args.runs, peaks, baselines=True) | {"large_batch": True})
+        cases.append(run_case(preset, [16], 16, 16, 64, args.runs, peaks, True, device) | {"large_batch": True})
     result = {
-        "machine": machine_info(),
+        "machine": machine_info() | {"torch_device": device},
         "matmul_peak": peaks,
         "cases": cases,
         "lora_rank": RANK,
@@ -302,10 +335,10 @@ def main(argv=None):
         ],
         table,
         notes=[
-            f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable cores, jax {m['jax']}, torch {m['torch']}; load average at start {m['loadavg_1_5_15']}.",
-            f"Matmul peak in this run: float32 {peaks['float32']['flops_per_s'] / 1e9:.1f} GFLOP/s, bfloat16 {peaks['bfloat16']['flops_per_s'] / 1e9:.1f} GFLOP/s.",
+            f"Machine: {hardware(m)}, jax {m['jax']}, torch {m['torch']} (on {device}); load average at start {m['loadavg_1_5_15']}.",
+            f"Matmul peak in this run ({peaks['float32']['n']}^3, JAX): float32 {peaks['float32']['flops_per_s'] / 1e9:.1f} GFLOP/s, bfloat16 {peaks['bfloat16']['flops_per_s'] / 1e9:.1f} GFLOP/s.",
             f"Each client: {LOCAL_STEPS} local Adam steps of LoRA r={RANK} on the adapter blocks of a 2-2-2 emulator; FLOPs and MFU as in the script's docstring.",
-            "Speedups: the per-client loop's round time / the vectorized round time, same clients, data and steps, measured in this run (torch baseline in float32).",
+            f"Speedups: the per-client loop's round time / the vectorized round time, same clients, data and steps, measured in this run (torch baseline in float32, on {device}).",
             "peak MiB: XLA's compiled memory analysis (arguments + outputs + temporaries) of the round.",
         ],
     )

@@ -67,6 +67,7 @@ def machine_info() -> dict:
         "transformers": _version("transformers"),
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
+        "jax_device_kind": jax.devices()[0].device_kind,  # the accelerator's name, e.g. 'NVIDIA H200'
         "git_commit": _git_commit(),
     }
 
