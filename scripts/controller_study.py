@@ -8,14 +8,18 @@
    the comparison and what SABPPO learned (``controller_behaviour.png``).
 2. Builds the live environment (real FedPEAT rounds of the shipped foundation model on the Folio
    role clients, the server on public modern-spelling text) with ``--live-rounds`` rounds per
-   episode; runs a spread of simple rules (``COLLECTION_RULES``) for one live episode each on
-   their own seeds (100, 101, ...) and refits the surrogate's perplexity response to those rounds
-   (``mec.live_fit``); trains SABPPO on the refitted surrogate with the live environment's own
-   parameters, searches the best rule there and on the calibrated surrogate, and runs SABPPO and
-   the baselines for ``--live-seeds`` live episodes each (seeds 0, 1, ...; every policy from the
-   same start in an episode): ``benchmarks/results/live.{json,md,png}``.
+   episode; runs a spread of simple rules (``COLLECTION_RULES``) and the best rule on the calibrated
+   surrogate for one live episode each on their own seeds (100, 101, ...) and refits the
+   surrogate's perplexity response to those rounds (``mec.live_fit``); trains SABPPO on the
+   refitted surrogate with the live environment's own parameters; ``--live-iterations`` times runs
+   the trained controller and the best rule on that surrogate live on fresh seeds, adds both
+   episodes to the refit and trains again; then runs SABPPO and the baselines (the best rule on the
+   last refit and on the calibrated surrogate, greedy, all devices) for ``--live-seeds`` live
+   episodes each (seeds 0, 1, ...; every policy from the same start in an episode):
+   ``benchmarks/results/live.{json,md,png}``. Every live episode is cached in
+   ``runs/controller_study/live_collect.json``; a rerun pays only for new ones.
 
-    python scripts/controller_study.py              # about an hour on a 2-core CPU
+    python scripts/controller_study.py              # about 2.5 h on a 2-core CPU from an empty cache
     python scripts/controller_study.py --quick      # a smoke run (few steps, 2 live rounds), not for the results
 """
 
@@ -115,7 +119,8 @@ def controller_part(args, out: Path, runs: Path) -> dict:
 
 # (server, score, devices, level, bandwidth) of `rl.rules.Rule.of`; level 5: the largest that fits.
 # A spread of participation (1..10 devices), emulator levels and server use for the refit's data;
-# the channel-ranked few change from round to round (fresh small sets).
+# the channel-ranked few change from round to round (fresh small sets). The live part appends the best
+# rule on the calibrated surrogate.
 COLLECTION_RULES = (
     (0, "fastest", 6, 5, "equal"),
     (0, "channel", 3, 0, "equal"),
@@ -161,17 +166,37 @@ def compare_live(env, rounds: int, policies: dict, seed: int, path: Path) -> dic
     return out
 
 
-def collect_live(env, rounds: int, rules, path: Path) -> list:
-    """One live episode per rule on its own seed: the refit's first data."""
-    from fedpeat_jax.rl.rules import Rule, rule_policy
+def rule_episode(env, rounds: int, rule, seed: int, path: Path, desc: str) -> dict:
+    """One live episode of the fixed ``rule`` (an ``rl.rules.Rule``), kept under its fields."""
+    from fedpeat_jax.rl.rules import rule_policy
 
-    episodes = []
-    for i, fields in enumerate(rules):
-        rule = Rule.of(*fields)
-        policy = rule_policy(env, rule, rule.describe(int(env.n_levels)))
-        desc = f"collect {i + 1}/{len(rules)}"
-        episodes.append(live_episode(env, rounds, policy, COLLECTION_SEED0 + i, {"rule": fields}, path, desc))
-    return episodes
+    policy = rule_policy(env, rule, rule.describe(int(env.n_levels)))
+    return live_episode(env, rounds, policy, seed, {"rule": rule.fields()}, path, desc)
+
+
+def collect_live(env, rounds: int, rules, path: Path) -> list:
+    """One live episode per rule (``rl.rules.Rule``) on its own seed: the refit's first data."""
+    return [
+        rule_episode(env, rounds, rule, COLLECTION_SEED0 + i, path, f"collect {i + 1}/{len(rules)}")
+        for i, rule in enumerate(rules)
+    ]
+
+
+def _episode_step(episode: dict, refitted, ppl0: float) -> dict:
+    """An iteration's live episode: its seed, return, devices per round and how wrong the refit (not yet
+    fitted on it) was about its rounds."""
+    import numpy as np
+
+    from fedpeat_jax.mec import live_fit
+
+    records = episode["records"]
+    return {
+        "seed": episode["seed"],
+        "policy": episode["policy"],
+        "return": float(sum(r["reward"] for r in records)),
+        "devices_per_round": float(np.mean([r["devices"] for r in records])),
+        "refit_error": live_fit.error_summary(refitted, live_fit.transitions(records, ppl0)),
+    }
 
 
 def _surrogate_check(env, surrogates: dict, results: list) -> dict:
@@ -227,28 +252,34 @@ def _predicted_markdown(payload: dict) -> str:
 def _iterations_markdown(payload: dict) -> str:
     rows = [
         "",
-        "## Data aggregation: the controller's own live episodes added to the refit",
+        "## Data aggregation: the controller's and its best competitor's live episodes added to the refit",
         "",
-        "Each iteration refits the surrogate to every live episode so far, trains SABPPO on it, and (but the last) runs "
-        "the chosen controller live on a fresh seed and adds that episode. Refit error: predicted minus measured "
-        "perplexity on that episode, over the whole episode, before it was added.",
+        "Each iteration refits the surrogate to every live episode so far, trains SABPPO on it, searches the best rule "
+        "there, and (but the last) runs the chosen controller and that rule live, each on a fresh seed, and adds both "
+        "episodes. Refit error: predicted minus measured perplexity on that episode, over the whole episode, before "
+        "it was added.",
         "",
         "| iteration | episodes fitted | SABPPO on the surrogate (per seed) | best rule on the surrogate "
-        "| controller live: seed | return | devices / round | refit error: mean | RMS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| live: policy | seed | return | devices / round | refit error: mean | RMS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, step in enumerate(payload["iterations"]):
-        ep = step.get("controller_episode")
-        live_cells = (
-            f"{ep['seed']} | {ep['return']:.2f} | {ep['devices_per_round']:.2f} | "
-            f"{ep['refit_error']['episode']['mean_ppl_error']:+.2f} | {ep['refit_error']['episode']['rms_ppl_error']:.2f}"
-            if ep
-            else "- | - | - | - | -"
-        )
-        rows.append(
+        head = (
             f"| {i} | {step['episodes_fitted']} | {', '.join(f'{r:.2f}' for r in step['sabppo_on_surrogate'])} | "
-            f"{step['best_rule_on_surrogate']:.2f} | {live_cells} |"
+            f"{step['best_rule_on_surrogate']:.2f} |"
         )
+        played = [
+            (n, step[k]) for n, k in (("controller", "controller_episode"), ("best rule", "rule_episode")) if k in step
+        ]
+        for j, (name, ep) in enumerate(played or [("-", None)]):
+            err = ep and ep["refit_error"]["episode"]
+            cells = (
+                f" {name} | {ep['seed']} | {ep['return']:.2f} | {ep['devices_per_round']:.2f} | "
+                f"{err['mean_ppl_error']:+.2f} | {err['rms_ppl_error']:.2f} |"
+                if ep
+                else " - | - | - | - | - | - |"
+            )
+            rows.append((head if j == 0 else "| | | | |") + cells)
     return "\n".join(rows) + "\n"
 
 
@@ -291,12 +322,11 @@ def _refit_markdown(payload: dict) -> str:
 
 
 def live_part(args, out: Path, runs: Path) -> dict:
-    import numpy as np
-
     from fedpeat_jax.io.fingerprint import tree_digest
     from fedpeat_jax.mec import live, live_fit
     from fedpeat_jax.rl import live_eval
     from fedpeat_jax.rl.controller import ControllerConfig, load_policy, train_controller
+    from fedpeat_jax.rl.rules import Rule
     from fedpeat_jax.rl.sabppo import SABPPOConfig
 
     started = time.time()
@@ -304,7 +334,12 @@ def live_part(args, out: Path, runs: Path) -> dict:
     env = live.make_live_env(config=live.LiveConfig(), max_steps_in_episode=rounds)
     ppl0 = float(env.default_params.ppl0)
     calibrated = env.default_params.surrogate()
-    rules = COLLECTION_RULES[:2] if args.quick else COLLECTION_RULES
+    search = 16 if args.quick else 64
+    # the best rule on the calibrated surrogate (the previous study's best baseline) is collected too, so the
+    # refit sees rounds of the policy the controller must beat
+    calibrated_rule = live_eval.baselines(env, ("best_rule",), search_episodes=search)["best_rule"]
+    rules = [Rule.of(*fields) for fields in (COLLECTION_RULES[:2] if args.quick else COLLECTION_RULES)]
+    rules.append(calibrated_rule.params)
     cache = runs / "live_collect.json"
     kept = lambda: len(json.loads(cache.read_text())["episodes"]) if cache.is_file() else 0  # noqa: E731
     kept_before = kept()
@@ -317,9 +352,10 @@ def live_part(args, out: Path, runs: Path) -> dict:
         behaviour_episodes=0,
     )
     # Data aggregation (as in DAgger / model-based RL): refit on every live episode so far, train SABPPO on
-    # the refitted surrogate with the live parameters, run it live on a fresh collection seed and add that
-    # episode, so the refit sees the rounds the controller itself plays. Of the training seeds, the one with
-    # the best return on the surrogate's evaluation episodes is the controller (selected there, never live).
+    # the refitted surrogate with the live parameters, run it and the best rule found there live, each on a
+    # fresh collection seed, and add both episodes, so the refit sees the rounds of the controller and of its
+    # strongest competitor. Of the training seeds, the one with the best return on the surrogate's evaluation
+    # episodes is the controller (selected there, never live).
     iterations = []
     for it in range(args.live_iterations + 1):
         data = live_fit.concat([live_fit.transitions(e["records"], ppl0) for e in collected])
@@ -337,23 +373,28 @@ def live_part(args, out: Path, runs: Path) -> dict:
         iterations.append(step)
         if it == args.live_iterations:
             break
-        seed = COLLECTION_SEED0 + len(rules) + it
         identity = {"controller": tree_digest(policy.params)}
-        episode = live_episode(env, rounds, policy, seed, identity, cache, f"controller live, iteration {it + 1}")
-        own = live_fit.transitions(episode["records"], ppl0)  # how wrong the refit was on the controller's rounds
-        step["controller_episode"] = {
-            "seed": seed,
-            "return": float(sum(r["reward"] for r in episode["records"])),
-            "devices_per_round": float(np.mean([r["devices"] for r in episode["records"]])),
-            "refit_error": live_fit.error_summary(refitted, own),
-        }
-        collected.append(episode)
-    search = 16 if args.quick else 64
+        own = live_episode(
+            env,
+            rounds,
+            policy,
+            COLLECTION_SEED0 + len(collected),
+            identity,
+            cache,
+            f"controller live, iteration {it + 1}",
+        )
+        step["controller_episode"] = _episode_step(own, refitted, ppl0)
+        collected.append(own)
+        rule = Rule.of_fields(trained["best_rule"]["rule"])
+        desc = f"best rule live, iteration {it + 1}"
+        competitor = rule_episode(env, rounds, rule, COLLECTION_SEED0 + len(collected), cache, desc)
+        step["rule_episode"] = _episode_step(competitor, refitted, ppl0)
+        collected.append(competitor)
     policies = {
         "sabppo": policy,
         # the best rule on the refitted surrogate, and on the calibrated one (the previous study's best baseline)
         **live_eval.baselines(env, ("best_rule",), search_episodes=search, surrogate=refitted),
-        "best_rule_calibrated": live_eval.baselines(env, ("best_rule",), search_episodes=search)["best_rule"],
+        "best_rule_calibrated": calibrated_rule,
         **live_eval.baselines(env, ("greedy", "all_devices")),
     }
     if policies["best_rule_calibrated"].name == policies["best_rule"].name:  # the same rule: run it once
@@ -455,7 +496,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--live-iterations",
         type=int,
-        default=3,
+        default=2,
         help="data-aggregation iterations: the trained controller's own live episodes added to the refit, then retrained",
     )
     parser.add_argument(
