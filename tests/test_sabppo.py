@@ -306,14 +306,19 @@ def test_vmap_over_seeds_and_hyperparameters_equals_single_runs(trainer, jit_tra
     )
     keys = jnp.stack([jax.random.key(0), jax.random.key(7)])
     v_state, v_metrics = jax.jit(jax.vmap(trainer.train))(keys, hps)
+    # vmapped and single programs may sum in another order, and Adam magnifies that over the updates:
+    # 2.2e-4 at most measured on an AMD EPYC (1e-5 elsewhere); two different runs differ by far more
+    row = lambda i: jax.tree.map(lambda x: x[i], v_state.params)  # noqa: E731
+    assert _max_abs_diff(row(0), row(1)) > 0.05
     for i in range(2):
         state_i, metrics_i = jit_train(keys[i], jax.tree.map(lambda x: x[i], hps))
-        assert _max_abs_diff(jax.tree.map(lambda x: x[i], v_state.params), state_i.params) < 1e-5
-        np.testing.assert_allclose(v_metrics["episode_return"][i], metrics_i["episode_return"], rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(v_metrics["loss"][i], metrics_i["loss"], rtol=1e-4, atol=1e-5)
+        assert _max_abs_diff(row(i), state_i.params) < 1e-3
+        # such a difference can flip a sampled action: one update's mean return moved by 6.4e-3 there
+        np.testing.assert_allclose(v_metrics["episode_return"][i], metrics_i["episode_return"], rtol=2e-2, atol=1e-4)
+        np.testing.assert_allclose(v_metrics["loss"][i], metrics_i["loss"], rtol=2e-2, atol=1e-3)
     # row 0 is the default run of the module's fixture; row 1 really is another run
-    assert _max_abs_diff(jax.tree.map(lambda x: x[0], v_state.params), trained[0].params) < 1e-5
-    assert _max_abs_diff(jax.tree.map(lambda x: x[1], v_state.params), trained[0].params) > 1e-3
+    assert _max_abs_diff(row(0), trained[0].params) < 1e-3
+    assert _max_abs_diff(row(1), trained[0].params) > 0.05
     np.testing.assert_allclose(v_metrics["lr"][:, 0], [CONFIG.lr, 3e-4], rtol=1e-6)
 
 
