@@ -41,6 +41,16 @@ def hardware(info: dict) -> str:
     return f"{n} x {kind} (jax backend {info['jax_backend']}); host CPU {cpu}"
 
 
+def add_torch_device_argument(parser, what: str) -> None:
+    """The scripts' ``--torch-device`` option: where ``what`` (their torch baseline) runs."""
+    parser.add_argument(
+        "--torch-device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help=f"where {what} runs (auto: cuda when torch sees it)",
+    )
+
+
 def torch_device(choice: str = "auto") -> str:
     """'cuda' when asked, or for 'auto' when torch sees a CUDA device; else 'cpu'."""
     import torch
@@ -248,6 +258,7 @@ __all__ = [
     "under_load",
     "hardware",
     "machine_info",
+    "add_torch_device_argument",
     "torch_device",
     "torch_sync",
     "default_matmul_n",

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import (
+    add_torch_device_argument,
     compile_jax,
     hardware,
     machine_info,
@@ -274,12 +275,7 @@ def main(argv=None):
         type=lambda text: sorted({int(x) for x in text.split(",")}),
         help="comma-separated clients per round for the float32 sweep (overrides --max-clients and --quick)",
     )
-    parser.add_argument(
-        "--torch-device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where the torch+peft baseline runs (auto: cuda when torch sees it)",
-    )
+    add_torch_device_argument(parser, "the torch+peft baseline")
     args = parser.parse_args(argv)
     counts = [2**i for i in range(0, 11) if 2**i <= args.max_clients]
     if args.quick:

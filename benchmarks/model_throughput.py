@@ -40,6 +40,7 @@ import numpy as np
 
 from benchmarks.common import (
     RESULTS_DIR,
+    add_torch_device_argument,
     best_peaks,
     compile_jax,
     default_matmul_n,
@@ -210,12 +211,7 @@ def main(argv=None):
     parser.add_argument(
         "--batch-mult", type=int, default=1, help="multiply every case's batch (larger batches for accelerators)"
     )
-    parser.add_argument(
-        "--torch-device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where the torch model runs (auto: cuda when torch sees it)",
-    )
+    add_torch_device_argument(parser, "the torch model")
     args = parser.parse_args(argv)
     args.matmul_n = args.matmul_n or default_matmul_n()
 
