@@ -6,6 +6,8 @@
 * :mod:`.sabppo`     ``SABPPOConfig``, ``make_trainer`` / ``make_train`` (pure, jittable, vmappable
                      over seeds and ``HParams``), GAE, PPO losses
 * :mod:`.rules`      simple fixed rules and ``search_rules``, the search for the best of them
+* :mod:`.imitation`  behaviour cloning of a teacher policy (``teacher_data``, ``clone``): SABPPO's
+                     warm start from the best rule (``ControllerConfig.warm_start``)
 * :mod:`.baselines`  random / server-only / all-devices / greedy policies, ``sabppo_policy`` and the
                      jitted ``evaluate`` for any policy
 * :mod:`.controller` ``train_controller``: chunked training with checkpoints, TensorBoard logs,

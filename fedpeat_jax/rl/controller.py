@@ -38,6 +38,7 @@ import numpy as np
 
 from fedpeat_jax.config import Config
 from fedpeat_jax.io.checkpoint import CheckpointManager
+from fedpeat_jax.io.files import write_json_atomic
 from fedpeat_jax.io.fingerprint import fingerprint as settings_fingerprint
 from fedpeat_jax.io.fingerprint import tree_digest
 from fedpeat_jax.io.logging import RunLogger, read_metrics
@@ -49,6 +50,8 @@ from fedpeat_jax.rl.rules import Rule, rule_policy, search_rules
 from fedpeat_jax.rl.sabppo import SABPPOConfig, Trainer, make_trainer, stack_hparams
 
 CONFIG_FILE = "controller.json"
+WARM_START_FILE = "warm_start.json"
+WARM_STARTS = ("none", "best_rule")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,10 @@ class ControllerConfig(Config):
     rule_search_episodes: int = 64  # episodes per rule when searching the best simple fixed rule (0: no search)
     rule_finalists: int = 8  # best rules re-run on eval_episodes fresh episodes before the best is chosen
     behaviour_episodes: int = 64  # episodes behind behaviour.png (0: no plot)
+    warm_start: str = "none"
+    """'none': PPO from a random network; 'best_rule': behaviour-clone the searched best rule first (rl.imitation)."""
+    clone_episodes: int = 512  # the teacher's episodes cloned (warm_start only)
+    clone_epochs: int = 20  # passes of the cloning fit over them
     deterministic_eval: bool = True  # evaluate SABPPO by its most likely action per branch
     keep_checkpoints: int = 2
     """Checkpoints kept in `out/checkpoints`."""
@@ -80,6 +87,16 @@ class ControllerConfig(Config):
                 raise ValueError(f"ControllerConfig.{name} must be an integer >= 0, got {v!r}")
         if not (isinstance(self.rule_finalists, (int, np.integer)) and self.rule_finalists >= 1):
             raise ValueError(f"ControllerConfig.rule_finalists must be an integer >= 1, got {self.rule_finalists!r}")
+        if self.warm_start not in WARM_STARTS:
+            raise ValueError(f"ControllerConfig.warm_start must be one of {WARM_STARTS}, got {self.warm_start!r}")
+        if self.warm_start == "best_rule" and not self.rule_search_episodes:
+            raise ValueError(
+                "ControllerConfig.warm_start 'best_rule' needs ControllerConfig.rule_search_episodes >= 1 (the rule to clone)"
+            )
+        for name in ("clone_episodes", "clone_epochs"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"ControllerConfig.{name} must be an integer >= 1, got {v!r}")
 
 
 # =============================================================================================
@@ -94,9 +111,18 @@ def _env_for(env_params, env=None):
 
 
 def _fingerprint(config: SABPPOConfig, controller: ControllerConfig, env_params) -> str:
-    return settings_fingerprint(
-        {"sabppo": config, "seeds": controller.seeds, "seed": controller.seed, "env_params": tree_digest(env_params)}
-    )
+    settings = {
+        "sabppo": config,
+        "seeds": controller.seeds,
+        "seed": controller.seed,
+        "env_params": tree_digest(env_params),
+    }
+    if controller.warm_start != "none":  # what the start was cloned from (absent: runs from before warm starts resume)
+        settings["warm_start"] = {
+            k: getattr(controller, k)
+            for k in ("warm_start", "clone_episodes", "clone_epochs", "rule_search_episodes", "rule_finalists")
+        } | {"rule_seed": controller.eval_seed + 1, "rule_final_episodes": controller.eval_episodes}
+    return settings_fingerprint(settings)
 
 
 def init_runs(trainer: Trainer, keys, hparams):
@@ -107,6 +133,32 @@ def init_runs(trainer: Trainer, keys, hparams):
 def _init_states(trainer: Trainer, controller: ControllerConfig):
     keys = jax.random.split(jax.random.key(controller.seed), controller.seeds)
     return init_runs(trainer, keys, stack_hparams([trainer.default_hparams()] * controller.seeds))
+
+
+def _warm_start(trainer: Trainer, states, env, env_params, controller: ControllerConfig, rule: dict):
+    """The fresh ``states`` of every seed with their networks cloned from ``rule``'s policy (rl.imitation)."""
+    from fedpeat_jax.rl import imitation
+
+    gamma = float(np.asarray(trainer.default_hparams().gamma))
+    data = imitation.teacher_data(
+        rule["policy"],
+        env,
+        env_params,
+        controller.clone_episodes,
+        trainer.config.num_steps,
+        gamma,
+        jax.random.key(controller.seed + 1),
+    )
+    cloned = jax.jit(jax.vmap(partial(imitation.clone, trainer, epochs=controller.clone_epochs), in_axes=(0, None)))(
+        states, data
+    )
+    agreement = jax.vmap(partial(imitation.action_agreement, trainer), in_axes=(0, None))(cloned, data)
+    report = {
+        "teacher": rule["description"],
+        "rounds": int(data.obs.shape[0]),
+        "action_agreement": np.asarray(agreement).tolist(),  # per seed, of the teacher's rounds
+    }
+    return cloned, report
 
 
 def select_run(tree, i: int):
@@ -171,8 +223,12 @@ def train_controller(
         manager.close()
         raise
     resumed = resumed_at is not None
+    rule = search_best_rule(env, env_params, controller) if controller.warm_start == "best_rule" else None
     if not resumed:
         state = _init_states(trainer, controller)
+        if rule is not None:
+            state, report = _warm_start(trainer, state, env, env_params, controller, rule)
+            write_json_atomic(out / WARM_START_FILE, report)
     (out / CONFIG_FILE).write_text(
         json.dumps(
             {
@@ -233,7 +289,9 @@ def train_controller(
     if done < total:  # interrupted on purpose: no evaluation yet
         return {"run_dir": str(out), "updates": done, "total_updates": total, "finished": False}
 
-    summary = evaluate_controller(trainer, state, env, env_params, controller)
+    summary = evaluate_controller(trainer, state, env, env_params, controller, rule=rule)
+    if rule is not None:
+        summary["warm_start"] = json.loads((out / WARM_START_FILE).read_text())
     summary.update(
         {
             "run_dir": str(out),
@@ -268,8 +326,11 @@ def train_controller(
 # =============================================================================================
 # Evaluation against the baselines
 # =============================================================================================
-def evaluate_controller(trainer: Trainer, states, env, env_params, controller: ControllerConfig) -> dict:
-    """Evaluate every seed's SABPPO policy and every baseline on the same episodes (same draws)."""
+def evaluate_controller(
+    trainer: Trainer, states, env, env_params, controller: ControllerConfig, rule: Optional[dict] = None
+) -> dict:
+    """Evaluate every seed's SABPPO policy and every baseline on the same episodes (same draws);
+    ``rule``: the result of :func:`search_best_rule` when it was already run (else it runs here)."""
     n_seeds = int(np.shape(np.asarray(states.update))[0])
     kw = dict(env=env, env_params=env_params, episodes=controller.eval_episodes, rng=controller.eval_seed)
     per_seed = []
@@ -294,7 +355,7 @@ def evaluate_controller(trainer: Trainer, states, env, env_params, controller: C
         "data_fraction_mean",
     ):
         sabppo[name] = float(np.mean([r[name] for r in per_seed]))
-    base, rule = evaluate_baselines(env, env_params, controller)
+    base, rule = evaluate_baselines(env, env_params, controller, rule)
     best_name = max(base, key=lambda k: base[k]["return_mean"])
     return {
         "sabppo": sabppo,
@@ -314,20 +375,28 @@ def evaluate_controller(trainer: Trainer, states, env, env_params, controller: C
     }
 
 
-def evaluate_baselines(env, env_params, controller: ControllerConfig) -> tuple:
+def search_best_rule(env, env_params, controller: ControllerConfig) -> Optional[dict]:
+    """``rules.search_rules`` with the controller's settings, on its own draws (not the evaluation's);
+    None when ``rule_search_episodes`` is 0."""
+    if not controller.rule_search_episodes:
+        return None
+    return search_rules(
+        env,
+        env_params,
+        episodes=controller.rule_search_episodes,
+        finalists=controller.rule_finalists,
+        final_episodes=controller.eval_episodes,
+        rng=controller.eval_seed + 1,
+    )
+
+
+def evaluate_baselines(env, env_params, controller: ControllerConfig, rule: Optional[dict] = None) -> tuple:
     """({name: evaluation} of every baseline on the evaluation's episodes, the searched best rule
-    or None): random, server-only, all-devices, greedy, and the best simple fixed rule."""
+    or None): random, server-only, all-devices, greedy, and the best simple fixed rule (``rule``, the
+    result of :func:`search_best_rule`, searched here when not given)."""
     policies = B.baseline_policies(env, controller.greedy_devices or None)
-    rule = None
-    if controller.rule_search_episodes:  # the search runs on its own draws, not on the evaluation's
-        rule = search_rules(
-            env,
-            env_params,
-            episodes=controller.rule_search_episodes,
-            finalists=controller.rule_finalists,
-            final_episodes=controller.eval_episodes,
-            rng=controller.eval_seed + 1,
-        )
+    rule = search_best_rule(env, env_params, controller) if rule is None else rule
+    if rule is not None:
         policies["best_rule"] = rule["policy"]
     kw = dict(env=env, env_params=env_params, episodes=controller.eval_episodes, rng=controller.eval_seed)
     return {name: B.evaluate(p, **kw) for name, p in policies.items()}, rule
