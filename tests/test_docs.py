@@ -1,5 +1,6 @@
 """The documentation cannot drift: docs/config.md is what scripts/config_reference.py writes from
-the code, and every relative link in docs/*.md and README.md points to an existing file (and,
+the code, the README's results blocks are what scripts/update_readme.py copies from
+benchmarks/results, and every relative link in docs/*.md and README.md points to an existing file (and,
 inside docs/, to an existing heading). Fast: no compilation."""
 
 import os
@@ -34,6 +35,30 @@ def _slug(heading: str) -> str:
 def _anchors(path: Path) -> set:
     text = re.sub(r"^(```|~~~).*?^\1", "", path.read_text(), flags=re.M | re.S)
     return {_slug(m.group(1)) for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, re.M)}
+
+
+def test_readme_results_blocks_are_the_results_files():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "update_readme.py"), "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_readme_excerpt_stops_at_the_marker(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from scripts import update_readme
+
+    (tmp_path / "long.md").write_text(
+        f"# Title\n\n| a |\n|---|\n| 1 |\n\n{update_readme.README_EXCERPT_END}\n\n## Details\nmore\n"
+    )
+    monkeypatch.setattr(update_readme, "RESULTS", tmp_path)
+    text = update_readme.section("long")
+    assert "| 1 |" in text and "Details" not in text and "which has the details" in text
+    assert "Not measured yet" in update_readme.section("missing")
 
 
 def test_config_reference_is_up_to_date():

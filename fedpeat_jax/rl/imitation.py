@@ -12,9 +12,10 @@ improvement on it, not a search from scratch:
 round's observation, action and discounted return to go; ``clone`` sets the state's observation
 normalizer to those observations and fits the network by Adam: the actor to the teacher's actions
 (cross-entropy, the sum over branches of -log pi), the critic to the returns (so PPO's first
-advantages are not the noise of a random critic). The optimizer state is the fresh one of ``state``:
-PPO starts its own Adam moments. Both are pure functions of their arguments (vmap ``clone`` over
-seeds' states with ``in_axes=(None, 0, None)``).
+advantages are not the noise of a random critic; not with ``normalize_reward``, whose scaled
+targets PPO learns itself). The optimizer state is the fresh one of ``state``: PPO starts its own
+Adam moments. Both are pure functions of their arguments; over seeds' stacked states,
+``jax.vmap(partial(clone, trainer), in_axes=(0, None))(states, data)`` (as ``train_controller`` does).
 """
 
 from __future__ import annotations
@@ -88,23 +89,24 @@ def clone(trainer, state, data: TeacherData, epochs: int = 20, minibatch_size: i
     minibatch_size = min(int(minibatch_size), size)
     batches = size // minibatch_size
     opt = optax.adam(lr)
+    # the critic learns raw returns; with reward scaling PPO's targets are scaled ones, so it is left to PPO
+    value_weight = 0.0 if cfg.normalize_reward else state.hparams.vf_coef
 
     def loss_fn(params, mb_obs, mb_action, mb_returns):
         logits, value = trainer.network.apply(params, mb_obs)
         nll = -jnp.mean(branch_softmax(logits, trainer.nvec).joint_log_prob(mb_action))
-        return nll + state.hparams.vf_coef * 0.5 * jnp.mean(jnp.square(value - mb_returns)), nll
+        return nll + value_weight * 0.5 * jnp.mean(jnp.square(value - mb_returns))
 
     def epoch(carry, key):
         perm = cpu_tricks.permutation(key, size)[: batches * minibatch_size].reshape(batches, minibatch_size)
 
         def minibatch(carry, idx):
             params, opt_state = carry
-            grads, nll = jax.grad(loss_fn, has_aux=True)(params, obs[idx], data.action[idx], data.returns[idx])
+            grads = jax.grad(loss_fn)(params, obs[idx], data.action[idx], data.returns[idx])
             updates, opt_state = opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), nll
+            return (optax.apply_updates(params, updates), opt_state), None
 
-        carry, nll = jax.lax.scan(minibatch, carry, perm)
-        return carry, jnp.mean(nll)
+        return jax.lax.scan(minibatch, carry, perm)[0], None
 
     rng, key = jax.random.split(state.rng)
     (params, _), _ = jax.lax.scan(epoch, (state.params, opt.init(state.params)), jax.random.split(key, int(epochs)))
