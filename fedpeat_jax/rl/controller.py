@@ -6,11 +6,15 @@ TensorBoard logs, evaluation against the baselines, and learning-curve / compari
     summary = train_controller(SABPPOConfig(total_timesteps=2_000_000), env_params, "runs/ctl",
                                controller=ControllerConfig(seeds=5))
 
+``ControllerConfig(warm_start="best_rule")`` starts every seed from a behaviour clone of the searched
+best rule (:mod:`fedpeat_jax.rl.imitation`) instead of a random network, so PPO improves on the rule.
+
 Layout of ``out_dir``:
 
     controller.json     the SABPPO and controller configs (``load_policy`` rebuilds the agent from it)
     checkpoints/<N>/    TrainState of all seeds after N updates (atomic; the newest two are kept)
     logs/               TensorBoard events and metrics.jsonl (one record per update, step = env steps)
+    warm_start.json     with warm_start="best_rule": the cloned rule and how well each seed's start matches it
     summary.json        evaluation of SABPPO (every seed) and of every baseline on the same episodes
     learning_curve.png  episode return vs environment steps (each seed, their mean, baseline levels)
     comparison.png      mean return of SABPPO and the baselines
@@ -27,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,9 +46,9 @@ from fedpeat_jax.io.fingerprint import fingerprint as settings_fingerprint
 from fedpeat_jax.io.fingerprint import tree_digest
 from fedpeat_jax.io.logging import RunLogger, read_metrics
 from fedpeat_jax.io.loop import restore_latest, run_chunks
-from fedpeat_jax.io.plots import pyplot
 from fedpeat_jax.rl import baselines as B
 from fedpeat_jax.rl import sabppo
+from fedpeat_jax.rl.plots import plot_comparison, plot_learning_curve
 from fedpeat_jax.rl.rules import Rule, rule_policy, search_rules
 from fedpeat_jax.rl.sabppo import SABPPOConfig, Trainer, make_trainer, stack_hparams
 
@@ -290,7 +293,7 @@ def train_controller(
         return {"run_dir": str(out), "updates": done, "total_updates": total, "finished": False}
 
     summary = evaluate_controller(trainer, state, env, env_params, controller, rule=rule)
-    if rule is not None:
+    if rule is not None and (out / WARM_START_FILE).is_file():
         summary["warm_start"] = json.loads((out / WARM_START_FILE).read_text())
     summary.update(
         {
@@ -400,66 +403,6 @@ def evaluate_baselines(env, env_params, controller: ControllerConfig, rule: Opti
         policies["best_rule"] = rule["policy"]
     kw = dict(env=env, env_params=env_params, episodes=controller.eval_episodes, rng=controller.eval_seed)
     return {name: B.evaluate(p, **kw) for name, p in policies.items()}, rule
-
-
-# =============================================================================================
-# Plots
-# =============================================================================================
-def plot_learning_curve(history: list, summary: Optional[dict], path, seeds: int = 1):
-    """Training episode return vs env steps (mean over seeds, each seed faint), baselines dashed."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    steps = np.array([h["step"] for h in history])
-    for j in range(seeds if seeds > 1 else 0):
-        y = np.array([h.get(f"train/seed{j}/episode_return", np.nan) for h in history])
-        ax.plot(steps, y, lw=0.7, alpha=0.35, color="C0")
-    y = np.array([h.get("train/episode_return", np.nan) for h in history])
-    ok = np.isfinite(y)
-    ax.plot(
-        steps[ok], y[ok], lw=1.8, color="C0", label=f"SABPPO (training, mean of {seeds} seed{'s' if seeds > 1 else ''})"
-    )
-    if summary is not None:
-        for c, (name, b) in enumerate(summary["baselines"].items(), start=1):
-            ax.axhline(b["return_mean"], ls="--", lw=1.0, color=f"C{c}", label=f"{name} ({b['return_mean']:.1f})")
-    ax.set_xlabel("environment steps (per seed)")
-    ax.set_ylabel("episode return")
-    ax.set_title("SABPPO learning curve")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_comparison(summary: dict, path):
-    """Bar chart: mean episode return of SABPPO (error bar: std across seeds) and each baseline
-    (error bar: standard error over episodes)."""
-    plt = pyplot()
-    names = ["SABPPO"] + list(summary["baselines"])
-    means = [summary["sabppo"]["return_mean"]] + [b["return_mean"] for b in summary["baselines"].values()]
-    errs = [summary["sabppo"]["return_std_across_seeds"]] + [
-        b["return_std"] / math.sqrt(max(b["episodes"], 1)) for b in summary["baselines"].values()
-    ]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    bars = ax.bar(names, means, yerr=errs, capsize=4, color=["C0"] + [f"C{i}" for i in range(1, len(names))])
-    for bar, m in zip(bars, means):
-        ax.annotate(
-            f"{m:.1f}",
-            (bar.get_x() + bar.get_width() / 2, m),
-            ha="center",
-            va="top" if m < 0 else "bottom",
-            fontsize=8,
-            xytext=(0, -3 if m < 0 else 3),
-            textcoords="offset points",
-        )
-    ax.set_ylabel("mean episode return (higher is better)")
-    ax.set_title(f"SABPPO vs baselines ({summary['eval_episodes']} evaluation episodes each)")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
 
 
 # =============================================================================================
