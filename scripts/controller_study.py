@@ -11,7 +11,8 @@
    episode; runs a spread of simple rules (``COLLECTION_RULES``) and the best rule on the calibrated
    surrogate for one live episode each on their own seeds (100, 101, ...) and refits the
    surrogate's perplexity response to those rounds (``mec.live_fit``); trains SABPPO on the
-   refitted surrogate with the live environment's own parameters; ``--live-iterations`` times runs
+   refitted surrogate with the live environment's own parameters, from a behaviour clone of the
+   best rule there (``--live-warm-start``, ``rl.imitation``); ``--live-iterations`` times runs
    the trained controller and the best rule on that surrogate live on fresh seeds, adds both
    episodes to the refit and trains again; then runs SABPPO and the baselines (the best rule on the
    last refit and on the calibrated surrogate, greedy, all devices) for ``--live-seeds`` live
@@ -19,7 +20,7 @@
    ``benchmarks/results/live.{json,md,png}``. Every live episode is cached in
    ``runs/controller_study/live_collect.json``; a rerun pays only for new ones.
 
-    python scripts/controller_study.py              # about 2.5 h on a 2-core CPU from an empty cache
+    python scripts/controller_study.py              # about 3 h on a 2-core CPU from an empty cache
     python scripts/controller_study.py --quick      # a smoke run (few steps, 2 live rounds), not for the results
 """
 
@@ -29,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_info  # noqa: E402
+from scripts.update_readme import README_EXCERPT_END  # noqa: E402
 
 
 def _table(summary: dict) -> list:
@@ -254,8 +257,9 @@ def _iterations_markdown(payload: dict) -> str:
         "",
         "## Data aggregation: the controller's and its best competitor's live episodes added to the refit",
         "",
-        "Each iteration refits the surrogate to every live episode so far, trains SABPPO on it, searches the best rule "
-        "there, and (but the last) runs the chosen controller and that rule live, each on a fresh seed, and adds both "
+        "Each iteration refits the surrogate to every live episode so far, searches the best rule there, trains SABPPO "
+        f"on it ({'from a clone of that rule' if payload['iterations'][0]['warm_start'] else 'from scratch'}), and (but "
+        "the last) runs the chosen controller and that rule live, each on a fresh seed, and adds both "
         "episodes. Refit error: predicted minus measured perplexity on that episode, over the whole episode, before "
         "it was added.",
         "",
@@ -344,12 +348,14 @@ def live_part(args, out: Path, runs: Path) -> dict:
     kept = lambda: len(json.loads(cache.read_text())["episodes"]) if cache.is_file() else 0  # noqa: E731
     kept_before = kept()
     collected = collect_live(env, rounds, rules, cache)
-    config = SABPPOConfig(total_timesteps=64 * 50 * 4 if args.quick else 2_000_000, num_steps=rounds)
+    config = SABPPOConfig(total_timesteps=64 * 50 * 4 if args.quick else args.live_steps, num_steps=rounds)
     controller = ControllerConfig(
         seeds=args.live_train_seeds,
         eval_episodes=64 if args.quick else 256,
         rule_search_episodes=8 if args.quick else 64,
         behaviour_episodes=0,
+        warm_start=args.live_warm_start,
+        clone_episodes=64 if args.quick else ControllerConfig.clone_episodes,
     )
     # Data aggregation (as in DAgger / model-based RL): refit on every live episode so far, train SABPPO on
     # the refitted surrogate with the live parameters, run it and the best rule found there live, each on a
@@ -369,6 +375,7 @@ def live_part(args, out: Path, runs: Path) -> dict:
             "episodes_fitted": len(collected),
             "sabppo_on_surrogate": surrogate_returns,
             "best_rule_on_surrogate": float(trained["baselines"]["best_rule"]["return_mean"]),
+            "warm_start": trained.get("warm_start"),
         }
         iterations.append(step)
         if it == args.live_iterations:
@@ -411,6 +418,9 @@ def live_part(args, out: Path, runs: Path) -> dict:
         all(ret["sabppo"] > r for n, r in ret.items() if n != "sabppo")
         for ret in ({name: v[i] for name, v in per_episode.items()} for i in range(len(results)))
     ]
+    # SABPPO minus the best baseline, episode by episode (the same start): how sure the mean's sign is
+    gaps = [a - b for a, b in zip(per_episode["sabppo"], per_episode[best_baseline])]
+    gap_se = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
     payload = {
         "live_config": dataclasses.asdict(live.LiveConfig()),
         "ppl0": ppl0,
@@ -418,6 +428,7 @@ def live_part(args, out: Path, runs: Path) -> dict:
         "rounds": rounds,
         "seeds": list(range(args.live_seeds)),
         "sabppo_env_steps": config.total_timesteps,
+        "warm_start": args.live_warm_start,
         "collection": [{"policy": e["policy"], "seed": e["seed"]} for e in collected],
         "iterations": iterations,
         "refit": fit_report,
@@ -435,6 +446,7 @@ def live_part(args, out: Path, runs: Path) -> dict:
         "best_baseline": best_baseline,
         "sabppo_beats_every_baseline": all(returns["sabppo"] > r for n, r in returns.items() if n != "sabppo"),
         "episodes_sabppo_beats_every_baseline": int(sum(wins)),
+        "gap_to_best_baseline": {"per_episode": gaps, "mean": statistics.fmean(gaps), "standard_error": gap_se},
         "seconds": round(seconds, 1),
         "live_episodes": {"used": used, "ran_in_this_call": ran},
         "machine": machine_info(),
@@ -444,9 +456,7 @@ def live_part(args, out: Path, runs: Path) -> dict:
     (out / "live.json").write_text(json.dumps(payload, indent=1, default=str))
     for seed, result in enumerate(results):
         live_eval.plot(result, out / ("live.png" if seed == 0 else f"live_seed{seed}.png"))
-    md = f"# Live FedPEAT rounds: SABPPO and the baselines over {len(results)} episodes\n\n" + "\n".join(
-        live_eval.to_markdown(result, ppl0).replace("# Live", "## Live", 1) for result in results
-    )
+    md = f"# Live FedPEAT rounds: SABPPO and the baselines over {len(results)} episodes\n"
     md += (
         f"\n## Mean over the {len(results)} episodes\n\n| policy | mean return | per episode |\n|---|---|---|\n"
         + "".join(f"| {n} | {returns[n]:.2f} | {', '.join(f'{r:.2f}' for r in v)} |\n" for n, v in per_episode.items())
@@ -455,8 +465,17 @@ def live_part(args, out: Path, runs: Path) -> dict:
         f"\n{len(results)} live episodes (seeds {payload['seeds']}) of {rounds} real FedPEAT rounds per policy, each "
         f"policy from the same start in an episode (the same devices and channel draws). SABPPO beats every baseline in "
         f"mean measured return: **{payload['sabppo_beats_every_baseline']}** (best baseline: {best_baseline}); in "
-        f"{payload['episodes_sabppo_beats_every_baseline']} of {len(results)} episodes on their own. SABPPO was trained for "
-        f"{config.total_timesteps:,} steps per training seed on the last refitted surrogate (below: "
+        f"{payload['episodes_sabppo_beats_every_baseline']} of {len(results)} episodes on their own. SABPPO minus "
+        f"{best_baseline}, episode by episode: {', '.join(f'{g:+.2f}' for g in gaps)}; mean {statistics.fmean(gaps):+.2f}, "
+        f"standard error {gap_se:.2f}. SABPPO was "
+        + (
+            f"cloned from the best rule on the last refitted surrogate (action agreement "
+            f"{', '.join(f'{a:.3f}' for a in iterations[-1]['warm_start']['action_agreement'])} per training seed, "
+            f"`rl.imitation`), then trained for "
+            if iterations[-1]["warm_start"]
+            else "trained from scratch for "
+        )
+        + f"{config.total_timesteps:,} PPO steps per training seed on the last refitted surrogate (below: "
         f"{len(iterations) - 1} data-aggregation iterations) with the live environment's "
         f"parameters ({rounds}-round episodes, LiveConfig defaults: {env.n_devices} devices = Folio role clients, the "
         f"server on public modern-spelling text, the shipped foundation model, the participation drift on). best_rule "
@@ -472,7 +491,9 @@ def live_part(args, out: Path, runs: Path) -> dict:
         f"{payload['machine']['cpu_model']}, load average at the end {payload['machine']['loadavg_1_5_15']}. Plots: "
         f"`live.png` (seed 0)" + "".join(f", `live_seed{i}.png`" for i in range(1, len(results))) + ".\n"
     )
-    md += _predicted_markdown(payload) + _iterations_markdown(payload) + _refit_markdown(payload)
+    md += _predicted_markdown(payload) + _iterations_markdown(payload) + f"\n{README_EXCERPT_END}\n\n"
+    md += "\n".join(live_eval.to_markdown(result, ppl0).replace("# Live", "## Live", 1) for result in results)
+    md += _refit_markdown(payload)
     (out / "live.md").write_text(md)
     print(md)
     return payload
@@ -485,7 +506,7 @@ def main(argv=None) -> int:
         "--live-rounds", type=int, default=20, help="rounds of the live episodes (the live env's episode length)"
     )
     parser.add_argument(
-        "--live-seeds", type=int, default=2, help="live episodes (seeds 0..N-1) per policy; the mean return decides"
+        "--live-seeds", type=int, default=6, help="live episodes (seeds 0..N-1) per policy; the mean return decides"
     )
     parser.add_argument(
         "--live-train-seeds",
@@ -498,6 +519,15 @@ def main(argv=None) -> int:
         type=int,
         default=2,
         help="data-aggregation iterations: the trained controller's own live episodes added to the refit, then retrained",
+    )
+    parser.add_argument(
+        "--live-steps", type=int, default=1_000_000, help="SABPPO env steps per training seed on the live surrogate"
+    )
+    parser.add_argument(
+        "--live-warm-start",
+        choices=("best_rule", "none"),
+        default="best_rule",
+        help="start SABPPO on the live surrogate from a clone of the best rule there (rl.imitation), or from scratch",
     )
     parser.add_argument(
         "--quick", action="store_true", help="tiny training budgets (smoke run; do not commit its results)"
