@@ -456,10 +456,19 @@ def live_part(args, out: Path, runs: Path) -> dict:
     (out / "live.json").write_text(json.dumps(payload, indent=1, default=str))
     for seed, result in enumerate(results):
         live_eval.plot(result, out / ("live.png" if seed == 0 else f"live_seed{seed}.png"))
+
+    def mean_of(name: str, key: str) -> float:  # a policy's live_eval.summarize entry, averaged over the episodes
+        return statistics.fmean(r["policies"][name]["summary"][key] for r in results)
+
     md = f"# Live FedPEAT rounds: SABPPO and the baselines over {len(results)} episodes\n"
     md += (
-        f"\n## Mean over the {len(results)} episodes\n\n| policy | mean return | per episode |\n|---|---|---|\n"
-        + "".join(f"| {n} | {returns[n]:.2f} | {', '.join(f'{r:.2f}' for r in v)} |\n" for n, v in per_episode.items())
+        f"\n## Mean over the {len(results)} episodes\n\n| policy | mean return | per episode | final perplexity (real) "
+        "| mean perplexity (real) | mean round latency (s) | stragglers per episode |\n|---|---|---|---|---|---|---|\n"
+        + "".join(
+            f"| {n} | {returns[n]:.2f} | {', '.join(f'{r:.2f}' for r in v)} | {mean_of(n, 'final_perplexity'):.1f} | "
+            f"{mean_of(n, 'mean_perplexity'):.1f} | {mean_of(n, 'mean_latency_s'):.3f} | {mean_of(n, 'stragglers'):.1f} |\n"
+            for n, v in per_episode.items()
+        )
     )
     md += (
         f"\n{len(results)} live episodes (seeds {payload['seeds']}) of {rounds} real FedPEAT rounds per policy, each "
