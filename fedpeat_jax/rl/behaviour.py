@@ -9,8 +9,6 @@ and round-by-round curves; ``plot`` draws them for several policies side by side
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,44 +16,30 @@ import numpy as np
 from fedpeat_jax.io.plots import pyplot
 from fedpeat_jax.mec import system
 from fedpeat_jax.rl.baselines import as_policy
+from fedpeat_jax.rl.rollout import record_episodes
 
 QUARTILES = ("lowest", "2nd", "3rd", "highest")
 
 
-@partial(jax.jit, static_argnames=("apply", "env", "episodes", "num_steps"))
-def _collect(apply, env, episodes: int, num_steps: int, policy_params, env_params, rng):
-    n = env.n_devices
-    k_reset, k_run = jax.random.split(rng)
-    obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, episodes), env_params)
-
-    def step(carry, key):
-        obs, state = carry
-        k_pol, k_env = jax.random.split(key)
-        action = jax.vmap(apply, in_axes=(None, 0, 0, None, 0))(
-            policy_params, obs, state, env_params, jax.random.split(k_pol, episodes)
-        )
-        seen = {
-            "gain_db": system.to_db(state.gain, jnp),
-            "flops": state.flops,
-            "mem_capacity": state.mem_capacity,
-            "data": state.data,
-            "stored_level": state.stored_level,
-            "time": state.time,
-            "server": action[:, 0],
-            "participate": action[:, 1 : n + 1],
-            "level": action[:, n + 1 : 2 * n + 1],
-            "bandwidth": action[:, 2 * n + 1 :],
-        }
-        obs, state, reward, _, _, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-            jax.random.split(k_env, episodes), state, action, env_params
-        )
-        seen.update(
-            reward=reward, perplexity=info["perplexity"], latency=info["latency"], stragglers=info["stragglers"]
-        )
-        return (obs, state), seen
-
-    _, records = jax.lax.scan(step, (obs, state), jax.random.split(k_run, num_steps))
-    return records
+def _seen(obs, state, action, reward, done, info) -> dict:
+    """What a round shows of the devices (before it), the choice made and what it brought."""
+    n = state.gain.shape[-1]
+    return {
+        "gain_db": system.to_db(state.gain, jnp),
+        "flops": state.flops,
+        "mem_capacity": state.mem_capacity,
+        "data": state.data,
+        "stored_level": state.stored_level,
+        "time": state.time,
+        "server": action[:, 0],
+        "participate": action[:, 1 : n + 1],
+        "level": action[:, n + 1 : 2 * n + 1],
+        "bandwidth": action[:, 2 * n + 1 :],
+        "reward": reward,
+        "perplexity": info["perplexity"],
+        "latency": info["latency"],
+        "stragglers": info["stragglers"],
+    }
 
 
 def collect(policy, env, env_params=None, episodes: int = 64, rng=0) -> dict:
@@ -64,7 +48,8 @@ def collect(policy, env, env_params=None, episodes: int = 64, rng=0) -> dict:
     env_params = env.default_params if env_params is None else env_params
     num_steps = int(np.asarray(env_params.max_steps_in_episode))
     key = jax.random.key(int(rng)) if isinstance(rng, (int, np.integer)) else rng
-    return jax.tree.map(np.asarray, _collect(p.apply, env, int(episodes), num_steps, p.params, env_params, key))
+    records = record_episodes(p.apply, env, int(episodes), num_steps, p.params, env_params, key, _seen)
+    return jax.tree.map(np.asarray, records)
 
 
 def _rate_by_quartile(feature: np.ndarray, chosen: np.ndarray) -> list:

@@ -20,7 +20,6 @@ Adam moments. Both are pure functions of their arguments; over seeds' stacked st
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -30,7 +29,7 @@ import optax
 from fedpeat_jax import cpu_tricks
 from fedpeat_jax.rl.distributions import branch_softmax, mode_branches
 from fedpeat_jax.rl.normalize import normalize_obs, rms_init, rms_update
-from fedpeat_jax.rl.rollout import as_policy
+from fedpeat_jax.rl.rollout import as_policy, record_episodes
 
 
 class TeacherData(NamedTuple):
@@ -42,38 +41,29 @@ class TeacherData(NamedTuple):
 
 
 def teacher_data(teacher, env, env_params, episodes: int, num_steps: int, gamma: float, rng) -> TeacherData:
-    """``episodes`` fresh episodes of ``num_steps`` rounds of ``teacher`` (a Policy or a plain function)."""
+    """``episodes`` fresh episodes of ``num_steps`` rounds of ``teacher`` (a Policy or a plain function),
+    on the draws of :func:`~fedpeat_jax.rl.rollout.rollout_episodes` for the same ``rng``."""
     policy = as_policy(teacher)
-    return _teacher_data(policy.apply, env, int(episodes), int(num_steps), policy.params, env_params, gamma, rng)
+    rounds = record_episodes(
+        policy.apply, env, int(episodes), int(num_steps), policy.params, env_params, rng, _teacher_round
+    )
+    return _with_returns(rounds, jnp.asarray(gamma, jnp.float32))
 
 
-@partial(jax.jit, static_argnames=("apply", "env", "episodes", "num_steps"))
-def _teacher_data(apply, env, episodes, num_steps, policy_params, env_params, gamma, rng):
-    k_reset, k_run = jax.random.split(rng)
-    obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, episodes), env_params)
+def _teacher_round(obs, state, action, reward, done, info):
+    return obs.astype(jnp.float32), action.astype(jnp.int32), reward.astype(jnp.float32), done.astype(jnp.float32)
 
-    def step(carry, key):
-        obs, state = carry
-        k_pol, k_env = jax.random.split(key)
-        action = jax.vmap(apply, in_axes=(None, 0, 0, None, 0))(
-            policy_params, obs, state, env_params, jax.random.split(k_pol, episodes)
-        )
-        next_obs, state, reward, terminated, truncated, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-            jax.random.split(k_env, episodes), state, action, env_params
-        )
-        done = jnp.logical_or(terminated, truncated)
-        return (next_obs, state), (obs.astype(jnp.float32), action.astype(jnp.int32), reward, done)
 
-    _, (obs, action, reward, done) = jax.lax.scan(step, (obs, state), jax.random.split(k_run, num_steps))
+@jax.jit
+def _with_returns(rounds, gamma) -> TeacherData:
+    obs, action, reward, done = rounds  # (rounds, episodes, ...)
 
     def to_go(following, xs):  # reverse scan; an episode's end stops the sum (auto-reset starts a new one)
         r, d = xs
         g = r + gamma * following * (1.0 - d)
         return g, g
 
-    _, returns = jax.lax.scan(
-        to_go, jnp.zeros((episodes,), jnp.float32), (reward.astype(jnp.float32), done.astype(jnp.float32)), reverse=True
-    )
+    _, returns = jax.lax.scan(to_go, jnp.zeros_like(reward[0]), (reward, done), reverse=True)
     flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
     return TeacherData(flat(obs), flat(action), flat(returns))
 

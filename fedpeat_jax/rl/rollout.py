@@ -143,6 +143,28 @@ rollout_episodes = jax.jit(_rollout, static_argnames=("apply", "env", "episodes"
 rollout_episodes.__doc__ = _rollout.__doc__
 
 
+@partial(jax.jit, static_argnames=("apply", "env", "episodes", "num_steps", "record"))
+def record_episodes(apply, env, episodes: int, num_steps: int, policy_params, env_params, rng, record: Callable):
+    """:func:`rollout_episodes`' episodes (the same draws for the same ``rng``), keeping every round's
+    ``record(obs, state, action, reward, done, info)`` (obs and state before the round; ``record``
+    hashable, e.g. a module-level function): a pytree of arrays (rounds, episodes, ...)."""
+    k_reset, k_run = jax.random.split(rng)
+    obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, episodes), env_params)
+
+    def step(carry, key):
+        obs, state = carry
+        k_pol, k_env = jax.random.split(key)
+        action = jax.vmap(apply, in_axes=(None, 0, 0, None, 0))(
+            policy_params, obs, state, env_params, jax.random.split(k_pol, episodes)
+        )
+        next_obs, next_state, reward, terminated, truncated, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+            jax.random.split(k_env, episodes), state, action, env_params
+        )
+        return (next_obs, next_state), record(obs, state, action, reward, jnp.logical_or(terminated, truncated), info)
+
+    return jax.lax.scan(step, (obs, state), jax.random.split(k_run, num_steps))[1]
+
+
 @partial(jax.jit, static_argnames=("apply", "env", "episodes", "num_steps"))
 def rollout_many(apply, env, episodes: int, num_steps: int, policy_params_batch, env_params, rng):
     """:func:`rollout_episodes` for a stack of policy parameters (leading axis), on the same draws:
