@@ -5,7 +5,9 @@ either a plain function ``fn(obs, state, env_params, rng) -> action`` or a :clas
 hashable ``apply(policy_params, obs, state, env_params, rng)`` plus its parameter pytree, which
 stays a traced argument, so evaluating new parameters does not recompile. :func:`evaluate` runs
 fresh episodes of any policy in parallel on the same draws; :func:`rollout_many` evaluates a
-stack of parameters at once (the rule search uses it).
+stack of parameters at once (the rule search uses it); :func:`record_episodes` keeps a record of
+every round instead of sums (what a policy does, ``rl.behaviour``; a teacher's rounds to clone,
+``rl.imitation``).
 """
 
 from __future__ import annotations
