@@ -73,7 +73,7 @@ class ControllerConfig(Config):
     behaviour_episodes: int = 64  # episodes behind behaviour.png (0: no plot)
     warm_start: str = "none"
     """'none': PPO from a random network; 'best_rule': behaviour-clone the searched best rule first (rl.imitation)."""
-    clone_episodes: int = 512  # the teacher's episodes cloned (warm_start only)
+    clone_episodes: int = 512  # the teacher's episodes cloned (warm_start only; fewer clone less faithfully: warm_start.json says how well)
     clone_epochs: int = 20  # passes of the cloning fit over them
     deterministic_eval: bool = True  # evaluate SABPPO by its most likely action per branch
     keep_checkpoints: int = 2
