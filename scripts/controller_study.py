@@ -20,7 +20,7 @@
    ``benchmarks/results/live.{json,md,png}``. Every live episode is cached in
    ``runs/controller_study/live_collect.json``; a rerun pays only for new ones.
 
-    python scripts/controller_study.py              # about 3 h on a 2-core CPU from an empty cache
+    python scripts/controller_study.py              # hours on a 2-core CPU from an empty cache (37 live episodes)
     python scripts/controller_study.py --quick      # a smoke run (few steps, 2 live rounds), not for the results
 """
 
